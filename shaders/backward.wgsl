@@ -1,0 +1,179 @@
+// Backward pass from the saved per-row LSE, recomputing each cosine tile:
+//
+//   p_ij = exp(z_ij − LSE_i),  G_ij = s·(p_ij − [j = y_i]) / N   (dL/dc_ij; 0 on ignored rows)
+//   gx̂_i = Σ_j G_ij ŵ_j,       gŵ_j = Σ_i G_ij x̂_i
+//   dL/dx_i = (gx̂_i − x̂_i (x̂_i·gx̂_i)) / max(‖x_i‖, ε)     (the same for w_j)
+//
+// dL/dx: `grad_feature_partials` sums gx̂ over each class split into its own partial,
+// `grad_features_finish` adds the splits in split order and projects.
+// dL/dw: `grad_classes_tile` gives each class tile one owner that loops over all rows.
+
+/// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
+@group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
+/// 1/max(‖w_j‖, ε), C values (from norms.wgsl).
+@group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
+/// Per-call totals from the forward pass; only `valid_rows` (N) is read.
+@group(0) @binding(10) var<storage, read> summary: Summary;
+/// Per-row LSE_i (and dL_i/ds, unused here), B values, from forward.wgsl.
+@group(0) @binding(8) var<storage, read> row_softmax: array<RowSoftmax>;
+/// gx̂ partials, one B×D block per feature split: index (split·B + i)·D + d. Workspace.
+@group(0) @binding(11) var<storage, read_write> feature_grad_partials: array<f32>;
+/// dL/dx, B×D. Caller's output.
+@group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
+/// dL/dw, C×D. Caller's output; also holds gŵ until the projection.
+@group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
+
+/// 1/ε: the inverse norm of a row shorter than ε, which is scaled, not projected.
+const INV_EPS: f32 = 1e12;
+
+/// G_ij / (p_ij − [j = y_i]): s/N for the mean (0 when N = 0), s for sum and none.
+fn grad_coef() -> f32 {
+    if (params.reduction != 0u) { return params.scale; }
+    let n = summary.valid_rows;
+    return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
+}
+
+/// G_ij from the raw dot x_i·w_j; 0 for an ignored or out-of-range row, or j ≥ C.
+fn grad_logit(dot: f32, i: u32, j: u32, coef: f32) -> f32 {
+    let y = label_of(i);
+    if (y == IGNORE || j >= params.classes) { return 0.0; }
+    let c = dot * inv_norm_features[i] * inv_norm_classes[j];
+    let is_target = j == y;
+    let z = params.scale * (c - select(0.0, params.margin, is_target));
+    let p = exp(z - row_softmax[i].lse);
+    return coef * (p - select(0.0, 1.0, is_target));
+}
+
+/// One cosine tile's G, pre-multiplied by 1/‖w_j‖ (dL/dx) or 1/‖x_i‖ (dL/dw),
+/// index (row in tile)·tile_classes() + (class in tile).
+var<workgroup> g_tile: array<f32, ROWS_WG * ROW_BLOCK * CLASSES_WG * CLASS_BLOCK>;
+
+/// Fills g_tile for the rows row_tile0.. and classes class_tile0.. of this tile.
+fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scale_by_class: bool) {
+    let row0 = row_tile0 + lid.y;
+    let class0 = class_tile0 + lid.x;
+    let dots = dot_block(row0, class0);
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        let i = row0 + r * ROWS_WG;
+        for (var q = 0u; q < CLASS_BLOCK; q++) {
+            let j = class0 + q * CLASSES_WG;
+            var g = grad_logit(dots[r][q], i, j, coef);
+            if (g != 0.0) {
+                g *= select(inv_norm_features[i], inv_norm_classes[j], scale_by_class);
+            }
+            g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
+        }
+    }
+}
+
+/// Workgroup (split k, row tile t): gx̂ of the tile's rows over the classes of split k,
+/// into feature_grad_partials. Each (row, d) has one owning invocation.
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn grad_feature_partials(@builtin(workgroup_id) wid: vec3<u32>,
+                         @builtin(local_invocation_id) lid: vec3<u32>,
+                         @builtin(local_invocation_index) flat: u32) {
+    let split = wid.x;
+    let row_tile0 = wid.y * tile_rows();
+    let class_begin = split * params.feature_split_classes;
+    let class_end = min(class_begin + params.feature_split_classes, params.classes);
+    let coef = grad_coef();
+    let d_len = params.dim;
+    let wg_size = ROWS_WG * CLASSES_WG;
+    let owned = tile_rows() * d_len;
+    for (var tile = class_begin; tile < class_end; tile += tile_classes()) {
+        fill_g_tile(row_tile0, tile, lid, coef, true);
+        workgroupBarrier();
+        let n_classes = min(tile_classes(), class_end - tile);
+        for (var e = flat; e < owned; e += wg_size) {
+            let ri = e / d_len;
+            let d = e - ri * d_len;
+            let i = row_tile0 + ri;
+            if (i >= params.batch) { break; }
+            var sum = 0.0;
+            for (var ci = 0u; ci < n_classes; ci++) {
+                sum = fma(g_tile[ri * tile_classes() + ci], class_vectors[(tile + ci) * d_len + d], sum);
+            }
+            let idx = (split * params.batch + i) * d_len + d;
+            feature_grad_partials[idx] = select(feature_grad_partials[idx] + sum, sum, tile == class_begin);
+        }
+        workgroupBarrier();
+    }
+}
+
+/// The factor of v in dL/dv = (g − v̂(v̂·g))·inv, with v̂ = v·inv: v̂·g·inv = (v·g)·inv².
+/// Rows shorter than ε are scaled only (factor 0), as the spec's normalisation is there.
+fn projection_factor(v_dot_g: f32, inv: f32) -> f32 {
+    return select(v_dot_g * inv * inv, 0.0, inv >= INV_EPS);
+}
+
+/// Invocations (rows) per workgroup of `grad_features_finish`.
+override ROW_WG: u32 = 64u;
+
+/// One invocation per row: gx̂_i = Σ_k partials in split order, then the projection.
+@compute @workgroup_size(ROW_WG)
+fn grad_features_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    if (i >= params.batch) { return; }
+    let d_len = params.dim;
+    let base = i * d_len;
+    let block = params.batch * d_len;
+    let inv = inv_norm_features[i];
+    var dot = 0.0;
+    for (var d = 0u; d < d_len; d++) {
+        var g = feature_grad_partials[base + d];
+        for (var k = 1u; k < params.feature_splits; k++) {
+            g += feature_grad_partials[k * block + base + d];
+        }
+        feature_grad_partials[base + d] = g;
+        dot = fma(features[base + d], g, dot);
+    }
+    let along = projection_factor(dot, inv);
+    for (var d = 0u; d < d_len; d++) {
+        grad_features[base + d] = (feature_grad_partials[base + d] - features[base + d] * along) * inv;
+    }
+}
+
+/// Workgroup per class tile (grid folded into x, y): gŵ_j over every row tile in row
+/// order, into grad_classes, then the projection in place. Each (j, d) has one owner.
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>,
+                     @builtin(local_invocation_index) flat: u32) {
+    let class_tile0 = (wid.x + wid.y * nwg.x) * tile_classes();
+    if (class_tile0 >= params.classes) { return; }
+    let coef = grad_coef();
+    let d_len = params.dim;
+    let wg_size = ROWS_WG * CLASSES_WG;
+    let n_classes = min(tile_classes(), params.classes - class_tile0);
+    let owned = n_classes * d_len;
+    for (var row_tile0 = 0u; row_tile0 < params.batch; row_tile0 += tile_rows()) {
+        fill_g_tile(row_tile0, class_tile0, lid, coef, false);
+        workgroupBarrier();
+        let n_rows = min(tile_rows(), params.batch - row_tile0);
+        for (var e = flat; e < owned; e += wg_size) {
+            let ci = e / d_len;
+            let d = e - ci * d_len;
+            var sum = 0.0;
+            for (var ri = 0u; ri < n_rows; ri++) {
+                sum = fma(g_tile[ri * tile_classes() + ci], features[(row_tile0 + ri) * d_len + d], sum);
+            }
+            let idx = (class_tile0 + ci) * d_len + d;
+            grad_classes[idx] = select(grad_classes[idx] + sum, sum, row_tile0 == 0u);
+        }
+        workgroupBarrier();
+    }
+    storageBarrier();
+    if (flat < n_classes) {
+        let base = (class_tile0 + flat) * d_len;
+        let inv = inv_norm_classes[class_tile0 + flat];
+        var dot = 0.0;
+        for (var d = 0u; d < d_len; d++) {
+            dot = fma(class_vectors[base + d], grad_classes[base + d], dot);
+        }
+        let along = projection_factor(dot, inv);
+        for (var d = 0u; d < d_len; d++) {
+            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv;
+        }
+    }
+}

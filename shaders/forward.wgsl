@@ -1,0 +1,237 @@
+// Forward pass: cosine tiles, margin on the target logit, online log-sum-exp per row
+// over a split of the classes (`class_split_partials`), the fixed-order merge of the
+// splits (`merge_rows`), and the per-call totals (`summarize`).
+//
+//   c_ij = x̂_i·ŵ_j,  z_ij = s·(c_ij − m·[j = y_i]),  L_i = LSE_j(z_ij) − z_{i,y_i}
+
+/// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
+@group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
+/// 1/max(‖w_j‖, ε), C values (from norms.wgsl).
+@group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
+/// Non-finite-input flags from norms.wgsl, one word. Workspace.
+@group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
+/// One SplitPartial per (split, row), index split·B + row. Workspace.
+@group(0) @binding(7) var<storage, read_write> split_partials: array<SplitPartial>;
+/// Per-row log-sum-exp and dL/ds term, B values. Workspace, read by the backward pass.
+@group(0) @binding(8) var<storage, read_write> row_softmax: array<RowSoftmax>;
+/// Per-row statistics, B values. Caller's output. Mirrors `RowStats` in Rust.
+@group(0) @binding(9) var<storage, read_write> row_stats: array<RowStats>;
+/// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
+@group(0) @binding(10) var<storage, read_write> summary: Summary;
+
+/// Online softmax state of one row over a set of classes, plus the statistics.
+struct SplitPartial {
+    /// M: running max of z.
+    max_logit: f32,
+    /// S = Σ exp(z − M).
+    sum_exp: f32,
+    /// T = Σ exp(z − M)·z/s, so that Σ_j p_j·z_j/s = T/S (for dL/ds).
+    sum_exp_logit: f32,
+    /// c_iy if the label is among these classes, else NEG_BIG.
+    target_cos: f32,
+    /// max over non-target classes of c_ij, NEG_BIG if none.
+    best_other_cos: f32,
+    /// Lowest class index attaining best_other_cos, NO_CLASS if none.
+    best_other_class: u32,
+}
+
+struct RowStats {
+    /// L_i (0 for an ignored row).
+    loss: f32,
+    /// c_iy (0 for an ignored row).
+    target_cos: f32,
+    /// max over j ≠ y_i of c_ij (over all j for an ignored row); -1 when C = 1.
+    best_other_cos: f32,
+    /// argmax_j c_ij, lowest index on ties.
+    pred: u32,
+}
+
+fn empty_partial() -> SplitPartial {
+    return SplitPartial(NEG_BIG, 0.0, 0.0, NEG_BIG, NEG_BIG, NO_CLASS);
+}
+
+/// (M, S, T) ⊕ (M', S', T'), and the statistics; `a` covers lower class indices than `b`
+/// or the same ones, so ties in best_other_cos keep a's class.
+fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
+    let m = max(a.max_logit, b.max_logit);
+    let fa = exp(a.max_logit - m);
+    let fb = exp(b.max_logit - m);
+    var out = SplitPartial(
+        m,
+        a.sum_exp * fa + b.sum_exp * fb,
+        a.sum_exp_logit * fa + b.sum_exp_logit * fb,
+        max(a.target_cos, b.target_cos),
+        a.best_other_cos,
+        a.best_other_class,
+    );
+    if (b.best_other_class != NO_CLASS &&
+        (a.best_other_class == NO_CLASS || b.best_other_cos > a.best_other_cos ||
+         (b.best_other_cos == a.best_other_cos && b.best_other_class < a.best_other_class))) {
+        out.best_other_cos = b.best_other_cos;
+        out.best_other_class = b.best_other_class;
+    }
+    return out;
+}
+
+/// Lane partials of one workgroup, index (row in tile)·CLASSES_WG + class lane.
+var<workgroup> lane_partials: array<SplitPartial, ROWS_WG * ROW_BLOCK * CLASSES_WG>;
+
+/// Workgroup (split k, row tile t): the SplitPartial of each row of the tile over the
+/// classes of split k.
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(local_invocation_id) lid: vec3<u32>) {
+    let split = wid.x;
+    let row0 = wid.y * tile_rows() + lid.y;
+    let class_begin = split * params.forward_split_classes;
+    let class_end = min(class_begin + params.forward_split_classes, params.classes);
+    let s = params.scale;
+
+    var state: array<SplitPartial, ROW_BLOCK>;
+    var label: array<u32, ROW_BLOCK>;
+    var inv_x: array<f32, ROW_BLOCK>;
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        state[r] = empty_partial();
+        let i = row0 + r * ROWS_WG;
+        label[r] = label_of(i);
+        inv_x[r] = inv_norm_features[min(i, params.batch - 1u)];
+    }
+
+    for (var tile = class_begin; tile < class_end; tile += tile_classes()) {
+        let class0 = tile + lid.x;
+        let dots = dot_block(row0, class0);
+        for (var q = 0u; q < CLASS_BLOCK; q++) {
+            let j = class0 + q * CLASSES_WG;
+            if (j >= class_end) { break; }
+            let inv_w = inv_norm_classes[j];
+            for (var r = 0u; r < ROW_BLOCK; r++) {
+                let c = dots[r][q] * inv_x[r] * inv_w;
+                let is_target = j == label[r];
+                let zc = c - select(0.0, params.margin, is_target);
+                let z = s * zc;
+                var st = state[r];
+                if (z > st.max_logit) {
+                    let f = exp(st.max_logit - z);
+                    st.sum_exp *= f;
+                    st.sum_exp_logit *= f;
+                    st.max_logit = z;
+                }
+                let e = exp(z - st.max_logit);
+                st.sum_exp += e;
+                st.sum_exp_logit = fma(e, zc, st.sum_exp_logit);
+                if (is_target) {
+                    st.target_cos = c;
+                } else if (c > st.best_other_cos) {
+                    // Classes arrive in increasing order, so ">" keeps the lowest index.
+                    st.best_other_cos = c;
+                    st.best_other_class = j;
+                }
+                state[r] = st;
+            }
+        }
+    }
+
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        lane_partials[(lid.y + r * ROWS_WG) * CLASSES_WG + lid.x] = state[r];
+    }
+    workgroupBarrier();
+    // One invocation per row of the tile folds the lanes in lane order.
+    let flat = lid.y * CLASSES_WG + lid.x;
+    if (flat < tile_rows()) {
+        let i = wid.y * tile_rows() + flat;
+        if (i < params.batch) {
+            var acc = lane_partials[flat * CLASSES_WG];
+            for (var lane = 1u; lane < CLASSES_WG; lane++) {
+                acc = merge_partials(acc, lane_partials[flat * CLASSES_WG + lane]);
+            }
+            split_partials[split * params.batch + i] = acc;
+        }
+    }
+}
+
+/// Invocations (rows) per workgroup of `merge_rows`.
+override ROW_WG: u32 = 64u;
+
+/// One invocation per row: merge the split partials in split order, then LSE, L_i,
+/// dL_i/ds and the statistics.
+@compute @workgroup_size(ROW_WG)
+fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    if (i >= params.batch) { return; }
+    var acc = split_partials[i];
+    for (var k = 1u; k < params.forward_splits; k++) {
+        acc = merge_partials(acc, split_partials[k * params.batch + i]);
+    }
+    let lse = acc.max_logit + log(acc.sum_exp);
+    let y = label_of(i);
+    let has_other = acc.best_other_class != NO_CLASS;
+    var stats = RowStats(0.0, 0.0, select(-1.0, acc.best_other_cos, has_other), acc.best_other_class);
+    var softmax = RowSoftmax(lse, 0.0);
+    if (y != IGNORE) {
+        let zc_target = acc.target_cos - params.margin;
+        stats.loss = lse - params.scale * zc_target;
+        stats.target_cos = acc.target_cos;
+        softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
+        let target_wins = !has_other || acc.target_cos > acc.best_other_cos ||
+            (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
+        stats.pred = select(acc.best_other_class, y, target_wins);
+    }
+    row_softmax[i] = softmax;
+    row_stats[i] = stats;
+}
+
+/// Invocations of the single `summarize` workgroup; a power of two (tree reduction).
+override SUMMARY_WG: u32 = 256u;
+
+var<workgroup> lane_loss: array<f32, SUMMARY_WG>;
+var<workgroup> lane_scale_grad: array<f32, SUMMARY_WG>;
+var<workgroup> lane_valid: array<u32, SUMMARY_WG>;
+var<workgroup> lane_correct: array<u32, SUMMARY_WG>;
+var<workgroup> lane_flags: array<u32, SUMMARY_WG>;
+
+/// One workgroup: sums over rows in a fixed order (strided lanes, then a tree), and the
+/// reduction. Also flags labels that are neither a class nor IGNORE.
+@compute @workgroup_size(SUMMARY_WG)
+fn summarize(@builtin(local_invocation_index) lid: u32) {
+    var loss = 0.0;
+    var scale_grad = 0.0;
+    var valid = 0u;
+    var correct = 0u;
+    var bad_label = 0u;
+    for (var i = lid; i < params.batch; i += SUMMARY_WG) {
+        let y = labels[i];
+        bad_label |= select(0u, FLAG_LABEL_OUT_OF_RANGE, y >= params.classes && y != IGNORE);
+        if (y < params.classes) {
+            loss += row_stats[i].loss;
+            scale_grad += row_softmax[i].scale_grad;
+            valid += 1u;
+            correct += select(0u, 1u, row_stats[i].pred == y);
+        }
+    }
+    lane_loss[lid] = loss;
+    lane_scale_grad[lid] = scale_grad;
+    lane_valid[lid] = valid;
+    lane_correct[lid] = correct;
+    lane_flags[lid] = bad_label;
+    for (var half = SUMMARY_WG / 2u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if (lid < half) {
+            lane_loss[lid] += lane_loss[lid + half];
+            lane_scale_grad[lid] += lane_scale_grad[lid + half];
+            lane_valid[lid] += lane_valid[lid + half];
+            lane_correct[lid] += lane_correct[lid + half];
+            lane_flags[lid] |= lane_flags[lid + half];
+        }
+    }
+    if (lid == 0u) {
+        let n = lane_valid[0];
+        // Mean over N rows; with every row ignored the loss and its gradients are 0.
+        let norm = select(1.0, 1.0 / f32(max(n, 1u)), params.reduction == 0u);
+        summary.loss = lane_loss[0] * norm;
+        summary.scale_grad = lane_scale_grad[0] * norm * params.scale_grad_gate;
+        summary.valid_rows = n;
+        summary.correct_rows = lane_correct[0];
+        summary.flags = lane_flags[0] | atomicLoad(&input_flags);
+    }
+}

@@ -1,0 +1,67 @@
+// Inverse L2 norms of the rows of x and w: inv_norm = 1 / max(‖row‖, ε), ε = 1e-12,
+// and the non-finite flags of both inputs. One invocation per row: rows 0..B are
+// features, rows B..B+C are class vectors.
+
+/// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
+@group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
+/// 1/max(‖w_j‖, ε), C values (0 for a row holding a non-finite value).
+@group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
+/// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
+@group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
+
+const EPS: f32 = 1e-12;
+/// Invocations (rows) per workgroup.
+override NORM_WG: u32 = 64u;
+
+/// Element `index` of x (is_features) or of w.
+fn input_value(is_features: bool, index: u32) -> f32 {
+    if (is_features) { return features[index]; }
+    return class_vectors[index];
+}
+
+/// True for ±inf and NaN, by the exponent bits (robust to drivers that assume finite math).
+fn is_non_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
+}
+
+/// 1/max(‖v‖, ε) of the D values starting at `base`, or -1 if one is not finite.
+/// The row is scaled by its largest magnitude first, so squares neither overflow nor underflow.
+fn inv_norm(is_features: bool, base: u32) -> f32 {
+    let d = params.dim;
+    var amax = 0.0;
+    for (var k = 0u; k < d; k++) {
+        let v = input_value(is_features, base + k);
+        if (is_non_finite(v)) { return -1.0; }
+        amax = max(amax, abs(v));
+    }
+    if (amax == 0.0) { return 1.0 / EPS; }
+    let inv_amax = 1.0 / amax;
+    var sum_sq = 0.0;
+    for (var k = 0u; k < d; k++) {
+        let u = input_value(is_features, base + k) * inv_amax;
+        sum_sq = fma(u, u, sum_sq);
+    }
+    // ‖v‖ = amax·sqrt(Σ(v/amax)²).
+    let root = sqrt(sum_sq);
+    if (amax * root < EPS) { return 1.0 / EPS; }
+    return inv_amax / root;
+}
+
+@compute @workgroup_size(NORM_WG)
+fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let row = (wid.x + wid.y * nwg.x) * NORM_WG + lid;
+    let is_features = row < params.batch;
+    if (!is_features && row >= params.batch + params.classes) { return; }
+    let local_row = select(row - params.batch, row, is_features);
+    let inv = inv_norm(is_features, local_row * params.dim);
+    let stored = max(inv, 0.0);
+    if (is_features) {
+        inv_norm_features[local_row] = stored;
+    } else {
+        inv_norm_classes[local_row] = stored;
+    }
+    if (inv < 0.0) {
+        atomicOr(&input_flags, select(FLAG_CLASSES_NON_FINITE, FLAG_FEATURES_NON_FINITE, is_features));
+    }
+}

@@ -1,0 +1,347 @@
+//! The slice API: host slices in, host vectors out. It drives the device API on
+//! buffers it owns and reuses across calls of the same shape.
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::params::LossParams;
+use crate::plan::{
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan, RowStats, Shape, Summary,
+};
+
+/// Label value meaning "ignore this row" (`-1i32 as u32`).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Which passes to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Loss and statistics only.
+    Forward,
+    /// Loss, statistics and the gradients of x and w.
+    ForwardBackward,
+}
+
+/// Everything one call of the slice API returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossOutput {
+    /// The reduced loss (mean or sum over non-ignored rows; the sum for `Reduction::None`).
+    pub loss: f32,
+    /// L_i per row (0 for ignored rows).
+    pub row_loss: Vec<f32>,
+    /// dL/ds of the reduced loss (0 when s < s_min).
+    pub grad_scale: f32,
+    /// argmax_j c_ij per row.
+    pub pred: Vec<u32>,
+    /// c_iy per row (0 for ignored rows).
+    pub target_cos: Vec<f32>,
+    /// The largest non-target cosine per row (-1 when C = 1).
+    pub best_other_cos: Vec<f32>,
+    /// N, the rows not ignored.
+    pub valid_rows: u32,
+    /// Rows not ignored whose prediction is the label.
+    pub correct_rows: u32,
+    /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`].
+    pub grads: Option<Gradients>,
+}
+
+/// The gradients of the reduced loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients {
+    /// dL/dx, B×D row-major.
+    pub features: Vec<f32>,
+    /// dL/dw, C×D row-major.
+    pub classes: Vec<f32>,
+}
+
+/// Buffers of one shape, kept by the context for reuse.
+#[derive(Debug)]
+pub(crate) struct SliceState {
+    plan: Plan,
+    features: wgpu::Buffer,
+    classes: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    row_stats: wgpu::Buffer,
+    summary: wgpu::Buffer,
+    grad_features: wgpu::Buffer,
+    grad_classes: wgpu::Buffer,
+    readback: wgpu::Buffer,
+}
+
+/// States kept per context; more concurrent shapes than this allocate afresh.
+const POOL_SIZE: usize = 8;
+
+/// Byte layout of the read-back buffer: summary, row stats, dL/dx, dL/dw.
+struct ReadbackLayout {
+    row_stats: u64,
+    grad_features: u64,
+    grad_classes: u64,
+    end: u64,
+}
+
+impl ReadbackLayout {
+    fn new(shape: Shape) -> ReadbackLayout {
+        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+        let row_stats = std::mem::size_of::<Summary>() as u64;
+        let grad_features = row_stats + b * std::mem::size_of::<RowStats>() as u64;
+        let grad_classes = grad_features + b * d * 4;
+        ReadbackLayout {
+            row_stats,
+            grad_features,
+            grad_classes,
+            end: grad_classes + c * d * 4,
+        }
+    }
+}
+
+impl SliceState {
+    fn new(ctx: &Context, shape: Shape) -> Result<SliceState> {
+        let plan = Plan::new(ctx, shape)?;
+        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+        let layout = ReadbackLayout::new(shape);
+        let buffer = |label, size: u64, usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        let input = U::STORAGE | U::COPY_DST;
+        let output = U::STORAGE | U::COPY_SRC;
+        Ok(SliceState {
+            features: buffer("features", b * d * 4, input),
+            classes: buffer("classes", c * d * 4, input),
+            labels: buffer("labels", b * 4, input),
+            row_stats: buffer("row_stats", layout.grad_features - layout.row_stats, output),
+            summary: buffer("summary", layout.row_stats, output),
+            grad_features: buffer("grad_features", b * d * 4, output),
+            grad_classes: buffer("grad_classes", c * d * 4, output),
+            readback: buffer("readback", layout.end, U::MAP_READ | U::COPY_DST),
+            plan,
+        })
+    }
+}
+
+/// Checks lengths and labels on the host, before anything reaches the GPU.
+pub(crate) fn check_slices(shape: Shape, features: &[f32], classes: &[f32], labels: &[u32]) -> Result<()> {
+    shape.check_nonempty()?;
+    let mul = |a: usize, b: usize| a.checked_mul(b).unwrap_or(usize::MAX);
+    for (input, expected, actual) in [
+        ("features", mul(shape.batch, shape.dim), features.len()),
+        ("classes", mul(shape.classes, shape.dim), classes.len()),
+        ("labels", shape.batch, labels.len()),
+    ] {
+        if expected != actual {
+            return Err(Error::LengthMismatch {
+                input,
+                expected,
+                actual,
+            });
+        }
+    }
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l != IGNORE && l as usize >= shape.classes)
+    {
+        return Err(Error::LabelOutOfRange {
+            row: Some(row),
+            label: Some(label),
+            classes: shape.classes,
+        });
+    }
+    Ok(())
+}
+
+impl Context {
+    /// The fused loss on host slices: x (B×D), w (C×D), labels (B, [`IGNORE`] to skip a row).
+    /// Blocking; see [`Context::loss_async`].
+    pub fn loss(
+        &self,
+        shape: Shape,
+        features: &[f32],
+        classes: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
+        pollster::block_on(self.loss_async(shape, features, classes, labels, params, pass))
+    }
+
+    /// The fused loss on host slices. Waiting on the GPU is `map_async` underneath; on
+    /// native the wait is bounded by the context's timeout.
+    pub async fn loss_async(
+        &self,
+        shape: Shape,
+        features: &[f32],
+        classes: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
+        self.check_alive()?;
+        params.validate()?;
+        check_slices(shape, features, classes, labels)?;
+        let state = self.take_state(shape)?;
+        let result = self
+            .run_on_state(&state, features, classes, labels, params, pass)
+            .await;
+        if result.is_ok() {
+            self.return_state(state);
+        }
+        result
+    }
+
+    fn take_state(&self, shape: Shape) -> Result<SliceState> {
+        let reused = self.slice_pool.lock().ok().and_then(|mut pool| {
+            let index = pool.iter().position(|s| s.plan.shape() == shape)?;
+            Some(pool.swap_remove(index))
+        });
+        match reused {
+            Some(state) => Ok(state),
+            None => self.gpu_scoped(|| SliceState::new(self, shape)),
+        }
+    }
+
+    fn return_state(&self, state: SliceState) {
+        if let Ok(mut pool) = self.slice_pool.lock() {
+            if pool.len() >= POOL_SIZE {
+                pool.remove(0);
+            }
+            pool.push(state);
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes; a captured error
+    /// becomes [`Error::Gpu`].
+    pub(crate) fn gpu_scoped<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        if let Some(e) = validation.or(oom) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        value
+    }
+
+    async fn run_on_state(
+        &self,
+        state: &SliceState,
+        features: &[f32],
+        classes: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
+        let shape = state.plan.shape();
+        let layout = ReadbackLayout::new(shape);
+        let with_grads = pass == Pass::ForwardBackward;
+        let submission = self.gpu_scoped(|| {
+            self.queue
+                .write_buffer(&state.features, 0, bytemuck::cast_slice(features));
+            self.queue
+                .write_buffer(&state.classes, 0, bytemuck::cast_slice(classes));
+            self.queue
+                .write_buffer(&state.labels, 0, bytemuck::cast_slice(labels));
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            let outputs = DeviceOutputs {
+                row_stats: BufferRegion::from(&state.row_stats),
+                summary: BufferRegion::from(&state.summary),
+                grads: with_grads.then_some(GradOutputs {
+                    features: BufferRegion::from(&state.grad_features),
+                    classes: BufferRegion::from(&state.grad_classes),
+                }),
+            };
+            let inputs = DeviceInputs {
+                features: BufferRegion::from(&state.features),
+                classes: BufferRegion::from(&state.classes),
+                labels: BufferRegion::from(&state.labels),
+            };
+            state.plan.record(self, &mut encoder, &inputs, &outputs, params)?;
+            let mut copy = |src: &wgpu::Buffer, at: u64, size: u64| {
+                encoder.copy_buffer_to_buffer(src, 0, &state.readback, at, size)
+            };
+            copy(&state.summary, 0, layout.row_stats);
+            copy(&state.row_stats, layout.row_stats, layout.grad_features - layout.row_stats);
+            let end = if with_grads {
+                copy(&state.grad_features, layout.grad_features, layout.grad_classes - layout.grad_features);
+                copy(&state.grad_classes, layout.grad_classes, layout.end - layout.grad_classes);
+                layout.end
+            } else {
+                layout.grad_features
+            };
+            Ok((self.queue.submit([encoder.finish()]), end))
+        })?;
+        let (submission, end) = submission;
+        let bytes = self.read_back(&state.readback, end, submission).await?;
+        let summary: Summary = bytemuck::pod_read_unaligned(&bytes[..layout.row_stats as usize]);
+        check_flags(summary.flags, shape)?;
+        let rows: Vec<RowStats> =
+            bytemuck::pod_collect_to_vec(&bytes[layout.row_stats as usize..layout.grad_features as usize]);
+        let grads = with_grads.then(|| Gradients {
+            features: bytemuck::pod_collect_to_vec(
+                &bytes[layout.grad_features as usize..layout.grad_classes as usize],
+            ),
+            classes: bytemuck::pod_collect_to_vec(&bytes[layout.grad_classes as usize..]),
+        });
+        Ok(LossOutput {
+            loss: summary.loss,
+            row_loss: rows.iter().map(|r| r.loss).collect(),
+            grad_scale: summary.scale_grad,
+            pred: rows.iter().map(|r| r.pred).collect(),
+            target_cos: rows.iter().map(|r| r.target_cos).collect(),
+            best_other_cos: rows.iter().map(|r| r.best_other_cos).collect(),
+            valid_rows: summary.valid_rows,
+            correct_rows: summary.correct_rows,
+            grads,
+        })
+    }
+
+    /// Maps `buffer[..size]` once the submission is done and copies it out.
+    pub(crate) async fn read_back(
+        &self,
+        buffer: &wgpu::Buffer,
+        size: u64,
+        submission: wgpu::SubmissionIndex,
+    ) -> Result<Vec<u8>> {
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        let slice = buffer.slice(..size);
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            sender.send(result).ok();
+        });
+        self.wait(submission)?;
+        match receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::DeviceLost(e.to_string())),
+            None => return Err(Error::DeviceLost("the map callback was dropped".into())),
+        }
+        let bytes = slice
+            .get_mapped_range()
+            .map(|view| view.to_vec())
+            .map_err(|e| Error::Gpu(e.to_string()));
+        buffer.unmap();
+        bytes
+    }
+}
+
+/// Turns the device's input flags into the slice API's typed errors.
+fn check_flags(bits: u32, shape: Shape) -> Result<()> {
+    if bits & flags::FEATURES_NON_FINITE != 0 {
+        return Err(Error::NonFinite { input: "features" });
+    }
+    if bits & flags::CLASSES_NON_FINITE != 0 {
+        return Err(Error::NonFinite { input: "classes" });
+    }
+    if bits & flags::LABEL_OUT_OF_RANGE != 0 {
+        return Err(Error::LabelOutOfRange {
+            row: None,
+            label: None,
+            classes: shape.classes,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The context: a wgpu device and queue, the adapter's facts, and the pipelines
+//! compiled once for that device.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::api::SliceState;
+use crate::error::{Error, Result};
+use crate::kernels::{Kernels, TileConfig};
+
+/// How to pick the adapter and configure a [`Context`].
+#[derive(Debug, Clone, Default)]
+pub struct ContextOptions {
+    /// Backends to search; `None` honours `WGPU_BACKEND`, else all.
+    pub backends: Option<wgpu::Backends>,
+    /// Case-insensitive substring of the adapter name; `None` honours `WGPU_ADAPTER_NAME`,
+    /// else wgpu's default adapter (`WGPU_POWER_PREF` applies).
+    pub adapter_name: Option<String>,
+    /// Cosine-tile shape of the kernels.
+    pub tiles: TileConfig,
+    /// Longest wait for the GPU in the slice API; `None` waits without a bound.
+    pub timeout: Option<Duration>,
+}
+
+/// A device, its queue and the compiled pipelines. Cheap to share: `Send + Sync`.
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) info: wgpu::AdapterInfo,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) kernels: Kernels,
+    pub(crate) tiles: TileConfig,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) lost: Arc<AtomicBool>,
+    pub(crate) slice_pool: Mutex<Vec<SliceState>>,
+}
+
+/// Parses `vulkan`, `metal`, `dx12`, `gl` (or a comma list of them, as `WGPU_BACKEND` does).
+pub fn parse_backends(text: &str) -> Option<wgpu::Backends> {
+    let mut backends = wgpu::Backends::empty();
+    for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        backends |= match name.to_ascii_lowercase().as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            "webgpu" => wgpu::Backends::BROWSER_WEBGPU,
+            _ => return None,
+        };
+    }
+    (!backends.is_empty()).then_some(backends)
+}
+
+/// Every adapter wgpu can see on the given backends (`None`: `WGPU_BACKEND`, else all).
+pub async fn enumerate_adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::Adapter> {
+    let backends = backends.unwrap_or_else(|| wgpu::Backends::all().with_env());
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle().with_env()
+    });
+    instance.enumerate_adapters(backends).await
+}
+
+impl Context {
+    /// Creates a context on the adapter chosen by `options` and the environment
+    /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), requesting the
+    /// adapter's own limits.
+    pub async fn new(options: ContextOptions) -> Result<Context> {
+        let backends = options
+            .backends
+            .unwrap_or_else(|| wgpu::Backends::all().with_env());
+        let name = options
+            .adapter_name
+            .clone()
+            .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+            .filter(|n| !n.is_empty());
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle().with_env()
+        });
+        let wanted = format!(
+            "backends {backends:?}, name containing {:?}",
+            name.as_deref().unwrap_or("anything")
+        );
+        let adapter = match &name {
+            Some(name) => {
+                let name = name.to_lowercase();
+                instance
+                    .enumerate_adapters(backends)
+                    .await
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&name))
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await
+                .ok(),
+        }
+        .ok_or(Error::NoAdapter { wanted })?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("margin-softmax"),
+                required_features: wgpu::Features::empty(),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
+        let mut context = Context::from_device(device, queue, options.tiles)?;
+        context.info = adapter.get_info();
+        context.lost = lost;
+        context.timeout = options.timeout;
+        Ok(context)
+    }
+
+    /// Blocking [`Context::new`] with default options.
+    pub fn new_default() -> Result<Context> {
+        pollster::block_on(Context::new(ContextOptions::default()))
+    }
+
+    /// Wraps a device and queue the caller already has and compiles the pipelines on it.
+    /// Sizes are checked against `device.limits()`.
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        tiles: TileConfig,
+    ) -> Result<Context> {
+        if tiles.rows_per_workgroup == 0 || tiles.classes_per_workgroup == 0 {
+            return Err(Error::InvalidParameter {
+                name: "tiles",
+                value: 0.0,
+                requirement: "at least 1 invocation along each axis",
+            });
+        }
+        let limits = device.limits();
+        let invocations = tiles.rows_per_workgroup * tiles.classes_per_workgroup;
+        if invocations > limits.max_compute_invocations_per_workgroup {
+            return Err(Error::TooLarge {
+                what: "tile workgroup invocations",
+                size: u64::from(invocations),
+                limit: u64::from(limits.max_compute_invocations_per_workgroup),
+            });
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = Kernels::new(&device, tiles);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        Ok(Context {
+            info: device.adapter_info(),
+            device,
+            queue,
+            limits,
+            kernels,
+            tiles,
+            timeout: None,
+            lost: Arc::new(AtomicBool::new(false)),
+            slice_pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Name, backend, driver and type of the adapter.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device's limits (the adapter's own, for contexts made by [`Context::new`]).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The cosine-tile shape the pipelines were compiled with.
+    pub fn tiles(&self) -> TileConfig {
+        self.tiles
+    }
+
+    /// Sets the longest wait for the GPU in the slice API (`None`: no bound).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// One line naming the adapter: `name (backend, driver)`.
+    pub fn describe(&self) -> String {
+        let i = &self.info;
+        format!(
+            "{} ({:?}, {} {})",
+            i.name, i.backend, i.driver, i.driver_info
+        )
+    }
+
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            Err(Error::DeviceLost("the device-lost callback fired".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Submits, then waits for the submission, bounded by the context's timeout.
+    pub(crate) fn wait(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
+        let poll = self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: self.timeout,
+        });
+        match poll {
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(Error::Timeout {
+                millis: self.timeout.unwrap_or_default().as_millis(),
+            }),
+            Err(e) => {
+                self.lost.store(true, Ordering::SeqCst);
+                Err(Error::DeviceLost(e.to_string()))
+            }
+        }
+    }
+}

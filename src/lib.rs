@@ -1,0 +1,48 @@
+//! # margin-softmax
+//!
+//! The AM-Softmax / CosFace loss and its gradients, fused in WGSL compute shaders and run
+//! through wgpu, without ever materialising the B×C logits:
+//!
+//! ```text
+//! c_ij = x̂_i·ŵ_j   (x̂ = x / max(‖x‖, ε), ŵ likewise)
+//! z_ij = s·(c_ij − m·[j = y_i])
+//! L_i  = logsumexp_j z_ij − z_{i,y_i},   L = mean over rows not ignored
+//! ```
+//!
+//! Two APIs share one [`Context`] (device, queue, pipelines compiled once):
+//! - the slice API, [`Context::loss`], takes host slices and returns host vectors;
+//! - the device API, [`Plan::record`], records into the caller's command encoder on the
+//!   caller's buffers, so a training loop on the GPU never leaves it.
+//!
+//! [`reference`] is the f64 CPU twin of every kernel.
+//!
+//! ```no_run
+//! use margin_softmax::{Context, LossParams, Pass, Shape};
+//! let ctx = Context::new_default()?;
+//! let shape = Shape::new(2, 3, 4);
+//! let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
+//! let w = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+//! let out = ctx.loss(shape, &x, &w, &[0, 1], &LossParams::default(), Pass::ForwardBackward)?;
+//! println!("loss {} dL/ds {}", out.loss, out.grad_scale);
+//! # Ok::<(), margin_softmax::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod api;
+mod context;
+mod error;
+mod kernels;
+mod params;
+mod plan;
+pub mod reference;
+
+pub use api::{Gradients, LossOutput, Pass, IGNORE};
+pub use context::{enumerate_adapters, parse_backends, Context, ContextOptions};
+pub use error::{Error, Result};
+pub use kernels::TileConfig;
+pub use params::{LossParams, Reduction, MAX_MARGIN, MAX_SCALE};
+pub use plan::{
+    flags, workspace_bytes, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan,
+    RowStats, Shape, Summary,
+};

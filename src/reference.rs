@@ -1,0 +1,300 @@
+//! The f64 CPU twin of every kernel family: norms, forward (LSE, loss, statistics) and
+//! backward (G, projections, dL/ds). Plain loops, no wgpu; use it to check an adapter.
+
+use crate::api::{LossOutput, IGNORE};
+use crate::error::Result;
+use crate::params::{LossParams, Reduction};
+use crate::plan::Shape;
+
+/// ε of the normalisation, as `torch.nn.functional.normalize`.
+pub const EPS: f64 = 1e-12;
+
+/// What the reference computes, in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceOutput {
+    /// The reduced loss.
+    pub loss: f64,
+    /// L_i per row (0 for ignored rows).
+    pub row_loss: Vec<f64>,
+    /// dL/dx, B×D.
+    pub grad_features: Vec<f64>,
+    /// dL/dw, C×D.
+    pub grad_classes: Vec<f64>,
+    /// dL/ds (0 when s < s_min).
+    pub grad_scale: f64,
+    /// argmax_j c_ij, lowest index on ties.
+    pub pred: Vec<u32>,
+    /// c_iy (0 for ignored rows).
+    pub target_cos: Vec<f64>,
+    /// max_{j≠y} c_ij (over all j for ignored rows; -1 when C = 1).
+    pub best_other_cos: Vec<f64>,
+    /// Per row, the best cosine minus the second best: below the cosine error bound a
+    /// GPU may rightly pick another class than `pred` (infinite when C = 1).
+    pub pred_gap: Vec<f64>,
+    /// N, rows not ignored.
+    pub valid_rows: usize,
+    /// Rows not ignored whose prediction is the label.
+    pub correct_rows: usize,
+}
+
+/// Inverse norms 1/max(‖row‖, ε) of the `rows` rows of length `dim` in `v`.
+pub fn inv_norms(v: &[f64], rows: usize, dim: usize) -> Vec<f64> {
+    (0..rows)
+        .map(|r| {
+            let norm = v[r * dim..(r + 1) * dim]
+                .iter()
+                .map(|a| a * a)
+                .sum::<f64>()
+                .sqrt();
+            1.0 / norm.max(EPS)
+        })
+        .collect()
+}
+
+/// The loss on f32 inputs, computed in f64. Checks the inputs like the GPU path does.
+pub fn loss(
+    shape: Shape,
+    features: &[f32],
+    classes: &[f32],
+    labels: &[u32],
+    params: &LossParams,
+) -> Result<ReferenceOutput> {
+    params.validate()?;
+    crate::api::check_slices(shape, features, classes, labels)?;
+    let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    Ok(loss_f64(
+        shape,
+        &widen(features),
+        &widen(classes),
+        labels,
+        f64::from(params.scale),
+        f64::from(params.scale_min),
+        f64::from(params.margin),
+        params.reduction,
+    ))
+}
+
+/// The loss and its gradients in f64 on f64 inputs (for finite differences). Labels that
+/// are not classes count as ignored. Lengths must match `shape`.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_f64(
+    shape: Shape,
+    x: &[f64],
+    w: &[f64],
+    labels: &[u32],
+    scale: f64,
+    scale_min: f64,
+    margin: f64,
+    reduction: Reduction,
+) -> ReferenceOutput {
+    let Shape {
+        batch: b,
+        dim: d,
+        classes: c,
+    } = shape;
+    let s = scale.max(scale_min);
+    let inv_x = inv_norms(x, b, d);
+    let inv_w = inv_norms(w, c, d);
+    let xh: Vec<f64> = (0..b * d).map(|e| x[e] * inv_x[e / d]).collect();
+    let wh: Vec<f64> = (0..c * d).map(|e| w[e] * inv_w[e / d]).collect();
+    let label = |i: usize| {
+        let y = labels[i];
+        (y != IGNORE && (y as usize) < c).then_some(y as usize)
+    };
+    let valid_rows = (0..b).filter(|&i| label(i).is_some()).count();
+    let norm = match reduction {
+        Reduction::Mean if valid_rows == 0 => 0.0,
+        Reduction::Mean => 1.0 / valid_rows as f64,
+        Reduction::Sum | Reduction::None => 1.0,
+    };
+    let mut out = ReferenceOutput {
+        loss: 0.0,
+        row_loss: vec![0.0; b],
+        grad_features: vec![0.0; b * d],
+        grad_classes: vec![0.0; c * d],
+        grad_scale: 0.0,
+        pred: vec![0; b],
+        target_cos: vec![0.0; b],
+        best_other_cos: vec![-1.0; b],
+        pred_gap: vec![f64::INFINITY; b],
+        valid_rows,
+        correct_rows: 0,
+    };
+    let mut gxh = vec![0.0; b * d];
+    let mut gwh = vec![0.0; c * d];
+    let mut cos = vec![0.0; c];
+    for i in 0..b {
+        let xi = &xh[i * d..(i + 1) * d];
+        for (j, cj) in cos.iter_mut().enumerate() {
+            *cj = xi.iter().zip(&wh[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum();
+        }
+        let y = label(i);
+        let mut pred = 0;
+        for j in 1..c {
+            if cos[j] > cos[pred] {
+                pred = j;
+            }
+        }
+        out.pred[i] = pred as u32;
+        out.pred_gap[i] = (0..c)
+            .filter(|&j| j != pred)
+            .map(|j| cos[pred] - cos[j])
+            .fold(f64::INFINITY, f64::min);
+        out.best_other_cos[i] = (0..c)
+            .filter(|&j| Some(j) != y)
+            .map(|j| cos[j])
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+            .unwrap_or(-1.0);
+        let Some(y) = y else { continue };
+        out.correct_rows += usize::from(pred == y);
+        out.target_cos[i] = cos[y];
+        // zc_ij = c_ij − m·[j = y], z = s·zc.
+        let zc = |j: usize| cos[j] - if j == y { margin } else { 0.0 };
+        let zmax = (0..c).map(|j| s * zc(j)).fold(f64::NEG_INFINITY, f64::max);
+        let sum_exp: f64 = (0..c).map(|j| (s * zc(j) - zmax).exp()).sum();
+        let lse = zmax + sum_exp.ln();
+        out.row_loss[i] = lse - s * zc(y);
+        let mut expected_zc = 0.0;
+        for j in 0..c {
+            let p = (s * zc(j) - lse).exp();
+            expected_zc += p * zc(j);
+            let g = norm * s * (p - if j == y { 1.0 } else { 0.0 });
+            for k in 0..d {
+                gxh[i * d + k] += g * wh[j * d + k];
+                gwh[j * d + k] += g * xh[i * d + k];
+            }
+        }
+        out.grad_scale += norm * (expected_zc - zc(y));
+    }
+    out.loss = norm * out.row_loss.iter().sum::<f64>();
+    if scale < scale_min {
+        out.grad_scale = 0.0;
+    }
+    project(&mut out.grad_features, &gxh, &xh, &inv_x, d);
+    project(&mut out.grad_classes, &gwh, &wh, &inv_w, d);
+    out
+}
+
+/// dL/dv = (g − v̂(v̂·g))·inv where ‖v‖ > ε; below ε the normalisation is a plain scaling
+/// by 1/ε, so dL/dv = g/ε.
+fn project(out: &mut [f64], g: &[f64], vh: &[f64], inv: &[f64], d: usize) {
+    for (r, &inv_r) in inv.iter().enumerate() {
+        let row = r * d..(r + 1) * d;
+        let along = if inv_r < 1.0 / EPS {
+            vh[row.clone()].iter().zip(&g[row.clone()]).map(|(a, b)| a * b).sum()
+        } else {
+            0.0
+        };
+        for k in row {
+            out[k] = (g[k] - vh[k] * along) * inv_r;
+        }
+    }
+}
+
+/// Bound on the relative error of the reduced loss. Each cosine carries an error of at
+/// most γ_{D+4} (see [`cosine_bound`]) and the loss is an average of O(s)-weighted cosine
+/// differences whose errors cancel across rows; 1e-5 leaves headroom for s ≤ 64.
+pub const LOSS_REL_BOUND: f64 = 1e-5;
+/// Bound on max |error| / max |value| of every gradient and of the per-row losses:
+/// G = s·(p − onehot)/N carries a relative error of about s·γ_{D+4} per element.
+pub const GRAD_REL_BOUND: f64 = 1e-4;
+
+/// Bound on the absolute error of one f32 cosine of length-D unit vectors: Higham's
+/// γ_{D+4} = (D+4)·u / (1 − (D+4)·u), u = 2⁻²⁴ (D products and sums, plus the two
+/// normalisations).
+pub fn cosine_bound(dim: usize) -> f64 {
+    let nu = (dim as f64 + 4.0) * f64::from(f32::EPSILON) / 2.0;
+    nu / (1.0 - nu)
+}
+
+/// The largest errors of a GPU result against the reference, each with its bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// (output, error, bound) for each compared output.
+    pub errors: Vec<(&'static str, f64, f64)>,
+    /// Rows whose predicted class differs while the reference's choice is decisive
+    /// (its gap to the runner-up exceeds twice the cosine bound).
+    pub pred_mismatches: usize,
+}
+
+impl Comparison {
+    /// True when every error is within its bound and no decisive prediction differs.
+    pub fn passes(&self) -> bool {
+        self.pred_mismatches == 0 && self.errors.iter().all(|(_, e, b)| e <= b)
+    }
+}
+
+/// max |a − b| / max |b| (0 when both are all zero).
+pub fn max_rel_error(gpu: &[f32], reference: &[f64]) -> f64 {
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = gpu
+        .iter()
+        .zip(reference)
+        .fold(0.0f64, |m, (&a, &b)| m.max((f64::from(a) - b).abs()));
+    if err == 0.0 {
+        0.0
+    } else {
+        err / scale.max(f64::MIN_POSITIVE)
+    }
+}
+
+fn max_abs_error(gpu: &[f32], reference: &[f64]) -> f64 {
+    gpu.iter()
+        .zip(reference)
+        .fold(0.0f64, |m, (&a, &b)| m.max((f64::from(a) - b).abs()))
+}
+
+/// Compares a GPU result with the reference for the same inputs and parameters.
+///
+/// Bounds: loss relative [`LOSS_REL_BOUND`]; per-row losses and gradients
+/// [`GRAD_REL_BOUND`] as max |error| / max |value|; dL/ds relative to max(|value|, 1),
+/// since it is a difference of cosine averages whose natural unit is 1; cosines
+/// absolute [`cosine_bound`].
+pub fn compare(dim: usize, gpu: &LossOutput, reference: &ReferenceOutput) -> Comparison {
+    let cos = cosine_bound(dim);
+    let loss_err = (f64::from(gpu.loss) - reference.loss).abs();
+    let loss_rel = if loss_err == 0.0 {
+        0.0
+    } else {
+        loss_err / reference.loss.abs().max(f64::MIN_POSITIVE)
+    };
+    let mut errors = vec![
+        ("loss", loss_rel, LOSS_REL_BOUND),
+        ("row_loss", max_rel_error(&gpu.row_loss, &reference.row_loss), GRAD_REL_BOUND),
+        (
+            "grad_scale",
+            (f64::from(gpu.grad_scale) - reference.grad_scale).abs()
+                / reference.grad_scale.abs().max(1.0),
+            GRAD_REL_BOUND,
+        ),
+        ("target_cos", max_abs_error(&gpu.target_cos, &reference.target_cos), cos),
+        (
+            "best_other_cos",
+            max_abs_error(&gpu.best_other_cos, &reference.best_other_cos),
+            cos,
+        ),
+    ];
+    if let Some(g) = &gpu.grads {
+        errors.push((
+            "grad_features",
+            max_rel_error(&g.features, &reference.grad_features),
+            GRAD_REL_BOUND,
+        ));
+        errors.push((
+            "grad_classes",
+            max_rel_error(&g.classes, &reference.grad_classes),
+            GRAD_REL_BOUND,
+        ));
+    }
+    let pred_mismatches = gpu
+        .pred
+        .iter()
+        .zip(&reference.pred)
+        .zip(&reference.pred_gap)
+        .filter(|((a, b), gap)| a != b && **gap > 2.0 * cos)
+        .count();
+    Comparison {
+        errors,
+        pred_mismatches,
+    }
+}
