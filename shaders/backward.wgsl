@@ -164,9 +164,9 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         workgroupBarrier();
     }
     storageBarrier();
-    if (flat < n_classes) {
-        let base = (class_tile0 + flat) * d_len;
-        let inv = inv_norm_classes[class_tile0 + flat];
+    for (var ci = flat; ci < n_classes; ci += wg_size) {
+        let base = (class_tile0 + ci) * d_len;
+        let inv = inv_norm_classes[class_tile0 + ci];
         var dot = 0.0;
         for (var d = 0u; d < d_len; d++) {
             dot = fma(class_vectors[base + d], grad_classes[base + d], dot);

@@ -135,17 +135,15 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
         lane_partials[(lid.y + r * ROWS_WG) * CLASSES_WG + lid.x] = state[r];
     }
     workgroupBarrier();
-    // One invocation per row of the tile folds the lanes in lane order.
-    let flat = lid.y * CLASSES_WG + lid.x;
-    if (flat < tile_rows()) {
-        let i = wid.y * tile_rows() + flat;
-        if (i < params.batch) {
-            var acc = lane_partials[flat * CLASSES_WG];
-            for (var lane = 1u; lane < CLASSES_WG; lane++) {
-                acc = merge_partials(acc, lane_partials[flat * CLASSES_WG + lane]);
-            }
-            split_partials[split * params.batch + i] = acc;
+    // Each row of the tile has one invocation that folds its lanes in lane order.
+    for (var row = lid.y * CLASSES_WG + lid.x; row < tile_rows(); row += ROWS_WG * CLASSES_WG) {
+        let i = wid.y * tile_rows() + row;
+        if (i >= params.batch) { break; }
+        var acc = lane_partials[row * CLASSES_WG];
+        for (var lane = 1u; lane < CLASSES_WG; lane++) {
+            acc = merge_partials(acc, lane_partials[row * CLASSES_WG + lane]);
         }
+        split_partials[split * params.batch + i] = acc;
     }
 }
 

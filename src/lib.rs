@@ -35,6 +35,7 @@ mod error;
 mod kernels;
 mod params;
 mod plan;
+mod problem;
 pub mod reference;
 
 pub use api::{Gradients, LossOutput, Pass, IGNORE};
@@ -42,6 +43,7 @@ pub use context::{enumerate_adapters, parse_backends, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use kernels::TileConfig;
 pub use params::{LossParams, Reduction, MAX_MARGIN, MAX_SCALE};
+pub use problem::{Problem, SplitMix64};
 pub use plan::{
     flags, workspace_bytes, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan,
     RowStats, Shape, Summary,

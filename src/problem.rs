@@ -1,0 +1,70 @@
+//! Seeded problems: the embedded default problem of the examples, the CLI and the tests.
+
+use crate::plan::Shape;
+
+/// Inputs of one loss call, on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// B, D and C.
+    pub shape: Shape,
+    /// x: B×D.
+    pub features: Vec<f32>,
+    /// w: C×D.
+    pub classes: Vec<f32>,
+    /// y: B labels in 0..C.
+    pub labels: Vec<u32>,
+}
+
+/// SplitMix64: a tiny, well-mixed generator, so a seed gives the same problem everywhere.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator started at `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1), with 24 random bits.
+    pub fn next_signed(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+impl Problem {
+    /// The embedded default problem: B = 100, D = 64, C = 1000, seed 1.
+    pub fn default_problem() -> Problem {
+        Problem::random(Shape::new(100, 64, 1000), 1)
+    }
+
+    /// Features and class vectors uniform in [-1, 1), labels uniform in 0..C, from `seed`.
+    pub fn random(shape: Shape, seed: u64) -> Problem {
+        let mut rng = SplitMix64::new(seed);
+        let mut values = |n: usize| (0..n).map(|_| rng.next_signed()).collect::<Vec<f32>>();
+        let features = values(shape.batch * shape.dim);
+        let classes = values(shape.classes * shape.dim);
+        let labels = (0..shape.batch)
+            .map(|_| rng.below(shape.classes.max(1)) as u32)
+            .collect();
+        Problem {
+            shape,
+            features,
+            classes,
+            labels,
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The f64 reference's gradients against central finite differences of its own loss:
+//! this is what shows that the reference, and so every comparison with it, is right.
+
+use margin_softmax::reference::loss_f64;
+use margin_softmax::{Problem, Reduction, Shape, IGNORE};
+
+/// Central differences with step h·max(1, |v|): truncation O(h²) ≈ 1e-12 and rounding
+/// O(ε_f64/h) ≈ 1e-10, so 1e-6 relative to the largest gradient is a wide, honest margin.
+const H: f64 = 1e-6;
+const BOUND: f64 = 1e-6;
+
+fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reduction) {
+    let p = Problem::random(shape, seed);
+    let mut labels = p.labels.clone();
+    if shape.batch > 2 {
+        labels[1] = IGNORE;
+    }
+    let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
+    let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
+    let eval = |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, s, 0.0, margin, reduction);
+    let base = eval(&x, &w, scale);
+    let check = |name: &str, analytic: &[f64], numeric: &[f64]| {
+        let scale = analytic.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+        let err = analytic
+            .iter()
+            .zip(numeric)
+            .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()));
+        assert!(err / scale < BOUND, "{name} {shape:?}: rel err {:.3e}", err / scale);
+    };
+    let numeric = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+        (0..v.len())
+            .map(|k| {
+                let step = H * v[k].abs().max(1.0);
+                let mut plus = v.to_vec();
+                let mut minus = v.to_vec();
+                plus[k] += step;
+                minus[k] -= step;
+                (f(&plus) - f(&minus)) / (2.0 * step)
+            })
+            .collect()
+    };
+    let gx = numeric(&x, &|x| eval(x, &w, scale).loss);
+    check("dL/dx", &base.grad_features, &gx);
+    let gw = numeric(&w, &|w| eval(&x, w, scale).loss);
+    check("dL/dw", &base.grad_classes, &gw);
+    let gs = numeric(&[scale], &|s| eval(&x, &w, s[0]).loss);
+    check("dL/ds", &[base.grad_scale], &gs);
+}
+
+#[test]
+fn reference_gradients_match_finite_differences() {
+    fd_check(Shape::new(5, 7, 9), 1, 30.0, 0.35, Reduction::Mean);
+    fd_check(Shape::new(3, 4, 6), 2, 5.0, 0.0, Reduction::Sum);
+    fd_check(Shape::new(1, 1, 1), 3, 10.0, 0.2, Reduction::Mean);
+    fd_check(Shape::new(4, 3, 2), 4, 64.0, 0.5, Reduction::None);
+}

@@ -1,0 +1,159 @@
+//! The spec's reference cases, fused GPU path against the f64 reference, on shapes that
+//! are not multiples of any tile size (tiles are 32×32 by default, 4-wide register blocks).
+
+mod common;
+
+use common::{check_against_reference, context};
+use margin_softmax::{
+    Context, ContextOptions, LossParams, Problem, Reduction, Shape, TileConfig, IGNORE,
+};
+
+fn params(scale: f32, margin: f32) -> LossParams {
+    LossParams {
+        scale,
+        margin,
+        ..LossParams::default()
+    }
+}
+
+#[test]
+fn random_shapes_off_the_tile_grid() {
+    for (seed, (b, d, c)) in [(37, 45, 101), (33, 17, 65), (70, 33, 97), (5, 130, 250)]
+        .into_iter()
+        .enumerate()
+    {
+        let problem = Problem::random(Shape::new(b, d, c), seed as u64);
+        check_against_reference(context(), &problem, &LossParams::default(), "random");
+    }
+}
+
+#[test]
+fn dimensions_of_one() {
+    for (b, d, c) in [(1, 1, 1), (1, 5, 7), (6, 1, 9), (5, 7, 1), (1, 1, 3), (4, 1, 1)] {
+        let problem = Problem::random(Shape::new(b, d, c), 3);
+        check_against_reference(context(), &problem, &LossParams::default(), "ones");
+    }
+}
+
+#[test]
+fn many_classes_split_across_workgroups() {
+    // A small batch spreads the classes over many forward and feature splits.
+    let problem = Problem::random(Shape::new(3, 16, 3001), 4);
+    check_against_reference(context(), &problem, &params(64.0, 0.35), "splits");
+}
+
+#[test]
+fn large_and_small_feature_norms_and_a_zero_row() {
+    let mut problem = Problem::random(Shape::new(9, 20, 41), 5);
+    let d = problem.shape.dim;
+    for (row, factor) in [(0, 1e3f32), (1, 1e-3), (2, 1e3), (3, 1e-3)] {
+        for v in &mut problem.features[row * d..(row + 1) * d] {
+            *v *= factor;
+        }
+    }
+    problem.features[4 * d..5 * d].fill(0.0);
+    for v in &mut problem.classes[..d] {
+        *v *= 1e3;
+    }
+    check_against_reference(context(), &problem, &LossParams::default(), "norms");
+}
+
+#[test]
+fn scales_from_1_to_1000_and_zero_margin() {
+    let problem = Problem::random(Shape::new(19, 24, 77), 6);
+    for scale in [1.0, 5.0, 30.0, 64.0] {
+        for margin in [0.0, 0.35] {
+            check_against_reference(context(), &problem, &params(scale, margin), "scales");
+        }
+    }
+    // Far past any useful scale the loss is a hard max; the relative bound of the loss
+    // still holds because every term is max-subtracted.
+    let aligned = aligned_problem();
+    check_against_reference(context(), &aligned, &params(1000.0, 0.35), "s = 1000");
+}
+
+/// Rows whose target cosine is the maximum (x = w_y) and the minimum (x = −w_y).
+fn aligned_problem() -> Problem {
+    let mut problem = Problem::random(Shape::new(6, 12, 35), 7);
+    let d = problem.shape.dim;
+    for i in 0..problem.shape.batch {
+        let y = problem.labels[i] as usize;
+        let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+        for k in 0..d {
+            problem.features[i * d + k] = sign * problem.classes[y * d + k];
+        }
+    }
+    problem
+}
+
+#[test]
+fn target_cosine_is_the_maximum_or_the_minimum() {
+    let problem = aligned_problem();
+    let out = check_against_reference(context(), &problem, &LossParams::default(), "aligned");
+    for i in 0..problem.shape.batch {
+        let expected = if i % 2 == 0 { 1.0 } else { -1.0 };
+        assert!((out.target_cos[i] - expected).abs() < 1e-5, "row {i}: {}", out.target_cos[i]);
+        if i % 2 == 0 {
+            assert_eq!(out.pred[i], problem.labels[i], "row {i} predicts its own class");
+        }
+    }
+}
+
+#[test]
+fn ignored_labels_and_all_ignored() {
+    let mut problem = Problem::random(Shape::new(21, 10, 50), 8);
+    for i in (0..21).step_by(3) {
+        problem.labels[i] = IGNORE;
+    }
+    let out = check_against_reference(context(), &problem, &LossParams::default(), "ignore");
+    assert_eq!(out.valid_rows, 14);
+    problem.labels.fill(IGNORE);
+    let out = check_against_reference(context(), &problem, &LossParams::default(), "all ignored");
+    assert_eq!(out.loss, 0.0);
+    assert_eq!(out.valid_rows, 0);
+    let grads = out.grads.expect("gradients");
+    assert!(grads.features.iter().chain(&grads.classes).all(|&g| g == 0.0));
+}
+
+#[test]
+fn reductions_and_scale_floor() {
+    let problem = Problem::random(Shape::new(13, 9, 40), 9);
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let p = LossParams {
+            reduction,
+            ..LossParams::default()
+        };
+        check_against_reference(context(), &problem, &p, "reduction");
+    }
+    // Below its floor the scale is max(s, s_min) and receives no gradient.
+    let floored = LossParams {
+        scale: 4.0,
+        scale_min: 10.0,
+        ..LossParams::default()
+    };
+    let out = check_against_reference(context(), &problem, &floored, "floor");
+    assert_eq!(out.grad_scale, 0.0);
+    let at_floor = LossParams {
+        scale: 10.0,
+        scale_min: 10.0,
+        ..LossParams::default()
+    };
+    let out = check_against_reference(context(), &problem, &at_floor, "at floor");
+    assert_ne!(out.grad_scale, 0.0);
+}
+
+#[test]
+fn every_tile_configuration() {
+    let problem = Problem::random(Shape::new(29, 11, 83), 10);
+    for (rows, classes) in [(1, 1), (4, 8), (8, 4), (2, 16), (16, 16)] {
+        let ctx = pollster::block_on(Context::new(ContextOptions {
+            tiles: TileConfig {
+                rows_per_workgroup: rows,
+                classes_per_workgroup: classes,
+            },
+            ..ContextOptions::default()
+        }))
+        .expect("context with custom tiles");
+        check_against_reference(&ctx, &problem, &params(30.0, 0.2), "tiles");
+    }
+}
