@@ -16,7 +16,14 @@ fn main() -> Result<(), margin_softmax::Error> {
     let params = LossParams::default();
 
     let start = std::time::Instant::now();
-    let out = ctx.loss(shape, &features, &classes, &labels, &params, Pass::ForwardBackward)?;
+    let out = ctx.loss(
+        shape,
+        &features,
+        &classes,
+        &labels,
+        &params,
+        Pass::ForwardBackward,
+    )?;
     let elapsed = start.elapsed();
     let expected = reference::loss(shape, &features, &classes, &labels, &params)?;
     let check = reference::compare(shape.dim, &out, &expected);
@@ -27,7 +34,10 @@ fn main() -> Result<(), margin_softmax::Error> {
         "problem    B = {}, D = {}, C = {}, s = {}, m = {}",
         shape.batch, shape.dim, shape.classes, params.scale, params.margin
     );
-    println!("loss       {:.6} (f64 reference {:.6})", out.loss, expected.loss);
+    println!(
+        "loss       {:.6} (f64 reference {:.6})",
+        out.loss, expected.loss
+    );
     if let Some(grads) = &out.grads {
         println!("|dL/dx|    {:.6e}", norm(&grads.features));
         println!("|dL/dw|    {:.6e}", norm(&grads.classes));

@@ -12,8 +12,10 @@
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), C values (from norms.wgsl).
 @group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
-/// Per-call totals from the forward pass; only `valid_rows` (N) is read.
-@group(0) @binding(10) var<storage, read> summary: Summary;
+/// Per-call totals from the forward pass; only `valid_rows` (N) is read. Declared
+/// read_write because it may share a buffer with the gradient outputs, and WebGPU forbids
+/// one buffer as read-only and writable storage in one dispatch.
+@group(0) @binding(10) var<storage, read_write> summary: Summary;
 /// Per-row LSE_i (and dL_i/ds, unused here), B values, from forward.wgsl.
 @group(0) @binding(8) var<storage, read> row_softmax: array<RowSoftmax>;
 /// gx̂ partials, one B×D block per feature split: index (split·B + i)·D + d. Workspace.

@@ -123,9 +123,14 @@ impl SliceState {
 }
 
 /// Checks lengths and labels on the host, before anything reaches the GPU.
-pub(crate) fn check_slices(shape: Shape, features: &[f32], classes: &[f32], labels: &[u32]) -> Result<()> {
+pub(crate) fn check_slices(
+    shape: Shape,
+    features: &[f32],
+    classes: &[f32],
+    labels: &[u32],
+) -> Result<()> {
     shape.check_nonempty()?;
-    let mul = |a: usize, b: usize| a.checked_mul(b).unwrap_or(usize::MAX);
+    let mul = |a: usize, b: usize| a.saturating_mul(b);
     for (input, expected, actual) in [
         ("features", mul(shape.batch, shape.dim), features.len()),
         ("classes", mul(shape.classes, shape.dim), classes.len()),
@@ -261,15 +266,29 @@ impl Context {
                 classes: BufferRegion::from(&state.classes),
                 labels: BufferRegion::from(&state.labels),
             };
-            state.plan.record(self, &mut encoder, &inputs, &outputs, params)?;
+            state
+                .plan
+                .record(self, &mut encoder, &inputs, &outputs, params)?;
             let mut copy = |src: &wgpu::Buffer, at: u64, size: u64| {
                 encoder.copy_buffer_to_buffer(src, 0, &state.readback, at, size)
             };
             copy(&state.summary, 0, layout.row_stats);
-            copy(&state.row_stats, layout.row_stats, layout.grad_features - layout.row_stats);
+            copy(
+                &state.row_stats,
+                layout.row_stats,
+                layout.grad_features - layout.row_stats,
+            );
             let end = if with_grads {
-                copy(&state.grad_features, layout.grad_features, layout.grad_classes - layout.grad_features);
-                copy(&state.grad_classes, layout.grad_classes, layout.end - layout.grad_classes);
+                copy(
+                    &state.grad_features,
+                    layout.grad_features,
+                    layout.grad_classes - layout.grad_features,
+                );
+                copy(
+                    &state.grad_classes,
+                    layout.grad_classes,
+                    layout.end - layout.grad_classes,
+                );
                 layout.end
             } else {
                 layout.grad_features
@@ -280,8 +299,9 @@ impl Context {
         let bytes = self.read_back(&state.readback, end, submission).await?;
         let summary: Summary = bytemuck::pod_read_unaligned(&bytes[..layout.row_stats as usize]);
         check_flags(summary.flags, shape)?;
-        let rows: Vec<RowStats> =
-            bytemuck::pod_collect_to_vec(&bytes[layout.row_stats as usize..layout.grad_features as usize]);
+        let rows: Vec<RowStats> = bytemuck::pod_collect_to_vec(
+            &bytes[layout.row_stats as usize..layout.grad_features as usize],
+        );
         let grads = with_grads.then(|| Gradients {
             features: bytemuck::pod_collect_to_vec(
                 &bytes[layout.grad_features as usize..layout.grad_classes as usize],

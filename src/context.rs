@@ -113,7 +113,8 @@ impl Context {
             .map_err(|e| Error::RequestDevice(e.to_string()))?;
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
-        device.set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
+        device
+            .set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
         let mut context = Context::from_device(device, queue, options.tiles)?;
         context.info = adapter.get_info();
         context.lost = lost;

@@ -82,7 +82,11 @@ impl GpuParams {
     pub(crate) fn set_loss(&mut self, params: &LossParams) {
         self.scale = params.effective_scale();
         self.margin = params.margin;
-        self.scale_grad_gate = if params.scale_receives_grad() { 1.0 } else { 0.0 };
+        self.scale_grad_gate = if params.scale_receives_grad() {
+            1.0
+        } else {
+            0.0
+        };
         self.reduction = Reduction::code(params.reduction);
     }
 }
@@ -153,7 +157,14 @@ impl Kernels {
             row_inv_norms: kernel(
                 &norms,
                 "row_inv_norms",
-                &[Params, Features, ClassVectors, InvNormFeatures, InvNormClasses, InputFlags],
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    InputFlags,
+                ],
             ),
             class_split_partials: kernel(
                 &forward,
@@ -196,7 +207,13 @@ impl Kernels {
             grad_features_finish: kernel(
                 &backward,
                 "grad_features_finish",
-                &[Params, Features, InvNormFeatures, FeatureGradPartials, GradFeatures],
+                &[
+                    Params,
+                    Features,
+                    InvNormFeatures,
+                    FeatureGradPartials,
+                    GradFeatures,
+                ],
             ),
             grad_classes_tile: kernel(
                 &backward,

@@ -43,8 +43,8 @@ pub use context::{enumerate_adapters, parse_backends, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use kernels::TileConfig;
 pub use params::{LossParams, Reduction, MAX_MARGIN, MAX_SCALE};
-pub use problem::{Problem, SplitMix64};
 pub use plan::{
-    flags, workspace_bytes, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan,
-    RowStats, Shape, Summary,
+    flags, workspace_bytes, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan, RowStats,
+    Shape, Summary,
 };
+pub use problem::{Problem, SplitMix64};

@@ -295,7 +295,9 @@ impl Plan {
         let geometry = Geometry::new(ctx, shape)?;
         let sizes = WorkspaceSizes::new(shape, &geometry);
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
-        let max_binding = u64::from(ctx.limits.max_storage_buffer_binding_size)
+        let max_binding = ctx
+            .limits
+            .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
         for (what, size) in [
             ("features (B·D·4 bytes)", b * d * 4),
@@ -374,9 +376,21 @@ impl Plan {
             self.shape.dim as u64,
         );
         let mut regions = vec![
-            Region { role: "features", region: inputs.features, bytes: b * d * 4 },
-            Region { role: "classes", region: inputs.classes, bytes: c * d * 4 },
-            Region { role: "labels", region: inputs.labels, bytes: b * 4 },
+            Region {
+                role: "features",
+                region: inputs.features,
+                bytes: b * d * 4,
+            },
+            Region {
+                role: "classes",
+                region: inputs.classes,
+                bytes: c * d * 4,
+            },
+            Region {
+                role: "labels",
+                region: inputs.labels,
+                bytes: b * 4,
+            },
             Region {
                 role: "row_stats",
                 region: outputs.row_stats,
@@ -389,12 +403,21 @@ impl Plan {
             },
         ];
         if let Some(grads) = &outputs.grads {
-            regions.push(Region { role: "grad_features", region: grads.features, bytes: b * d * 4 });
-            regions.push(Region { role: "grad_classes", region: grads.classes, bytes: c * d * 4 });
+            regions.push(Region {
+                role: "grad_features",
+                region: grads.features,
+                bytes: b * d * 4,
+            });
+            regions.push(Region {
+                role: "grad_classes",
+                region: grads.classes,
+                bytes: c * d * 4,
+            });
         }
         for r in &regions {
             check_region(ctx, r)?;
         }
+        check_aliasing(&regions)?;
         let g = &self.geometry;
         let mut gpu = GpuParams {
             batch: self.shape.batch as u32,
@@ -411,7 +434,8 @@ impl Plan {
             _pad: 0,
         };
         gpu.set_loss(params);
-        ctx.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&gpu));
+        ctx.queue
+            .write_buffer(&self.params, 0, bytemuck::bytes_of(&gpu));
         encoder.clear_buffer(&self.input_flags, 0, None);
 
         let bind = |kernel: &Kernel| -> Result<wgpu::BindGroup> {
@@ -444,7 +468,10 @@ impl Plan {
         if outputs.grads.is_some() {
             steps.push((&k.grad_feature_partials, (g.feature_splits, g.row_tiles)));
             steps.push((&k.grad_features_finish, per_row(b)?));
-            steps.push((&k.grad_classes_tile, fold_grid(u64::from(g.class_tiles), max)?));
+            steps.push((
+                &k.grad_classes_tile,
+                fold_grid(u64::from(g.class_tiles), max)?,
+            ));
         }
         let groups = steps
             .iter()
@@ -525,14 +552,53 @@ fn fold_grid(n: u64, max: u32) -> Result<(u32, u32)> {
     Ok((x as u32, y as u32))
 }
 
+/// The first three regions are inputs, the rest outputs. An output may not share a buffer
+/// with an input (WebGPU forbids one buffer as read-only and writable storage in one
+/// dispatch), and outputs may not overlap.
+fn check_aliasing(regions: &[Region<'_>]) -> Result<()> {
+    let (inputs, outputs) = regions.split_at(3);
+    for (k, out) in outputs.iter().enumerate() {
+        if let Some(input) = inputs.iter().find(|i| i.region.buffer == out.region.buffer) {
+            return Err(Error::BadBuffer {
+                role: out.role,
+                reason: format!(
+                    "it shares a buffer with input {}; WebGPU forbids binding one buffer as read-only \
+                     and writable storage in one dispatch, so keep outputs in other buffers",
+                    input.role
+                ),
+            });
+        }
+        let overlaps = |other: &Region<'_>| {
+            other.region.buffer == out.region.buffer
+                && other.region.offset < out.region.offset + out.bytes
+                && out.region.offset < other.region.offset + other.bytes
+        };
+        if let Some(other) = outputs[k + 1..].iter().find(|o| overlaps(o)) {
+            return Err(Error::BadBuffer {
+                role: out.role,
+                reason: format!(
+                    "it overlaps output {}; give each output its own range",
+                    other.role
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
-    let bad = |reason: String| Err(Error::BadBuffer { role: r.role, reason });
+    let bad = |reason: String| {
+        Err(Error::BadBuffer {
+            role: r.role,
+            reason,
+        })
+    };
     let buffer = r.region.buffer;
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
         return bad("it lacks BufferUsages::STORAGE; create it with STORAGE usage".into());
     }
     let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
-    if r.region.offset % align != 0 {
+    if !r.region.offset.is_multiple_of(align) {
         return bad(format!(
             "offset {} is not a multiple of {align} (min_storage_buffer_offset_alignment)",
             r.region.offset
@@ -547,7 +613,7 @@ fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
             r.bytes
         ));
     }
-    let max_binding = u64::from(ctx.limits.max_storage_buffer_binding_size);
+    let max_binding = ctx.limits.max_storage_buffer_binding_size;
     if r.bytes > max_binding {
         return Err(Error::TooLarge {
             what: r.role,

@@ -134,7 +134,11 @@ pub fn loss_f64(
     for i in 0..b {
         let xi = &xh[i * d..(i + 1) * d];
         for (j, cj) in cos.iter_mut().enumerate() {
-            *cj = xi.iter().zip(&wh[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum();
+            *cj = xi
+                .iter()
+                .zip(&wh[j * d..(j + 1) * d])
+                .map(|(a, b)| a * b)
+                .sum();
         }
         let y = label(i);
         let mut pred = 0;
@@ -190,7 +194,11 @@ fn project(out: &mut [f64], g: &[f64], vh: &[f64], inv: &[f64], d: usize) -> f64
     for (r, &inv_r) in inv.iter().enumerate() {
         let row = r * d..(r + 1) * d;
         let along = if inv_r < 1.0 / EPS {
-            vh[row.clone()].iter().zip(&g[row.clone()]).map(|(a, b)| a * b).sum()
+            vh[row.clone()]
+                .iter()
+                .zip(&g[row.clone()])
+                .map(|(a, b)| a * b)
+                .sum()
         } else {
             0.0
         };
@@ -269,14 +277,22 @@ pub fn compare(dim: usize, gpu: &LossOutput, reference: &ReferenceOutput) -> Com
     };
     let mut errors = vec![
         ("loss", loss_rel, LOSS_REL_BOUND),
-        ("row_loss", max_rel_error(&gpu.row_loss, &reference.row_loss, 0.0), GRAD_REL_BOUND),
+        (
+            "row_loss",
+            max_rel_error(&gpu.row_loss, &reference.row_loss, 0.0),
+            GRAD_REL_BOUND,
+        ),
         (
             "grad_scale",
             (f64::from(gpu.grad_scale) - reference.grad_scale).abs()
                 / reference.grad_scale.abs().max(1.0),
             GRAD_REL_BOUND,
         ),
-        ("target_cos", max_abs_error(&gpu.target_cos, &reference.target_cos), cos),
+        (
+            "target_cos",
+            max_abs_error(&gpu.target_cos, &reference.target_cos),
+            cos,
+        ),
         (
             "best_other_cos",
             max_abs_error(&gpu.best_other_cos, &reference.best_other_cos),

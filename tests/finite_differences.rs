@@ -17,15 +17,23 @@ fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reducti
     }
     let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
     let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
-    let eval = |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, s, 0.0, margin, reduction);
+    let eval =
+        |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, s, 0.0, margin, reduction);
     let base = eval(&x, &w, scale);
     let check = |name: &str, analytic: &[f64], numeric: &[f64]| {
-        let scale = analytic.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+        let scale = analytic
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()))
+            .max(1e-300);
         let err = analytic
             .iter()
             .zip(numeric)
             .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()));
-        assert!(err / scale < BOUND, "{name} {shape:?}: rel err {:.3e}", err / scale);
+        assert!(
+            err / scale < BOUND,
+            "{name} {shape:?}: rel err {:.3e}",
+            err / scale
+        );
     };
     let numeric = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
         (0..v.len())

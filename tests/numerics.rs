@@ -29,7 +29,14 @@ fn random_shapes_off_the_tile_grid() {
 
 #[test]
 fn dimensions_of_one() {
-    for (b, d, c) in [(1, 1, 1), (1, 5, 7), (6, 1, 9), (5, 7, 1), (1, 1, 3), (4, 1, 1)] {
+    for (b, d, c) in [
+        (1, 1, 1),
+        (1, 5, 7),
+        (6, 1, 9),
+        (5, 7, 1),
+        (1, 1, 3),
+        (4, 1, 1),
+    ] {
         let problem = Problem::random(Shape::new(b, d, c), 3);
         check_against_reference(context(), &problem, &LossParams::default(), "ones");
     }
@@ -92,9 +99,16 @@ fn target_cosine_is_the_maximum_or_the_minimum() {
     let out = check_against_reference(context(), &problem, &LossParams::default(), "aligned");
     for i in 0..problem.shape.batch {
         let expected = if i % 2 == 0 { 1.0 } else { -1.0 };
-        assert!((out.target_cos[i] - expected).abs() < 1e-5, "row {i}: {}", out.target_cos[i]);
+        assert!(
+            (out.target_cos[i] - expected).abs() < 1e-5,
+            "row {i}: {}",
+            out.target_cos[i]
+        );
         if i % 2 == 0 {
-            assert_eq!(out.pred[i], problem.labels[i], "row {i} predicts its own class");
+            assert_eq!(
+                out.pred[i], problem.labels[i],
+                "row {i} predicts its own class"
+            );
         }
     }
 }
@@ -112,7 +126,11 @@ fn ignored_labels_and_all_ignored() {
     assert_eq!(out.loss, 0.0);
     assert_eq!(out.valid_rows, 0);
     let grads = out.grads.expect("gradients");
-    assert!(grads.features.iter().chain(&grads.classes).all(|&g| g == 0.0));
+    assert!(grads
+        .features
+        .iter()
+        .chain(&grads.classes)
+        .all(|&g| g == 0.0));
 }
 
 #[test]

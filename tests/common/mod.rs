@@ -29,7 +29,14 @@ pub fn check_against_reference(
 ) -> LossOutput {
     let p = problem;
     let out = ctx
-        .loss(p.shape, &p.features, &p.classes, &p.labels, params, Pass::ForwardBackward)
+        .loss(
+            p.shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            params,
+            Pass::ForwardBackward,
+        )
         .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
     let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, params)
         .unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
@@ -40,7 +47,10 @@ pub fn check_against_reference(
         p.shape,
         check
     );
-    assert_eq!(out.valid_rows as usize, expected.valid_rows, "{what}: valid rows");
+    assert_eq!(
+        out.valid_rows as usize, expected.valid_rows,
+        "{what}: valid rows"
+    );
     for v in [&out.row_loss, &out.target_cos, &out.best_other_cos] {
         assert!(v.iter().all(|a| a.is_finite()), "{what}: non-finite output");
     }

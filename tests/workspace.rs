@@ -1,0 +1,30 @@
+//! The workspace never holds B×C values: it grows like O(B·k + C).
+
+mod common;
+
+use common::context;
+use margin_softmax::{workspace_bytes, Plan, Shape};
+
+#[test]
+fn workspace_is_far_below_the_logits() {
+    let ctx = context();
+    let shape = Shape::new(64, 64, 20000);
+    let bytes = workspace_bytes(ctx, shape).expect("workspace");
+    let logits = (shape.batch * shape.classes * 4) as u64;
+    assert!(
+        bytes < logits / 16,
+        "workspace {bytes} bytes, logits {logits} bytes"
+    );
+    assert_eq!(
+        Plan::new(ctx, shape).expect("plan").workspace_bytes(),
+        bytes
+    );
+}
+
+#[test]
+fn workspace_grows_with_c_only_through_one_value_per_class() {
+    let ctx = context();
+    let at = |c| workspace_bytes(ctx, Shape::new(256, 128, c)).expect("workspace");
+    // From C = 100 000 to 1 000 000, only the per-class inverse norms (4 bytes) grow.
+    assert_eq!(at(1_000_000) - at(100_000), 900_000 * 4);
+}
