@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --example quickstart`
 
-use margin_softmax::{reference, workspace_bytes, Context, LossParams, Pass, Problem};
+use margin_softmax::{reference, workspace_bytes, Algorithm, Context, LossParams, Pass, Problem};
 
 fn main() -> Result<(), margin_softmax::Error> {
     let ctx = Context::new_default()?;
@@ -46,7 +46,7 @@ fn main() -> Result<(), margin_softmax::Error> {
     println!("accuracy   {}/{}", out.correct_rows, out.valid_rows);
     println!(
         "workspace  {} bytes (the B×C logits alone would be {} bytes)",
-        workspace_bytes(&ctx, shape)?,
+        workspace_bytes(&ctx, shape, Algorithm::Fused)?,
         shape.batch * shape.classes * 4
     );
     println!(

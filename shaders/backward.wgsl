@@ -7,6 +7,8 @@
 // dL/dx: `grad_feature_partials` sums gx̂ over each class split into its own partial,
 // `grad_features_finish` adds the splits in split order and projects.
 // dL/dw: `grad_classes_tile` gives each class tile one owner that loops over all rows.
+// The unfused baseline instead turns materialised cosines into G (`logit_grads`), takes
+// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`).
 
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
@@ -24,6 +26,8 @@
 @group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
 /// dL/dw, C×D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
+/// Unfused baseline only: the B×C cosines, overwritten with G by `logit_grads`. Workspace.
+@group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 /// 1/ε: the inverse norm of a row shorter than ε, which is scaled, not projected.
 const INV_EPS: f32 = 1e12;
@@ -35,15 +39,11 @@ fn grad_coef() -> f32 {
     return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
-/// G_ij from the raw dot x_i·w_j; 0 for an ignored or out-of-range row, or j ≥ C.
-fn grad_logit(dot: f32, i: u32, j: u32, coef: f32) -> f32 {
-    let y = label_of(i);
-    if (y == IGNORE || j >= params.classes) { return 0.0; }
-    let c = dot * inv_norm_features[i] * inv_norm_classes[j];
+/// G_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a class j < C.
+fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
     let is_target = j == y;
     let z = params.scale * (c - select(0.0, params.margin, is_target));
-    let p = exp(z - row_softmax[i].lse);
-    return coef * (p - select(0.0, 1.0, is_target));
+    return coef * (exp(z - row_softmax[i].lse) - select(0.0, 1.0, is_target));
 }
 
 /// One cosine tile's G, pre-multiplied by 1/‖w_j‖ (dL/dx) or 1/‖x_i‖ (dL/dw),
@@ -59,9 +59,13 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
         let i = row0 + r * ROWS_WG;
         for (var q = 0u; q < CLASS_BLOCK; q++) {
             let j = class0 + q * CLASSES_WG;
-            var g = grad_logit(dots[r][q], i, j, coef);
-            if (g != 0.0) {
-                g *= select(inv_norm_features[i], inv_norm_classes[j], scale_by_class);
+            let y = label_of(i);
+            var g = 0.0;
+            if (y != IGNORE && j < params.classes) {
+                let inv_x = inv_norm_features[i];
+                let inv_w = inv_norm_classes[j];
+                g = grad_logit(dots[r][q] * inv_x * inv_w, i, j, y, coef) *
+                    select(inv_x, inv_w, scale_by_class);
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
         }
@@ -173,6 +177,46 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         for (var d = 0u; d < d_len; d++) {
             dot = fma(class_vectors[base + d], grad_classes[base + d], dot);
         }
+        let along = projection_factor(dot, inv);
+        for (var d = 0u; d < d_len; d++) {
+            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv;
+        }
+    }
+}
+
+/// Unfused baseline: one invocation per element of the B×C matrix, c_ij → G_ij in place.
+@compute @workgroup_size(ROW_WG)
+fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    if (e >= params.batch * params.classes) { return; }
+    let i = e / params.classes;
+    let j = e - i * params.classes;
+    let y = label_of(i);
+    logits[e] = select(0.0, grad_logit(logits[e], i, j, y, grad_coef()), y != IGNORE);
+}
+
+/// Unfused baseline: one invocation per row of the stacked [x; w]; the gemm.wgsl results
+/// gx̂ (in grad_features) and gŵ (in grad_classes) are projected in place.
+@compute @workgroup_size(ROW_WG)
+fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let row = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let d_len = params.dim;
+    if (row < params.batch) {
+        let base = row * d_len;
+        let inv = inv_norm_features[row];
+        var dot = 0.0;
+        for (var d = 0u; d < d_len; d++) { dot = fma(features[base + d], grad_features[base + d], dot); }
+        let along = projection_factor(dot, inv);
+        for (var d = 0u; d < d_len; d++) {
+            grad_features[base + d] = (grad_features[base + d] - features[base + d] * along) * inv;
+        }
+    } else if (row < params.batch + params.classes) {
+        let base = (row - params.batch) * d_len;
+        let inv = inv_norm_classes[row - params.batch];
+        var dot = 0.0;
+        for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d], grad_classes[base + d], dot); }
         let along = projection_factor(dot, inv);
         for (var d = 0u; d < d_len; d++) {
             grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv;

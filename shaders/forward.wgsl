@@ -1,6 +1,8 @@
 // Forward pass: cosine tiles, margin on the target logit, online log-sum-exp per row
 // over a split of the classes (`class_split_partials`), the fixed-order merge of the
-// splits (`merge_rows`), and the per-call totals (`summarize`).
+// splits (`merge_rows`), and the per-call totals (`summarize`). The unfused baseline's
+// softmax over a materialised B×C cosine matrix (`logit_softmax_rows`) shares the same
+// per-logit update and row epilogue.
 //
 //   c_ij = x̂_i·ŵ_j,  z_ij = s·(c_ij − m·[j = y_i]),  L_i = LSE_j(z_ij) − z_{i,y_i}
 
@@ -18,6 +20,8 @@
 @group(0) @binding(9) var<storage, read_write> row_stats: array<RowStats>;
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
+/// Unfused baseline only: the B×C cosines c_ij, row-major (from gemm.wgsl). Workspace.
+@group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 /// Online softmax state of one row over a set of classes, plus the statistics.
 struct SplitPartial {
@@ -50,8 +54,8 @@ fn empty_partial() -> SplitPartial {
     return SplitPartial(NEG_BIG, 0.0, 0.0, NEG_BIG, NEG_BIG, NO_CLASS);
 }
 
-/// (M, S, T) ⊕ (M', S', T'), and the statistics; `a` covers lower class indices than `b`
-/// or the same ones, so ties in best_other_cos keep a's class.
+/// (M, S, T) ⊕ (M', S', T'), and the statistics; ties in best_other_cos keep the lower
+/// class index, so the result does not depend on which classes each side saw.
 fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
     let m = max(a.max_logit, b.max_logit);
     let fa = exp(a.max_logit - m);
@@ -73,8 +77,63 @@ fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
     return out;
 }
 
-/// Lane partials of one workgroup, index (row in tile)·CLASSES_WG + class lane.
+/// The state after one more class j with cosine c, for a row labelled `label`.
+/// Classes reach one state in increasing order, so ">" keeps the lowest index on ties.
+fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
+    var st = state;
+    let is_target = j == label;
+    let zc = c - select(0.0, params.margin, is_target);
+    let z = params.scale * zc;
+    if (z > st.max_logit) {
+        let f = exp(st.max_logit - z);
+        st.sum_exp *= f;
+        st.sum_exp_logit *= f;
+        st.max_logit = z;
+    }
+    let e = exp(z - st.max_logit);
+    st.sum_exp += e;
+    st.sum_exp_logit = fma(e, zc, st.sum_exp_logit);
+    if (is_target) {
+        st.target_cos = c;
+    } else if (c > st.best_other_cos) {
+        st.best_other_cos = c;
+        st.best_other_class = j;
+    }
+    return st;
+}
+
+/// LSE_i = M + log S, L_i, dL_i/ds and the statistics of row i from its merged state.
+fn finish_row(i: u32, acc: SplitPartial) {
+    let lse = acc.max_logit + log(acc.sum_exp);
+    let y = label_of(i);
+    let has_other = acc.best_other_class != NO_CLASS;
+    var stats = RowStats(0.0, 0.0, select(-1.0, acc.best_other_cos, has_other), acc.best_other_class);
+    var softmax = RowSoftmax(lse, 0.0);
+    if (y != IGNORE) {
+        let zc_target = acc.target_cos - params.margin;
+        stats.loss = lse - params.scale * zc_target;
+        stats.target_cos = acc.target_cos;
+        softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
+        let target_wins = !has_other || acc.target_cos > acc.best_other_cos ||
+            (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
+        stats.pred = select(acc.best_other_class, y, target_wins);
+    }
+    row_softmax[i] = softmax;
+    row_stats[i] = stats;
+}
+
+/// Lane partials of one workgroup: in `class_split_partials` index
+/// (row in tile)·CLASSES_WG + class lane; in `logit_softmax_rows` the lane.
 var<workgroup> lane_partials: array<SplitPartial, ROWS_WG * ROW_BLOCK * CLASSES_WG>;
+
+/// lane_partials[first] ⊕ … ⊕ lane_partials[first + count − 1], in lane order.
+fn fold_lanes(first: u32, count: u32) -> SplitPartial {
+    var acc = lane_partials[first];
+    for (var lane = 1u; lane < count; lane++) {
+        acc = merge_partials(acc, lane_partials[first + lane]);
+    }
+    return acc;
+}
 
 /// Workgroup (split k, row tile t): the SplitPartial of each row of the tile over the
 /// classes of split k.
@@ -85,7 +144,6 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
     let row0 = wid.y * tile_rows() + lid.y;
     let class_begin = split * params.forward_split_classes;
     let class_end = min(class_begin + params.forward_split_classes, params.classes);
-    let s = params.scale;
 
     var state: array<SplitPartial, ROW_BLOCK>;
     var label: array<u32, ROW_BLOCK>;
@@ -105,28 +163,7 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
             if (j >= class_end) { break; }
             let inv_w = inv_norm_classes[j];
             for (var r = 0u; r < ROW_BLOCK; r++) {
-                let c = dots[r][q] * inv_x[r] * inv_w;
-                let is_target = j == label[r];
-                let zc = c - select(0.0, params.margin, is_target);
-                let z = s * zc;
-                var st = state[r];
-                if (z > st.max_logit) {
-                    let f = exp(st.max_logit - z);
-                    st.sum_exp *= f;
-                    st.sum_exp_logit *= f;
-                    st.max_logit = z;
-                }
-                let e = exp(z - st.max_logit);
-                st.sum_exp += e;
-                st.sum_exp_logit = fma(e, zc, st.sum_exp_logit);
-                if (is_target) {
-                    st.target_cos = c;
-                } else if (c > st.best_other_cos) {
-                    // Classes arrive in increasing order, so ">" keeps the lowest index.
-                    st.best_other_cos = c;
-                    st.best_other_class = j;
-                }
-                state[r] = st;
+                state[r] = add_logit(state[r], dots[r][q] * inv_x[r] * inv_w, j, label[r]);
             }
         }
     }
@@ -139,19 +176,14 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
     for (var row = lid.y * CLASSES_WG + lid.x; row < tile_rows(); row += ROWS_WG * CLASSES_WG) {
         let i = wid.y * tile_rows() + row;
         if (i >= params.batch) { break; }
-        var acc = lane_partials[row * CLASSES_WG];
-        for (var lane = 1u; lane < CLASSES_WG; lane++) {
-            acc = merge_partials(acc, lane_partials[row * CLASSES_WG + lane]);
-        }
-        split_partials[split * params.batch + i] = acc;
+        split_partials[split * params.batch + i] = fold_lanes(row * CLASSES_WG, CLASSES_WG);
     }
 }
 
 /// Invocations (rows) per workgroup of `merge_rows`.
 override ROW_WG: u32 = 64u;
 
-/// One invocation per row: merge the split partials in split order, then LSE, L_i,
-/// dL_i/ds and the statistics.
+/// One invocation per row: merge the split partials in split order, then finish the row.
 @compute @workgroup_size(ROW_WG)
 fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
@@ -161,22 +193,27 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     for (var k = 1u; k < params.forward_splits; k++) {
         acc = merge_partials(acc, split_partials[k * params.batch + i]);
     }
-    let lse = acc.max_logit + log(acc.sum_exp);
+    finish_row(i, acc);
+}
+
+/// Unfused baseline: one workgroup per row of the materialised cosines. Lanes take
+/// strided classes, then lane 0 folds them in lane order and finishes the row.
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lane: u32) {
+    let i = wid.x + wid.y * nwg.x;
+    if (i >= params.batch) { return; }
+    let lanes = ROWS_WG * CLASSES_WG;
     let y = label_of(i);
-    let has_other = acc.best_other_class != NO_CLASS;
-    var stats = RowStats(0.0, 0.0, select(-1.0, acc.best_other_cos, has_other), acc.best_other_class);
-    var softmax = RowSoftmax(lse, 0.0);
-    if (y != IGNORE) {
-        let zc_target = acc.target_cos - params.margin;
-        stats.loss = lse - params.scale * zc_target;
-        stats.target_cos = acc.target_cos;
-        softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
-        let target_wins = !has_other || acc.target_cos > acc.best_other_cos ||
-            (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
-        stats.pred = select(acc.best_other_class, y, target_wins);
+    var st = empty_partial();
+    for (var j = lane; j < params.classes; j += lanes) {
+        st = add_logit(st, logits[i * params.classes + j], j, y);
     }
-    row_softmax[i] = softmax;
-    row_stats[i] = stats;
+    lane_partials[lane] = st;
+    workgroupBarrier();
+    if (lane == 0u) {
+        finish_row(i, fold_lanes(0u, lanes));
+    }
 }
 
 /// Invocations of the single `summarize` workgroup; a power of two (tree reduction).

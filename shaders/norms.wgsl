@@ -1,11 +1,16 @@
 // Inverse L2 norms of the rows of x and w: inv_norm = 1 / max(‖row‖, ε), ε = 1e-12,
-// and the non-finite flags of both inputs. One invocation per row: rows 0..B are
-// features, rows B..B+C are class vectors.
+// and the non-finite flags of both inputs (`row_inv_norms`); for the unfused baseline,
+// the normalised copies x̂ and ŵ (`normalize_rows`). One invocation per row: rows 0..B
+// are features, rows B..B+C are class vectors.
 
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), C values (0 for a row holding a non-finite value).
 @group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
+/// Unfused baseline only: x̂, B×D. Workspace.
+@group(0) @binding(14) var<storage, read_write> unit_features: array<f32>;
+/// Unfused baseline only: ŵ, C×D. Workspace.
+@group(0) @binding(15) var<storage, read_write> unit_classes: array<f32>;
 /// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
@@ -47,13 +52,20 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
     return inv_amax / root;
 }
 
+/// This invocation's row of the stacked [x; w], as (1 for a row of x else 0, the row
+/// within x or w); rows past the end of w have a row index ≥ C.
+fn stacked_row(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
+    let row = (wid.x + wid.y * nwg.x) * NORM_WG + lid;
+    return select(vec2<u32>(0u, row - params.batch), vec2<u32>(1u, row), row < params.batch);
+}
+
 @compute @workgroup_size(NORM_WG)
 fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let row = (wid.x + wid.y * nwg.x) * NORM_WG + lid;
-    let is_features = row < params.batch;
-    if (!is_features && row >= params.batch + params.classes) { return; }
-    let local_row = select(row - params.batch, row, is_features);
+    let at = stacked_row(wid, nwg, lid);
+    let is_features = at.x == 1u;
+    let local_row = at.y;
+    if (!is_features && local_row >= params.classes) { return; }
     let inv = inv_norm(is_features, local_row * params.dim);
     let stored = max(inv, 0.0);
     if (is_features) {
@@ -63,5 +75,20 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
     if (inv < 0.0) {
         atomicOr(&input_flags, select(FLAG_CLASSES_NON_FINITE, FLAG_FEATURES_NON_FINITE, is_features));
+    }
+}
+
+/// Unfused baseline: x̂ = x·inv_norm and ŵ = w·inv_norm, materialised.
+@compute @workgroup_size(NORM_WG)
+fn normalize_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let at = stacked_row(wid, nwg, lid);
+    let base = at.y * params.dim;
+    if (at.x == 1u) {
+        let inv = inv_norm_features[at.y];
+        for (var k = 0u; k < params.dim; k++) { unit_features[base + k] = features[base + k] * inv; }
+    } else if (at.y < params.classes) {
+        let inv = inv_norm_classes[at.y];
+        for (var k = 0u; k < params.dim; k++) { unit_classes[base + k] = class_vectors[base + k] * inv; }
     }
 }

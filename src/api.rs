@@ -3,10 +3,11 @@
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::params::LossParams;
-use crate::plan::{
-    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan, RowStats, Shape, Summary,
+use crate::io::{
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
 };
+use crate::params::LossParams;
+use crate::plan::{Algorithm, Plan};
 
 /// Label value meaning "ignore this row" (`-1i32 as u32`).
 pub const IGNORE: u32 = u32::MAX;
@@ -93,8 +94,8 @@ impl ReadbackLayout {
 }
 
 impl SliceState {
-    fn new(ctx: &Context, shape: Shape) -> Result<SliceState> {
-        let plan = Plan::new(ctx, shape)?;
+    fn new(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<SliceState> {
+        let plan = Plan::with_algorithm(ctx, shape, algorithm)?;
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let layout = ReadbackLayout::new(shape);
         let buffer = |label, size: u64, usage| {
@@ -184,27 +185,78 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
+        self.loss_with(
+            Algorithm::Fused,
+            shape,
+            features,
+            classes,
+            labels,
+            params,
+            pass,
+        )
+        .await
+    }
+
+    /// The unfused baseline on host slices (it materialises the B×C logits; see
+    /// [`Algorithm::Unfused`]). Blocking.
+    pub fn loss_unfused(
+        &self,
+        shape: Shape,
+        features: &[f32],
+        classes: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
+        pollster::block_on(self.loss_with(
+            Algorithm::Unfused,
+            shape,
+            features,
+            classes,
+            labels,
+            params,
+            pass,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn loss_with(
+        &self,
+        algorithm: Algorithm,
+        shape: Shape,
+        features: &[f32],
+        classes: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
         self.check_alive()?;
         params.validate()?;
         check_slices(shape, features, classes, labels)?;
-        let state = self.take_state(shape)?;
+        let state = self.take_state(shape, algorithm)?;
         let result = self
             .run_on_state(&state, features, classes, labels, params, pass)
             .await;
-        if result.is_ok() {
+        // A state whose call failed inside wgpu may hold a pending mapping: drop it.
+        if !matches!(
+            result,
+            Err(Error::Gpu(_) | Error::DeviceLost(_) | Error::Timeout { .. })
+        ) {
             self.return_state(state);
         }
         result
     }
 
-    fn take_state(&self, shape: Shape) -> Result<SliceState> {
+    fn take_state(&self, shape: Shape, algorithm: Algorithm) -> Result<SliceState> {
         let reused = self.slice_pool.lock().ok().and_then(|mut pool| {
-            let index = pool.iter().position(|s| s.plan.shape() == shape)?;
+            let index = pool
+                .iter()
+                .position(|s| s.plan.shape() == shape && s.plan.algorithm() == algorithm)?;
             Some(pool.swap_remove(index))
         });
         match reused {
             Some(state) => Ok(state),
-            None => self.gpu_scoped(|| SliceState::new(self, shape)),
+            None => self.gpu_scoped(|| SliceState::new(self, shape, algorithm)),
         }
     }
 

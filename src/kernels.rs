@@ -21,6 +21,13 @@ pub(crate) enum Binding {
     FeatureGradPartials = 11,
     GradFeatures = 12,
     GradClasses = 13,
+    UnitFeatures = 14,
+    UnitClasses = 15,
+    Logits = 16,
+    GemmShape = 20,
+    GemmLhs = 21,
+    GemmRhs = 22,
+    GemmProduct = 23,
 }
 
 /// The cosine-tile workgroup shape, set on the WGSL `override` constants at pipeline creation.
@@ -91,6 +98,28 @@ impl GpuParams {
     }
 }
 
+/// Sizes and strides of one GEMM. Mirrors `struct GemmShape` in `shaders/gemm.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct GemmShape {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub lhs_stride_m: u32,
+    pub lhs_stride_k: u32,
+    pub rhs_stride_k: u32,
+    pub rhs_stride_n: u32,
+    pub _pad: u32,
+}
+
+impl GemmShape {
+    /// Workgroups of `matmul` for this product.
+    pub(crate) fn workgroups(&self, tiles: TileConfig) -> u64 {
+        u64::from(self.m.div_ceil(tiles.tile_rows()))
+            * u64::from(self.n.div_ceil(tiles.tile_classes()))
+    }
+}
+
 /// One compute pipeline and the bindings its entry point uses, in binding order.
 #[derive(Debug)]
 pub(crate) struct Kernel {
@@ -108,6 +137,11 @@ pub(crate) struct Kernels {
     pub grad_feature_partials: Kernel,
     pub grad_features_finish: Kernel,
     pub grad_classes_tile: Kernel,
+    pub normalize_rows: Kernel,
+    pub logit_softmax_rows: Kernel,
+    pub logit_grads: Kernel,
+    pub normalize_backward: Kernel,
+    pub matmul: Kernel,
 }
 
 const NORMS_WGSL: &str = concat!(
@@ -122,6 +156,10 @@ const BACKWARD_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
     include_str!("../shaders/backward.wgsl")
 );
+const GEMM_WGSL: &str = concat!(
+    include_str!("../shaders/common.wgsl"),
+    include_str!("../shaders/gemm.wgsl")
+);
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, tiles: TileConfig) -> Kernels {
@@ -135,6 +173,7 @@ impl Kernels {
         let norms = module("norms.wgsl", NORMS_WGSL);
         let forward = module("forward.wgsl", FORWARD_WGSL);
         let backward = module("backward.wgsl", BACKWARD_WGSL);
+        let gemm = module("gemm.wgsl", GEMM_WGSL);
         let constants = [
             ("ROWS_WG", f64::from(tiles.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
@@ -230,6 +269,103 @@ impl Kernels {
                     GradClasses,
                 ],
             ),
+            normalize_rows: kernel(
+                &norms,
+                "normalize_rows",
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    UnitFeatures,
+                    UnitClasses,
+                ],
+            ),
+            logit_softmax_rows: kernel(
+                &forward,
+                "logit_softmax_rows",
+                &[Params, Labels, RowSoftmax, RowStats, Logits],
+            ),
+            logit_grads: kernel(
+                &backward,
+                "logit_grads",
+                &[Params, Labels, RowSoftmax, Summary, Logits],
+            ),
+            normalize_backward: kernel(
+                &backward,
+                "normalize_backward",
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    GradFeatures,
+                    GradClasses,
+                ],
+            ),
+            matmul: kernel(&gemm, "matmul", &[GemmShape, GemmLhs, GemmRhs, GemmProduct]),
         }
     }
+}
+
+/// One dispatch: a kernel, its grid, and the buffer bound at each of its bindings.
+pub(crate) struct Dispatch<'a> {
+    pub kernel: &'a Kernel,
+    pub grid: (u32, u32),
+    pub resources: Vec<wgpu::BufferBinding<'a>>,
+}
+
+/// Records `dispatches` in order into one compute pass of `encoder`, with optional
+/// timestamps at the pass's beginning and end.
+pub(crate) fn encode(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    dispatches: &[Dispatch<'_>],
+    timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
+) {
+    let groups: Vec<wgpu::BindGroup> = dispatches
+        .iter()
+        .map(|d| {
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = d
+                .kernel
+                .bindings
+                .iter()
+                .zip(&d.resources)
+                .map(|(&binding, resource)| wgpu::BindGroupEntry {
+                    binding: binding as u32,
+                    resource: wgpu::BindingResource::Buffer(resource.clone()),
+                })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &d.kernel.pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        })
+        .collect();
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("margin-softmax"),
+        timestamp_writes,
+    });
+    for (d, group) in dispatches.iter().zip(&groups) {
+        pass.set_pipeline(&d.kernel.pipeline);
+        pass.set_bind_group(0, group, &[]);
+        pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
+    }
+}
+
+/// A 1-D grid of `n` workgroups as (x, y) with x ≤ `max`; kernels skip the excess.
+pub(crate) fn fold_grid(n: u64, max: u32) -> crate::Result<(u32, u32)> {
+    let max64 = u64::from(max);
+    let y = n.div_ceil(max64).max(1);
+    if y > max64 {
+        return Err(crate::Error::TooLarge {
+            what: "workgroups of one dispatch",
+            size: n,
+            limit: max64 * max64,
+        });
+    }
+    Ok((n.div_ceil(y) as u32, y as u32))
 }

@@ -32,6 +32,7 @@
 mod api;
 mod context;
 mod error;
+mod io;
 mod kernels;
 mod params;
 mod plan;
@@ -41,10 +42,15 @@ pub mod reference;
 pub use api::{Gradients, LossOutput, Pass, IGNORE};
 pub use context::{enumerate_adapters, parse_backends, Context, ContextOptions};
 pub use error::{Error, Result};
+pub use io::{
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
+};
 pub use kernels::TileConfig;
 pub use params::{LossParams, Reduction, MAX_MARGIN, MAX_SCALE};
-pub use plan::{
-    flags, workspace_bytes, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Plan, RowStats,
-    Shape, Summary,
-};
+pub use plan::{workspace_bytes, Algorithm, Plan};
 pub use problem::{Problem, SplitMix64};
+
+/// The README's examples, compiled as doctests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

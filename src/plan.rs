@@ -1,146 +1,36 @@
-//! Plans: for one problem shape, the workspace buffers and the dispatch geometry, and the
-//! recording of the fused passes into a command encoder.
-
-use std::num::NonZeroU64;
+//! Plans: for one problem shape and algorithm, the workspace buffers and the dispatch
+//! geometry, and the recording of the passes into a command encoder.
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernels::{Binding, GpuParams, Kernel, ROW_KERNEL_WORKGROUP};
+use crate::io::{
+    check_aliasing, check_region, DeviceInputs, DeviceOutputs, Region, RowStats, Shape, Summary,
+};
+use crate::kernels::{
+    encode, fold_grid, Binding, Dispatch, GemmShape, GpuParams, Kernel, ROW_KERNEL_WORKGROUP,
+};
 use crate::params::LossParams;
 
-/// The problem's dimensions: B rows of x, D values per vector, C classes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Shape {
-    /// B: rows of x (samples).
-    pub batch: usize,
-    /// D: length of every feature and class vector.
-    pub dim: usize,
-    /// C: rows of w (classes).
-    pub classes: usize,
+/// How the loss is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Algorithm {
+    /// The fused kernels: the B×C logits are recomputed per tile, never stored.
+    #[default]
+    Fused,
+    /// The baseline an engine without fusion runs: normalised copies of x and w, the B×C
+    /// cosine matrix from a GEMM, a row softmax, G in place, and two gradient GEMMs.
+    Unfused,
 }
 
-impl Shape {
-    /// A shape of B rows, D values per vector and C classes.
-    pub fn new(batch: usize, dim: usize, classes: usize) -> Shape {
-        Shape {
-            batch,
-            dim,
-            classes,
-        }
-    }
-
-    pub(crate) fn check_nonempty(&self) -> Result<()> {
-        for (dimension, n) in [
-            ("batch", self.batch),
-            ("dim", self.dim),
-            ("classes", self.classes),
-        ] {
-            if n == 0 {
-                return Err(Error::EmptyShape { dimension });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Per-row statistics, as the device API writes them (16 bytes per row).
-/// Mirrors `struct RowStats` in `shaders/forward.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct RowStats {
-    /// L_i (0 for an ignored row).
-    pub loss: f32,
-    /// c_iy, the target cosine (0 for an ignored row).
-    pub target_cos: f32,
-    /// The largest non-target cosine (over all classes for an ignored row; -1 when C = 1).
-    pub best_other_cos: f32,
-    /// argmax_j c_ij, the lowest index on ties.
-    pub pred: u32,
-}
-
-/// Per-call totals, as the device API writes them (32 bytes).
-/// Mirrors `struct Summary` in `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct Summary {
-    /// The reduced loss (the sum for [`crate::Reduction::None`]).
-    pub loss: f32,
-    /// dL/ds of the reduced loss (0 when s < s_min).
-    pub scale_grad: f32,
-    /// N, the rows whose label is a class.
-    pub valid_rows: u32,
-    /// Valid rows whose predicted class is the label.
-    pub correct_rows: u32,
-    /// Bit 0: non-finite x; bit 1: non-finite w; bit 2: a label ≥ C that is not IGNORE.
-    pub flags: u32,
-    _pad: [u32; 3],
-}
-
-/// Bits of [`Summary::flags`].
-pub mod flags {
-    /// x holds NaN or infinity.
-    pub const FEATURES_NON_FINITE: u32 = 1;
-    /// w holds NaN or infinity.
-    pub const CLASSES_NON_FINITE: u32 = 2;
-    /// A label is ≥ C and not IGNORE (the row was treated as ignored).
-    pub const LABEL_OUT_OF_RANGE: u32 = 4;
-}
-
-/// A region of a caller's buffer: `buffer[offset..offset + size]`, the size given by the shape.
-#[derive(Debug, Clone, Copy)]
-pub struct BufferRegion<'a> {
-    /// The buffer. It needs `BufferUsages::STORAGE`.
-    pub buffer: &'a wgpu::Buffer,
-    /// Byte offset; a multiple of the device's `min_storage_buffer_offset_alignment` (256 on most).
-    pub offset: u64,
-}
-
-impl<'a> From<&'a wgpu::Buffer> for BufferRegion<'a> {
-    fn from(buffer: &'a wgpu::Buffer) -> Self {
-        BufferRegion { buffer, offset: 0 }
-    }
-}
-
-/// The inputs of the device API. All row-major, tightly packed.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceInputs<'a> {
-    /// x: B×D `f32`.
-    pub features: BufferRegion<'a>,
-    /// w: C×D `f32`.
-    pub classes: BufferRegion<'a>,
-    /// y: B `u32`, each in 0..C or [`crate::IGNORE`].
-    pub labels: BufferRegion<'a>,
-}
-
-/// The outputs of the device API.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceOutputs<'a> {
-    /// B [`RowStats`] (16 bytes each).
-    pub row_stats: BufferRegion<'a>,
-    /// One [`Summary`] (32 bytes).
-    pub summary: BufferRegion<'a>,
-    /// The gradients; `None` records the forward pass only.
-    pub grads: Option<GradOutputs<'a>>,
-}
-
-/// Gradient outputs of the device API; every element is overwritten.
-#[derive(Debug, Clone, Copy)]
-pub struct GradOutputs<'a> {
-    /// dL/dx: B×D `f32`.
-    pub features: BufferRegion<'a>,
-    /// dL/dw: C×D `f32`.
-    pub classes: BufferRegion<'a>,
-}
-
-/// How the class axis is cut for one shape.
+/// How the class axis is cut for one shape (fused algorithm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    pub row_tiles: u32,
-    pub class_tiles: u32,
-    pub forward_splits: u32,
-    pub forward_split_classes: u32,
-    pub feature_splits: u32,
-    pub feature_split_classes: u32,
+struct Geometry {
+    row_tiles: u32,
+    class_tiles: u32,
+    forward_splits: u32,
+    forward_split_classes: u32,
+    feature_splits: u32,
+    feature_split_classes: u32,
 }
 
 /// Workgroups the split passes aim for, so that a small batch still fills the device.
@@ -153,10 +43,9 @@ const MAX_FEATURE_SPLITS: u32 = 8;
 const SPLIT_PARTIAL_BYTES: u64 = 24;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
 const ROW_SOFTMAX_BYTES: u64 = 8;
-
-fn div_ceil(a: u32, b: u32) -> u32 {
-    a.div_ceil(b)
-}
+const FLAGS_BYTES: u64 = 4;
+const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
+const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
 
 /// Cuts `class_tiles` tiles into at most `max_splits` contiguous splits of equal whole
 /// tiles, none empty; returns (splits, classes per split).
@@ -167,49 +56,41 @@ fn class_splits(
     max_splits: u32,
     tile: u32,
 ) -> (u32, u32) {
-    let wanted = div_ceil(TARGET_WORKGROUPS, row_tiles).clamp(1, max_splits.min(class_tiles));
-    let split_classes = div_ceil(class_tiles, wanted) * tile;
-    (div_ceil(classes, split_classes), split_classes)
+    let wanted = TARGET_WORKGROUPS
+        .div_ceil(row_tiles)
+        .clamp(1, max_splits.min(class_tiles));
+    let split_classes = class_tiles.div_ceil(wanted) * tile;
+    (classes.div_ceil(split_classes), split_classes)
+}
+
+fn to_u32(what: &'static str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::TooLarge {
+        what,
+        size: n as u64,
+        limit: u64::from(u32::MAX),
+    })
 }
 
 impl Geometry {
     fn new(ctx: &Context, shape: Shape) -> Result<Geometry> {
         shape.check_nonempty()?;
-        let limit = u64::from(ctx.limits.max_compute_workgroups_per_dimension);
-        let as_u32 = |what, n: usize| {
-            u32::try_from(n).map_err(|_| Error::TooLarge {
-                what,
-                size: n as u64,
-                limit: u64::from(u32::MAX),
-            })
-        };
-        let batch = as_u32("batch", shape.batch)?;
-        let classes = as_u32("classes", shape.classes)?;
-        as_u32("dim", shape.dim)?;
+        let batch = to_u32("batch", shape.batch)?;
+        let classes = to_u32("classes", shape.classes)?;
+        to_u32("dim", shape.dim)?;
         let tiles = ctx.tiles;
-        let row_tiles = div_ceil(batch, tiles.tile_rows());
-        let class_tiles = div_ceil(classes, tiles.tile_classes());
-        if u64::from(row_tiles) > limit {
+        let row_tiles = batch.div_ceil(tiles.tile_rows());
+        let class_tiles = classes.div_ceil(tiles.tile_classes());
+        let limit = ctx.limits.max_compute_workgroups_per_dimension;
+        if row_tiles > limit {
             return Err(Error::TooLarge {
                 what: "row tiles (batch / tile rows) in one dispatch dimension",
                 size: u64::from(row_tiles),
-                limit,
+                limit: u64::from(limit),
             });
         }
-        let (forward_splits, forward_split_classes) = class_splits(
-            classes,
-            class_tiles,
-            row_tiles,
-            MAX_FORWARD_SPLITS,
-            tiles.tile_classes(),
-        );
-        let (feature_splits, feature_split_classes) = class_splits(
-            classes,
-            class_tiles,
-            row_tiles,
-            MAX_FEATURE_SPLITS,
-            tiles.tile_classes(),
-        );
+        let split = |max| class_splits(classes, class_tiles, row_tiles, max, tiles.tile_classes());
+        let (forward_splits, forward_split_classes) = split(MAX_FORWARD_SPLITS);
+        let (feature_splits, feature_split_classes) = split(MAX_FEATURE_SPLITS);
         Ok(Geometry {
             row_tiles,
             class_tiles,
@@ -221,93 +102,135 @@ impl Geometry {
     }
 }
 
-/// Sizes in bytes of each workspace buffer for a shape.
-#[derive(Debug, Clone, Copy)]
-struct WorkspaceSizes {
-    inv_norm_features: u64,
-    inv_norm_classes: u64,
-    split_partials: u64,
-    row_softmax: u64,
-    feature_grad_partials: u64,
+/// The workspace buffers of one algorithm, with their sizes in bytes.
+fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Binding, u64)> {
+    let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    let mut layout = vec![
+        (Binding::InvNormFeatures, 4 * b),
+        (Binding::InvNormClasses, 4 * c),
+        (Binding::InputFlags, FLAGS_BYTES),
+        (Binding::RowSoftmax, ROW_SOFTMAX_BYTES * b),
+    ];
+    match algorithm {
+        Algorithm::Fused => layout.extend([
+            (
+                Binding::SplitPartials,
+                SPLIT_PARTIAL_BYTES * b * u64::from(g.forward_splits),
+            ),
+            (
+                Binding::FeatureGradPartials,
+                4 * b * d * u64::from(g.feature_splits),
+            ),
+        ]),
+        Algorithm::Unfused => layout.extend([
+            (Binding::UnitFeatures, 4 * b * d),
+            (Binding::UnitClasses, 4 * c * d),
+            (Binding::Logits, 4 * b * c),
+        ]),
+    }
+    layout
 }
 
-impl WorkspaceSizes {
-    fn new(shape: Shape, g: &Geometry) -> WorkspaceSizes {
-        let b = shape.batch as u64;
-        WorkspaceSizes {
-            inv_norm_features: 4 * b,
-            inv_norm_classes: 4 * shape.classes as u64,
-            split_partials: SPLIT_PARTIAL_BYTES * b * u64::from(g.forward_splits),
-            row_softmax: ROW_SOFTMAX_BYTES * b,
-            feature_grad_partials: 4 * b * shape.dim as u64 * u64::from(g.feature_splits),
-        }
-    }
-
-    fn total(&self) -> u64 {
-        self.inv_norm_features
-            + self.inv_norm_classes
-            + self.split_partials
-            + self.row_softmax
-            + self.feature_grad_partials
-            + FLAGS_BYTES
-            + PARAMS_BYTES
-    }
+/// The unfused algorithm's three GEMMs: cosines c = x̂·ŵᵀ, gx̂ = G·ŵ, gŵ = Gᵀ·x̂,
+/// each as (shape, lhs, rhs, product).
+fn unfused_gemms(shape: Shape) -> [(GemmShape, Binding, Binding, Binding); 3] {
+    let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
+    let gemm = |m, n, k, lhs_stride_m, lhs_stride_k, rhs_stride_k, rhs_stride_n| GemmShape {
+        m,
+        n,
+        k,
+        lhs_stride_m,
+        lhs_stride_k,
+        rhs_stride_k,
+        rhs_stride_n,
+        _pad: 0,
+    };
+    [
+        (
+            gemm(b, c, d, d, 1, 1, d),
+            Binding::UnitFeatures,
+            Binding::UnitClasses,
+            Binding::Logits,
+        ),
+        (
+            gemm(b, d, c, c, 1, d, 1),
+            Binding::Logits,
+            Binding::UnitClasses,
+            Binding::GradFeatures,
+        ),
+        (
+            gemm(c, d, b, 1, c, d, 1),
+            Binding::Logits,
+            Binding::UnitFeatures,
+            Binding::GradClasses,
+        ),
+    ]
 }
 
-const FLAGS_BYTES: u64 = 4;
-const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
+/// Byte stride of the GEMM shapes in their uniform buffer.
+fn gemm_stride(ctx: &Context) -> u64 {
+    GEMM_SHAPE_BYTES.next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment))
+}
+
+/// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
+/// the caller's inputs and outputs. Fused: O(B·(splits + D·feature_splits) + C), with at
+/// most 32 and 8 splits, whatever C is. Unfused: it holds the B×C logits.
+pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
+    let g = Geometry::new(ctx, shape)?;
+    Ok(total_bytes(ctx, shape, &g, algorithm))
+}
+
+fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: Algorithm) -> u64 {
+    let buffers: u64 = workspace_layout(shape, g, algorithm)
+        .iter()
+        .map(|(_, s)| s)
+        .sum();
+    let gemm = match algorithm {
+        Algorithm::Fused => 0,
+        Algorithm::Unfused => 3 * gemm_stride(ctx),
+    };
+    buffers + PARAMS_BYTES + gemm
+}
 
 /// The workspace and dispatch geometry for one shape on one context. Reuse it across
 /// calls of that shape: it allocates nothing after creation.
 #[derive(Debug)]
 pub struct Plan {
     shape: Shape,
+    algorithm: Algorithm,
     geometry: Geometry,
     workspace_bytes: u64,
     params: wgpu::Buffer,
-    input_flags: wgpu::Buffer,
-    inv_norm_features: wgpu::Buffer,
-    inv_norm_classes: wgpu::Buffer,
-    split_partials: wgpu::Buffer,
-    row_softmax: wgpu::Buffer,
-    feature_grad_partials: wgpu::Buffer,
-}
-
-/// Bytes of workspace the crate allocates for `shape` on `ctx`, beyond the caller's
-/// inputs and outputs: O(B·(splits + D·feature_splits) + C), independent of B·C.
-pub fn workspace_bytes(ctx: &Context, shape: Shape) -> Result<u64> {
-    let g = Geometry::new(ctx, shape)?;
-    Ok(WorkspaceSizes::new(shape, &g).total())
-}
-
-/// Which binding sizes a caller region must cover, per role.
-struct Region<'a> {
-    role: &'static str,
-    region: BufferRegion<'a>,
-    bytes: u64,
+    workspace: Vec<(Binding, wgpu::Buffer)>,
+    /// Unfused only: the three GemmShapes, `gemm_stride` apart.
+    gemm_shapes: Option<wgpu::Buffer>,
 }
 
 impl Plan {
-    /// Allocates the workspace for `shape`. Fails with [`Error::TooLarge`] where a buffer
-    /// would exceed the device's limits.
+    /// Allocates the fused algorithm's workspace for `shape`.
     pub fn new(ctx: &Context, shape: Shape) -> Result<Plan> {
+        Plan::with_algorithm(ctx, shape, Algorithm::Fused)
+    }
+
+    /// Allocates the workspace of `algorithm` for `shape`. Fails with
+    /// [`Error::TooLarge`] where a buffer would exceed the device's limits.
+    pub fn with_algorithm(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Plan> {
         ctx.check_alive()?;
         let geometry = Geometry::new(ctx, shape)?;
-        let sizes = WorkspaceSizes::new(shape, &geometry);
+        let layout = workspace_layout(shape, &geometry, algorithm);
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let max_binding = ctx
             .limits
             .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
-        for (what, size) in [
+        let inputs = [
             ("features (B·D·4 bytes)", b * d * 4),
             ("class vectors (C·D·4 bytes)", c * d * 4),
-            (
-                "feature-gradient partials (splits·B·D·4 bytes)",
-                sizes.feature_grad_partials,
-            ),
-            ("split partials", sizes.split_partials),
-        ] {
+        ];
+        for (what, size) in inputs
+            .into_iter()
+            .chain(layout.iter().map(|&(bind, s)| (binding_name(bind), s)))
+        {
             if size > max_binding {
                 return Err(Error::TooLarge {
                     what,
@@ -316,30 +239,51 @@ impl Plan {
                 });
             }
         }
-        let storage = |label, size: u64| {
-            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        if algorithm == Algorithm::Unfused && b * c > u64::from(u32::MAX) {
+            return Err(Error::TooLarge {
+                what: "B·C logits (u32 indices)",
+                size: b * c,
+                limit: u64::from(u32::MAX),
+            });
+        }
+        let device = &ctx.device;
+        let workspace = layout
+            .iter()
+            .map(|&(binding, size)| {
+                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(binding_name(binding)),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                (binding, buffer)
+            })
+            .collect();
+        let uniform = |label, size| {
+            device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
         };
+        let gemm_shapes = (algorithm == Algorithm::Unfused).then(|| {
+            let stride = gemm_stride(ctx);
+            let buffer = uniform("gemm_shapes", 3 * stride);
+            for (k, (gemm, ..)) in unfused_gemms(shape).iter().enumerate() {
+                ctx.queue
+                    .write_buffer(&buffer, k as u64 * stride, bytemuck::bytes_of(gemm));
+            }
+            buffer
+        });
         Ok(Plan {
             shape,
+            algorithm,
             geometry,
-            workspace_bytes: sizes.total(),
-            params: ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: PARAMS_BYTES,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }),
-            input_flags: storage("input_flags", FLAGS_BYTES),
-            inv_norm_features: storage("inv_norm_features", sizes.inv_norm_features),
-            inv_norm_classes: storage("inv_norm_classes", sizes.inv_norm_classes),
-            split_partials: storage("split_partials", sizes.split_partials),
-            row_softmax: storage("row_softmax", sizes.row_softmax),
-            feature_grad_partials: storage("feature_grad_partials", sizes.feature_grad_partials),
+            workspace_bytes: total_bytes(ctx, shape, &geometry, algorithm),
+            params: uniform("params", PARAMS_BYTES),
+            workspace,
+            gemm_shapes,
         })
     }
 
@@ -348,18 +292,23 @@ impl Plan {
         self.shape
     }
 
+    /// The algorithm this plan runs.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
     /// Bytes this plan allocated (its whole workspace).
     pub fn workspace_bytes(&self) -> u64 {
         self.workspace_bytes
     }
 
-    /// Records the fused loss into the caller's `encoder`: the forward pass, and the
-    /// backward pass when `outputs.grads` is set. Nothing is submitted or read back.
+    /// Records the loss into the caller's `encoder`: the forward pass, and the backward
+    /// pass when `outputs.grads` is set. Nothing is submitted or read back.
     ///
     /// The parameters are uploaded with `Queue::write_buffer`, so they take effect at the
     /// next submit: record a plan at most once per submit (use one plan per call site).
-    /// Input regions must hold the shape's elements; they are only read. Output regions
-    /// are written exactly over their documented sizes and nowhere else.
+    /// Input regions are only read. Output regions are written exactly over their
+    /// documented sizes and nowhere else.
     pub fn record(
         &self,
         ctx: &Context,
@@ -367,6 +316,19 @@ impl Plan {
         inputs: &DeviceInputs<'_>,
         outputs: &DeviceOutputs<'_>,
         params: &LossParams,
+    ) -> Result<()> {
+        self.record_timed(ctx, encoder, inputs, outputs, params, None)
+    }
+
+    /// [`Plan::record`] with optional timestamps at the beginning and end of its pass.
+    pub(crate) fn record_timed(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &DeviceInputs<'_>,
+        outputs: &DeviceOutputs<'_>,
+        params: &LossParams,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         ctx.check_alive()?;
         params.validate()?;
@@ -420,9 +382,9 @@ impl Plan {
         check_aliasing(&regions)?;
         let g = &self.geometry;
         let mut gpu = GpuParams {
-            batch: self.shape.batch as u32,
-            dim: self.shape.dim as u32,
-            classes: self.shape.classes as u32,
+            batch: b as u32,
+            dim: d as u32,
+            classes: c as u32,
             forward_splits: g.forward_splits,
             forward_split_classes: g.forward_split_classes,
             feature_splits: g.feature_splits,
@@ -436,190 +398,173 @@ impl Plan {
         gpu.set_loss(params);
         ctx.queue
             .write_buffer(&self.params, 0, bytemuck::bytes_of(&gpu));
-        encoder.clear_buffer(&self.input_flags, 0, None);
-
-        let bind = |kernel: &Kernel| -> Result<wgpu::BindGroup> {
-            let entries = kernel
-                .bindings
-                .iter()
-                .map(|&binding| {
-                    Ok(wgpu::BindGroupEntry {
-                        binding: binding as u32,
-                        resource: wgpu::BindingResource::Buffer(self.resource(binding, &regions)?),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &kernel.pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            }))
-        };
+        if let Some((_, flags)) = self
+            .workspace
+            .iter()
+            .find(|(b, _)| *b == Binding::InputFlags)
+        {
+            encoder.clear_buffer(flags, 0, None);
+        }
 
         let k = &ctx.kernels;
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         let per_row = |rows: u64| fold_grid(rows.div_ceil(u64::from(ROW_KERNEL_WORKGROUP)), max);
-        let mut steps: Vec<(&Kernel, (u32, u32))> = vec![
-            (&k.row_inv_norms, per_row(b + c)?),
-            (&k.class_split_partials, (g.forward_splits, g.row_tiles)),
-            (&k.merge_rows, per_row(b)?),
-            (&k.summarize, (1, 1)),
-        ];
-        if outputs.grads.is_some() {
-            steps.push((&k.grad_feature_partials, (g.feature_splits, g.row_tiles)));
-            steps.push((&k.grad_features_finish, per_row(b)?));
-            steps.push((
-                &k.grad_classes_tile,
-                fold_grid(u64::from(g.class_tiles), max)?,
-            ));
+        let backward = outputs.grads.is_some();
+        // (kernel, grid, GEMM index for matmul steps)
+        let mut steps: Vec<(&Kernel, (u32, u32), Option<usize>)> =
+            vec![(&k.row_inv_norms, per_row(b + c)?, None)];
+        match self.algorithm {
+            Algorithm::Fused => {
+                steps.push((
+                    &k.class_split_partials,
+                    (g.forward_splits, g.row_tiles),
+                    None,
+                ));
+                steps.push((&k.merge_rows, per_row(b)?, None));
+                steps.push((&k.summarize, (1, 1), None));
+                if backward {
+                    steps.push((
+                        &k.grad_feature_partials,
+                        (g.feature_splits, g.row_tiles),
+                        None,
+                    ));
+                    steps.push((&k.grad_features_finish, per_row(b)?, None));
+                    steps.push((
+                        &k.grad_classes_tile,
+                        fold_grid(u64::from(g.class_tiles), max)?,
+                        None,
+                    ));
+                }
+            }
+            Algorithm::Unfused => {
+                let gemms = unfused_gemms(self.shape);
+                let matmul = |index: usize| -> Result<_> {
+                    Ok((
+                        &k.matmul,
+                        fold_grid(gemms[index].0.workgroups(ctx.tiles), max)?,
+                        Some(index),
+                    ))
+                };
+                steps.push((&k.normalize_rows, per_row(b + c)?, None));
+                steps.push(matmul(0)?);
+                steps.push((&k.logit_softmax_rows, fold_grid(b, max)?, None));
+                steps.push((&k.summarize, (1, 1), None));
+                if backward {
+                    steps.push((&k.logit_grads, per_row(b * c)?, None));
+                    steps.push(matmul(1)?);
+                    steps.push(matmul(2)?);
+                    steps.push((&k.normalize_backward, per_row(b + c)?, None));
+                }
+            }
         }
-        let groups = steps
+        let dispatches = steps
             .iter()
-            .map(|(kernel, _)| bind(kernel))
+            .map(|&(kernel, grid, gemm)| {
+                let resources = kernel
+                    .bindings
+                    .iter()
+                    .map(|&binding| self.resource(ctx, binding, gemm, &regions))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Dispatch {
+                    kernel,
+                    grid,
+                    resources,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("margin-softmax"),
-            timestamp_writes: None,
-        });
-        for ((kernel, (x, y)), group) in steps.iter().zip(&groups) {
-            pass.set_pipeline(&kernel.pipeline);
-            pass.set_bind_group(0, group, &[]);
-            pass.dispatch_workgroups(*x, *y, 1);
-        }
+        encode(&ctx.device, encoder, &dispatches, timestamps);
         Ok(())
     }
-}
 
-impl Plan {
-    /// The buffer bound at `binding`: the plan's own workspace, or a caller's region.
+    /// The buffer bound at `binding`: the plan's workspace, or a caller's region. For a
+    /// matmul step, the GEMM bindings resolve through that GEMM's operands.
     fn resource<'b>(
         &'b self,
+        ctx: &Context,
         binding: Binding,
+        gemm: Option<usize>,
         regions: &'b [Region<'b>],
     ) -> Result<wgpu::BufferBinding<'b>> {
-        let own = |buffer| {
-            Ok(wgpu::BufferBinding {
-                buffer,
-                offset: 0,
-                size: None,
-            })
-        };
+        let internal = |what: &str| Error::Gpu(format!("internal: no buffer for {what}"));
         let caller = |role: &'static str| {
-            let r = regions
+            regions
                 .iter()
                 .find(|r| r.role == role)
+                .map(Region::binding)
                 .ok_or(Error::BadBuffer {
                     role,
                     reason: "this pass needs it but none was given".into(),
-                })?;
-            Ok(wgpu::BufferBinding {
-                buffer: r.region.buffer,
-                offset: r.region.offset,
-                size: NonZeroU64::new(r.bytes),
-            })
+                })
+        };
+        let operand = |pick: fn(&(GemmShape, Binding, Binding, Binding)) -> Binding| {
+            let index = gemm.ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
+            self.resource(ctx, pick(&unfused_gemms(self.shape)[index]), None, regions)
         };
         match binding {
-            Binding::Params => own(&self.params),
+            Binding::Params => Ok(whole(&self.params)),
             Binding::Features => caller("features"),
             Binding::ClassVectors => caller("classes"),
             Binding::Labels => caller("labels"),
-            Binding::InvNormFeatures => own(&self.inv_norm_features),
-            Binding::InvNormClasses => own(&self.inv_norm_classes),
-            Binding::InputFlags => own(&self.input_flags),
-            Binding::SplitPartials => own(&self.split_partials),
-            Binding::RowSoftmax => own(&self.row_softmax),
             Binding::RowStats => caller("row_stats"),
             Binding::Summary => caller("summary"),
-            Binding::FeatureGradPartials => own(&self.feature_grad_partials),
             Binding::GradFeatures => caller("grad_features"),
             Binding::GradClasses => caller("grad_classes"),
+            Binding::GemmShape => {
+                let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
+                let buffer = self
+                    .gemm_shapes
+                    .as_ref()
+                    .ok_or_else(|| internal("GEMM shapes"))?;
+                Ok(wgpu::BufferBinding {
+                    buffer,
+                    offset: index as u64 * gemm_stride(ctx),
+                    size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
+                })
+            }
+            Binding::GemmLhs => operand(|g| g.1),
+            Binding::GemmRhs => operand(|g| g.2),
+            Binding::GemmProduct => operand(|g| g.3),
+            own => self
+                .workspace
+                .iter()
+                .find(|(b, _)| *b == own)
+                .map(|(_, buffer)| whole(buffer))
+                .ok_or_else(|| internal(binding_name(own))),
         }
     }
 }
 
-/// A 1-D grid of `n` workgroups as (x, y) with x ≤ `max`; kernels skip the excess.
-fn fold_grid(n: u64, max: u32) -> Result<(u32, u32)> {
-    let max64 = u64::from(max);
-    let y = n.div_ceil(max64).max(1);
-    if y > max64 {
-        return Err(Error::TooLarge {
-            what: "workgroups of one dispatch",
-            size: n,
-            limit: max64 * max64,
-        });
+fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: None,
     }
-    let x = n.div_ceil(y);
-    Ok((x as u32, y as u32))
 }
 
-/// The first three regions are inputs, the rest outputs. An output may not share a buffer
-/// with an input (WebGPU forbids one buffer as read-only and writable storage in one
-/// dispatch), and outputs may not overlap.
-fn check_aliasing(regions: &[Region<'_>]) -> Result<()> {
-    let (inputs, outputs) = regions.split_at(3);
-    for (k, out) in outputs.iter().enumerate() {
-        if let Some(input) = inputs.iter().find(|i| i.region.buffer == out.region.buffer) {
-            return Err(Error::BadBuffer {
-                role: out.role,
-                reason: format!(
-                    "it shares a buffer with input {}; WebGPU forbids binding one buffer as read-only \
-                     and writable storage in one dispatch, so keep outputs in other buffers",
-                    input.role
-                ),
-            });
-        }
-        let overlaps = |other: &Region<'_>| {
-            other.region.buffer == out.region.buffer
-                && other.region.offset < out.region.offset + out.bytes
-                && out.region.offset < other.region.offset + other.bytes
-        };
-        if let Some(other) = outputs[k + 1..].iter().find(|o| overlaps(o)) {
-            return Err(Error::BadBuffer {
-                role: out.role,
-                reason: format!(
-                    "it overlaps output {}; give each output its own range",
-                    other.role
-                ),
-            });
-        }
+/// The WGSL name of a binding, for labels and messages.
+fn binding_name(binding: Binding) -> &'static str {
+    match binding {
+        Binding::Params => "params",
+        Binding::Features => "features",
+        Binding::ClassVectors => "class_vectors",
+        Binding::Labels => "labels",
+        Binding::InvNormFeatures => "inv_norm_features",
+        Binding::InvNormClasses => "inv_norm_classes",
+        Binding::InputFlags => "input_flags",
+        Binding::SplitPartials => "split_partials",
+        Binding::RowSoftmax => "row_softmax",
+        Binding::RowStats => "row_stats",
+        Binding::Summary => "summary",
+        Binding::FeatureGradPartials => "feature_grad_partials",
+        Binding::GradFeatures => "grad_features",
+        Binding::GradClasses => "grad_classes",
+        Binding::UnitFeatures => "unit_features",
+        Binding::UnitClasses => "unit_classes",
+        Binding::Logits => "logits (B·C·4 bytes)",
+        Binding::GemmShape => "gemm",
+        Binding::GemmLhs => "lhs",
+        Binding::GemmRhs => "rhs",
+        Binding::GemmProduct => "product",
     }
-    Ok(())
-}
-
-fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
-    let bad = |reason: String| {
-        Err(Error::BadBuffer {
-            role: r.role,
-            reason,
-        })
-    };
-    let buffer = r.region.buffer;
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return bad("it lacks BufferUsages::STORAGE; create it with STORAGE usage".into());
-    }
-    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
-    if !r.region.offset.is_multiple_of(align) {
-        return bad(format!(
-            "offset {} is not a multiple of {align} (min_storage_buffer_offset_alignment)",
-            r.region.offset
-        ));
-    }
-    let end = r.region.offset.checked_add(r.bytes);
-    if end.is_none_or(|end| end > buffer.size()) {
-        return bad(format!(
-            "it holds {} bytes but offset {} + {} bytes are needed; make it larger",
-            buffer.size(),
-            r.region.offset,
-            r.bytes
-        ));
-    }
-    let max_binding = ctx.limits.max_storage_buffer_binding_size;
-    if r.bytes > max_binding {
-        return Err(Error::TooLarge {
-            what: r.role,
-            size: r.bytes,
-            limit: max_binding,
-        });
-    }
-    Ok(())
 }

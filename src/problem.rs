@@ -1,6 +1,6 @@
 //! Seeded problems: the embedded default problem of the examples, the CLI and the tests.
 
-use crate::plan::Shape;
+use crate::io::Shape;
 
 /// Inputs of one loss call, on the host.
 #[derive(Debug, Clone, PartialEq)]

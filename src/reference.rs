@@ -3,8 +3,8 @@
 
 use crate::api::{LossOutput, IGNORE};
 use crate::error::Result;
+use crate::io::Shape;
 use crate::params::{LossParams, Reduction};
-use crate::plan::Shape;
 
 /// ε of the normalisation, as `torch.nn.functional.normalize`.
 pub const EPS: f64 = 1e-12;

@@ -41,5 +41,17 @@ fn repeated_calls_are_bitwise_identical() {
         for _ in 0..3 {
             assert_eq!(bits(&run()), first, "{shape:?}");
         }
+        let unfused = || {
+            ctx.loss_unfused(
+                shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &LossParams::default(),
+                Pass::ForwardBackward,
+            )
+            .expect("unfused")
+        };
+        assert_eq!(bits(&unfused()), bits(&unfused()), "unfused {shape:?}");
     }
 }

@@ -3,13 +3,13 @@
 mod common;
 
 use common::context;
-use margin_softmax::{workspace_bytes, Plan, Shape};
+use margin_softmax::{workspace_bytes, Algorithm, Plan, Shape};
 
 #[test]
 fn workspace_is_far_below_the_logits() {
     let ctx = context();
     let shape = Shape::new(64, 64, 20000);
-    let bytes = workspace_bytes(ctx, shape).expect("workspace");
+    let bytes = workspace_bytes(ctx, shape, Algorithm::Fused).expect("workspace");
     let logits = (shape.batch * shape.classes * 4) as u64;
     assert!(
         bytes < logits / 16,
@@ -24,7 +24,18 @@ fn workspace_is_far_below_the_logits() {
 #[test]
 fn workspace_grows_with_c_only_through_one_value_per_class() {
     let ctx = context();
-    let at = |c| workspace_bytes(ctx, Shape::new(256, 128, c)).expect("workspace");
+    let at =
+        |c| workspace_bytes(ctx, Shape::new(256, 128, c), Algorithm::Fused).expect("workspace");
     // From C = 100 000 to 1 000 000, only the per-class inverse norms (4 bytes) grow.
     assert_eq!(at(1_000_000) - at(100_000), 900_000 * 4);
+}
+
+#[test]
+fn the_unfused_baseline_holds_the_logits() {
+    let ctx = context();
+    let shape = Shape::new(64, 64, 20000);
+    let unfused = workspace_bytes(ctx, shape, Algorithm::Unfused).expect("workspace");
+    assert!(unfused > (shape.batch * shape.classes * 4) as u64);
+    let plan = Plan::with_algorithm(ctx, shape, Algorithm::Unfused).expect("plan");
+    assert_eq!(plan.workspace_bytes(), unfused);
 }

@@ -4,7 +4,8 @@
 
 use std::sync::OnceLock;
 
-use margin_softmax::{reference, Context, LossOutput, LossParams, Pass, Problem};
+use margin_softmax::reference::{self, ReferenceOutput};
+use margin_softmax::{Context, LossOutput, LossParams, Pass, Problem};
 
 /// The context on the machine's adapter. A missing adapter fails the test run: it never
 /// skips.
@@ -19,8 +20,8 @@ pub fn context() -> &'static Context {
     })
 }
 
-/// Runs forward + backward on `ctx` and asserts every output is within its bound of the
-/// f64 reference. Returns the GPU output.
+/// Runs forward + backward on `ctx`, fused and unfused, and asserts every output of both
+/// is within its bound of the f64 reference. Returns the fused output.
 pub fn check_against_reference(
     ctx: &Context,
     problem: &Problem,
@@ -28,24 +29,33 @@ pub fn check_against_reference(
     what: &str,
 ) -> LossOutput {
     let p = problem;
-    let out = ctx
-        .loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            params,
-            Pass::ForwardBackward,
-        )
-        .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
     let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, params)
         .unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
-    let check = reference::compare(p.shape.dim, &out, &expected);
+    let pass = Pass::ForwardBackward;
+    let unfused = ctx
+        .loss_unfused(p.shape, &p.features, &p.classes, &p.labels, params, pass)
+        .unwrap_or_else(|e| panic!("{what}: unfused GPU call failed: {e}"));
+    check_output(&unfused, &expected, p, params, &format!("{what} (unfused)"));
+    let fused = ctx
+        .loss(p.shape, &p.features, &p.classes, &p.labels, params, pass)
+        .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
+    check_output(&fused, &expected, p, params, what);
+    fused
+}
+
+/// Asserts that one GPU output is within every bound of the reference.
+pub fn check_output(
+    out: &LossOutput,
+    expected: &ReferenceOutput,
+    p: &Problem,
+    params: &LossParams,
+    what: &str,
+) {
+    let check = reference::compare(p.shape.dim, out, expected);
     assert!(
         check.passes(),
-        "{what} ({:?}, {params:?}): {:?}",
-        p.shape,
-        check
+        "{what} ({:?}, {params:?}): {check:?}",
+        p.shape
     );
     assert_eq!(
         out.valid_rows as usize, expected.valid_rows,
@@ -54,5 +64,4 @@ pub fn check_against_reference(
     for v in [&out.row_loss, &out.target_cos, &out.best_other_cos] {
         assert!(v.iter().all(|a| a.is_finite()), "{what}: non-finite output");
     }
-    out
 }
