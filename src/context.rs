@@ -105,7 +105,8 @@ impl Context {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("margin-softmax"),
-                required_features: wgpu::Features::empty(),
+                // Timestamps let the benchmark time the GPU itself; nothing else needs them.
+                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -186,6 +187,11 @@ impl Context {
     /// The device's limits (the adapter's own, for contexts made by [`Context::new`]).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// True when the device can write GPU timestamps (`TIMESTAMP_QUERY`).
+    pub fn has_timestamps(&self) -> bool {
+        self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
     /// The cosine-tile shape the pipelines were compiled with.

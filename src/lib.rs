@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod bench;
 mod context;
 mod error;
 mod io;

@@ -1,0 +1,497 @@
+//! The portable benchmark: on any adapter, per shape, one plain GEMM (the cost floor),
+//! the fused forward, the fused forward + backward and the unfused baseline, timed on the
+//! GPU with timestamp queries where the adapter has them, else by wall clock around
+//! submit-and-wait. `cargo bench` runs [`main_with_args`]; the CLI can call it too.
+
+use std::time::Instant;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::{Context, ContextOptions};
+use crate::error::{Error, Result};
+use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
+use crate::kernels::{encode, fold_grid, Dispatch, GemmShape};
+use crate::params::LossParams;
+use crate::plan::{Algorithm, Plan};
+use crate::problem::Problem;
+use crate::Pass;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Problem shapes, in order.
+    pub shapes: Vec<Shape>,
+    /// Untimed runs of each operation before timing.
+    pub warmup: usize,
+    /// Timed runs of each operation.
+    pub reps: usize,
+    /// Write one JSON object per row to this file.
+    pub json: Option<std::path::PathBuf>,
+    /// Adapter choice.
+    pub context: ContextOptions,
+}
+
+/// The default shapes: B ∈ {256, 1024}, D ∈ {128, 512}, C ∈ {4096, 16384, 100000}.
+pub fn default_shapes() -> Vec<Shape> {
+    let mut shapes = Vec::new();
+    for b in [256, 1024] {
+        for d in [128, 512] {
+            for c in [4096, 16384, 100_000] {
+                shapes.push(Shape::new(b, d, c));
+            }
+        }
+    }
+    shapes
+}
+
+/// The quick preset for slow adapters such as lavapipe: a few seconds per shape there.
+pub fn quick_shapes() -> Vec<Shape> {
+    vec![Shape::new(256, 128, 4096), Shape::new(256, 128, 16384)]
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            shapes: default_shapes(),
+            warmup: 2,
+            reps: 10,
+            json: None,
+            context: ContextOptions::default(),
+        }
+    }
+}
+
+/// Usage of [`parse_args`].
+pub const USAGE: &str = "\
+margin-softmax benchmark: fused loss against the unfused baseline and a plain GEMM
+
+options:
+  --quick               shapes 256x128x4096 and 256x128x16384, 1 warm-up, 5 runs
+  --shapes BxDxC,...    shapes to run (default: B in {256,1024}, D in {128,512}, C in {4096,16384,100000})
+  --reps N              timed runs per operation (default 10)
+  --warmup N            untimed runs first (default 2)
+  --json FILE           also write one JSON object per row to FILE
+  --adapter NAME        adapter whose name contains NAME (default: WGPU_ADAPTER_NAME, else wgpu's choice)
+  --backend NAME        vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all)
+";
+
+/// Parses the benchmark's arguments (unknown flags such as cargo's `--bench` are ignored).
+pub fn parse_args(args: &[String]) -> std::result::Result<BenchOptions, String> {
+    let mut options = BenchOptions::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        let number = |text: String, name: &str| {
+            text.parse::<usize>().map_err(|_| format!("{name} takes a whole number, not {text:?}"))
+        };
+        match arg.as_str() {
+            "--quick" => {
+                options.shapes = quick_shapes();
+                options.warmup = 1;
+                options.reps = 5;
+            }
+            "--shapes" => options.shapes = parse_shapes(&value("--shapes")?)?,
+            "--reps" => options.reps = number(value("--reps")?, "--reps")?.max(1),
+            "--warmup" => options.warmup = number(value("--warmup")?, "--warmup")?,
+            "--json" => options.json = Some(value("--json")?.into()),
+            "--adapter" => options.context.adapter_name = Some(value("--adapter")?),
+            "--backend" => {
+                let name = value("--backend")?;
+                options.context.backends =
+                    Some(crate::parse_backends(&name).ok_or(format!("unknown backend {name:?}"))?);
+            }
+            "--help" | "-h" => return Err(USAGE.to_string()),
+            _ => {}
+        }
+    }
+    Ok(options)
+}
+
+/// Parses `BxDxC,BxDxC,...`.
+pub fn parse_shapes(text: &str) -> std::result::Result<Vec<Shape>, String> {
+    text.split(',')
+        .map(|s| {
+            let dims: Vec<usize> = s
+                .split('x')
+                .map(|n| n.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| format!("shape {s:?} is not BxDxC"))?;
+            match dims[..] {
+                [b, d, c] if b > 0 && d > 0 && c > 0 => Ok(Shape::new(b, d, c)),
+                _ => Err(format!("shape {s:?} is not BxDxC with every size at least 1")),
+            }
+        })
+        .collect()
+}
+
+/// How a row was timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// GPU timestamps at the beginning and end of the operation's compute pass.
+    GpuTimestamps,
+    /// Host wall clock around submit and wait.
+    WallClock,
+}
+
+/// One measured operation on one shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    /// The shape.
+    pub shape: Shape,
+    /// `gemm`, `fused_forward`, `fused_forward_backward` or `unfused_forward_backward`.
+    pub op: &'static str,
+    /// How it was timed.
+    pub timing: Timing,
+    /// Median, min and max seconds over the timed runs.
+    pub seconds: [f64; 3],
+    /// Flops counted per run: 2·B·C·D per GEMM-equivalent, 6·B·C·D for forward + backward.
+    pub flops: f64,
+    /// Median time over the GEMM's median time.
+    pub vs_gemm: f64,
+    /// Unfused median over this row's median (forward + backward rows).
+    pub fused_speedup: Option<f64>,
+    /// Bytes the crate allocates beyond inputs and outputs.
+    pub workspace_bytes: u64,
+    /// Bytes of every device buffer the operation needs at once: inputs, outputs, workspace.
+    pub device_bytes: u64,
+    /// Why the row has no figures, if it has none.
+    pub skipped: Option<String>,
+}
+
+impl BenchRow {
+    /// GFLOP/s at the median time.
+    pub fn gflops(&self) -> f64 {
+        self.flops / self.seconds[0] / 1e9
+    }
+}
+
+/// The buffers of one shape, shared by every operation.
+struct ShapeBuffers {
+    features: wgpu::Buffer,
+    classes: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    row_stats: wgpu::Buffer,
+    summary: wgpu::Buffer,
+    grad_features: wgpu::Buffer,
+    grad_classes: wgpu::Buffer,
+}
+
+impl ShapeBuffers {
+    fn new(ctx: &Context, problem: &Problem) -> ShapeBuffers {
+        let init = |label, contents: &[u8]| {
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let empty = |label, size: usize| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: size as u64,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let Shape { batch: b, dim: d, classes: c } = problem.shape;
+        ShapeBuffers {
+            features: init("features", bytemuck::cast_slice(&problem.features)),
+            classes: init("classes", bytemuck::cast_slice(&problem.classes)),
+            labels: init("labels", bytemuck::cast_slice(&problem.labels)),
+            row_stats: empty("row_stats", b * std::mem::size_of::<RowStats>()),
+            summary: empty("summary", std::mem::size_of::<Summary>()),
+            grad_features: empty("grad_features", b * d * 4),
+            grad_classes: empty("grad_classes", c * d * 4),
+        }
+    }
+
+    fn io_bytes(&self, with_grads: bool) -> u64 {
+        let mut total = self.features.size() + self.classes.size() + self.labels.size();
+        total += self.row_stats.size() + self.summary.size();
+        if with_grads {
+            total += self.grad_features.size() + self.grad_classes.size();
+        }
+        total
+    }
+}
+
+/// Times `record` (which records one operation's compute pass, given optional timestamp
+/// writes): warm-up runs, then `reps` timed runs; returns (timing, [median, min, max]).
+fn time_op(
+    ctx: &Context,
+    options: &BenchOptions,
+    record: &dyn Fn(&mut wgpu::CommandEncoder, Option<wgpu::ComputePassTimestampWrites<'_>>) -> Result<()>,
+) -> Result<(Timing, [f64; 3])> {
+    let queries = ctx.has_timestamps().then(|| {
+        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let buffer = |usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let readable = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        (set, resolved, readable)
+    });
+    let period_ns = f64::from(ctx.queue.get_timestamp_period());
+    let mut samples = Vec::with_capacity(options.reps);
+    for run in 0..options.warmup + options.reps {
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let writes = queries.as_ref().map(|(set, ..)| wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        });
+        ctx.gpu_scoped(|| record(&mut encoder, writes))?;
+        if let Some((set, resolved, _)) = &queries {
+            encoder.resolve_query_set(set, 0..2, resolved, 0);
+        }
+        let start = Instant::now();
+        let submission = ctx.queue.submit([encoder.finish()]);
+        ctx.wait(submission)?;
+        let wall = start.elapsed().as_secs_f64();
+        let seconds = match &queries {
+            Some((_, resolved, readable)) => {
+                // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
+                let mut copy = ctx.device.create_command_encoder(&Default::default());
+                copy.copy_buffer_to_buffer(resolved, 0, readable, 0, 16);
+                let submission = ctx.queue.submit([copy.finish()]);
+                let bytes = pollster::block_on(ctx.read_back(readable, 16, submission))?;
+                let stamps: [u64; 2] = bytemuck::pod_read_unaligned(&bytes);
+                stamps[1].saturating_sub(stamps[0]) as f64 * period_ns * 1e-9
+            }
+            None => wall,
+        };
+        if run >= options.warmup {
+            samples.push(seconds);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let timing = if queries.is_some() { Timing::GpuTimestamps } else { Timing::WallClock };
+    Ok((timing, [samples[samples.len() / 2], samples[0], samples[samples.len() - 1]]))
+}
+
+/// Runs every operation on every shape of `options` on `ctx`; `progress` hears a line
+/// before each operation.
+pub fn run(ctx: &Context, options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    for (index, &shape) in options.shapes.iter().enumerate() {
+        let Shape { batch: b, dim: d, classes: c } = shape;
+        let problem = Problem::random(shape, index as u64 + 1);
+        let buffers = ShapeBuffers::new(ctx, &problem);
+        let gemm_flops = 2.0 * (b * c * d) as f64;
+        let params = LossParams::default();
+        let mut shape_rows: Vec<BenchRow> = Vec::new();
+        let mut note = |op: &str| progress(&format!("[{}/{}] B={b} D={d} C={c}: {op}", index + 1, options.shapes.len()));
+
+        note("gemm");
+        let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gemm product"),
+            size: (b * c * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let gemm = GemmShape {
+            m: b as u32,
+            n: c as u32,
+            k: d as u32,
+            lhs_stride_m: d as u32,
+            lhs_stride_k: 1,
+            rhs_stride_k: 1,
+            rhs_stride_n: d as u32,
+            _pad: 0,
+        };
+        let gemm_uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("gemm shape"),
+            contents: bytemuck::bytes_of(&gemm),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let grid = fold_grid(gemm.workgroups(ctx.tiles), ctx.limits.max_compute_workgroups_per_dimension)?;
+        let whole = |buffer| wgpu::BufferBinding { buffer, offset: 0, size: None };
+        let gemm_result = time_op(ctx, options, &|encoder, writes| {
+            let dispatch = Dispatch {
+                kernel: &ctx.kernels.matmul,
+                grid,
+                resources: vec![whole(&gemm_uniform), whole(&buffers.features), whole(&buffers.classes), whole(&product)],
+            };
+            encode(&ctx.device, encoder, &[dispatch], writes);
+            Ok(())
+        });
+        let gemm_bytes = buffers.features.size() + buffers.classes.size() + product.size();
+        drop(product);
+        let (timing, gemm_seconds) = gemm_result?;
+        shape_rows.push(BenchRow {
+            shape,
+            op: "gemm",
+            timing,
+            seconds: gemm_seconds,
+            flops: gemm_flops,
+            vs_gemm: 1.0,
+            fused_speedup: None,
+            workspace_bytes: 0,
+            device_bytes: gemm_bytes,
+            skipped: None,
+        });
+
+        for (op, algorithm, pass) in [
+            ("fused_forward", Algorithm::Fused, Pass::Forward),
+            ("fused_forward_backward", Algorithm::Fused, Pass::ForwardBackward),
+            ("unfused_forward_backward", Algorithm::Unfused, Pass::ForwardBackward),
+        ] {
+            note(op);
+            let with_grads = pass == Pass::ForwardBackward;
+            let flops = if with_grads { 3.0 * gemm_flops } else { gemm_flops };
+            let measured = Plan::with_algorithm(ctx, shape, algorithm).and_then(|plan| {
+                let inputs = DeviceInputs {
+                    features: BufferRegion::from(&buffers.features),
+                    classes: BufferRegion::from(&buffers.classes),
+                    labels: BufferRegion::from(&buffers.labels),
+                };
+                let outputs = DeviceOutputs {
+                    row_stats: BufferRegion::from(&buffers.row_stats),
+                    summary: BufferRegion::from(&buffers.summary),
+                    grads: with_grads.then_some(GradOutputs {
+                        features: BufferRegion::from(&buffers.grad_features),
+                        classes: BufferRegion::from(&buffers.grad_classes),
+                    }),
+                };
+                let timed = time_op(ctx, options, &|encoder, writes| {
+                    plan.record_timed(ctx, encoder, &inputs, &outputs, &params, writes)
+                })?;
+                Ok((timed, plan.workspace_bytes()))
+            });
+            shape_rows.push(match measured {
+                Ok(((timing, seconds), workspace_bytes)) => BenchRow {
+                    shape,
+                    op,
+                    timing,
+                    seconds,
+                    flops,
+                    vs_gemm: seconds[0] / gemm_seconds[0],
+                    fused_speedup: None,
+                    workspace_bytes,
+                    device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
+                    skipped: None,
+                },
+                Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
+                    shape,
+                    op,
+                    timing,
+                    seconds: [f64::NAN; 3],
+                    flops,
+                    vs_gemm: f64::NAN,
+                    fused_speedup: None,
+                    workspace_bytes: 0,
+                    device_bytes: 0,
+                    skipped: Some(e.to_string()),
+                },
+                Err(e) => return Err(e),
+            });
+        }
+        let unfused = shape_rows.iter().find(|r| r.op == "unfused_forward_backward").map(|r| r.seconds[0]);
+        if let (Some(fused), Some(unfused)) =
+            (shape_rows.iter_mut().find(|r| r.op == "fused_forward_backward"), unfused)
+        {
+            fused.fused_speedup = Some(unfused / fused.seconds[0]).filter(|s| s.is_finite());
+        }
+        rows.extend(shape_rows);
+    }
+    Ok(rows)
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+/// The readable table.
+pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
+    let info = ctx.adapter_info();
+    let timing = match rows.first().map(|r| r.timing) {
+        Some(Timing::GpuTimestamps) => "GPU timestamps",
+        _ => "wall clock around submit and wait (no TIMESTAMP_QUERY)",
+    };
+    let mut out = format!(
+        "adapter: {} | backend: {:?} | driver: {} {}\ntiming: {timing}; median (min-max) per run\n\n",
+        info.name, info.backend, info.driver, info.driver_info
+    );
+    out += "|    B |   D |      C | operation                | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
+    out += "|------|-----|--------|--------------------------|--------------------------|---------|--------|----------------|------------|--------------|\n";
+    for r in rows {
+        let Shape { batch: b, dim: d, classes: c } = r.shape;
+        if let Some(why) = &r.skipped {
+            out += &format!("| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n", r.op);
+            continue;
+        }
+        let [med, min, max] = r.seconds.map(|s| s * 1e3);
+        out += &format!(
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
+            r.op,
+            med,
+            min,
+            max,
+            r.gflops(),
+            r.vs_gemm,
+            r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
+            megabytes(r.workspace_bytes),
+            megabytes(r.device_bytes),
+        );
+    }
+    out
+}
+
+/// One JSON object per row, one row per line.
+pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
+    let info = ctx.adapter_info();
+    let text = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let num = |v: f64| if v.is_finite() { format!("{v}") } else { "null".into() };
+    rows.iter()
+        .map(|r| {
+            format!(
+                "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"batch\":{},\"dim\":{},\"classes\":{},\"op\":{},\
+                 \"timing\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
+                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{}}}\n",
+                text(&info.name),
+                text(&format!("{:?}", info.backend)),
+                text(&format!("{} {}", info.driver, info.driver_info)),
+                r.shape.batch,
+                r.shape.dim,
+                r.shape.classes,
+                text(r.op),
+                text(match r.timing {
+                    Timing::GpuTimestamps => "gpu_timestamps",
+                    Timing::WallClock => "wall_clock",
+                }),
+                num(r.seconds[0]),
+                num(r.seconds[1]),
+                num(r.seconds[2]),
+                num(if r.skipped.is_some() { f64::NAN } else { r.gflops() }),
+                num(r.vs_gemm),
+                r.fused_speedup.map_or("null".into(), num),
+                r.workspace_bytes,
+                r.device_bytes,
+                r.skipped.as_deref().map_or("null".into(), text),
+            )
+        })
+        .collect()
+}
+
+/// The benchmark's `main`: parses `args`, runs, prints the table and writes the JSON.
+pub fn main_with_args(args: &[String]) -> std::result::Result<(), String> {
+    let options = parse_args(args)?;
+    let ctx = pollster::block_on(Context::new(options.context.clone())).map_err(|e| e.to_string())?;
+    eprintln!("benchmarking on {}", ctx.describe());
+    let rows = run(&ctx, &options, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
+    println!("{}", format_table(&ctx, &rows));
+    if let Some(path) = &options.json {
+        std::fs::write(path, format_json(&ctx, &rows)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
