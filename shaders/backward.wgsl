@@ -72,6 +72,52 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
     }
 }
 
+/// How a workgroup's invocations cover an R×D gradient block in ROW_BLOCK × CLASS_BLOCK
+/// register blocks: rows group + r·groups, columns d0 + lane + q·lanes.
+struct BlockLayout {
+    group: u32,
+    groups: u32,
+    lane: u32,
+    lanes: u32,
+}
+
+/// The layout for R = `out_rows` rows (the tile's rows or classes, a multiple of 4).
+fn block_layout(flat: u32, out_rows: u32) -> BlockLayout {
+    let groups = out_rows / ROW_BLOCK;
+    return BlockLayout(flat % groups, groups, flat / groups, ROWS_WG * CLASSES_WG / groups);
+}
+
+/// One invocation's register block of G_tile·V for the columns from d0: the reduction
+/// runs over `n_red` entries, g_tile is read at out_row·g_out_stride + e·g_red_stride, and
+/// V's row e is row operand_row0 + e of x (from_features) or of w. Columns past D read
+/// the last column; callers mask them.
+fn tile_product(lay: BlockLayout, d0: u32, n_red: u32, g_out_stride: u32, g_red_stride: u32,
+                from_features: bool, operand_row0: u32) -> array<array<f32, CLASS_BLOCK>, ROW_BLOCK> {
+    let d_len = params.dim;
+    var col: array<u32, CLASS_BLOCK>;
+    for (var q = 0u; q < CLASS_BLOCK; q++) { col[q] = min(d0 + lay.lane + q * lay.lanes, d_len - 1u); }
+    var acc: array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
+    for (var e = 0u; e < n_red; e++) {
+        var g: array<f32, ROW_BLOCK>;
+        var v: array<f32, CLASS_BLOCK>;
+        for (var r = 0u; r < ROW_BLOCK; r++) {
+            g[r] = g_tile[(lay.group + r * lay.groups) * g_out_stride + e * g_red_stride];
+        }
+        let base = (operand_row0 + e) * d_len;
+        if (from_features) {
+            for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = features[base + col[q]]; }
+        } else {
+            for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = class_vectors[base + col[q]]; }
+        }
+        for (var r = 0u; r < ROW_BLOCK; r++) {
+            for (var q = 0u; q < CLASS_BLOCK; q++) {
+                acc[r][q] = fma(g[r], v[q], acc[r][q]);
+            }
+        }
+    }
+    return acc;
+}
+
 /// Workgroup (split k, row tile t): gx̂ of the tile's rows over the classes of split k,
 /// into feature_grad_partials. Each (row, d) has one owning invocation.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
@@ -84,23 +130,23 @@ fn grad_feature_partials(@builtin(workgroup_id) wid: vec3<u32>,
     let class_end = min(class_begin + params.feature_split_classes, params.classes);
     let coef = grad_coef();
     let d_len = params.dim;
-    let wg_size = ROWS_WG * CLASSES_WG;
-    let owned = tile_rows() * d_len;
+    let lay = block_layout(flat, tile_rows());
     for (var tile = class_begin; tile < class_end; tile += tile_classes()) {
         fill_g_tile(row_tile0, tile, lid, coef, true);
         workgroupBarrier();
         let n_classes = min(tile_classes(), class_end - tile);
-        for (var e = flat; e < owned; e += wg_size) {
-            let ri = e / d_len;
-            let d = e - ri * d_len;
-            let i = row_tile0 + ri;
-            if (i >= params.batch) { break; }
-            var sum = 0.0;
-            for (var ci = 0u; ci < n_classes; ci++) {
-                sum = fma(g_tile[ri * tile_classes() + ci], class_vectors[(tile + ci) * d_len + d], sum);
+        for (var d0 = 0u; d0 < d_len; d0 += lay.lanes * CLASS_BLOCK) {
+            let acc = tile_product(lay, d0, n_classes, tile_classes(), 1u, false, tile);
+            for (var r = 0u; r < ROW_BLOCK; r++) {
+                let i = row_tile0 + lay.group + r * lay.groups;
+                for (var q = 0u; q < CLASS_BLOCK; q++) {
+                    let d = d0 + lay.lane + q * lay.lanes;
+                    if (i >= params.batch || d >= d_len) { continue; }
+                    let idx = (split * params.batch + i) * d_len + d;
+                    let old = select(feature_grad_partials[idx], 0.0, tile == class_begin);
+                    feature_grad_partials[idx] = old + acc[r][q];
+                }
             }
-            let idx = (split * params.batch + i) * d_len + d;
-            feature_grad_partials[idx] = select(feature_grad_partials[idx] + sum, sum, tile == class_begin);
         }
         workgroupBarrier();
     }
@@ -152,20 +198,23 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let d_len = params.dim;
     let wg_size = ROWS_WG * CLASSES_WG;
     let n_classes = min(tile_classes(), params.classes - class_tile0);
-    let owned = n_classes * d_len;
+    let lay = block_layout(flat, tile_classes());
     for (var row_tile0 = 0u; row_tile0 < params.batch; row_tile0 += tile_rows()) {
         fill_g_tile(row_tile0, class_tile0, lid, coef, false);
         workgroupBarrier();
         let n_rows = min(tile_rows(), params.batch - row_tile0);
-        for (var e = flat; e < owned; e += wg_size) {
-            let ci = e / d_len;
-            let d = e - ci * d_len;
-            var sum = 0.0;
-            for (var ri = 0u; ri < n_rows; ri++) {
-                sum = fma(g_tile[ri * tile_classes() + ci], features[(row_tile0 + ri) * d_len + d], sum);
+        for (var d0 = 0u; d0 < d_len; d0 += lay.lanes * CLASS_BLOCK) {
+            let acc = tile_product(lay, d0, n_rows, 1u, tile_classes(), true, row_tile0);
+            for (var r = 0u; r < ROW_BLOCK; r++) {
+                let ci = lay.group + r * lay.groups;
+                for (var q = 0u; q < CLASS_BLOCK; q++) {
+                    let d = d0 + lay.lane + q * lay.lanes;
+                    if (ci >= n_classes || d >= d_len) { continue; }
+                    let idx = (class_tile0 + ci) * d_len + d;
+                    let old = select(grad_classes[idx], 0.0, row_tile0 == 0u);
+                    grad_classes[idx] = old + acc[r][q];
+                }
             }
-            let idx = (class_tile0 + ci) * d_len + d;
-            grad_classes[idx] = select(grad_classes[idx] + sum, sum, row_tile0 == 0u);
         }
         workgroupBarrier();
     }

@@ -82,7 +82,8 @@ pub fn parse_args(args: &[String]) -> std::result::Result<BenchOptions, String> 
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
         let number = |text: String, name: &str| {
-            text.parse::<usize>().map_err(|_| format!("{name} takes a whole number, not {text:?}"))
+            text.parse::<usize>()
+                .map_err(|_| format!("{name} takes a whole number, not {text:?}"))
         };
         match arg.as_str() {
             "--quick" => {
@@ -118,7 +119,9 @@ pub fn parse_shapes(text: &str) -> std::result::Result<Vec<Shape>, String> {
                 .map_err(|_| format!("shape {s:?} is not BxDxC"))?;
             match dims[..] {
                 [b, d, c] if b > 0 && d > 0 && c > 0 => Ok(Shape::new(b, d, c)),
-                _ => Err(format!("shape {s:?} is not BxDxC with every size at least 1")),
+                _ => Err(format!(
+                    "shape {s:?} is not BxDxC with every size at least 1"
+                )),
             }
         })
         .collect()
@@ -179,11 +182,12 @@ struct ShapeBuffers {
 impl ShapeBuffers {
     fn new(ctx: &Context, problem: &Problem) -> ShapeBuffers {
         let init = |label, contents: &[u8]| {
-            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE,
-            })
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents,
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
         };
         let empty = |label, size: usize| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -193,7 +197,11 @@ impl ShapeBuffers {
                 mapped_at_creation: false,
             })
         };
-        let Shape { batch: b, dim: d, classes: c } = problem.shape;
+        let Shape {
+            batch: b,
+            dim: d,
+            classes: c,
+        } = problem.shape;
         ShapeBuffers {
             features: init("features", bytemuck::cast_slice(&problem.features)),
             classes: init("classes", bytemuck::cast_slice(&problem.classes)),
@@ -220,7 +228,10 @@ impl ShapeBuffers {
 fn time_op(
     ctx: &Context,
     options: &BenchOptions,
-    record: &dyn Fn(&mut wgpu::CommandEncoder, Option<wgpu::ComputePassTimestampWrites<'_>>) -> Result<()>,
+    record: &dyn Fn(
+        &mut wgpu::CommandEncoder,
+        Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()>,
 ) -> Result<(Timing, [f64; 3])> {
     let queries = ctx.has_timestamps().then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -244,11 +255,13 @@ fn time_op(
     let mut samples = Vec::with_capacity(options.reps);
     for run in 0..options.warmup + options.reps {
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        let writes = queries.as_ref().map(|(set, ..)| wgpu::ComputePassTimestampWrites {
-            query_set: set,
-            beginning_of_pass_write_index: Some(0),
-            end_of_pass_write_index: Some(1),
-        });
+        let writes = queries
+            .as_ref()
+            .map(|(set, ..)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            });
         ctx.gpu_scoped(|| record(&mut encoder, writes))?;
         if let Some((set, resolved, _)) = &queries {
             encoder.resolve_query_set(set, 0..2, resolved, 0);
@@ -274,22 +287,47 @@ fn time_op(
         }
     }
     samples.sort_by(f64::total_cmp);
-    let timing = if queries.is_some() { Timing::GpuTimestamps } else { Timing::WallClock };
-    Ok((timing, [samples[samples.len() / 2], samples[0], samples[samples.len() - 1]]))
+    let timing = if queries.is_some() {
+        Timing::GpuTimestamps
+    } else {
+        Timing::WallClock
+    };
+    Ok((
+        timing,
+        [
+            samples[samples.len() / 2],
+            samples[0],
+            samples[samples.len() - 1],
+        ],
+    ))
 }
 
 /// Runs every operation on every shape of `options` on `ctx`; `progress` hears a line
 /// before each operation.
-pub fn run(ctx: &Context, options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>> {
+pub fn run(
+    ctx: &Context,
+    options: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for (index, &shape) in options.shapes.iter().enumerate() {
-        let Shape { batch: b, dim: d, classes: c } = shape;
+        let Shape {
+            batch: b,
+            dim: d,
+            classes: c,
+        } = shape;
         let problem = Problem::random(shape, index as u64 + 1);
         let buffers = ShapeBuffers::new(ctx, &problem);
         let gemm_flops = 2.0 * (b * c * d) as f64;
         let params = LossParams::default();
         let mut shape_rows: Vec<BenchRow> = Vec::new();
-        let mut note = |op: &str| progress(&format!("[{}/{}] B={b} D={d} C={c}: {op}", index + 1, options.shapes.len()));
+        let mut note = |op: &str| {
+            progress(&format!(
+                "[{}/{}] B={b} D={d} C={c}: {op}",
+                index + 1,
+                options.shapes.len()
+            ))
+        };
 
         note("gemm");
         let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -308,18 +346,32 @@ pub fn run(ctx: &Context, options: &BenchOptions, progress: &mut dyn FnMut(&str)
             rhs_stride_n: d as u32,
             _pad: 0,
         };
-        let gemm_uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("gemm shape"),
-            contents: bytemuck::bytes_of(&gemm),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let grid = fold_grid(gemm.workgroups(ctx.tiles), ctx.limits.max_compute_workgroups_per_dimension)?;
-        let whole = |buffer| wgpu::BufferBinding { buffer, offset: 0, size: None };
+        let gemm_uniform = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("gemm shape"),
+                contents: bytemuck::bytes_of(&gemm),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let grid = fold_grid(
+            gemm.workgroups(ctx.tiles),
+            ctx.limits.max_compute_workgroups_per_dimension,
+        )?;
+        let whole = |buffer| wgpu::BufferBinding {
+            buffer,
+            offset: 0,
+            size: None,
+        };
         let gemm_result = time_op(ctx, options, &|encoder, writes| {
             let dispatch = Dispatch {
                 kernel: &ctx.kernels.matmul,
                 grid,
-                resources: vec![whole(&gemm_uniform), whole(&buffers.features), whole(&buffers.classes), whole(&product)],
+                resources: vec![
+                    whole(&gemm_uniform),
+                    whole(&buffers.features),
+                    whole(&buffers.classes),
+                    whole(&product),
+                ],
             };
             encode(&ctx.device, encoder, &[dispatch], writes);
             Ok(())
@@ -342,12 +394,24 @@ pub fn run(ctx: &Context, options: &BenchOptions, progress: &mut dyn FnMut(&str)
 
         for (op, algorithm, pass) in [
             ("fused_forward", Algorithm::Fused, Pass::Forward),
-            ("fused_forward_backward", Algorithm::Fused, Pass::ForwardBackward),
-            ("unfused_forward_backward", Algorithm::Unfused, Pass::ForwardBackward),
+            (
+                "fused_forward_backward",
+                Algorithm::Fused,
+                Pass::ForwardBackward,
+            ),
+            (
+                "unfused_forward_backward",
+                Algorithm::Unfused,
+                Pass::ForwardBackward,
+            ),
         ] {
             note(op);
             let with_grads = pass == Pass::ForwardBackward;
-            let flops = if with_grads { 3.0 * gemm_flops } else { gemm_flops };
+            let flops = if with_grads {
+                3.0 * gemm_flops
+            } else {
+                gemm_flops
+            };
             let measured = Plan::with_algorithm(ctx, shape, algorithm).and_then(|plan| {
                 let inputs = DeviceInputs {
                     features: BufferRegion::from(&buffers.features),
@@ -395,10 +459,16 @@ pub fn run(ctx: &Context, options: &BenchOptions, progress: &mut dyn FnMut(&str)
                 Err(e) => return Err(e),
             });
         }
-        let unfused = shape_rows.iter().find(|r| r.op == "unfused_forward_backward").map(|r| r.seconds[0]);
-        if let (Some(fused), Some(unfused)) =
-            (shape_rows.iter_mut().find(|r| r.op == "fused_forward_backward"), unfused)
-        {
+        let unfused = shape_rows
+            .iter()
+            .find(|r| r.op == "unfused_forward_backward")
+            .map(|r| r.seconds[0]);
+        if let (Some(fused), Some(unfused)) = (
+            shape_rows
+                .iter_mut()
+                .find(|r| r.op == "fused_forward_backward"),
+            unfused,
+        ) {
             fused.fused_speedup = Some(unfused / fused.seconds[0]).filter(|s| s.is_finite());
         }
         rows.extend(shape_rows);
@@ -424,9 +494,16 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
     out += "|    B |   D |      C | operation                | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
     out += "|------|-----|--------|--------------------------|--------------------------|---------|--------|----------------|------------|--------------|\n";
     for r in rows {
-        let Shape { batch: b, dim: d, classes: c } = r.shape;
+        let Shape {
+            batch: b,
+            dim: d,
+            classes: c,
+        } = r.shape;
         if let Some(why) = &r.skipped {
-            out += &format!("| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n", r.op);
+            out += &format!(
+                "| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n",
+                r.op
+            );
             continue;
         }
         let [med, min, max] = r.seconds.map(|s| s * 1e3);
@@ -450,7 +527,13 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
 pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
     let info = ctx.adapter_info();
     let text = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let num = |v: f64| if v.is_finite() { format!("{v}") } else { "null".into() };
+    let num = |v: f64| {
+        if v.is_finite() {
+            format!("{v}")
+        } else {
+            "null".into()
+        }
+    };
     rows.iter()
         .map(|r| {
             format!(
@@ -485,12 +568,14 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
 /// The benchmark's `main`: parses `args`, runs, prints the table and writes the JSON.
 pub fn main_with_args(args: &[String]) -> std::result::Result<(), String> {
     let options = parse_args(args)?;
-    let ctx = pollster::block_on(Context::new(options.context.clone())).map_err(|e| e.to_string())?;
+    let ctx =
+        pollster::block_on(Context::new(options.context.clone())).map_err(|e| e.to_string())?;
     eprintln!("benchmarking on {}", ctx.describe());
     let rows = run(&ctx, &options, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
     println!("{}", format_table(&ctx, &rows));
     if let Some(path) = &options.json {
-        std::fs::write(path, format_json(&ctx, &rows)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(path, format_json(&ctx, &rows))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

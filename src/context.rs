@@ -191,7 +191,9 @@ impl Context {
 
     /// True when the device can write GPU timestamps (`TIMESTAMP_QUERY`).
     pub fn has_timestamps(&self) -> bool {
-        self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+        self.device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
     /// The cosine-tile shape the pipelines were compiled with.
