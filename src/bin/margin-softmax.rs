@@ -1,0 +1,410 @@
+//! `margin-softmax`: run the loss on safetensors files, check an adapter against the f64
+//! reference, list adapters, benchmark. A client of the library's public API only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use margin_softmax::reference::{self, Comparison};
+use margin_softmax::tensors::{self, InputError};
+use margin_softmax::{
+    enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
+    LossOutput, LossParams, Pass, Problem, Reduction, Shape,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "margin-softmax",
+    version,
+    about = "Fused margin-softmax (AM-Softmax / CosFace) loss on any wgpu adapter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct AdapterArgs {
+    /// Use the adapter whose name contains NAME (default: WGPU_ADAPTER_NAME, else wgpu's choice).
+    #[arg(long, value_name = "NAME", global = true)]
+    adapter: Option<String>,
+    /// Backend to search: vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all).
+    #[arg(long, value_name = "NAME", global = true)]
+    backend: Option<String>,
+    /// No progress indicator.
+    #[arg(long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the loss and its gradients on tensors from a safetensors file.
+    Loss(LossArgs),
+    /// Run the embedded default problem (seeded) and compare everything with the f64 reference.
+    Check(CheckArgs),
+    /// List every adapter wgpu can see, with the features and limits that matter here.
+    Adapters(AdapterArgs),
+    /// The portable benchmark (same as `cargo bench`); run with `bench -- --help` for its options.
+    Bench {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        /// Options passed to the benchmark (after `--`).
+        #[arg(last = true)]
+        options: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReductionArg {
+    Mean,
+    Sum,
+    None,
+}
+
+#[derive(Args)]
+struct LossArgs {
+    /// Input: `features` (B×D f32), `weights` (C×D f32), `labels` (B i64/i32, negative = ignore), optional scalar `scale`.
+    #[arg(long, value_name = "IN.safetensors")]
+    input: PathBuf,
+    /// Output: loss, per_sample_loss, grad_features, grad_weights, grad_scale, pred, target_cos, best_other_cos.
+    #[arg(long, value_name = "OUT.safetensors")]
+    output: PathBuf,
+    /// Scale s (overrides the file's `scale`; default 30).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Floor of the scale: the effective scale is max(s, s_min).
+    #[arg(long, default_value_t = 0.0)]
+    scale_min: f32,
+    /// Additive cosine margin m.
+    #[arg(long, default_value_t = 0.35)]
+    margin: f32,
+    /// How per-row losses are combined (`none` writes B losses; its gradients are those of the sum).
+    #[arg(long, value_enum, default_value = "mean")]
+    reduction: ReductionArg,
+    /// Also run the f64 reference and print the largest error per output; exit 1 past the bounds.
+    #[arg(long)]
+    verify: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// B, rows of features.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// D, length of each vector.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// C, classes.
+    #[arg(long, default_value_t = 1000)]
+    classes: usize,
+    /// Scale s.
+    #[arg(long, default_value_t = 30.0)]
+    scale: f32,
+    /// Additive cosine margin m.
+    #[arg(long, default_value_t = 0.35)]
+    margin: f32,
+    /// Seed of the random problem.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+}
+
+/// A failure and its exit code: 2 for bad input, 1 for everything else.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn bad_input(message: impl ToString) -> Failure {
+    Failure {
+        code: 2,
+        message: message.to_string(),
+    }
+}
+
+fn failure(message: impl ToString) -> Failure {
+    Failure {
+        code: 1,
+        message: message.to_string(),
+    }
+}
+
+fn context(args: &AdapterArgs) -> Result<Context, Failure> {
+    let backends = match &args.backend {
+        Some(name) => Some(parse_backends(name).ok_or_else(|| {
+            bad_input(format!("--backend {name:?}: use vulkan, metal, dx12 or gl"))
+        })?),
+        None => None,
+    };
+    let options = ContextOptions {
+        backends,
+        adapter_name: args.adapter.clone(),
+        ..ContextOptions::default()
+    };
+    pollster::block_on(Context::new(options)).map_err(failure)
+}
+
+/// Runs `work` under a spinner (unless quiet) and returns its result and wall time.
+fn with_progress<T>(quiet: bool, label: &str, work: impl FnOnce() -> T) -> (T, Duration) {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(label.to_string());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let start = Instant::now();
+    let value = work();
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    (value, elapsed)
+}
+
+fn print_comparison(check: &Comparison) {
+    println!(
+        "{:<16} {:>12} {:>12}  result",
+        "output", "max error", "bound"
+    );
+    for (name, err, bound) in &check.errors {
+        let verdict = if err <= bound { "pass" } else { "FAIL" };
+        println!("{name:<16} {err:>12.3e} {bound:>12.1e}  {verdict}");
+    }
+    let verdict = if check.pred_mismatches == 0 {
+        "pass"
+    } else {
+        "FAIL"
+    };
+    println!(
+        "{:<16} {:>12} {:>12}  {verdict}",
+        "pred", check.pred_mismatches, "0"
+    );
+}
+
+/// Accuracy and the mean achieved margin c_y − max_{j≠y} c_j over rows not ignored.
+fn training_figures(out: &LossOutput, labels: &[u32]) -> (f64, f64) {
+    let valid: Vec<usize> = (0..labels.len())
+        .filter(|&i| labels[i] != margin_softmax::IGNORE)
+        .collect();
+    let n = valid.len().max(1) as f64;
+    let margin = valid
+        .iter()
+        .map(|&i| f64::from(out.target_cos[i] - out.best_other_cos[i]))
+        .sum::<f64>()
+        / n;
+    (f64::from(out.correct_rows) / n, margin)
+}
+
+fn run_loss(args: &LossArgs) -> Result<(), Failure> {
+    let inputs = tensors::read_inputs(&args.input).map_err(|e: InputError| bad_input(e))?;
+    let params = LossParams {
+        scale: args.scale.or(inputs.scale).unwrap_or(30.0),
+        scale_min: args.scale_min,
+        margin: args.margin,
+        reduction: match args.reduction {
+            ReductionArg::Mean => Reduction::Mean,
+            ReductionArg::Sum => Reduction::Sum,
+            ReductionArg::None => Reduction::None,
+        },
+    };
+    params.validate().map_err(bad_input)?;
+    let ctx = context(&args.adapter)?;
+    let shape = inputs.shape;
+    let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
+        ctx.loss(
+            shape,
+            &inputs.features,
+            &inputs.classes,
+            &inputs.labels,
+            &params,
+            Pass::ForwardBackward,
+        )
+    });
+    let out = result.map_err(failure)?;
+    let (accuracy, achieved) = training_figures(&out, &inputs.labels);
+    println!("adapter     {}", ctx.describe());
+    println!(
+        "shapes      features {}×{}, weights {}×{}, labels {}",
+        shape.batch, shape.dim, shape.classes, shape.dim, shape.batch
+    );
+    println!(
+        "params      s = {} (effective {}), m = {}, reduction {:?}",
+        params.scale,
+        params.effective_scale(),
+        params.margin,
+        params.reduction
+    );
+    println!("loss        {:.6}", out.loss);
+    println!("dL/ds       {:.6e}", out.grad_scale);
+    println!(
+        "accuracy    {:.4} ({}/{} rows)",
+        accuracy, out.correct_rows, out.valid_rows
+    );
+    println!("margin      {achieved:.4} (mean target cosine minus best other cosine)");
+    println!("time        {:.1} ms", elapsed.as_secs_f64() * 1e3);
+    let mut verdict = Ok(());
+    if args.verify {
+        let expected = reference::loss(
+            shape,
+            &inputs.features,
+            &inputs.classes,
+            &inputs.labels,
+            &params,
+        )
+        .map_err(failure)?;
+        let check = reference::compare(shape.dim, &out, &expected);
+        println!();
+        print_comparison(&check);
+        if !check.passes() {
+            verdict = Err(failure("verification failed: an error exceeds its bound"));
+        }
+    }
+    let bytes = tensors::serialize_outputs(shape, &out, params.reduction == Reduction::None)
+        .map_err(failure)?;
+    verdict?;
+    tensors::write_atomically(&args.output, &bytes)
+        .map_err(|e| failure(format!("cannot write {}: {e}", args.output.display())))?;
+    println!("wrote       {}", args.output.display());
+    Ok(())
+}
+
+fn run_check(args: &CheckArgs) -> Result<(), Failure> {
+    let shape = Shape::new(args.batch, args.dim, args.classes);
+    let params = LossParams {
+        scale: args.scale,
+        margin: args.margin,
+        ..LossParams::default()
+    };
+    params.validate().map_err(bad_input)?;
+    let ctx = context(&args.adapter)?;
+    let p = Problem::random(shape, args.seed);
+    let (result, elapsed) = with_progress(args.adapter.quiet, "running the fused loss", || {
+        ctx.loss(
+            shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+            Pass::ForwardBackward,
+        )
+    });
+    let out = result.map_err(|e| match e {
+        margin_softmax::Error::EmptyShape { .. } | margin_softmax::Error::TooLarge { .. } => {
+            bad_input(e)
+        }
+        e => failure(e),
+    })?;
+    let (expected, reference_time) =
+        with_progress(args.adapter.quiet, "running the f64 reference", || {
+            reference::loss(shape, &p.features, &p.classes, &p.labels, &params)
+        });
+    let expected = expected.map_err(failure)?;
+    let check = reference::compare(shape.dim, &out, &expected);
+    let workspace = workspace_bytes(&ctx, shape, Algorithm::Fused).map_err(failure)?;
+    println!("adapter     {}", ctx.describe());
+    println!(
+        "problem     B = {}, D = {}, C = {}, s = {}, m = {}, seed {}",
+        shape.batch, shape.dim, shape.classes, params.scale, params.margin, args.seed
+    );
+    println!(
+        "loss        {:.6} (f64 reference {:.6})",
+        out.loss, expected.loss
+    );
+    println!(
+        "workspace   {workspace} bytes (the B×C logits would be {} bytes)",
+        shape.batch * shape.classes * 4
+    );
+    println!(
+        "time        {:.1} ms on the GPU path (first call, with set-up), {:.1} ms f64 reference",
+        elapsed.as_secs_f64() * 1e3,
+        reference_time.as_secs_f64() * 1e3
+    );
+    println!();
+    print_comparison(&check);
+    if check.passes() {
+        println!("\nPASS");
+        Ok(())
+    } else {
+        Err(failure("FAIL: an error exceeds its bound"))
+    }
+}
+
+fn run_adapters(args: &AdapterArgs) -> Result<(), Failure> {
+    let backends = match &args.backend {
+        Some(name) => Some(parse_backends(name).ok_or_else(|| {
+            bad_input(format!("--backend {name:?}: use vulkan, metal, dx12 or gl"))
+        })?),
+        None => None,
+    };
+    let adapters = pollster::block_on(enumerate_adapters(backends));
+    if adapters.is_empty() {
+        return Err(failure(margin_softmax::Error::NoAdapter {
+            wanted: format!("backends {backends:?}"),
+        }));
+    }
+    for adapter in adapters {
+        let info = adapter.get_info();
+        if let Some(name) = &args.adapter {
+            if !info.name.to_lowercase().contains(&name.to_lowercase()) {
+                continue;
+            }
+        }
+        let features = adapter.features();
+        let limits = adapter.limits();
+        let has = |f| if features.contains(f) { "yes" } else { "no" };
+        println!("{}", info.name);
+        println!(
+            "  backend {:?}, type {:?}, driver {} {}",
+            info.backend, info.device_type, info.driver, info.driver_info
+        );
+        println!(
+            "  timestamps {}, f16 {}, subgroups {}",
+            has(wgpu::Features::TIMESTAMP_QUERY),
+            has(wgpu::Features::SHADER_F16),
+            has(wgpu::Features::SUBGROUP)
+        );
+        println!(
+            "  max storage binding {} bytes, max buffer {} bytes, workgroup storage {} bytes, invocations/workgroup {}, workgroups/dimension {}",
+            limits.max_storage_buffer_binding_size,
+            limits.max_buffer_size,
+            limits.max_compute_workgroup_storage_size,
+            limits.max_compute_invocations_per_workgroup,
+            limits.max_compute_workgroups_per_dimension
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Loss(args) => run_loss(args),
+        Command::Check(args) => run_check(args),
+        Command::Adapters(args) => run_adapters(args),
+        Command::Bench { adapter, options } => {
+            let mut all = options.clone();
+            if let Some(name) = &adapter.adapter {
+                all.extend(["--adapter".to_string(), name.clone()]);
+            }
+            if let Some(name) = &adapter.backend {
+                all.extend(["--backend".to_string(), name.clone()]);
+            }
+            margin_softmax::bench::main_with_args(&all).map_err(bad_input)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Safetensors input and output: the format PyTorch, JAX, NumPy and Burn already write.
+//!
+//! Inputs: `features` (B×D f32), `weights` (C×D f32), `labels` (B i64 or i32, a negative
+//! label means ignore) and an optional scalar `scale` (f32 or f64).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::api::{LossOutput, IGNORE};
+use crate::io::Shape;
+
+/// A problem read from a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossInputs {
+    /// B, D and C.
+    pub shape: Shape,
+    /// x, B×D.
+    pub features: Vec<f32>,
+    /// w, C×D (the file's `weights`).
+    pub classes: Vec<f32>,
+    /// y, B labels; negative labels in the file become [`IGNORE`].
+    pub labels: Vec<u32>,
+    /// The file's `scale`, if it has one.
+    pub scale: Option<f32>,
+}
+
+/// Why a file cannot be used, naming the tensor and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputError {
+    /// The tensor at fault, if one is.
+    pub tensor: Option<String>,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tensor {
+            Some(t) => write!(f, "tensor `{t}`: {}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for InputError {}
+
+fn tensor_error(tensor: &str, message: impl Into<String>) -> InputError {
+    InputError {
+        tensor: Some(tensor.to_string()),
+        message: message.into(),
+    }
+}
+
+/// A tensor's raw parts, checked for dtype and rank.
+struct Raw<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+fn get<'a>(file: &SafeTensors<'a>, name: &str) -> Result<Raw<'a>, InputError> {
+    let view = file.tensor(name).map_err(|_| {
+        let mut names = file.names();
+        names.sort_unstable();
+        tensor_error(name, format!("missing; the file holds {names:?}"))
+    })?;
+    Ok(Raw {
+        dtype: view.dtype(),
+        shape: view.shape().to_vec(),
+        data: view.data(),
+    })
+}
+
+fn expect_rank(name: &str, raw: &Raw<'_>, rank: usize, what: &str) -> Result<(), InputError> {
+    if raw.shape.len() != rank {
+        return Err(tensor_error(
+            name,
+            format!("expected {what} (rank {rank}), found shape {:?}", raw.shape),
+        ));
+    }
+    Ok(())
+}
+
+fn f32_values(name: &str, raw: &Raw<'_>) -> Result<Vec<f32>, InputError> {
+    if raw.dtype != Dtype::F32 {
+        return Err(tensor_error(
+            name,
+            format!("expected dtype f32, found {:?}", raw.dtype),
+        ));
+    }
+    let values: Vec<f32> = raw
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+        return Err(tensor_error(
+            name,
+            format!("element {k} is {}; every value must be finite", values[k]),
+        ));
+    }
+    Ok(values)
+}
+
+/// Reads and checks a problem from safetensors bytes. Every failure names the tensor.
+pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| InputError {
+        tensor: None,
+        message: format!("not a readable safetensors file: {e}"),
+    })?;
+    let x = get(&file, "features")?;
+    expect_rank("features", &x, 2, "B×D")?;
+    let w = get(&file, "weights")?;
+    expect_rank("weights", &w, 2, "C×D")?;
+    let y = get(&file, "labels")?;
+    expect_rank("labels", &y, 1, "B labels")?;
+    let (b, d, c) = (x.shape[0], x.shape[1], w.shape[0]);
+    if w.shape[1] != d {
+        return Err(tensor_error(
+            "weights",
+            format!(
+                "expected {d} columns to match features ({b}×{d}), found shape {:?}",
+                w.shape
+            ),
+        ));
+    }
+    if y.shape[0] != b {
+        return Err(tensor_error(
+            "labels",
+            format!(
+                "expected {b} labels, one per row of features, found {}",
+                y.shape[0]
+            ),
+        ));
+    }
+    for (name, n) in [("features", b), ("weights", c)] {
+        if n == 0 || d == 0 {
+            return Err(tensor_error(
+                name,
+                "has a zero dimension; every size must be at least 1",
+            ));
+        }
+    }
+    let features = f32_values("features", &x)?;
+    let classes = f32_values("weights", &w)?;
+    let wide: Vec<i64> = match y.dtype {
+        Dtype::I64 => y
+            .data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect(),
+        Dtype::I32 => y
+            .data
+            .chunks_exact(4)
+            .map(|b| i64::from(i32::from_le_bytes(b.try_into().unwrap_or_default())))
+            .collect(),
+        other => {
+            return Err(tensor_error(
+                "labels",
+                format!("expected dtype i64 or i32, found {other:?}"),
+            ))
+        }
+    };
+    let mut labels = Vec::with_capacity(b);
+    for (row, &label) in wide.iter().enumerate() {
+        labels.push(match label {
+            l if l < 0 => IGNORE,
+            l if (l as u64) < c as u64 => l as u32,
+            l => {
+                return Err(tensor_error(
+                    "labels",
+                    format!("row {row} has label {l}, but weights has {c} classes: labels must be in 0..{c}, or negative to ignore the row"),
+                ))
+            }
+        });
+    }
+    let scale = match file.tensor("scale") {
+        Err(_) => None,
+        Ok(view) => {
+            let raw = Raw {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                data: view.data(),
+            };
+            if raw.shape.iter().product::<usize>() != 1 {
+                return Err(tensor_error(
+                    "scale",
+                    format!("expected a scalar, found shape {:?}", raw.shape),
+                ));
+            }
+            let value = match raw.dtype {
+                Dtype::F32 => f32::from_le_bytes(raw.data.try_into().unwrap_or_default()),
+                Dtype::F64 => f64::from_le_bytes(raw.data.try_into().unwrap_or_default()) as f32,
+                other => {
+                    return Err(tensor_error(
+                        "scale",
+                        format!("expected dtype f32 or f64, found {other:?}"),
+                    ))
+                }
+            };
+            Some(value)
+        }
+    };
+    Ok(LossInputs {
+        shape: Shape::new(b, d, c),
+        features,
+        classes,
+        labels,
+        scale,
+    })
+}
+
+/// Reads and checks a problem from a safetensors file.
+pub fn read_inputs(path: &Path) -> Result<LossInputs, InputError> {
+    let bytes = std::fs::read(path).map_err(|e| InputError {
+        tensor: None,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    parse_inputs(&bytes)
+}
+
+/// One output tensor: its dtype, shape and little-endian bytes.
+type Tensor = (Dtype, Vec<usize>, Vec<u8>);
+
+fn le_f32(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The outputs as safetensors bytes: `loss` (a scalar, or B values when `per_row_loss`),
+/// `per_sample_loss`, `grad_features`, `grad_weights`, `grad_scale`, `pred` (i64),
+/// `target_cos` and `best_other_cos`.
+pub fn serialize_outputs(
+    shape: Shape,
+    out: &LossOutput,
+    per_row_loss: bool,
+) -> Result<Vec<u8>, InputError> {
+    let b = shape.batch;
+    let mut tensors: Vec<(&str, Tensor)> = vec![
+        (
+            "loss",
+            if per_row_loss {
+                (Dtype::F32, vec![b], le_f32(&out.row_loss))
+            } else {
+                (Dtype::F32, vec![], le_f32(&[out.loss]))
+            },
+        ),
+        (
+            "per_sample_loss",
+            (Dtype::F32, vec![b], le_f32(&out.row_loss)),
+        ),
+        (
+            "grad_scale",
+            (Dtype::F32, vec![], le_f32(&[out.grad_scale])),
+        ),
+        (
+            "pred",
+            (
+                Dtype::I64,
+                vec![b],
+                out.pred
+                    .iter()
+                    .flat_map(|&p| i64::from(p).to_le_bytes())
+                    .collect(),
+            ),
+        ),
+        ("target_cos", (Dtype::F32, vec![b], le_f32(&out.target_cos))),
+        (
+            "best_other_cos",
+            (Dtype::F32, vec![b], le_f32(&out.best_other_cos)),
+        ),
+    ];
+    if let Some(g) = &out.grads {
+        tensors.push((
+            "grad_features",
+            (Dtype::F32, vec![b, shape.dim], le_f32(&g.features)),
+        ));
+        tensors.push((
+            "grad_weights",
+            (
+                Dtype::F32,
+                vec![shape.classes, shape.dim],
+                le_f32(&g.classes),
+            ),
+        ));
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, (dtype, dims, data))| {
+            safetensors::tensor::TensorView::new(*dtype, dims.clone(), data)
+                .map(|view| (name.to_string(), view))
+                .map_err(|e| tensor_error(name, format!("cannot be encoded: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None::<HashMap<String, String>>).map_err(|e| InputError {
+        tensor: None,
+        message: format!("cannot encode the outputs: {e}"),
+    })
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file beside it, then a rename, so
+/// a failed run never leaves a half-written output.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

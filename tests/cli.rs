@@ -1,0 +1,381 @@
+//! The real `margin-softmax` binary: a safetensors round trip, every bad-input case with
+//! its exit code and message, `check`, `adapters` and `--help`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use margin_softmax::{reference, LossParams, Problem, Reduction, Shape, IGNORE};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_margin-softmax"));
+    cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run margin-softmax")
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("margin-softmax-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// One tensor for a test file: name, dtype, shape, bytes.
+type Entry = (&'static str, Dtype, Vec<usize>, Vec<u8>);
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The tensors of a valid input file for `p`, labels as i64 with -1 for IGNORE.
+fn entries(p: &Problem) -> Vec<Entry> {
+    let Shape {
+        batch: b,
+        dim: d,
+        classes: c,
+    } = p.shape;
+    let labels: Vec<u8> = p
+        .labels
+        .iter()
+        .flat_map(|&l| if l == IGNORE { -1i64 } else { i64::from(l) }.to_le_bytes())
+        .collect();
+    vec![
+        ("features", Dtype::F32, vec![b, d], f32_bytes(&p.features)),
+        ("weights", Dtype::F32, vec![c, d], f32_bytes(&p.classes)),
+        ("labels", Dtype::I64, vec![b], labels),
+    ]
+}
+
+fn write(path: &Path, entries: &[Entry]) {
+    let views: Vec<(String, TensorView<'_>)> = entries
+        .iter()
+        .map(|(n, t, s, d)| {
+            (
+                n.to_string(),
+                TensorView::new(*t, s.clone(), d).expect("view"),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).expect("serialize");
+    std::fs::write(path, bytes).expect("write input");
+}
+
+fn problem() -> Problem {
+    let mut p = Problem::random(Shape::new(23, 13, 57), 77);
+    p.labels[3] = IGNORE;
+    p
+}
+
+fn read_f32(file: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = file
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("output lacks {name}"));
+    assert_eq!(t.dtype(), Dtype::F32, "{name}");
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+#[test]
+fn loss_round_trip_through_safetensors() {
+    let d = dir("round-trip");
+    let p = problem();
+    let input = d.join("in.safetensors");
+    let output = d.join("out.safetensors");
+    let mut tensors = entries(&p);
+    tensors.push(("scale", Dtype::F32, vec![], f32_bytes(&[20.0])));
+    write(&input, &tensors);
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--verify",
+        "--margin",
+        "0.3",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "adapter",
+        "loss",
+        "accuracy",
+        "margin",
+        "time",
+        "grad_features",
+    ] {
+        assert!(stdout.contains(needle), "summary lacks {needle}: {stdout}");
+    }
+
+    let bytes = std::fs::read(&output).expect("output written");
+    let file = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let params = LossParams {
+        scale: 20.0,
+        margin: 0.3,
+        ..LossParams::default()
+    };
+    let expected =
+        reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params).expect("reference");
+    let (shape, loss) = read_f32(&file, "loss");
+    assert!(shape.is_empty());
+    assert!((f64::from(loss[0]) - expected.loss).abs() / expected.loss < 1e-5);
+    let (shape, gx) = read_f32(&file, "grad_features");
+    assert_eq!(shape, vec![23, 13]);
+    assert!(
+        reference::max_rel_error(
+            &gx,
+            &expected.grad_features,
+            expected.grad_features_magnitude
+        ) < 1e-4
+    );
+    let (shape, gw) = read_f32(&file, "grad_weights");
+    assert_eq!(shape, vec![57, 13]);
+    assert!(
+        reference::max_rel_error(&gw, &expected.grad_classes, expected.grad_classes_magnitude)
+            < 1e-4
+    );
+    let (_, gs) = read_f32(&file, "grad_scale");
+    assert!((f64::from(gs[0]) - expected.grad_scale).abs() < 1e-4);
+    for name in ["per_sample_loss", "target_cos", "best_other_cos"] {
+        assert_eq!(read_f32(&file, name).0, vec![23], "{name}");
+    }
+    let pred = file.tensor("pred").expect("pred");
+    assert_eq!((pred.dtype(), pred.shape()), (Dtype::I64, &[23usize][..]));
+}
+
+#[test]
+fn i32_labels_and_per_row_losses() {
+    let d = dir("i32");
+    let p = problem();
+    let mut tensors = entries(&p);
+    tensors[2] = (
+        "labels",
+        Dtype::I32,
+        vec![23],
+        p.labels
+            .iter()
+            .flat_map(|&l| if l == IGNORE { -1i32 } else { l as i32 }.to_le_bytes())
+            .collect(),
+    );
+    let input = d.join("in.safetensors");
+    let output = d.join("out.safetensors");
+    write(&input, &tensors);
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--reduction",
+        "none",
+        "--scale",
+        "16",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&output).expect("output");
+    let file = SafeTensors::deserialize(&bytes).expect("valid");
+    let (shape, loss) = read_f32(&file, "loss");
+    assert_eq!(shape, vec![23]);
+    let params = LossParams {
+        scale: 16.0,
+        reduction: Reduction::None,
+        ..LossParams::default()
+    };
+    let expected =
+        reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params).expect("reference");
+    assert!(reference::max_rel_error(&loss, &expected.row_loss, 0.0) < 1e-4);
+    assert_eq!(loss[3], 0.0, "the ignored row");
+}
+
+/// Runs `loss` on `entries` (or on raw `bytes`) and asserts exit 2, a message naming
+/// `needle`, and no output file.
+fn assert_bad_input(name: &str, file: Result<Vec<Entry>, Vec<u8>>, needle: &str) {
+    let d = dir(name);
+    let input = d.join("in.safetensors");
+    let output = d.join("out.safetensors");
+    match file {
+        Ok(entries) => write(&input, &entries),
+        Err(bytes) => std::fs::write(&input, bytes).expect("write"),
+    }
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{name}: message {stderr:?} lacks {needle:?}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{name}: one line: {stderr:?}"
+    );
+    assert!(!output.exists(), "{name}: output written despite the error");
+}
+
+#[test]
+fn every_bad_input_is_exit_2_naming_the_tensor() {
+    let p = problem();
+    let with = |edit: &dyn Fn(&mut Vec<Entry>)| {
+        let mut e = entries(&p);
+        edit(&mut e);
+        Ok(e)
+    };
+    assert_bad_input(
+        "missing",
+        with(&|e| {
+            e.remove(1);
+        }),
+        "`weights`: missing",
+    );
+    assert_bad_input(
+        "misnamed",
+        with(&|e| e[0].0 = "feature"),
+        "`features`: missing",
+    );
+    assert_bad_input(
+        "dtype",
+        with(&|e| {
+            e[0].1 = Dtype::F64;
+            e[0].2 = vec![23, 13];
+            e[0].3 = p
+                .features
+                .iter()
+                .flat_map(|&v| f64::from(v).to_le_bytes())
+                .collect();
+        }),
+        "`features`: expected dtype f32",
+    );
+    assert_bad_input(
+        "rank",
+        with(&|e| e[2].2 = vec![23, 1]),
+        "`labels`: expected B labels (rank 1)",
+    );
+    assert_bad_input(
+        "length",
+        with(&|e| {
+            e[2].2 = vec![22];
+            e[2].3.truncate(22 * 8);
+        }),
+        "`labels`: expected 23 labels",
+    );
+    assert_bad_input(
+        "columns",
+        with(&|e| {
+            e[1].2 = vec![57 * 13 / 19, 19];
+        }),
+        "`weights`: expected 13 columns",
+    );
+    assert_bad_input(
+        "label",
+        with(&|e| e[2].3[..8].copy_from_slice(&57i64.to_le_bytes())),
+        "`labels`: row 0 has label 57",
+    );
+    assert_bad_input(
+        "nan",
+        with(&|e| e[1].3[40..44].copy_from_slice(&f32::NAN.to_le_bytes())),
+        "`weights`: element 10 is NaN",
+    );
+    assert_bad_input(
+        "label dtype",
+        with(&|e| e[2].1 = Dtype::F64),
+        "`labels`: expected dtype i64 or i32",
+    );
+    let mut truncated = std::fs::read({
+        let d = dir("source");
+        let path = d.join("ok.safetensors");
+        write(&path, &entries(&p));
+        path
+    })
+    .expect("read");
+    truncated.truncate(truncated.len() - 100);
+    assert_bad_input(
+        "truncated",
+        Err(truncated),
+        "not a readable safetensors file",
+    );
+    assert_bad_input(
+        "garbage",
+        Err(b"not a tensor file".to_vec()),
+        "not a readable safetensors file",
+    );
+
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--input",
+        "/nonexistent/in.safetensors",
+        "--output",
+        "/tmp/never.safetensors",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/in.safetensors")
+    );
+}
+
+#[test]
+fn check_passes_on_this_adapter() {
+    let out = run(&[
+        "check",
+        "--quiet",
+        "--batch",
+        "37",
+        "--dim",
+        "20",
+        "--classes",
+        "301",
+        "--seed",
+        "5",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("PASS") && stdout.contains("grad_classes") && !stdout.contains("FAIL"),
+        "{stdout}"
+    );
+    let bad = run(&["check", "--quiet", "--classes", "0"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn adapters_and_help() {
+    let out = run(&["adapters"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timestamps"));
+    for sub in ["loss", "check", "adapters", "bench"] {
+        let out = run(&[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("--adapter"),
+            "{sub} --help lists --adapter"
+        );
+    }
+}
