@@ -12,7 +12,7 @@
 
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
-/// 1/max(‖w_j‖, ε), C values (from norms.wgsl).
+/// 1/max(‖w_j‖, ε), this chunk's classes (from norms.wgsl).
 @group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
 /// Per-call totals from the forward pass; only `valid_rows` (N) is read. Declared
 /// read_write because it may share a buffer with the gradient outputs, and WebGPU forbids
@@ -20,11 +20,12 @@
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
 /// Per-row LSE_i (and dL_i/ds, unused here), B values, from forward.wgsl.
 @group(0) @binding(8) var<storage, read> row_softmax: array<RowSoftmax>;
-/// gx̂ partials, one B×D block per feature split: index (split·B + i)·D + d. Workspace.
+/// gx̂ partials, one B×D block per feature split: index (split·B + i)·D + d; later chunks
+/// add into the same blocks. Workspace.
 @group(0) @binding(11) var<storage, read_write> feature_grad_partials: array<f32>;
 /// dL/dx, B×D. Caller's output.
 @group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
-/// dL/dw, C×D. Caller's output; also holds gŵ until the projection.
+/// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
 /// Unfused baseline only: the B×C cosines, overwritten with G by `logit_grads`. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
@@ -39,7 +40,7 @@ fn grad_coef() -> f32 {
     return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
-/// G_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a class j < C.
+/// G_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a global class j.
 fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
     let is_target = j == y;
     let z = params.scale * (c - select(0.0, params.margin, is_target));
@@ -64,7 +65,7 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
             if (y != IGNORE && j < params.classes) {
                 let inv_x = inv_norm_features[i];
                 let inv_w = inv_norm_classes[j];
-                g = grad_logit(dots[r][q] * inv_x * inv_w, i, j, y, coef) *
+                g = grad_logit(dots[r][q] * inv_x * inv_w, i, params.class_offset + j, y, coef) *
                     select(inv_x, inv_w, scale_by_class);
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
@@ -87,33 +88,52 @@ fn block_layout(flat: u32, out_rows: u32) -> BlockLayout {
     return BlockLayout(flat % groups, groups, flat / groups, ROWS_WG * CLASSES_WG / groups);
 }
 
-/// One invocation's register block of G_tile·V for the columns from d0: the reduction
-/// runs over `n_red` entries, g_tile is read at out_row·g_out_stride + e·g_red_stride, and
-/// V's row e is row operand_row0 + e of x (from_features) or of w. Columns past D read
-/// the last column; callers mask them.
-fn tile_product(lay: BlockLayout, d0: u32, n_red: u32, g_out_stride: u32, g_red_stride: u32,
-                from_features: bool, operand_row0: u32) -> array<array<f32, CLASS_BLOCK>, ROW_BLOCK> {
-    let d_len = params.dim;
+/// Where one tile-gradient product reads: g_tile at out_row·g_out_stride + e·g_red_stride,
+/// and V's row e as row operand_row0 + e of x (from_features) or of w.
+struct ProductOperands {
+    g_out_stride: u32,
+    g_red_stride: u32,
+    from_features: bool,
+    operand_row0: u32,
+}
+
+/// acc += G_tile[rows, e] ⊗ V[e, columns] for one reduction index e.
+fn product_step(acc: ptr<function, Block>, lay: BlockLayout, ops: ProductOperands,
+                col: array<u32, CLASS_BLOCK>, e: u32) {
+    var g: array<f32, ROW_BLOCK>;
+    var v: array<f32, CLASS_BLOCK>;
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        g[r] = g_tile[(lay.group + r * lay.groups) * ops.g_out_stride + e * ops.g_red_stride];
+    }
+    let base = (ops.operand_row0 + e) * params.dim;
+    if (ops.from_features) {
+        for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = features[base + col[q]]; }
+    } else {
+        for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = class_vectors[base + col[q]]; }
+    }
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        for (var q = 0u; q < CLASS_BLOCK; q++) {
+            (*acc)[r][q] = fma(g[r], v[q], (*acc)[r][q]);
+        }
+    }
+}
+
+/// One invocation's register block of G_tile·V for the columns from d0, reducing over
+/// `n_red` entries in order (four per loop iteration, for llvmpipe's loop budget).
+/// Columns past D read the last column; callers mask them.
+fn tile_product(lay: BlockLayout, d0: u32, n_red: u32, ops: ProductOperands) -> Block {
     var col: array<u32, CLASS_BLOCK>;
-    for (var q = 0u; q < CLASS_BLOCK; q++) { col[q] = min(d0 + lay.lane + q * lay.lanes, d_len - 1u); }
-    var acc: array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
-    for (var e = 0u; e < n_red; e++) {
-        var g: array<f32, ROW_BLOCK>;
-        var v: array<f32, CLASS_BLOCK>;
-        for (var r = 0u; r < ROW_BLOCK; r++) {
-            g[r] = g_tile[(lay.group + r * lay.groups) * g_out_stride + e * g_red_stride];
-        }
-        let base = (operand_row0 + e) * d_len;
-        if (from_features) {
-            for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = features[base + col[q]]; }
-        } else {
-            for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = class_vectors[base + col[q]]; }
-        }
-        for (var r = 0u; r < ROW_BLOCK; r++) {
-            for (var q = 0u; q < CLASS_BLOCK; q++) {
-                acc[r][q] = fma(g[r], v[q], acc[r][q]);
-            }
-        }
+    for (var q = 0u; q < CLASS_BLOCK; q++) { col[q] = min(d0 + lay.lane + q * lay.lanes, params.dim - 1u); }
+    var acc: Block;
+    var e = 0u;
+    for (; e + 4u <= n_red; e += 4u) {
+        product_step(&acc, lay, ops, col, e);
+        product_step(&acc, lay, ops, col, e + 1u);
+        product_step(&acc, lay, ops, col, e + 2u);
+        product_step(&acc, lay, ops, col, e + 3u);
+    }
+    for (; e < n_red; e++) {
+        product_step(&acc, lay, ops, col, e);
     }
     return acc;
 }
@@ -136,14 +156,15 @@ fn grad_feature_partials(@builtin(workgroup_id) wid: vec3<u32>,
         workgroupBarrier();
         let n_classes = min(tile_classes(), class_end - tile);
         for (var d0 = 0u; d0 < d_len; d0 += lay.lanes * CLASS_BLOCK) {
-            let acc = tile_product(lay, d0, n_classes, tile_classes(), 1u, false, tile);
+            let acc = tile_product(lay, d0, n_classes, ProductOperands(tile_classes(), 1u, false, tile));
             for (var r = 0u; r < ROW_BLOCK; r++) {
                 let i = row_tile0 + lay.group + r * lay.groups;
                 for (var q = 0u; q < CLASS_BLOCK; q++) {
                     let d = d0 + lay.lane + q * lay.lanes;
                     if (i >= params.batch || d >= d_len) { continue; }
                     let idx = (split * params.batch + i) * d_len + d;
-                    let old = select(feature_grad_partials[idx], 0.0, tile == class_begin);
+                    let fresh = tile == class_begin && params.accumulate == 0u;
+                    let old = select(feature_grad_partials[idx], 0.0, fresh);
                     feature_grad_partials[idx] = old + acc[r][q];
                 }
             }
@@ -186,8 +207,9 @@ fn grad_features_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     }
 }
 
-/// Workgroup per class tile (grid folded into x, y): gŵ_j over every row tile in row
-/// order, into grad_classes, then the projection in place. Each (j, d) has one owner.
+/// Workgroup per class tile (grid folded into x, y): gŵ_j over the row tiles of this
+/// pass in row order, added into grad_classes (the pass from row 0 overwrites), then, in
+/// the last pass, the projection in place. Each (j, d) has one owner.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>,
@@ -199,12 +221,12 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let wg_size = ROWS_WG * CLASSES_WG;
     let n_classes = min(tile_classes(), params.classes - class_tile0);
     let lay = block_layout(flat, tile_classes());
-    for (var row_tile0 = 0u; row_tile0 < params.batch; row_tile0 += tile_rows()) {
+    for (var row_tile0 = params.row_begin; row_tile0 < params.row_end; row_tile0 += tile_rows()) {
         fill_g_tile(row_tile0, class_tile0, lid, coef, false);
         workgroupBarrier();
         let n_rows = min(tile_rows(), params.batch - row_tile0);
         for (var d0 = 0u; d0 < d_len; d0 += lay.lanes * CLASS_BLOCK) {
-            let acc = tile_product(lay, d0, n_rows, 1u, tile_classes(), true, row_tile0);
+            let acc = tile_product(lay, d0, n_rows, ProductOperands(1u, tile_classes(), true, row_tile0));
             for (var r = 0u; r < ROW_BLOCK; r++) {
                 let ci = lay.group + r * lay.groups;
                 for (var q = 0u; q < CLASS_BLOCK; q++) {
@@ -218,6 +240,8 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         }
         workgroupBarrier();
     }
+    // The last row pass projects; earlier passes leave gŵ for the next one.
+    if (params.row_end < params.batch) { return; }
     storageBarrier();
     for (var ci = flat; ci < n_classes; ci += wg_size) {
         let base = (class_tile0 + ci) * d_len;

@@ -8,18 +8,29 @@ struct Params {
     batch: u32,
     /// D: length of every feature and class vector.
     dim: u32,
-    /// C: rows of w.
+    /// Classes in this dispatch's chunk of w (all C unless w is bound in chunks).
     classes: u32,
-    /// How many class splits the forward pass uses (each split is a contiguous class range).
+    /// C: all classes; labels are checked against it.
+    total_classes: u32,
+    /// Global index of the chunk's first class (class-indexed buffers are bound from it).
+    class_offset: u32,
+    /// Forward splits (merged by `merge_rows`); every chunk uses the same split slots.
     forward_splits: u32,
     /// Classes per forward split, a multiple of the class tile.
     forward_split_classes: u32,
-    /// How many class splits dL/dx is accumulated over (one partial buffer each).
+    /// Feature-gradient splits (summed by `grad_features_finish`), shared by every chunk.
     feature_splits: u32,
-    /// Classes per feature split, a multiple of the class tile.
+    /// Classes per feature-gradient split, a multiple of the class tile.
     feature_split_classes: u32,
+    /// 1 after the first chunk: partials are merged into, not overwritten.
+    accumulate: u32,
+    /// Rows [row_begin, row_end) that this pass of `grad_classes_tile` sums over.
+    row_begin: u32,
+    row_end: u32,
     /// 0 = mean, 1 = sum, 2 = none (gradients of the sum).
     reduction: u32,
+    /// Rows of x the norms pass covers: B in the first chunk, 0 in later ones.
+    norm_feature_rows: u32,
     /// s, already max(s, s_min).
     scale: f32,
     /// m, subtracted from the target cosine.
@@ -81,10 +92,30 @@ fn tile_rows() -> u32 { return ROWS_WG * ROW_BLOCK; }
 /// Classes in one cosine tile.
 fn tile_classes() -> u32 { return CLASSES_WG * CLASS_BLOCK; }
 
+/// One invocation's register block: ROW_BLOCK rows × CLASS_BLOCK classes.
+alias Block = array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
+
+/// acc += x[rows, k] ⊗ w[classes, k], for the rows and classes starting at the given
+/// element offsets.
+fn dot_step(acc: ptr<function, Block>, row_base: array<u32, ROW_BLOCK>,
+            class_base: array<u32, CLASS_BLOCK>, k: u32) {
+    var xv: array<f32, ROW_BLOCK>;
+    var wv: array<f32, CLASS_BLOCK>;
+    for (var r = 0u; r < ROW_BLOCK; r++) { xv[r] = features[row_base[r] + k]; }
+    for (var q = 0u; q < CLASS_BLOCK; q++) { wv[q] = class_vectors[class_base[q] + k]; }
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        for (var q = 0u; q < CLASS_BLOCK; q++) {
+            (*acc)[r][q] = fma(xv[r], wv[q], (*acc)[r][q]);
+        }
+    }
+}
+
 /// Raw dot products x_i · w_j for the ROW_BLOCK × CLASS_BLOCK outputs of one invocation:
 /// rows row0 + r·ROWS_WG and classes class0 + q·CLASSES_WG. Out-of-range rows and
-/// classes read the last valid row/class; callers mask those outputs.
-fn dot_block(row0: u32, class0: u32) -> array<array<f32, CLASS_BLOCK>, ROW_BLOCK> {
+/// classes read the last valid row/class; callers mask those outputs. Each sum runs over
+/// k in order; the loop takes four k per iteration because llvmpipe (lavapipe) stops a
+/// shader invocation after 65535 loop iterations in all (see `plan.rs`, LOOP_BUDGET).
+fn dot_block(row0: u32, class0: u32) -> Block {
     let d = params.dim;
     var row_base: array<u32, ROW_BLOCK>;
     var class_base: array<u32, CLASS_BLOCK>;
@@ -94,17 +125,16 @@ fn dot_block(row0: u32, class0: u32) -> array<array<f32, CLASS_BLOCK>, ROW_BLOCK
     for (var q = 0u; q < CLASS_BLOCK; q++) {
         class_base[q] = min(class0 + q * CLASSES_WG, params.classes - 1u) * d;
     }
-    var acc: array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
-    for (var k = 0u; k < d; k++) {
-        var xv: array<f32, ROW_BLOCK>;
-        var wv: array<f32, CLASS_BLOCK>;
-        for (var r = 0u; r < ROW_BLOCK; r++) { xv[r] = features[row_base[r] + k]; }
-        for (var q = 0u; q < CLASS_BLOCK; q++) { wv[q] = class_vectors[class_base[q] + k]; }
-        for (var r = 0u; r < ROW_BLOCK; r++) {
-            for (var q = 0u; q < CLASS_BLOCK; q++) {
-                acc[r][q] = fma(xv[r], wv[q], acc[r][q]);
-            }
-        }
+    var acc: Block;
+    var k = 0u;
+    for (; k + 4u <= d; k += 4u) {
+        dot_step(&acc, row_base, class_base, k);
+        dot_step(&acc, row_base, class_base, k + 1u);
+        dot_step(&acc, row_base, class_base, k + 2u);
+        dot_step(&acc, row_base, class_base, k + 3u);
+    }
+    for (; k < d; k++) {
+        dot_step(&acc, row_base, class_base, k);
     }
     return acc;
 }
@@ -114,14 +144,14 @@ fn dot_block(row0: u32, class0: u32) -> array<array<f32, CLASS_BLOCK>, ROW_BLOCK
 @group(0) @binding(0) var<uniform> params: Params;
 /// x: features, B×D f32, row-major.
 @group(0) @binding(1) var<storage, read> features: array<f32>;
-/// w: class vectors, C×D f32, row-major.
+/// w: class vectors, row-major: this chunk's `classes` rows of D f32.
 @group(0) @binding(2) var<storage, read> class_vectors: array<f32>;
 /// y: B labels in 0..C, or IGNORE.
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
 
-/// The label of row i, or IGNORE if i is past B or the label is not a class.
+/// The (global) label of row i, or IGNORE if i is past B or the label is not a class.
 fn label_of(i: u32) -> u32 {
     if (i >= params.batch) { return IGNORE; }
     let y = labels[i];
-    return select(IGNORE, y, y < params.classes);
+    return select(IGNORE, y, y < params.total_classes);
 }

@@ -8,11 +8,12 @@
 
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
-/// 1/max(‖w_j‖, ε), C values (from norms.wgsl).
+/// 1/max(‖w_j‖, ε), this chunk's classes (from norms.wgsl).
 @group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
 /// Non-finite-input flags from norms.wgsl, one word. Workspace.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
-/// One SplitPartial per (split, row), index split·B + row. Workspace.
+/// One SplitPartial per (split, row), index split·B + row; later chunks merge into the
+/// same slots. Workspace.
 @group(0) @binding(7) var<storage, read_write> split_partials: array<SplitPartial>;
 /// Per-row log-sum-exp and dL/ds term, B values. Workspace, read by the backward pass.
 @group(0) @binding(8) var<storage, read_write> row_softmax: array<RowSoftmax>;
@@ -136,7 +137,7 @@ fn fold_lanes(first: u32, count: u32) -> SplitPartial {
 }
 
 /// Workgroup (split k, row tile t): the SplitPartial of each row of the tile over the
-/// classes of split k.
+/// classes of split k of this chunk. Class indices in the state are global.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
                         @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -163,7 +164,8 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
             if (j >= class_end) { break; }
             let inv_w = inv_norm_classes[j];
             for (var r = 0u; r < ROW_BLOCK; r++) {
-                state[r] = add_logit(state[r], dots[r][q] * inv_x[r] * inv_w, j, label[r]);
+                let c = dots[r][q] * inv_x[r] * inv_w;
+                state[r] = add_logit(state[r], c, params.class_offset + j, label[r]);
             }
         }
     }
@@ -176,7 +178,14 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
     for (var row = lid.y * CLASSES_WG + lid.x; row < tile_rows(); row += ROWS_WG * CLASSES_WG) {
         let i = wid.y * tile_rows() + row;
         if (i >= params.batch) { break; }
-        split_partials[split * params.batch + i] = fold_lanes(row * CLASSES_WG, CLASSES_WG);
+        let index = split * params.batch + i;
+        let fresh = fold_lanes(row * CLASSES_WG, CLASSES_WG);
+        // Later chunks cover higher classes: merging in chunk order keeps the result fixed.
+        if (params.accumulate == 1u) {
+            split_partials[index] = merge_partials(split_partials[index], fresh);
+        } else {
+            split_partials[index] = fresh;
+        }
     }
 }
 
@@ -236,8 +245,8 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
     var bad_label = 0u;
     for (var i = lid; i < params.batch; i += SUMMARY_WG) {
         let y = labels[i];
-        bad_label |= select(0u, FLAG_LABEL_OUT_OF_RANGE, y >= params.classes && y != IGNORE);
-        if (y < params.classes) {
+        bad_label |= select(0u, FLAG_LABEL_OUT_OF_RANGE, y >= params.total_classes && y != IGNORE);
+        if (y < params.total_classes) {
             loss += row_stats[i].loss;
             scale_grad += row_softmax[i].scale_grad;
             valid += 1u;

@@ -28,6 +28,21 @@ struct GemmShape {
 /// The m×n product, row-major; every element is overwritten.
 @group(0) @binding(23) var<storage, read_write> product: array<f32>;
 
+/// acc += lhs[rows, k] ⊗ rhs[k, columns], for rows and columns starting at the given
+/// element offsets.
+fn gemm_step(acc: ptr<function, Block>, lhs_base: array<u32, ROW_BLOCK>,
+             rhs_base: array<u32, CLASS_BLOCK>, k: u32) {
+    var a: array<f32, ROW_BLOCK>;
+    var b: array<f32, CLASS_BLOCK>;
+    for (var r = 0u; r < ROW_BLOCK; r++) { a[r] = lhs[lhs_base[r] + k * gemm.lhs_stride_k]; }
+    for (var q = 0u; q < CLASS_BLOCK; q++) { b[q] = rhs[rhs_base[q] + k * gemm.rhs_stride_k]; }
+    for (var r = 0u; r < ROW_BLOCK; r++) {
+        for (var q = 0u; q < CLASS_BLOCK; q++) {
+            (*acc)[r][q] = fma(a[r], b[q], (*acc)[r][q]);
+        }
+    }
+}
+
 /// Workgroup per (ROWS_WG·ROW_BLOCK)×(CLASSES_WG·CLASS_BLOCK) tile of the product, the
 /// tile index folded into (x, y) and walked along n first.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
@@ -47,17 +62,18 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     for (var q = 0u; q < CLASS_BLOCK; q++) {
         rhs_base[q] = min(col0 + q * CLASSES_WG, gemm.n - 1u) * gemm.rhs_stride_n;
     }
-    var acc: array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
-    for (var k = 0u; k < gemm.k; k++) {
-        var a: array<f32, ROW_BLOCK>;
-        var b: array<f32, CLASS_BLOCK>;
-        for (var r = 0u; r < ROW_BLOCK; r++) { a[r] = lhs[lhs_base[r] + k * gemm.lhs_stride_k]; }
-        for (var q = 0u; q < CLASS_BLOCK; q++) { b[q] = rhs[rhs_base[q] + k * gemm.rhs_stride_k]; }
-        for (var r = 0u; r < ROW_BLOCK; r++) {
-            for (var q = 0u; q < CLASS_BLOCK; q++) {
-                acc[r][q] = fma(a[r], b[q], acc[r][q]);
-            }
-        }
+    var acc: Block;
+    // Four k per iteration: llvmpipe stops an invocation after 65535 loop iterations in
+    // all, and k runs to C or B in the unfused gradient GEMMs.
+    var k = 0u;
+    for (; k + 4u <= gemm.k; k += 4u) {
+        gemm_step(&acc, lhs_base, rhs_base, k);
+        gemm_step(&acc, lhs_base, rhs_base, k + 1u);
+        gemm_step(&acc, lhs_base, rhs_base, k + 2u);
+        gemm_step(&acc, lhs_base, rhs_base, k + 3u);
+    }
+    for (; k < gemm.k; k++) {
+        gemm_step(&acc, lhs_base, rhs_base, k);
     }
     for (var r = 0u; r < ROW_BLOCK; r++) {
         let row = row0 + r * ROWS_WG;

@@ -5,7 +5,7 @@
 
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
-/// 1/max(‖w_j‖, ε), C values (0 for a row holding a non-finite value).
+/// 1/max(‖w_j‖, ε), this chunk's classes (0 for a row holding a non-finite value).
 @group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
 /// Unfused baseline only: x̂, B×D. Workspace.
 @group(0) @binding(14) var<storage, read_write> unit_features: array<f32>;
@@ -52,11 +52,13 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
     return inv_amax / root;
 }
 
-/// This invocation's row of the stacked [x; w], as (1 for a row of x else 0, the row
-/// within x or w); rows past the end of w have a row index ≥ C.
+/// This invocation's row of the stacked [x; w chunk], as (1 for a row of x else 0, the
+/// row within x or the chunk); rows past the chunk's end have a row index ≥ its classes.
+/// x takes part only where norm_feature_rows = B (the first chunk).
 fn stacked_row(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
     let row = (wid.x + wid.y * nwg.x) * NORM_WG + lid;
-    return select(vec2<u32>(0u, row - params.batch), vec2<u32>(1u, row), row < params.batch);
+    let split = params.norm_feature_rows;
+    return select(vec2<u32>(0u, row - split), vec2<u32>(1u, row), row < split);
 }
 
 @compute @workgroup_size(NORM_WG)

@@ -21,6 +21,9 @@ pub struct ContextOptions {
     pub tiles: TileConfig,
     /// Longest wait for the GPU in the slice API; `None` waits without a bound.
     pub timeout: Option<Duration>,
+    /// Binds at most this many bytes of one buffer at a time (default: the device's
+    /// `max_storage_buffer_binding_size`). Larger class matrices are bound in chunks.
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// A device, its queue and the compiled pipelines. Cheap to share: `Send + Sync`.
@@ -30,6 +33,8 @@ pub struct Context {
     pub(crate) queue: wgpu::Queue,
     pub(crate) info: wgpu::AdapterInfo,
     pub(crate) limits: wgpu::Limits,
+    /// The most bytes one storage binding covers: the limit, or less if asked.
+    pub(crate) max_binding: u64,
     pub(crate) kernels: Kernels,
     pub(crate) tiles: TileConfig,
     pub(crate) timeout: Option<Duration>,
@@ -120,6 +125,9 @@ impl Context {
         context.info = adapter.get_info();
         context.lost = lost;
         context.timeout = options.timeout;
+        if let Some(bytes) = options.max_binding_bytes {
+            context.max_binding = context.max_binding.min(bytes.max(1));
+        }
         Ok(context)
     }
 
@@ -157,6 +165,9 @@ impl Context {
             return Err(Error::Gpu(e.to_string()));
         }
         Ok(Context {
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
             info: device.adapter_info(),
             device,
             queue,

@@ -135,17 +135,6 @@ pub(crate) struct Region<'a> {
     pub bytes: u64,
 }
 
-impl<'a> Region<'a> {
-    /// Binds exactly the region's bytes.
-    pub(crate) fn binding(&self) -> wgpu::BufferBinding<'a> {
-        wgpu::BufferBinding {
-            buffer: self.region.buffer,
-            offset: self.region.offset,
-            size: std::num::NonZeroU64::new(self.bytes),
-        }
-    }
-}
-
 /// The first three regions are inputs, the rest outputs. An output may not share a buffer
 /// with an input (WebGPU forbids one buffer as read-only and writable storage in one
 /// dispatch), and outputs may not overlap.
@@ -206,14 +195,6 @@ pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
             r.region.offset,
             r.bytes
         ));
-    }
-    let max_binding = ctx.limits.max_storage_buffer_binding_size;
-    if r.bytes > max_binding {
-        return Err(Error::TooLarge {
-            what: r.role,
-            size: r.bytes,
-            limit: max_binding,
-        });
     }
     Ok(())
 }

@@ -11,6 +11,19 @@ use crate::kernels::{
 };
 use crate::params::LossParams;
 
+/// One dispatch of a recording.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    kernel: &'a Kernel,
+    grid: (u32, u32),
+    /// The class chunk it covers.
+    chunk: usize,
+    /// The dL/dw row pass it covers.
+    pass: usize,
+    /// The unfused GEMM it runs (matmul steps).
+    gemm: Option<usize>,
+}
+
 /// How the loss is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Algorithm {
@@ -22,15 +35,30 @@ pub enum Algorithm {
     Unfused,
 }
 
-/// How the class axis is cut for one shape (fused algorithm).
+/// One chunk of the class matrix: the classes one binding of w covers, and how the
+/// fused passes split them. Every chunk uses the same partial slots; chunks after the
+/// first merge into them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    row_tiles: u32,
+struct Chunk {
+    class_offset: u32,
+    classes: u32,
     class_tiles: u32,
     forward_splits: u32,
     forward_split_classes: u32,
     feature_splits: u32,
     feature_split_classes: u32,
+}
+
+/// How a shape is cut: row tiles, class chunks with their splits, and the row passes
+/// of `grad_classes_tile`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Geometry {
+    row_tiles: u32,
+    chunks: Vec<Chunk>,
+    forward_splits: u32,
+    feature_splits: u32,
+    /// Row ranges [begin, end) of the dL/dw passes, in row order.
+    row_passes: Vec<(u32, u32)>,
 }
 
 /// Workgroups the split passes aim for, so that a small batch still fills the device.
@@ -39,6 +67,12 @@ const TARGET_WORKGROUPS: u32 = 512;
 const MAX_FORWARD_SPLITS: u32 = 32;
 /// Most feature-gradient splits: each costs a B×D partial of workspace.
 const MAX_FEATURE_SPLITS: u32 = 8;
+/// Loop iterations one invocation may run, counted over all its loops. llvmpipe, the
+/// software rasteriser behind lavapipe, ends an invocation after 65535 of them
+/// (LP_MAX_TGSI_LOOP_ITERATIONS) and carries on with wrong results; plans keep every
+/// invocation under half of that by cutting classes into chunks and rows into passes.
+/// Other drivers have no such limit; the cuts only add dispatches.
+const LOOP_BUDGET: u64 = 32768;
 /// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
 const SPLIT_PARTIAL_BYTES: u64 = 24;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
@@ -47,20 +81,23 @@ const FLAGS_BYTES: u64 = 4;
 const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
 
-/// Cuts `class_tiles` tiles into at most `max_splits` contiguous splits of equal whole
-/// tiles, none empty; returns (splits, classes per split).
-fn class_splits(
-    classes: u32,
-    class_tiles: u32,
-    row_tiles: u32,
-    max_splits: u32,
-    tile: u32,
-) -> (u32, u32) {
-    let wanted = TARGET_WORKGROUPS
-        .div_ceil(row_tiles)
-        .clamp(1, max_splits.min(class_tiles));
-    let split_classes = class_tiles.div_ceil(wanted) * tile;
+/// How many splits a split pass aims for: enough workgroups to fill the device.
+fn wanted_splits(row_tiles: u32, max_splits: u32) -> u32 {
+    TARGET_WORKGROUPS.div_ceil(row_tiles).clamp(1, max_splits)
+}
+
+/// Cuts a chunk's `class_tiles` tiles into `wanted` (at most) contiguous splits of equal
+/// whole tiles, none empty; returns (splits, classes per split).
+fn class_splits(classes: u32, class_tiles: u32, wanted: u32, tile: u32) -> (u32, u32) {
+    let split_classes = class_tiles.div_ceil(wanted.min(class_tiles)) * tile;
     (classes.div_ceil(split_classes), split_classes)
+}
+
+/// Loop iterations of one cosine tile plus its gradient product over a tile of `other`
+/// rows or classes (dot: D/4; product: ⌈D/width⌉ column blocks of other/4), with slack
+/// for the short fixed loops and remainders.
+fn tile_iterations(dim: u64, width: u64, other: u64) -> u64 {
+    dim / 4 + dim.div_ceil(width) * (other / 4 + 4) + 16
 }
 
 fn to_u32(what: &'static str, n: usize) -> Result<u32> {
@@ -71,15 +108,26 @@ fn to_u32(what: &'static str, n: usize) -> Result<u32> {
     })
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 impl Geometry {
-    fn new(ctx: &Context, shape: Shape) -> Result<Geometry> {
+    /// Class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
+    /// whose byte offsets meet the storage offset alignment, and small enough that no
+    /// invocation exceeds LOOP_BUDGET (the fused algorithm; the unfused one has one chunk).
+    fn new(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
         to_u32("dim", shape.dim)?;
         let tiles = ctx.tiles;
-        let row_tiles = batch.div_ceil(tiles.tile_rows());
-        let class_tiles = classes.div_ceil(tiles.tile_classes());
+        let (tile_rows, tile_classes) = (tiles.tile_rows(), tiles.tile_classes());
+        let row_tiles = batch.div_ceil(tile_rows);
         let limit = ctx.limits.max_compute_workgroups_per_dimension;
         if row_tiles > limit {
             return Err(Error::TooLarge {
@@ -88,17 +136,93 @@ impl Geometry {
                 limit: u64::from(limit),
             });
         }
-        let split = |max| class_splits(classes, class_tiles, row_tiles, max, tiles.tile_classes());
-        let (forward_splits, forward_split_classes) = split(MAX_FORWARD_SPLITS);
-        let (feature_splits, feature_split_classes) = split(MAX_FEATURE_SPLITS);
+        let d = shape.dim as u64;
+        let row_bytes = d * 4;
+        let b = u64::from(batch);
+        // All chunks share one binding each of forward and feature-gradient partials.
+        let fits = |per_split: u64| ctx.max_binding / per_split.max(1);
+        let forward_wanted = wanted_splits(row_tiles, MAX_FORWARD_SPLITS)
+            .min(fits(SPLIT_PARTIAL_BYTES * b).min(u64::from(u32::MAX)) as u32);
+        let feature_wanted = wanted_splits(row_tiles, MAX_FEATURE_SPLITS)
+            .min(fits(b * row_bytes).min(u64::from(u32::MAX)) as u32);
+        if forward_wanted == 0 || feature_wanted == 0 {
+            return Err(Error::TooLarge {
+                what: "one B×D feature-gradient partial",
+                size: b * row_bytes,
+                limit: ctx.max_binding,
+            });
+        }
+        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
+        let tile = u64::from(tile_classes);
+        // Chunk starts are multiples of `quantum` classes: byte offsets stay aligned for w,
+        // its gradient and the per-class norms, and chunks hold whole tiles.
+        let quantum = {
+            let by_row = align / gcd(align, row_bytes);
+            let by_norm = align / 4;
+            let q = by_row * by_norm / gcd(by_row, by_norm);
+            q * tile / gcd(q, tile)
+        };
+        let (chunk_classes, row_passes) = match algorithm {
+            Algorithm::Unfused => (classes, vec![(0, batch)]),
+            Algorithm::Fused => {
+                let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
+                let forward_fit = u64::from(forward_wanted)
+                    * tiles_per_split(tile_iterations(d, d.max(1), 0))
+                    * tile;
+                let feature_fit = u64::from(feature_wanted)
+                    * tiles_per_split(tile_iterations(d, tile, tile))
+                    * tile;
+                let binding_fit = ctx.max_binding / row_bytes;
+                let fit = forward_fit.min(feature_fit).min(binding_fit) / quantum * quantum;
+                if fit == 0 {
+                    return Err(Error::TooLarge {
+                        what: "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
+                        size: quantum * row_bytes,
+                        limit: ctx.max_binding,
+                    });
+                }
+                // The dL/dw passes: row tiles per pass within the budget, after the
+                // projection's 2·D iterations.
+                let per_pass = (LOOP_BUDGET.saturating_sub(2 * d + 16)
+                    / tile_iterations(d, u64::from(tile_rows), u64::from(tile_rows)))
+                .max(1) as u32;
+                let rows_per_pass = per_pass.saturating_mul(tile_rows);
+                let passes = (0..batch.div_ceil(rows_per_pass))
+                    .map(|p| (p * rows_per_pass, ((p + 1) * rows_per_pass).min(batch)))
+                    .collect();
+                (fit.min(u64::from(classes)) as u32, passes)
+            }
+        };
+        let mut chunks = Vec::new();
+        for class_offset in (0..classes).step_by(chunk_classes as usize) {
+            let classes = chunk_classes.min(classes - class_offset);
+            let class_tiles = classes.div_ceil(tile_classes);
+            let (forward_splits, forward_split_classes) =
+                class_splits(classes, class_tiles, forward_wanted, tile_classes);
+            let (feature_splits, feature_split_classes) =
+                class_splits(classes, class_tiles, feature_wanted, tile_classes);
+            chunks.push(Chunk {
+                class_offset,
+                classes,
+                class_tiles,
+                forward_splits,
+                forward_split_classes,
+                feature_splits,
+                feature_split_classes,
+            });
+        }
         Ok(Geometry {
             row_tiles,
-            class_tiles,
-            forward_splits,
-            forward_split_classes,
-            feature_splits,
-            feature_split_classes,
+            forward_splits: chunks.iter().map(|c| c.forward_splits).max().unwrap_or(1),
+            feature_splits: chunks.iter().map(|c| c.feature_splits).max().unwrap_or(1),
+            chunks,
+            row_passes,
         })
+    }
+
+    /// Uniform entries: one per (chunk, row pass), chunk-major.
+    fn uniforms(&self) -> usize {
+        self.chunks.len() * self.row_passes.len()
     }
 }
 
@@ -167,16 +291,16 @@ fn unfused_gemms(shape: Shape) -> [(GemmShape, Binding, Binding, Binding); 3] {
     ]
 }
 
-/// Byte stride of the GEMM shapes in their uniform buffer.
-fn gemm_stride(ctx: &Context) -> u64 {
-    GEMM_SHAPE_BYTES.next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment))
+/// Byte stride of consecutive uniform structs of `bytes` in one buffer.
+fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
+    bytes.next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment))
 }
 
 /// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
 /// the caller's inputs and outputs. Fused: O(B·(splits + D·feature_splits) + C), with at
 /// most 32 and 8 splits, whatever C is. Unfused: it holds the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
-    let g = Geometry::new(ctx, shape)?;
+    let g = Geometry::new(ctx, shape, algorithm)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
 }
 
@@ -187,9 +311,9 @@ fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: Algorithm) 
         .sum();
     let gemm = match algorithm {
         Algorithm::Fused => 0,
-        Algorithm::Unfused => 3 * gemm_stride(ctx),
+        Algorithm::Unfused => 3 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
     };
-    buffers + PARAMS_BYTES + gemm
+    buffers + g.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES) + gemm
 }
 
 /// The workspace and dispatch geometry for one shape on one context. Reuse it across
@@ -200,9 +324,10 @@ pub struct Plan {
     algorithm: Algorithm,
     geometry: Geometry,
     workspace_bytes: u64,
+    /// One GpuParams per (chunk, row pass), `uniform_stride` apart.
     params: wgpu::Buffer,
     workspace: Vec<(Binding, wgpu::Buffer)>,
-    /// Unfused only: the three GemmShapes, `gemm_stride` apart.
+    /// Unfused only: the three GemmShapes, `uniform_stride` apart.
     gemm_shapes: Option<wgpu::Buffer>,
 }
 
@@ -216,18 +341,24 @@ impl Plan {
     /// [`Error::TooLarge`] where a buffer would exceed the device's limits.
     pub fn with_algorithm(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Plan> {
         ctx.check_alive()?;
-        let geometry = Geometry::new(ctx, shape)?;
+        let geometry = Geometry::new(ctx, shape, algorithm)?;
         let layout = workspace_layout(shape, &geometry, algorithm);
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
-        let max_binding = ctx
-            .limits
-            .max_storage_buffer_binding_size
-            .min(ctx.limits.max_buffer_size);
-        let inputs = [
+        let max_binding = ctx.max_binding;
+        let biggest_chunk = geometry
+            .chunks
+            .iter()
+            .map(|k| u64::from(k.classes))
+            .max()
+            .unwrap_or(0);
+        let bound = [
             ("features (B·D·4 bytes)", b * d * 4),
-            ("class vectors (C·D·4 bytes)", c * d * 4),
+            (
+                "class vectors of one chunk (classes·D·4 bytes)",
+                biggest_chunk * d * 4,
+            ),
         ];
-        for (what, size) in inputs
+        for (what, size) in bound
             .into_iter()
             .chain(layout.iter().map(|&(bind, s)| (binding_name(bind), s)))
         {
@@ -238,6 +369,13 @@ impl Plan {
                     limit: max_binding,
                 });
             }
+        }
+        if c * d * 4 > ctx.limits.max_buffer_size {
+            return Err(Error::TooLarge {
+                what: "class vectors (C·D·4 bytes) in one buffer",
+                size: c * d * 4,
+                limit: ctx.limits.max_buffer_size,
+            });
         }
         if algorithm == Algorithm::Unfused && b * c > u64::from(u32::MAX) {
             return Err(Error::TooLarge {
@@ -268,7 +406,7 @@ impl Plan {
             })
         };
         let gemm_shapes = (algorithm == Algorithm::Unfused).then(|| {
-            let stride = gemm_stride(ctx);
+            let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
             let buffer = uniform("gemm_shapes", 3 * stride);
             for (k, (gemm, ..)) in unfused_gemms(shape).iter().enumerate() {
                 ctx.queue
@@ -276,12 +414,13 @@ impl Plan {
             }
             buffer
         });
+        let params_bytes = geometry.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES);
         Ok(Plan {
             shape,
             algorithm,
-            geometry,
             workspace_bytes: total_bytes(ctx, shape, &geometry, algorithm),
-            params: uniform("params", PARAMS_BYTES),
+            geometry,
+            params: uniform("params", params_bytes),
             workspace,
             gemm_shapes,
         })
@@ -381,23 +520,37 @@ impl Plan {
         }
         check_aliasing(&regions)?;
         let g = &self.geometry;
-        let mut gpu = GpuParams {
-            batch: b as u32,
-            dim: d as u32,
-            classes: c as u32,
-            forward_splits: g.forward_splits,
-            forward_split_classes: g.forward_split_classes,
-            feature_splits: g.feature_splits,
-            feature_split_classes: g.feature_split_classes,
-            reduction: 0,
-            scale: 0.0,
-            margin: 0.0,
-            scale_grad_gate: 0.0,
-            _pad: 0,
-        };
-        gpu.set_loss(params);
-        ctx.queue
-            .write_buffer(&self.params, 0, bytemuck::bytes_of(&gpu));
+        let stride = uniform_stride(ctx, PARAMS_BYTES);
+        let passes = g.row_passes.len();
+        let mut uniforms = vec![0u8; (stride * g.uniforms() as u64) as usize];
+        for (k, chunk) in g.chunks.iter().enumerate() {
+            for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
+                let mut gpu = GpuParams {
+                    batch: b as u32,
+                    dim: d as u32,
+                    classes: chunk.classes,
+                    total_classes: c as u32,
+                    class_offset: chunk.class_offset,
+                    forward_splits: g.forward_splits,
+                    forward_split_classes: chunk.forward_split_classes,
+                    feature_splits: g.feature_splits,
+                    feature_split_classes: chunk.feature_split_classes,
+                    accumulate: u32::from(k > 0),
+                    row_begin,
+                    row_end,
+                    reduction: 0,
+                    norm_feature_rows: if k == 0 { b as u32 } else { 0 },
+                    scale: 0.0,
+                    margin: 0.0,
+                    scale_grad_gate: 0.0,
+                    _pad: 0,
+                };
+                gpu.set_loss(params);
+                let at = (k * passes + pass) * stride as usize;
+                uniforms[at..at + PARAMS_BYTES as usize].copy_from_slice(bytemuck::bytes_of(&gpu));
+            }
+        }
+        ctx.queue.write_buffer(&self.params, 0, &uniforms);
         if let Some((_, flags)) = self
             .workspace
             .iter()
@@ -410,64 +563,86 @@ impl Plan {
         let max = ctx.limits.max_compute_workgroups_per_dimension;
         let per_row = |rows: u64| fold_grid(rows.div_ceil(u64::from(ROW_KERNEL_WORKGROUP)), max);
         let backward = outputs.grads.is_some();
-        // (kernel, grid, GEMM index for matmul steps)
-        let mut steps: Vec<(&Kernel, (u32, u32), Option<usize>)> =
-            vec![(&k.row_inv_norms, per_row(b + c)?, None)];
+        let rows_of = |k: usize| u64::from(g.chunks[k].classes) + if k == 0 { b } else { 0 };
+        let once = |kernel, grid| Step {
+            kernel,
+            grid,
+            chunk: 0,
+            pass: 0,
+            gemm: None,
+        };
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        for chunk in 0..g.chunks.len() {
+            steps.push(Step {
+                chunk,
+                ..once(&k.row_inv_norms, per_row(rows_of(chunk))?)
+            });
+        }
         match self.algorithm {
             Algorithm::Fused => {
-                steps.push((
-                    &k.class_split_partials,
-                    (g.forward_splits, g.row_tiles),
-                    None,
-                ));
-                steps.push((&k.merge_rows, per_row(b)?, None));
-                steps.push((&k.summarize, (1, 1), None));
+                for (chunk, part) in g.chunks.iter().enumerate() {
+                    let grid = (part.forward_splits, g.row_tiles);
+                    steps.push(Step {
+                        chunk,
+                        ..once(&k.class_split_partials, grid)
+                    });
+                }
+                steps.push(once(&k.merge_rows, per_row(b)?));
+                steps.push(once(&k.summarize, (1, 1)));
                 if backward {
-                    steps.push((
-                        &k.grad_feature_partials,
-                        (g.feature_splits, g.row_tiles),
-                        None,
-                    ));
-                    steps.push((&k.grad_features_finish, per_row(b)?, None));
-                    steps.push((
-                        &k.grad_classes_tile,
-                        fold_grid(u64::from(g.class_tiles), max)?,
-                        None,
-                    ));
+                    for (chunk, part) in g.chunks.iter().enumerate() {
+                        let grid = (part.feature_splits, g.row_tiles);
+                        steps.push(Step {
+                            chunk,
+                            ..once(&k.grad_feature_partials, grid)
+                        });
+                    }
+                    steps.push(once(&k.grad_features_finish, per_row(b)?));
+                    for (chunk, part) in g.chunks.iter().enumerate() {
+                        let grid = fold_grid(u64::from(part.class_tiles), max)?;
+                        for pass in 0..passes {
+                            steps.push(Step {
+                                chunk,
+                                pass,
+                                ..once(&k.grad_classes_tile, grid)
+                            });
+                        }
+                    }
                 }
             }
             Algorithm::Unfused => {
                 let gemms = unfused_gemms(self.shape);
-                let matmul = |index: usize| -> Result<_> {
-                    Ok((
-                        &k.matmul,
-                        fold_grid(gemms[index].0.workgroups(ctx.tiles), max)?,
-                        Some(index),
-                    ))
+                let matmul = |index: usize| -> Result<Step<'_>> {
+                    let grid = fold_grid(gemms[index].0.workgroups(ctx.tiles), max)?;
+                    Ok(Step {
+                        gemm: Some(index),
+                        ..once(&k.matmul, grid)
+                    })
                 };
-                steps.push((&k.normalize_rows, per_row(b + c)?, None));
+                steps.push(once(&k.normalize_rows, per_row(b + c)?));
                 steps.push(matmul(0)?);
-                steps.push((&k.logit_softmax_rows, fold_grid(b, max)?, None));
-                steps.push((&k.summarize, (1, 1), None));
+                steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
+                steps.push(once(&k.summarize, (1, 1)));
                 if backward {
-                    steps.push((&k.logit_grads, per_row(b * c)?, None));
+                    steps.push(once(&k.logit_grads, per_row(b * c)?));
                     steps.push(matmul(1)?);
                     steps.push(matmul(2)?);
-                    steps.push((&k.normalize_backward, per_row(b + c)?, None));
+                    steps.push(once(&k.normalize_backward, per_row(b + c)?));
                 }
             }
         }
         let dispatches = steps
             .iter()
-            .map(|&(kernel, grid, gemm)| {
-                let resources = kernel
+            .map(|step| {
+                let resources = step
+                    .kernel
                     .bindings
                     .iter()
-                    .map(|&binding| self.resource(ctx, binding, gemm, &regions))
+                    .map(|&binding| self.resource(ctx, binding, step, &regions))
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Dispatch {
-                    kernel,
-                    grid,
+                    kernel: step.kernel,
+                    grid: step.grid,
                     resources,
                 })
             })
@@ -476,39 +651,89 @@ impl Plan {
         Ok(())
     }
 
-    /// The buffer bound at `binding`: the plan's workspace, or a caller's region. For a
-    /// matmul step, the GEMM bindings resolve through that GEMM's operands.
+    /// The buffer bound at `binding` for `step`: the plan's workspace, or a
+    /// caller's region. Class-indexed buffers are bound from the chunk's first class; for
+    /// a matmul step, the GEMM bindings resolve through that GEMM's operands.
     fn resource<'b>(
         &'b self,
         ctx: &Context,
         binding: Binding,
-        gemm: Option<usize>,
+        step: &Step<'_>,
         regions: &'b [Region<'b>],
     ) -> Result<wgpu::BufferBinding<'b>> {
         let internal = |what: &str| Error::Gpu(format!("internal: no buffer for {what}"));
-        let caller = |role: &'static str| {
-            regions
+        let part = self
+            .geometry
+            .chunks
+            .get(step.chunk)
+            .ok_or_else(|| internal("a chunk"))?;
+        let gemm = step.gemm;
+        let row_bytes = self.shape.dim as u64 * 4;
+        // (first byte, bytes) of this chunk within a class-indexed buffer of `per_class` bytes a class.
+        let class_range = |per_class: u64| {
+            (
+                u64::from(part.class_offset) * per_class,
+                u64::from(part.classes) * per_class,
+            )
+        };
+        let caller = |role: &'static str, range: Option<(u64, u64)>| {
+            let r = regions
                 .iter()
                 .find(|r| r.role == role)
-                .map(Region::binding)
                 .ok_or(Error::BadBuffer {
                     role,
                     reason: "this pass needs it but none was given".into(),
-                })
+                })?;
+            let (skip, bytes) = range.unwrap_or((0, r.bytes));
+            Ok(wgpu::BufferBinding {
+                buffer: r.region.buffer,
+                offset: r.region.offset + skip,
+                size: std::num::NonZeroU64::new(bytes),
+            })
+        };
+        let own = |binding: Binding, range: Option<(u64, u64)>| {
+            let (_, buffer) = self
+                .workspace
+                .iter()
+                .find(|(b, _)| *b == binding)
+                .ok_or_else(|| internal(binding_name(binding)))?;
+            Ok(match range {
+                Some((offset, bytes)) => wgpu::BufferBinding {
+                    buffer,
+                    offset,
+                    size: std::num::NonZeroU64::new(bytes),
+                },
+                None => whole(buffer),
+            })
         };
         let operand = |pick: fn(&(GemmShape, Binding, Binding, Binding)) -> Binding| {
             let index = gemm.ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
-            self.resource(ctx, pick(&unfused_gemms(self.shape)[index]), None, regions)
+            let operand_step = Step {
+                gemm: None,
+                ..*step
+            };
+            self.resource(
+                ctx,
+                pick(&unfused_gemms(self.shape)[index]),
+                &operand_step,
+                regions,
+            )
         };
         match binding {
-            Binding::Params => Ok(whole(&self.params)),
-            Binding::Features => caller("features"),
-            Binding::ClassVectors => caller("classes"),
-            Binding::Labels => caller("labels"),
-            Binding::RowStats => caller("row_stats"),
-            Binding::Summary => caller("summary"),
-            Binding::GradFeatures => caller("grad_features"),
-            Binding::GradClasses => caller("grad_classes"),
+            Binding::Params => Ok(wgpu::BufferBinding {
+                buffer: &self.params,
+                offset: (step.chunk * self.geometry.row_passes.len() + step.pass) as u64
+                    * uniform_stride(ctx, PARAMS_BYTES),
+                size: std::num::NonZeroU64::new(PARAMS_BYTES),
+            }),
+            Binding::Features => caller("features", None),
+            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),
+            Binding::Labels => caller("labels", None),
+            Binding::RowStats => caller("row_stats", None),
+            Binding::Summary => caller("summary", None),
+            Binding::GradFeatures => caller("grad_features", None),
+            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
+            Binding::InvNormClasses => own(binding, Some(class_range(4))),
             Binding::GemmShape => {
                 let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
                 let buffer = self
@@ -517,19 +742,14 @@ impl Plan {
                     .ok_or_else(|| internal("GEMM shapes"))?;
                 Ok(wgpu::BufferBinding {
                     buffer,
-                    offset: index as u64 * gemm_stride(ctx),
+                    offset: index as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
                     size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
                 })
             }
             Binding::GemmLhs => operand(|g| g.1),
             Binding::GemmRhs => operand(|g| g.2),
             Binding::GemmProduct => operand(|g| g.3),
-            own => self
-                .workspace
-                .iter()
-                .find(|(b, _)| *b == own)
-                .map(|(_, buffer)| whole(buffer))
-                .ok_or_else(|| internal(binding_name(own))),
+            other => own(other, None),
         }
     }
 }

@@ -137,8 +137,15 @@ fn non_finite_inputs_are_flagged_on_the_gpu() {
 fn too_large_for_the_adapter() {
     let ctx = context();
     let limit = ctx.limits().max_storage_buffer_binding_size;
-    let classes = (limit / 4 / 64 + 1) as usize;
-    match margin_softmax::Plan::new(ctx, Shape::new(1, 64, classes)) {
+    // Features are bound whole: B·D·4 past one binding is refused.
+    let batch = (limit / 4 / 64 + 1) as usize;
+    match margin_softmax::Plan::new(ctx, Shape::new(batch, 64, 10)) {
+        Err(Error::TooLarge { .. }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // A class vector so long that no aligned chunk of classes fits one binding.
+    let dim = (limit / 4 / 32) as usize;
+    match margin_softmax::Plan::new(ctx, Shape::new(1, dim, 1000)) {
         Err(Error::TooLarge { .. }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
     }

@@ -26,8 +26,13 @@ fn workspace_grows_with_c_only_through_one_value_per_class() {
     let ctx = context();
     let at =
         |c| workspace_bytes(ctx, Shape::new(256, 128, c), Algorithm::Fused).expect("workspace");
-    // From C = 100 000 to 1 000 000, only the per-class inverse norms (4 bytes) grow.
-    assert_eq!(at(1_000_000) - at(100_000), 900_000 * 4);
+    // From C = 100 000 to 1 000 000, the per-class inverse norms grow by 4 bytes a
+    // class, and each extra class chunk adds one 256-byte uniform: nothing grows with B·C.
+    let growth = at(1_000_000) - at(100_000);
+    assert!(
+        (900_000 * 4..=900_000 * 4 + 900_000 / 10).contains(&growth),
+        "{growth}"
+    );
 }
 
 #[test]

@@ -1,0 +1,111 @@
+//! Class matrices larger than one storage binding are bound in chunks at buffer offsets,
+//! and the per-row log-sum-exp statistics are merged across chunks. Long class ranges
+//! and large batches are also cut so that no invocation exceeds llvmpipe's loop limit.
+
+mod common;
+
+use common::{check_output, context};
+use margin_softmax::{
+    reference, Context, ContextOptions, LossParams, Pass, Problem, Shape, IGNORE,
+};
+
+/// A context whose bindings are capped at `bytes`, so small problems need many chunks.
+fn capped(bytes: u64) -> Context {
+    pollster::block_on(Context::new(ContextOptions {
+        max_binding_bytes: Some(bytes),
+        ..ContextOptions::default()
+    }))
+    .expect("context")
+}
+
+#[test]
+fn many_chunks_match_the_reference() {
+    // 16 KiB bindings: with D = 24 a chunk holds 128 classes, so C = 1000 takes 8 chunks,
+    // the last one short and not a multiple of the tile.
+    let ctx = capped(16 * 1024);
+    for (b, d, c, seed) in [(21, 24, 1000, 1), (3, 24, 777, 2), (40, 7, 2000, 3)] {
+        let mut p = Problem::random(Shape::new(b, d, c), seed);
+        p.labels[0] = IGNORE;
+        // Labels in the last chunk and at chunk edges.
+        p.labels[1] = (c - 1) as u32;
+        p.labels[2] = 128;
+        let params = LossParams::default();
+        let out = ctx
+            .loss(
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .expect("chunked loss");
+        let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params)
+            .expect("reference");
+        check_output(&out, &expected, &p, &params, "chunked");
+        // The same bytes as without chunks would be too strong (the split order differs),
+        // but the unchunked result must agree within the same bounds.
+        let whole = context()
+            .loss(
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .expect("unchunked");
+        check_output(&whole, &expected, &p, &params, "unchunked");
+    }
+}
+
+#[test]
+fn class_matrix_just_over_128_mib() {
+    // C·D·4 = 66 000 · 512 · 4 = 135 168 000 bytes > 134 217 728 (128 MiB), the default
+    // and lavapipe's max_storage_buffer_binding_size.
+    let ctx = capped(128 << 20);
+    let shape = Shape::new(8, 512, 66_000);
+    assert!((shape.classes * shape.dim * 4) as u64 > 128 << 20);
+    let mut p = Problem::random(shape, 9);
+    p.labels[0] = 65_999;
+    p.labels[1] = 0;
+    let params = LossParams::default();
+    let out = ctx
+        .loss(
+            shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+            Pass::ForwardBackward,
+        )
+        .expect("loss over two chunks");
+    let expected =
+        reference::loss(shape, &p.features, &p.classes, &p.labels, &params).expect("reference");
+    check_output(&out, &expected, &p, &params, "C·D·4 > 128 MiB");
+}
+
+#[test]
+fn long_class_ranges_and_large_batches_stay_exact() {
+    // Before plans respected llvmpipe's 65535-iteration limit, each of these lost whole
+    // class splits of dL/dx (long splits) or rows of dL/dw (a large batch) on lavapipe;
+    // (1000, 2048, 40) takes two dL/dw row passes.
+    let ctx = context();
+    for (b, d, c) in [(8, 768, 12_000), (8, 64, 200_000), (1000, 2048, 40)] {
+        let p = Problem::random(Shape::new(b, d, c), 11);
+        let params = LossParams::default();
+        let out = ctx
+            .loss(
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .expect("loss");
+        let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params)
+            .expect("reference");
+        check_output(&out, &expected, &p, &params, "loop budget");
+    }
+}
