@@ -51,7 +51,8 @@ struct Summary {
     valid_rows: u32,
     /// Valid rows whose predicted class (argmax cosine) equals the label.
     correct_rows: u32,
-    /// Bit 0: non-finite value in x; bit 1: in w; bit 2: a label >= C that is not IGNORE.
+    /// Bit 0: non-finite value in x; bit 1: in w; bit 2: a label >= C that is not IGNORE;
+    /// bit 3: a non-finite loss or LSE (the raw dot products overflowed).
     flags: u32,
     _pad0: u32,
     _pad1: u32,
@@ -69,6 +70,12 @@ struct RowSoftmax {
 const FLAG_FEATURES_NON_FINITE: u32 = 1u;
 const FLAG_CLASSES_NON_FINITE: u32 = 2u;
 const FLAG_LABEL_OUT_OF_RANGE: u32 = 4u;
+const FLAG_OVERFLOW: u32 = 8u;
+
+/// True for ±inf and NaN, by the exponent bits (robust to drivers that assume finite math).
+fn is_non_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
+}
 
 /// Label value meaning "ignore this row" (-1 as i32).
 const IGNORE: u32 = 0xffffffffu;

@@ -242,10 +242,12 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
     var scale_grad = 0.0;
     var valid = 0u;
     var correct = 0u;
-    var bad_label = 0u;
+    var found = 0u; // FLAG_* bits seen by this lane
     for (var i = lid; i < params.batch; i += SUMMARY_WG) {
         let y = labels[i];
-        bad_label |= select(0u, FLAG_LABEL_OUT_OF_RANGE, y >= params.total_classes && y != IGNORE);
+        found |= select(0u, FLAG_LABEL_OUT_OF_RANGE, y >= params.total_classes && y != IGNORE);
+        let overflowed = is_non_finite(row_stats[i].loss) || is_non_finite(row_softmax[i].lse);
+        found |= select(0u, FLAG_OVERFLOW, overflowed);
         if (y < params.total_classes) {
             loss += row_stats[i].loss;
             scale_grad += row_softmax[i].scale_grad;
@@ -257,7 +259,7 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
     lane_scale_grad[lid] = scale_grad;
     lane_valid[lid] = valid;
     lane_correct[lid] = correct;
-    lane_flags[lid] = bad_label;
+    lane_flags[lid] = found;
     for (var half = SUMMARY_WG / 2u; half > 0u; half /= 2u) {
         workgroupBarrier();
         if (lid < half) {

@@ -24,11 +24,6 @@ fn input_value(is_features: bool, index: u32) -> f32 {
     return class_vectors[index];
 }
 
-/// True for ±inf and NaN, by the exponent bits (robust to drivers that assume finite math).
-fn is_non_finite(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
-}
-
 /// 1/max(‖v‖, ε) of the D values starting at `base`, or -1 if one is not finite.
 /// The row is scaled by its largest magnitude first, so squares neither overflow nor underflow.
 fn inv_norm(is_features: bool, base: u32) -> f32 {

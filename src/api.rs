@@ -1,7 +1,7 @@
 //! The slice API: host slices in, host vectors out. It drives the device API on
 //! buffers it owns and reuses across calls of the same shape.
 
-use crate::context::Context;
+use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
     flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
@@ -57,14 +57,14 @@ pub struct Gradients {
 #[derive(Debug)]
 pub(crate) struct SliceState {
     plan: Plan,
-    features: wgpu::Buffer,
-    classes: wgpu::Buffer,
-    labels: wgpu::Buffer,
-    row_stats: wgpu::Buffer,
-    summary: wgpu::Buffer,
-    grad_features: wgpu::Buffer,
-    grad_classes: wgpu::Buffer,
-    readback: wgpu::Buffer,
+    features: DeviceBuffer,
+    classes: DeviceBuffer,
+    labels: DeviceBuffer,
+    row_stats: DeviceBuffer,
+    summary: DeviceBuffer,
+    grad_features: DeviceBuffer,
+    grad_classes: DeviceBuffer,
+    readback: DeviceBuffer,
 }
 
 /// States kept per context; more concurrent shapes than this allocate afresh.
@@ -98,14 +98,7 @@ impl SliceState {
         let plan = Plan::with_algorithm(ctx, shape, algorithm)?;
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let layout = ReadbackLayout::new(shape);
-        let buffer = |label, size: u64, usage| {
-            ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
+        let buffer = |label, size: u64, usage| ctx.create_buffer(label, size, usage);
         use wgpu::BufferUsages as U;
         let input = U::STORAGE | U::COPY_DST;
         let output = U::STORAGE | U::COPY_SRC;
@@ -120,6 +113,25 @@ impl SliceState {
             readback: buffer("readback", layout.end, U::MAP_READ | U::COPY_DST),
             plan,
         })
+    }
+}
+
+impl SliceState {
+    /// True when every buffer is large enough for `shape`.
+    fn fits(&self, shape: Shape) -> bool {
+        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+        let layout = ReadbackLayout::new(shape);
+        [
+            (&self.features, b * d * 4),
+            (&self.classes, c * d * 4),
+            (&self.labels, b * 4),
+            (&self.row_stats, layout.grad_features - layout.row_stats),
+            (&self.grad_features, b * d * 4),
+            (&self.grad_classes, c * d * 4),
+            (&self.readback, layout.end),
+        ]
+        .iter()
+        .all(|(buffer, needed)| buffer.size() >= *needed)
     }
 }
 
@@ -247,15 +259,30 @@ impl Context {
         result
     }
 
+    /// A pooled state for `shape`: one of the same shape; else, when the pool is full,
+    /// one whose buffers are large enough (its plan is remade for the shape); else a new one.
     fn take_state(&self, shape: Shape, algorithm: Algorithm) -> Result<SliceState> {
         let reused = self.slice_pool.lock().ok().and_then(|mut pool| {
-            let index = pool
+            let exact = pool
                 .iter()
-                .position(|s| s.plan.shape() == shape && s.plan.algorithm() == algorithm)?;
+                .position(|s| s.plan.shape() == shape && s.plan.algorithm() == algorithm);
+            // Reuse a larger state only once the pool is full, so that a few shapes in
+            // turn each keep their own state.
+            let index = exact.or_else(|| {
+                (pool.len() >= POOL_SIZE)
+                    .then(|| pool.iter().position(|s| s.fits(shape)))
+                    .flatten()
+            })?;
             Some(pool.swap_remove(index))
         });
         match reused {
-            Some(state) => Ok(state),
+            Some(mut state) => {
+                if state.plan.shape() != shape || state.plan.algorithm() != algorithm {
+                    state.plan =
+                        self.gpu_scoped(|| Plan::with_algorithm(self, shape, algorithm))?;
+                }
+                Ok(state)
+            }
             None => self.gpu_scoped(|| SliceState::new(self, shape, algorithm)),
         }
     }
@@ -306,17 +333,17 @@ impl Context {
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
             let outputs = DeviceOutputs {
-                row_stats: BufferRegion::from(&state.row_stats),
-                summary: BufferRegion::from(&state.summary),
+                row_stats: BufferRegion::from(&*state.row_stats),
+                summary: BufferRegion::from(&*state.summary),
                 grads: with_grads.then_some(GradOutputs {
-                    features: BufferRegion::from(&state.grad_features),
-                    classes: BufferRegion::from(&state.grad_classes),
+                    features: BufferRegion::from(&*state.grad_features),
+                    classes: BufferRegion::from(&*state.grad_classes),
                 }),
             };
             let inputs = DeviceInputs {
-                features: BufferRegion::from(&state.features),
-                classes: BufferRegion::from(&state.classes),
-                labels: BufferRegion::from(&state.labels),
+                features: BufferRegion::from(&*state.features),
+                classes: BufferRegion::from(&*state.classes),
+                labels: BufferRegion::from(&*state.labels),
             };
             state
                 .plan
@@ -407,6 +434,9 @@ fn check_flags(bits: u32, shape: Shape) -> Result<()> {
     }
     if bits & flags::CLASSES_NON_FINITE != 0 {
         return Err(Error::NonFinite { input: "classes" });
+    }
+    if bits & flags::OVERFLOW != 0 {
+        return Err(Error::Overflow);
     }
     if bits & flags::LABEL_OUT_OF_RANGE != 0 {
         return Err(Error::LabelOutOfRange {

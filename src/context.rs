@@ -1,7 +1,7 @@
 //! The context: a wgpu device and queue, the adapter's facts, and the pipelines
 //! compiled once for that device.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,28 @@ pub struct Context {
     pub(crate) timeout: Option<Duration>,
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) slice_pool: Mutex<Vec<SliceState>>,
+    /// Bytes of every live buffer the crate allocated on this context.
+    allocated: Arc<AtomicU64>,
+}
+
+/// A buffer the crate allocated, counted in [`Context::allocated_bytes`] while it lives.
+#[derive(Debug)]
+pub(crate) struct DeviceBuffer {
+    buffer: wgpu::Buffer,
+    counter: Arc<AtomicU64>,
+}
+
+impl std::ops::Deref for DeviceBuffer {
+    type Target = wgpu::Buffer;
+    fn deref(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.buffer.size(), Ordering::SeqCst);
+    }
 }
 
 /// Parses `vulkan`, `metal`, `dx12`, `gl` (or a comma list of them, as `WGPU_BACKEND` does).
@@ -177,6 +199,7 @@ impl Context {
             timeout: None,
             lost: Arc::new(AtomicBool::new(false)),
             slice_pool: Mutex::new(Vec::new()),
+            allocated: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -210,6 +233,32 @@ impl Context {
     /// The cosine-tile shape the pipelines were compiled with.
     pub fn tiles(&self) -> TileConfig {
         self.tiles
+    }
+
+    /// Bytes of device memory the crate holds on this context right now: every plan's
+    /// workspace and the slice API's reusable buffers.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::SeqCst)
+    }
+
+    /// Creates a buffer counted in [`Context::allocated_bytes`].
+    pub(crate) fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> DeviceBuffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        });
+        self.allocated.fetch_add(size, Ordering::SeqCst);
+        DeviceBuffer {
+            buffer,
+            counter: self.allocated.clone(),
+        }
     }
 
     /// Sets the longest wait for the GPU in the slice API (`None`: no bound).

@@ -50,6 +50,8 @@ pub enum Error {
         /// `"features"` or `"classes"`.
         input: &'static str,
     },
+    /// The products of feature and class norms overflow f32 (|x_i|·|w_j| near 3e38).
+    Overflow,
     /// A buffer or dispatch would exceed an adapter limit.
     TooLarge {
         /// What is too large.
@@ -109,6 +111,11 @@ impl fmt::Display for Error {
             Error::NonFinite { input } => {
                 write!(f, "{input} holds NaN or infinity; every value must be finite")
             }
+            Error::Overflow => write!(
+                f,
+                "a logit overflowed f32: the norms of features and class vectors multiply past 3e38; \
+                 scale x or w down (the loss only depends on their directions)"
+            ),
             Error::TooLarge { what, size, limit } => write!(
                 f,
                 "{what} needs {size} but the adapter allows at most {limit}; use a smaller problem or an adapter with larger limits"

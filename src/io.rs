@@ -67,7 +67,7 @@ pub struct Summary {
     pub valid_rows: u32,
     /// Valid rows whose predicted class is the label.
     pub correct_rows: u32,
-    /// Bit 0: non-finite x; bit 1: non-finite w; bit 2: a label ≥ C that is not IGNORE.
+    /// Bits of [`flags`]: non-finite x or w, a label ≥ C that is not IGNORE, overflow.
     pub flags: u32,
     _pad: [u32; 3],
 }
@@ -80,6 +80,8 @@ pub mod flags {
     pub const CLASSES_NON_FINITE: u32 = 2;
     /// A label is ≥ C and not IGNORE (the row was treated as ignored).
     pub const LABEL_OUT_OF_RANGE: u32 = 4;
+    /// A loss or log-sum-exp is not finite: the raw dot products x·w overflowed f32.
+    pub const OVERFLOW: u32 = 8;
 }
 
 /// A region of a caller's buffer: `buffer[offset..offset + size]`, the size given by the shape.

@@ -1,7 +1,7 @@
 //! Plans: for one problem shape and algorithm, the workspace buffers and the dispatch
 //! geometry, and the recording of the passes into a command encoder.
 
-use crate::context::Context;
+use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
     check_aliasing, check_region, DeviceInputs, DeviceOutputs, Region, RowStats, Shape, Summary,
@@ -325,10 +325,10 @@ pub struct Plan {
     geometry: Geometry,
     workspace_bytes: u64,
     /// One GpuParams per (chunk, row pass), `uniform_stride` apart.
-    params: wgpu::Buffer,
-    workspace: Vec<(Binding, wgpu::Buffer)>,
+    params: DeviceBuffer,
+    workspace: Vec<(Binding, DeviceBuffer)>,
     /// Unfused only: the three GemmShapes, `uniform_stride` apart.
-    gemm_shapes: Option<wgpu::Buffer>,
+    gemm_shapes: Option<DeviceBuffer>,
 }
 
 impl Plan {
@@ -384,26 +384,22 @@ impl Plan {
                 limit: u64::from(u32::MAX),
             });
         }
-        let device = &ctx.device;
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
         let workspace = layout
             .iter()
             .map(|&(binding, size)| {
-                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(binding_name(binding)),
-                    size,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                (binding, buffer)
+                (
+                    binding,
+                    ctx.create_buffer(binding_name(binding), size, storage),
+                )
             })
             .collect();
         let uniform = |label, size| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
+            ctx.create_buffer(
+                label,
                 size,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
+                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            )
         };
         let gemm_shapes = (algorithm == Algorithm::Unfused).then(|| {
             let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
