@@ -26,7 +26,7 @@ fn main() -> Result<(), margin_softmax::Error> {
     )?;
     let elapsed = start.elapsed();
     let expected = reference::loss(shape, &features, &classes, &labels, &params)?;
-    let check = reference::compare(shape.dim, &out, &expected);
+    let check = reference::compare(shape.dim, &params, &out, &expected);
 
     let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
     println!("adapter    {}", ctx.describe());

@@ -41,10 +41,10 @@ fn grad_coef() -> f32 {
 }
 
 /// G_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a global class j.
+/// The target's G is −coef·(1 − p_iy), from the forward pass's cancellation-free value.
 fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
-    let is_target = j == y;
-    let z = params.scale * (c - select(0.0, params.margin, is_target));
-    return coef * (exp(z - row_softmax[i].lse) - select(0.0, 1.0, is_target));
+    if (j == y) { return -coef * row_softmax[i].target_complement; }
+    return coef * exp(params.scale * c - row_softmax[i].lse);
 }
 
 /// One cosine tile's G, pre-multiplied by 1/‖w_j‖ (dL/dx) or 1/‖x_i‖ (dL/dw),

@@ -65,6 +65,8 @@ struct RowSoftmax {
     lse: f32,
     /// dL_i/ds = Σ_j p_ij z_ij/s − z_iy/s (0 for ignored rows).
     scale_grad: f32,
+    /// 1 − p_iy, computed without cancellation (0 for ignored rows).
+    target_complement: f32,
 }
 
 const FLAG_FEATURES_NON_FINITE: u32 = 1u;

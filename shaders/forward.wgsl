@@ -32,6 +32,9 @@ struct SplitPartial {
     sum_exp: f32,
     /// T = Σ exp(z − M)·z/s, so that Σ_j p_j·z_j/s = T/S (for dL/ds).
     sum_exp_logit: f32,
+    /// The non-target part of S, Σ_{j≠y} exp(z_j − M): L_i and 1 − p_iy from it keep
+    /// their relative precision when the target dominates and L_i ≪ 1.
+    sum_exp_other: f32,
     /// c_iy if the label is among these classes, else NEG_BIG.
     target_cos: f32,
     /// max over non-target classes of c_ij, NEG_BIG if none.
@@ -52,7 +55,7 @@ struct RowStats {
 }
 
 fn empty_partial() -> SplitPartial {
-    return SplitPartial(NEG_BIG, 0.0, 0.0, NEG_BIG, NEG_BIG, NO_CLASS);
+    return SplitPartial(NEG_BIG, 0.0, 0.0, 0.0, NEG_BIG, NEG_BIG, NO_CLASS);
 }
 
 /// (M, S, T) ⊕ (M', S', T'), and the statistics; ties in best_other_cos keep the lower
@@ -65,6 +68,7 @@ fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
         m,
         a.sum_exp * fa + b.sum_exp * fb,
         a.sum_exp_logit * fa + b.sum_exp_logit * fb,
+        a.sum_exp_other * fa + b.sum_exp_other * fb,
         max(a.target_cos, b.target_cos),
         a.best_other_cos,
         a.best_other_class,
@@ -89,6 +93,7 @@ fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
         let f = exp(st.max_logit - z);
         st.sum_exp *= f;
         st.sum_exp_logit *= f;
+        st.sum_exp_other *= f;
         st.max_logit = z;
     }
     let e = exp(z - st.max_logit);
@@ -96,23 +101,58 @@ fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
     st.sum_exp_logit = fma(e, zc, st.sum_exp_logit);
     if (is_target) {
         st.target_cos = c;
-    } else if (c > st.best_other_cos) {
-        st.best_other_cos = c;
-        st.best_other_class = j;
+    } else {
+        st.sum_exp_other += e;
+        if (c > st.best_other_cos) {
+            st.best_other_cos = c;
+            st.best_other_class = j;
+        }
     }
     return st;
 }
 
-/// LSE_i = M + log S, L_i, dL_i/ds and the statistics of row i from its merged state.
+/// log(1 + x) for x ≥ 0, to a few ulp also where x ≪ 1 (WGSL has no log1p): below 0.5
+/// as 2·atanh(y), y = x/(2 + x), by its series (y ≤ 0.2: the terms past y¹⁵ are below
+/// 1e-12 relative); above, log(1 + x) ≥ 0.4 carries no cancellation.
+fn log1p_accurate(x: f32) -> f32 {
+    if (x > 0.5) { return log(1.0 + x); }
+    let y = x / (2.0 + x);
+    let y2 = y * y;
+    var series = 1.0 / 15.0;
+    series = fma(series, y2, 1.0 / 13.0);
+    series = fma(series, y2, 1.0 / 11.0);
+    series = fma(series, y2, 1.0 / 9.0);
+    series = fma(series, y2, 1.0 / 7.0);
+    series = fma(series, y2, 1.0 / 5.0);
+    series = fma(series, y2, 1.0 / 3.0);
+    series = fma(series, y2, 1.0);
+    return 2.0 * y * series;
+}
+
+/// LSE_i = M + log S, L_i, 1 − p_iy, dL_i/ds and the statistics of row i from its
+/// merged state.
 fn finish_row(i: u32, acc: SplitPartial) {
     let lse = acc.max_logit + log(acc.sum_exp);
     let y = label_of(i);
     let has_other = acc.best_other_class != NO_CLASS;
     var stats = RowStats(0.0, 0.0, select(-1.0, acc.best_other_cos, has_other), acc.best_other_class);
-    var softmax = RowSoftmax(lse, 0.0);
+    var softmax = RowSoftmax(lse, 0.0, 0.0);
     if (y != IGNORE) {
         let zc_target = acc.target_cos - params.margin;
-        stats.loss = lse - params.scale * zc_target;
+        let z_target = params.scale * zc_target;
+        // t = M − z_y ≥ 0. With X = Σ_{j≠y} exp(z_j − z_y), L_i = log(1 + X) and
+        // 1 − p_iy = X/(1 + X): both stay exact relative to themselves as X → 0, where
+        // lse − z_y and 1 − exp(z_y − lse) would cancel. For t > 10 the target is far
+        // from the top and the direct forms are already well conditioned.
+        let t = acc.max_logit - z_target;
+        if (t > 10.0) {
+            stats.loss = t + log(acc.sum_exp);
+            softmax.target_complement = 1.0 - exp(z_target - lse);
+        } else {
+            let other = acc.sum_exp_other * exp(t);
+            stats.loss = log1p_accurate(other);
+            softmax.target_complement = other / (1.0 + other);
+        }
         stats.target_cos = acc.target_cos;
         softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
         let target_wins = !has_other || acc.target_cos > acc.best_other_cos ||

@@ -63,7 +63,7 @@ struct Geometry {
 
 /// Workgroups the split passes aim for, so that a small batch still fills the device.
 const TARGET_WORKGROUPS: u32 = 512;
-/// Most forward splits: each costs 24 bytes per row of workspace.
+/// Most forward splits: each costs 28 bytes per row of workspace.
 const MAX_FORWARD_SPLITS: u32 = 32;
 /// Most feature-gradient splits: each costs a B×D partial of workspace.
 const MAX_FEATURE_SPLITS: u32 = 8;
@@ -74,9 +74,9 @@ const MAX_FEATURE_SPLITS: u32 = 8;
 /// Other drivers have no such limit; the cuts only add dispatches.
 const LOOP_BUDGET: u64 = 32768;
 /// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
-const SPLIT_PARTIAL_BYTES: u64 = 24;
+const SPLIT_PARTIAL_BYTES: u64 = 28;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
-const ROW_SOFTMAX_BYTES: u64 = 8;
+const ROW_SOFTMAX_BYTES: u64 = 12;
 const FLAGS_BYTES: u64 = 4;
 const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;

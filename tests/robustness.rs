@@ -40,7 +40,7 @@ fn eight_threads_share_one_context() {
                     let expected =
                         reference::loss(shape, &p.features, &p.classes, &p.labels, &params)
                             .expect("reference");
-                    let check = reference::compare(shape.dim, &out, &expected);
+                    let check = reference::compare(shape.dim, &params, &out, &expected);
                     assert!(
                         check.passes(),
                         "thread {t} call {call} {shape:?}: {check:?}"

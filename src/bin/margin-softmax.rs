@@ -260,7 +260,7 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
             &params,
         )
         .map_err(failure)?;
-        let check = reference::compare(shape.dim, &out, &expected);
+        let check = reference::compare(shape.dim, &params, &out, &expected);
         println!();
         print_comparison(&check);
         if !check.passes() {
@@ -307,7 +307,7 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
             reference::loss(shape, &p.features, &p.classes, &p.labels, &params)
         });
     let expected = expected.map_err(failure)?;
-    let check = reference::compare(shape.dim, &out, &expected);
+    let check = reference::compare(shape.dim, &params, &out, &expected);
     let workspace = workspace_bytes(&ctx, shape, Algorithm::Fused).map_err(failure)?;
     println!("adapter     {}", ctx.describe());
     println!(

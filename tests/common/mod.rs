@@ -51,7 +51,7 @@ pub fn check_output(
     params: &LossParams,
     what: &str,
 ) {
-    let check = reference::compare(p.shape.dim, out, expected);
+    let check = reference::compare(p.shape.dim, params, out, expected);
     assert!(
         check.passes(),
         "{what} ({:?}, {params:?}): {check:?}",
