@@ -141,7 +141,8 @@ pub enum Timing {
 pub struct BenchRow {
     /// The shape.
     pub shape: Shape,
-    /// `gemm`, `fused_forward`, `fused_forward_backward` or `unfused_forward_backward`.
+    /// `gemm`, `fused_forward`, `fused_forward_backward`, `unfused_forward_backward`, or
+    /// `slice_api_tiny_call` (the per-call host overhead, wall clock).
     pub op: &'static str,
     /// How it was timed.
     pub timing: Timing,
@@ -473,7 +474,39 @@ pub fn run(
         }
         rows.extend(shape_rows);
     }
+    progress("slice API host overhead: B=1 D=1 C=2");
+    rows.push(tiny_call_row(ctx, options)?);
     Ok(rows)
+}
+
+/// Wall time of one whole slice-API call (upload, record, submit, wait, read back) on
+/// the smallest problem, B = 1, D = 1, C = 2: the crate's per-call host overhead.
+fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
+    let shape = Shape::new(1, 1, 2);
+    let p = Problem::random(shape, 0);
+    let params = LossParams::default();
+    let calls = 20 * options.reps.max(1);
+    let mut samples = Vec::with_capacity(calls);
+    for run in 0..options.warmup + calls {
+        let start = Instant::now();
+        ctx.loss(shape, &p.features, &p.classes, &p.labels, &params, Pass::ForwardBackward)?;
+        if run >= options.warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(BenchRow {
+        shape,
+        op: "slice_api_tiny_call",
+        timing: Timing::WallClock,
+        seconds: [samples[samples.len() / 2], samples[0], samples[samples.len() - 1]],
+        flops: 0.0,
+        vs_gemm: f64::NAN,
+        fused_speedup: None,
+        workspace_bytes: 0,
+        device_bytes: 0,
+        skipped: None,
+    })
 }
 
 fn megabytes(bytes: u64) -> String {
@@ -502,6 +535,14 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         if let Some(why) = &r.skipped {
             out += &format!(
                 "| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n",
+                r.op
+            );
+            continue;
+        }
+        if r.op == "slice_api_tiny_call" {
+            let [med, min, max] = r.seconds.map(|s| s * 1e6);
+            out += &format!(
+                "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {med:.1} us ({min:.1}-{max:.1} us), wall clock of a whole slice-API call\n",
                 r.op
             );
             continue;
