@@ -8,7 +8,8 @@
 // `grad_features_finish` adds the splits in split order and projects.
 // dL/dw: `grad_classes_tile` gives each class tile one owner that loops over all rows.
 // The unfused baseline instead turns materialised cosines into G (`logit_grads`), takes
-// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`).
+// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`); the
+// chunked plan does the same a chunk of rows at a time (`chunk_grads`), on raw dots.
 
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
@@ -27,15 +28,18 @@
 @group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
 /// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
-/// Unfused baseline only: the B×C cosines, overwritten with G by `logit_grads`. Workspace.
+/// Unfused baseline: the B×C cosines, overwritten with G by `logit_grads`; chunked plan:
+/// the raw dots of rows [row_begin, row_end), overwritten with G by `chunk_grads`. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
+
 
 /// 1/ε: the inverse norm of a row shorter than ε, which is scaled, not projected.
 const INV_EPS: f32 = 1e12;
 
-/// G_ij / (p_ij − [j = y_i]): s/N for the mean (0 when N = 0), s for sum and none.
+/// G_ij / (p_ij − [j = y_i]): s/N for the mean (0 when N = 0), s for sum and none, and
+/// s when the 1/N is deferred to `normalize_backward`.
 fn grad_coef() -> f32 {
-    if (params.reduction != 0u) { return params.scale; }
+    if (params.reduction != 0u || params.defer_norm == 1u) { return params.scale; }
     let n = summary.valid_rows;
     return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
 }
@@ -269,13 +273,21 @@ fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     logits[e] = select(0.0, grad_logit(logits[e], i, j, y, grad_coef()), y != IGNORE);
 }
 
-/// Unfused baseline: one invocation per row of the stacked [x; w]; the gemm.wgsl results
-/// gx̂ (in grad_features) and gŵ (in grad_classes) are projected in place.
+/// The reduction's 1/N where G left it out (defer_norm), else 1.
+fn deferred_norm() -> f32 {
+    if (params.defer_norm == 0u || params.reduction != 0u) { return 1.0; }
+    let n = summary.valid_rows;
+    return select(1.0 / f32(max(n, 1u)), 0.0, n == 0u);
+}
+
+/// Unfused baseline and chunked plan: one invocation per row of the stacked [x; w]; the
+/// gemm.wgsl results gx̂ (in grad_features) and gŵ (in grad_classes) are projected in place.
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     let row = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
     let d_len = params.dim;
+    let norm = deferred_norm();
     if (row < params.batch) {
         let base = row * d_len;
         let inv = inv_norm_features[row];
@@ -283,7 +295,7 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         for (var d = 0u; d < d_len; d++) { dot = fma(features[base + d], grad_features[base + d], dot); }
         let along = projection_factor(dot, inv);
         for (var d = 0u; d < d_len; d++) {
-            grad_features[base + d] = (grad_features[base + d] - features[base + d] * along) * inv;
+            grad_features[base + d] = (grad_features[base + d] - features[base + d] * along) * inv * norm;
         }
     } else if (row < params.batch + params.classes) {
         let base = (row - params.batch) * d_len;
@@ -292,7 +304,26 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d], grad_classes[base + d], dot); }
         let along = projection_factor(dot, inv);
         for (var d = 0u; d < d_len; d++) {
-            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv;
+            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv * norm;
         }
     }
+}
+
+/// Chunked plan: one invocation per element of the chunk's rows × C raw dots (rows
+/// [row_begin, row_end) of this pass), turned into G_ij in place, without the 1/N.
+@compute @workgroup_size(ROW_WG)
+fn chunk_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    if (e >= (params.row_end - params.row_begin) * params.classes) { return; }
+    let local_row = e / params.classes;
+    let j = e - local_row * params.classes;
+    let i = params.row_begin + local_row;
+    let y = label_of(i);
+    var g = 0.0;
+    if (y != IGNORE) {
+        let c = logits[e] * inv_norm_features[i] * inv_norm_classes[j];
+        g = grad_logit(c, i, j, y, grad_coef());
+    }
+    logits[e] = g;
 }

@@ -37,7 +37,14 @@ struct Params {
     margin: f32,
     /// 1.0 when s >= s_min (the scale receives a gradient), else 0.0.
     scale_grad_gate: f32,
-    _pad: u32,
+    /// 1: `logits` holds raw dots x_i·w_j (the chunked plan), to be scaled by the inverse
+    /// norms; 0: it holds cosines (the unfused baseline).
+    raw_dots: u32,
+    /// 1: G leaves out the reduction's 1/N, applied once by `normalize_backward` (the
+    /// chunked plan computes G before N is known); 0: G includes it.
+    defer_norm: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 /// Per-call totals, written by `summarize` and read by the backward kernels.

@@ -21,7 +21,8 @@
 @group(0) @binding(9) var<storage, read_write> row_stats: array<RowStats>;
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
-/// Unfused baseline only: the B×C cosines c_ij, row-major (from gemm.wgsl). Workspace.
+/// Unfused baseline: the B×C cosines c_ij; chunked plan: the raw dots of rows
+/// [row_begin, row_end); row-major, from gemm.wgsl. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 /// Online softmax state of one row over a set of classes, plus the statistics.
@@ -245,18 +246,23 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     finish_row(i, acc);
 }
 
-/// Unfused baseline: one workgroup per row of the materialised cosines. Lanes take
-/// strided classes, then lane 0 folds them in lane order and finishes the row.
+/// Unfused baseline and chunked plan: one workgroup per row of the materialised logits
+/// (rows [row_begin, row_end), stored from row_begin). Lanes take strided classes, then
+/// lane 0 folds them in lane order and finishes the row.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lane: u32) {
-    let i = wid.x + wid.y * nwg.x;
-    if (i >= params.batch) { return; }
+    let i = params.row_begin + wid.x + wid.y * nwg.x;
+    if (i >= params.row_end) { return; }
     let lanes = ROWS_WG * CLASSES_WG;
     let y = label_of(i);
+    let base = (i - params.row_begin) * params.classes;
+    let raw = params.raw_dots == 1u;
+    let inv_x = select(1.0, inv_norm_features[i], raw);
     var st = empty_partial();
     for (var j = lane; j < params.classes; j += lanes) {
-        st = add_logit(st, logits[i * params.classes + j], j, y);
+        let c = logits[base + j] * select(1.0, inv_x * inv_norm_classes[j], raw);
+        st = add_logit(st, c, j, y);
     }
     lane_partials[lane] = st;
     workgroupBarrier();

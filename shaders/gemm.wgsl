@@ -1,10 +1,13 @@
-// Plain GEMM, product = lhs · rhs, with strided operands so that one kernel serves every
-// layout: the benchmark's floor x·wᵀ, and the unfused baseline's cosine matrix and its
-// two gradient GEMMs. Same tile shape and register blocking as the fused cosine tiles.
+// Plain GEMM, product (+)= lhs · rhs, with strided, offset operands and an optional
+// per-k scale of rhs, so that one kernel serves every layout: the benchmark's floor x·wᵀ,
+// the unfused baseline's cosine matrix and gradient GEMMs, and the chunked plan's
+// gx̂ = G·(inv_w ⊙ w) and gŵ += Gᵀ·(inv_x ⊙ x). Same tile shape and register blocking as
+// the fused cosine tiles.
 //
-//   product[m, n] = Σ_k lhs[m·lhs_stride_m + k·lhs_stride_k] · rhs[k·rhs_stride_k + n·rhs_stride_n]
+//   product[p + m·n + n'] (+)= Σ_k lhs[l + m·lhs_stride_m + k·lhs_stride_k]
+//                               · rhs[r + k·rhs_stride_k + n'·rhs_stride_n] · (k_scale[s + k])
 
-/// Sizes and strides of one GEMM. Mirrors `GemmShape` in Rust.
+/// Sizes, strides and offsets (in elements) of one GEMM. Mirrors `GemmShape` in Rust.
 struct GemmShape {
     /// Rows of the product.
     m: u32,
@@ -16,26 +19,39 @@ struct GemmShape {
     lhs_stride_k: u32,
     rhs_stride_k: u32,
     rhs_stride_n: u32,
-    _pad: u32,
+    lhs_offset: u32,
+    rhs_offset: u32,
+    product_offset: u32,
+    /// 1: add into the product (a later k-piece or row chunk); 0: overwrite it.
+    accumulate: u32,
+    /// 1: multiply rhs row k by k_scale[k_scale_offset + k]; 0: no scale.
+    scale_rhs_rows: u32,
+    k_scale_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
-/// Sizes and strides of this GEMM.
+/// Sizes, strides and offsets of this GEMM.
 @group(0) @binding(20) var<uniform> gemm: GemmShape;
-/// Left operand, read through lhs_stride_m and lhs_stride_k.
+/// Left operand.
 @group(0) @binding(21) var<storage, read> lhs: array<f32>;
-/// Right operand, read through rhs_stride_k and rhs_stride_n.
+/// Right operand.
 @group(0) @binding(22) var<storage, read> rhs: array<f32>;
-/// The m×n product, row-major; every element is overwritten.
+/// The m×n product, row-major from product_offset; every element is written.
 @group(0) @binding(23) var<storage, read_write> product: array<f32>;
+/// Per-k scale of rhs (inverse norms); bound to rhs itself when unused.
+@group(0) @binding(24) var<storage, read> k_scale: array<f32>;
 
-/// acc += lhs[rows, k] ⊗ rhs[k, columns], for rows and columns starting at the given
-/// element offsets.
+/// acc += lhs[rows, k] ⊗ (rhs[k, columns]·scale_k), for rows and columns starting at
+/// the given element offsets.
 fn gemm_step(acc: ptr<function, Block>, lhs_base: array<u32, ROW_BLOCK>,
              rhs_base: array<u32, CLASS_BLOCK>, k: u32) {
     var a: array<f32, ROW_BLOCK>;
     var b: array<f32, CLASS_BLOCK>;
+    let scale = select(1.0, k_scale[gemm.k_scale_offset + k], gemm.scale_rhs_rows == 1u);
     for (var r = 0u; r < ROW_BLOCK; r++) { a[r] = lhs[lhs_base[r] + k * gemm.lhs_stride_k]; }
-    for (var q = 0u; q < CLASS_BLOCK; q++) { b[q] = rhs[rhs_base[q] + k * gemm.rhs_stride_k]; }
+    for (var q = 0u; q < CLASS_BLOCK; q++) { b[q] = rhs[rhs_base[q] + k * gemm.rhs_stride_k] * scale; }
     for (var r = 0u; r < ROW_BLOCK; r++) {
         for (var q = 0u; q < CLASS_BLOCK; q++) {
             (*acc)[r][q] = fma(a[r], b[q], (*acc)[r][q]);
@@ -57,14 +73,14 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     var lhs_base: array<u32, ROW_BLOCK>;
     var rhs_base: array<u32, CLASS_BLOCK>;
     for (var r = 0u; r < ROW_BLOCK; r++) {
-        lhs_base[r] = min(row0 + r * ROWS_WG, gemm.m - 1u) * gemm.lhs_stride_m;
+        lhs_base[r] = gemm.lhs_offset + min(row0 + r * ROWS_WG, gemm.m - 1u) * gemm.lhs_stride_m;
     }
     for (var q = 0u; q < CLASS_BLOCK; q++) {
-        rhs_base[q] = min(col0 + q * CLASSES_WG, gemm.n - 1u) * gemm.rhs_stride_n;
+        rhs_base[q] = gemm.rhs_offset + min(col0 + q * CLASSES_WG, gemm.n - 1u) * gemm.rhs_stride_n;
     }
     var acc: Block;
     // Four k per iteration: llvmpipe stops an invocation after 65535 loop iterations in
-    // all, and k runs to C or B in the unfused gradient GEMMs.
+    // all; plans cut longer k ranges into accumulated pieces.
     var k = 0u;
     for (; k + 4u <= gemm.k; k += 4u) {
         gemm_step(&acc, lhs_base, rhs_base, k);
@@ -80,7 +96,8 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         for (var q = 0u; q < CLASS_BLOCK; q++) {
             let col = col0 + q * CLASSES_WG;
             if (row < gemm.m && col < gemm.n) {
-                product[row * gemm.n + col] = acc[r][q];
+                let at = gemm.product_offset + row * gemm.n + col;
+                product[at] = select(acc[r][q], product[at] + acc[r][q], gemm.accumulate == 1u);
             }
         }
     }

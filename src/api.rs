@@ -186,8 +186,9 @@ impl Context {
         pollster::block_on(self.loss_async(shape, features, classes, labels, params, pass))
     }
 
-    /// The fused loss on host slices. Waiting on the GPU is `map_async` underneath; on
-    /// native the wait is bounded by the context's timeout.
+    /// The loss on host slices, with the fastest algorithm that fits the context's
+    /// workspace budget ([`Algorithm::choose`]). Waiting on the GPU is `map_async`
+    /// underneath; on native the wait is bounded by the context's timeout.
     pub async fn loss_async(
         &self,
         shape: Shape,
@@ -197,22 +198,18 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
-        self.loss_with(
-            Algorithm::Fused,
-            shape,
-            features,
-            classes,
-            labels,
-            params,
-            pass,
-        )
-        .await
+        let algorithm = Algorithm::choose(self, shape);
+        self.run_slice(algorithm, shape, features, classes, labels, params, pass)
+            .await
     }
 
-    /// The unfused baseline on host slices (it materialises the B×C logits; see
-    /// [`Algorithm::Unfused`]). Blocking.
-    pub fn loss_unfused(
+    /// [`Context::loss`] with a given algorithm, for example [`Algorithm::Unfused`] (the
+    /// baseline that materialises the B×C logits) or [`Algorithm::Fused`] (the
+    /// memory-minimal kernels). Blocking.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_with(
         &self,
+        algorithm: Algorithm,
         shape: Shape,
         features: &[f32],
         classes: &[f32],
@@ -220,19 +217,13 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
-        pollster::block_on(self.loss_with(
-            Algorithm::Unfused,
-            shape,
-            features,
-            classes,
-            labels,
-            params,
-            pass,
-        ))
+        pollster::block_on(
+            self.run_slice(algorithm, shape, features, classes, labels, params, pass),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn loss_with(
+    async fn run_slice(
         &self,
         algorithm: Algorithm,
         shape: Shape,

@@ -141,11 +141,14 @@ pub enum Timing {
 pub struct BenchRow {
     /// The shape.
     pub shape: Shape,
-    /// `gemm`, `fused_forward`, `fused_forward_backward`, `unfused_forward_backward`, or
-    /// `slice_api_tiny_call` (the per-call host overhead, wall clock).
+    /// `gemm`; `fused_forward` and `fused_forward_backward` (the plan `Plan::new` picks,
+    /// see `algorithm`); `fused_min_memory_fwd_bwd` (the memory-minimal plan);
+    /// `unfused_forward_backward`; or `slice_api_tiny_call` (per-call host overhead).
     pub op: &'static str,
     /// How it was timed.
     pub timing: Timing,
+    /// The algorithm that ran (`None` for the GEMM and the tiny call).
+    pub algorithm: Option<Algorithm>,
     /// Median, min and max seconds over the timed runs.
     pub seconds: [f64; 3],
     /// Flops counted per run: 2·B·C·D per GEMM-equivalent, 6·B·C·D for forward + backward.
@@ -337,16 +340,7 @@ pub fn run(
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let gemm = GemmShape {
-            m: b as u32,
-            n: c as u32,
-            k: d as u32,
-            lhs_stride_m: d as u32,
-            lhs_stride_k: 1,
-            rhs_stride_k: 1,
-            rhs_stride_n: d as u32,
-            _pad: 0,
-        };
+        let gemm = GemmShape::new(b as u32, c as u32, d as u32, d as u32, 1, 1, d as u32);
         let gemm_uniform = ctx
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -372,6 +366,8 @@ pub fn run(
                     whole(&buffers.features),
                     whole(&buffers.classes),
                     whole(&product),
+                    // No per-k scale: bound to the right operand, unread.
+                    whole(&buffers.classes),
                 ],
             };
             encode(&ctx.device, encoder, &[dispatch], writes);
@@ -384,6 +380,7 @@ pub fn run(
             shape,
             op: "gemm",
             timing,
+            algorithm: None,
             seconds: gemm_seconds,
             flops: gemm_flops,
             vs_gemm: 1.0,
@@ -393,10 +390,12 @@ pub fn run(
             skipped: None,
         });
 
+        let chosen = Algorithm::choose(ctx, shape);
         for (op, algorithm, pass) in [
-            ("fused_forward", Algorithm::Fused, Pass::Forward),
+            ("fused_forward", chosen, Pass::Forward),
+            ("fused_forward_backward", chosen, Pass::ForwardBackward),
             (
-                "fused_forward_backward",
+                "fused_min_memory_fwd_bwd",
                 Algorithm::Fused,
                 Pass::ForwardBackward,
             ),
@@ -437,6 +436,7 @@ pub fn run(
                     shape,
                     op,
                     timing,
+                    algorithm: Some(algorithm),
                     seconds,
                     flops,
                     vs_gemm: seconds[0] / gemm_seconds[0],
@@ -449,6 +449,7 @@ pub fn run(
                     shape,
                     op,
                     timing,
+                    algorithm: Some(algorithm),
                     seconds: [f64::NAN; 3],
                     flops,
                     vs_gemm: f64::NAN,
@@ -489,7 +490,14 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
     let mut samples = Vec::with_capacity(calls);
     for run in 0..options.warmup + calls {
         let start = Instant::now();
-        ctx.loss(shape, &p.features, &p.classes, &p.labels, &params, Pass::ForwardBackward)?;
+        ctx.loss(
+            shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+            Pass::ForwardBackward,
+        )?;
         if run >= options.warmup {
             samples.push(start.elapsed().as_secs_f64());
         }
@@ -499,7 +507,12 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         shape,
         op: "slice_api_tiny_call",
         timing: Timing::WallClock,
-        seconds: [samples[samples.len() / 2], samples[0], samples[samples.len() - 1]],
+        algorithm: None,
+        seconds: [
+            samples[samples.len() / 2],
+            samples[0],
+            samples[samples.len() - 1],
+        ],
         flops: 0.0,
         vs_gemm: f64::NAN,
         fused_speedup: None,
@@ -524,8 +537,8 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         "adapter: {} | backend: {:?} | driver: {} {}\ntiming: {timing}; median (min-max) per run\n\n",
         info.name, info.backend, info.driver, info.driver_info
     );
-    out += "|    B |   D |      C | operation                | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
-    out += "|------|-----|--------|--------------------------|--------------------------|---------|--------|----------------|------------|--------------|\n";
+    out += "|    B |   D |      C | operation                | plan    | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
+    out += "|------|-----|--------|--------------------------|---------|--------------------------|---------|--------|----------------|------------|--------------|\n";
     for r in rows {
         let Shape {
             batch: b,
@@ -549,8 +562,9 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         }
         let [med, min, max] = r.seconds.map(|s| s * 1e3);
         out += &format!(
-            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<7} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
             r.op,
+            r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
             med,
             min,
             max,
@@ -579,7 +593,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
         .map(|r| {
             format!(
                 "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"batch\":{},\"dim\":{},\"classes\":{},\"op\":{},\
-                 \"timing\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
+                 \"timing\":{},\"plan\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
                  \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{}}}\n",
                 text(&info.name),
                 text(&format!("{:?}", info.backend)),
@@ -592,6 +606,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
                     Timing::GpuTimestamps => "gpu_timestamps",
                     Timing::WallClock => "wall_clock",
                 }),
+                r.algorithm.map_or("null".into(), |a| text(&format!("{a:?}").to_lowercase())),
                 num(r.seconds[0]),
                 num(r.seconds[1]),
                 num(r.seconds[2]),

@@ -9,6 +9,9 @@ use crate::api::SliceState;
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, TileConfig};
 
+/// The default workspace budget: 256 MiB.
+pub const DEFAULT_WORKSPACE_BUDGET: u64 = 256 << 20;
+
 /// How to pick the adapter and configure a [`Context`].
 #[derive(Debug, Clone, Default)]
 pub struct ContextOptions {
@@ -21,6 +24,9 @@ pub struct ContextOptions {
     pub tiles: TileConfig,
     /// Longest wait for the GPU in the slice API; `None` waits without a bound.
     pub timeout: Option<Duration>,
+    /// Bytes of workspace a plan may use to run faster (the chunked algorithm keeps G for
+    /// a chunk of rows); `None` means 256 MiB. The memory-minimal plan is used below it.
+    pub workspace_budget: Option<u64>,
     /// Binds at most this many bytes of one buffer at a time (default: the device's
     /// `max_storage_buffer_binding_size`). Larger class matrices are bound in chunks.
     pub max_binding_bytes: Option<u64>,
@@ -35,6 +41,8 @@ pub struct Context {
     pub(crate) limits: wgpu::Limits,
     /// The most bytes one storage binding covers: the limit, or less if asked.
     pub(crate) max_binding: u64,
+    /// Workspace bytes a plan may use to run faster.
+    pub(crate) workspace_budget: u64,
     pub(crate) kernels: Kernels,
     pub(crate) tiles: TileConfig,
     pub(crate) timeout: Option<Duration>,
@@ -147,6 +155,9 @@ impl Context {
         context.info = adapter.get_info();
         context.lost = lost;
         context.timeout = options.timeout;
+        if let Some(bytes) = options.workspace_budget {
+            context.workspace_budget = bytes;
+        }
         if let Some(bytes) = options.max_binding_bytes {
             context.max_binding = context.max_binding.min(bytes.max(1));
         }
@@ -190,6 +201,7 @@ impl Context {
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),
+            workspace_budget: DEFAULT_WORKSPACE_BUDGET,
             info: device.adapter_info(),
             device,
             queue,

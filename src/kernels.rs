@@ -28,6 +28,7 @@ pub(crate) enum Binding {
     GemmLhs = 21,
     GemmRhs = 22,
     GemmProduct = 23,
+    GemmKScale = 24,
 }
 
 /// The cosine-tile workgroup shape, set on the WGSL `override` constants at pipeline creation.
@@ -88,7 +89,9 @@ pub(crate) struct GpuParams {
     pub scale: f32,
     pub margin: f32,
     pub scale_grad_gate: f32,
-    pub _pad: u32,
+    pub raw_dots: u32,
+    pub defer_norm: u32,
+    pub _pad: [u32; 2],
 }
 
 impl GpuParams {
@@ -115,10 +118,45 @@ pub(crate) struct GemmShape {
     pub lhs_stride_k: u32,
     pub rhs_stride_k: u32,
     pub rhs_stride_n: u32,
-    pub _pad: u32,
+    pub lhs_offset: u32,
+    pub rhs_offset: u32,
+    pub product_offset: u32,
+    pub accumulate: u32,
+    pub scale_rhs_rows: u32,
+    pub k_scale_offset: u32,
+    pub _pad: [u32; 3],
 }
 
 impl GemmShape {
+    /// product (m×n) = lhs (m×k) · rhs (k×n), both strided, no offsets, scale or accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        m: u32,
+        n: u32,
+        k: u32,
+        lhs_stride_m: u32,
+        lhs_stride_k: u32,
+        rhs_stride_k: u32,
+        rhs_stride_n: u32,
+    ) -> GemmShape {
+        GemmShape {
+            m,
+            n,
+            k,
+            lhs_stride_m,
+            lhs_stride_k,
+            rhs_stride_k,
+            rhs_stride_n,
+            lhs_offset: 0,
+            rhs_offset: 0,
+            product_offset: 0,
+            accumulate: 0,
+            scale_rhs_rows: 0,
+            k_scale_offset: 0,
+            _pad: [0; 3],
+        }
+    }
+
     /// Workgroups of `matmul` for this product.
     pub(crate) fn workgroups(&self, tiles: TileConfig) -> u64 {
         u64::from(self.m.div_ceil(tiles.tile_rows()))
@@ -148,6 +186,7 @@ pub(crate) struct Kernels {
     pub logit_grads: Kernel,
     pub normalize_backward: Kernel,
     pub matmul: Kernel,
+    pub chunk_grads: Kernel,
 }
 
 const NORMS_WGSL: &str = concat!(
@@ -291,7 +330,15 @@ impl Kernels {
             logit_softmax_rows: kernel(
                 &forward,
                 "logit_softmax_rows",
-                &[Params, Labels, RowSoftmax, RowStats, Logits],
+                &[
+                    Params,
+                    Labels,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    RowSoftmax,
+                    RowStats,
+                    Logits,
+                ],
             ),
             logit_grads: kernel(
                 &backward,
@@ -307,11 +354,29 @@ impl Kernels {
                     ClassVectors,
                     InvNormFeatures,
                     InvNormClasses,
+                    Summary,
                     GradFeatures,
                     GradClasses,
                 ],
             ),
-            matmul: kernel(&gemm, "matmul", &[GemmShape, GemmLhs, GemmRhs, GemmProduct]),
+            matmul: kernel(
+                &gemm,
+                "matmul",
+                &[GemmShape, GemmLhs, GemmRhs, GemmProduct, GemmKScale],
+            ),
+            chunk_grads: kernel(
+                &backward,
+                "chunk_grads",
+                &[
+                    Params,
+                    Labels,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    RowSoftmax,
+                    Summary,
+                    Logits,
+                ],
+            ),
         }
     }
 }

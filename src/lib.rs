@@ -42,7 +42,9 @@ pub mod reference;
 pub mod tensors;
 
 pub use api::{Gradients, LossOutput, Pass, IGNORE};
-pub use context::{enumerate_adapters, parse_backends, Context, ContextOptions};
+pub use context::{
+    enumerate_adapters, parse_backends, Context, ContextOptions, DEFAULT_WORKSPACE_BUDGET,
+};
 pub use error::{Error, Result};
 pub use io::{
     flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,

@@ -20,16 +20,22 @@ struct Step<'a> {
     chunk: usize,
     /// The dL/dw row pass it covers.
     pass: usize,
-    /// The unfused GEMM it runs (matmul steps).
+    /// The GEMM it runs (matmul steps), an index into the plan's GEMMs.
     gemm: Option<usize>,
 }
 
-/// How the loss is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// How the loss is computed. [`Plan::new`] picks the fastest that fits the context's
+/// workspace budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
-    /// The fused kernels: the B×C logits are recomputed per tile, never stored.
-    #[default]
+    /// The memory-minimal fused kernels: the logits are recomputed per tile, never stored;
+    /// the workspace is O(B·k + C). Costs about 10·B·C·D flops (forward + backward).
     Fused,
+    /// A chunk of rows at a time (as many as the workspace budget holds): the raw dots of
+    /// the chunk's rows × all classes from one GEMM, their softmax, G in place, and two
+    /// GEMMs for dL/dx and dL/dw; the reduction's 1/N is applied at the end. About
+    /// 6·B·C·D flops at GEMM speed. The forward pass alone runs the fused kernels.
+    Chunked,
     /// The baseline an engine without fusion runs: normalised copies of x and w, the B×C
     /// cosine matrix from a GEMM, a row softmax, G in place, and two gradient GEMMs.
     Unfused,
@@ -162,9 +168,9 @@ impl Geometry {
             let q = by_row * by_norm / gcd(by_row, by_norm);
             q * tile / gcd(q, tile)
         };
-        let (chunk_classes, row_passes) = match algorithm {
+        let (chunk_classes, mut row_passes) = match algorithm {
             Algorithm::Unfused => (classes, vec![(0, batch)]),
-            Algorithm::Fused => {
+            Algorithm::Fused | Algorithm::Chunked => {
                 let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
                 let forward_fit = u64::from(forward_wanted)
                     * tiles_per_split(tile_iterations(d, d.max(1), 0))
@@ -193,6 +199,29 @@ impl Geometry {
                 (fit.min(u64::from(classes)) as u32, passes)
             }
         };
+        if algorithm == Algorithm::Chunked {
+            if chunk_classes < classes {
+                return Err(Error::TooLarge {
+                    what: "classes for the chunked plan (it needs w in one binding and one class chunk)",
+                    size: u64::from(classes),
+                    limit: u64::from(chunk_classes),
+                });
+            }
+            // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
+            // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
+            let rows = (ctx.workspace_budget / (4 * u64::from(classes))).min(65536) as u32;
+            if rows == 0 {
+                return Err(Error::TooLarge {
+                    what: "one row of G (C·4 bytes) within the workspace budget",
+                    size: 4 * u64::from(classes),
+                    limit: ctx.workspace_budget,
+                });
+            }
+            let rows = rows.min(batch);
+            row_passes = (0..batch.div_ceil(rows))
+                .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
+                .collect();
+        }
         let mut chunks = Vec::new();
         for class_offset in (0..classes).step_by(chunk_classes as usize) {
             let classes = chunk_classes.min(classes - class_offset);
@@ -224,6 +253,32 @@ impl Geometry {
     fn uniforms(&self) -> usize {
         self.chunks.len() * self.row_passes.len()
     }
+
+    /// Rows of the largest row pass.
+    fn max_pass_rows(&self) -> u64 {
+        self.row_passes
+            .iter()
+            .map(|&(a, b)| u64::from(b - a))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Smallest row chunk for which [`Plan::new`] prefers the chunked plan: below it the
+/// GEMMs are too thin to beat the memory-minimal kernels.
+const MIN_CHUNK_ROWS: u64 = 32;
+
+impl Algorithm {
+    /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked when
+    /// G for at least 32 rows (or all of them) fits, else the memory-minimal fused one.
+    pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
+        match Geometry::new(ctx, shape, Algorithm::Chunked) {
+            Ok(g) if g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
+                Algorithm::Chunked
+            }
+            _ => Algorithm::Fused,
+        }
+    }
 }
 
 /// The workspace buffers of one algorithm, with their sizes in bytes.
@@ -246,6 +301,13 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
                 4 * b * d * u64::from(g.feature_splits),
             ),
         ]),
+        Algorithm::Chunked => layout.extend([
+            (
+                Binding::SplitPartials,
+                SPLIT_PARTIAL_BYTES * b * u64::from(g.forward_splits),
+            ),
+            (Binding::Logits, 4 * c * g.max_pass_rows()),
+        ]),
         Algorithm::Unfused => layout.extend([
             (Binding::UnitFeatures, 4 * b * d),
             (Binding::UnitClasses, 4 * c * d),
@@ -255,40 +317,98 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
     layout
 }
 
-/// The unfused algorithm's three GEMMs: cosines c = x̂·ŵᵀ, gx̂ = G·ŵ, gŵ = Gᵀ·x̂,
-/// each as (shape, lhs, rhs, product).
-fn unfused_gemms(shape: Shape) -> [(GemmShape, Binding, Binding, Binding); 3] {
+/// One GEMM of a plan: its shape and the bindings of its operands.
+#[derive(Debug, Clone, Copy)]
+struct GemmSpec {
+    shape: GemmShape,
+    lhs: Binding,
+    rhs: Binding,
+    product: Binding,
+    /// What `k_scale` binds: the inverse norms, or rhs itself when unscaled.
+    k_scale: Binding,
+}
+
+/// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET).
+const MAX_GEMM_K: u32 = 65536;
+
+/// The GEMMs of a plan, in the order its steps use them.
+fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
-    let gemm = |m, n, k, lhs_stride_m, lhs_stride_k, rhs_stride_k, rhs_stride_n| GemmShape {
-        m,
-        n,
-        k,
-        lhs_stride_m,
-        lhs_stride_k,
-        rhs_stride_k,
-        rhs_stride_n,
-        _pad: 0,
+    let spec = |shape, lhs, rhs, product| GemmSpec {
+        shape,
+        lhs,
+        rhs,
+        product,
+        k_scale: rhs,
     };
-    [
-        (
-            gemm(b, c, d, d, 1, 1, d),
-            Binding::UnitFeatures,
-            Binding::UnitClasses,
-            Binding::Logits,
-        ),
-        (
-            gemm(b, d, c, c, 1, d, 1),
-            Binding::Logits,
-            Binding::UnitClasses,
-            Binding::GradFeatures,
-        ),
-        (
-            gemm(c, d, b, 1, c, d, 1),
-            Binding::Logits,
-            Binding::UnitFeatures,
-            Binding::GradClasses,
-        ),
-    ]
+    match algorithm {
+        Algorithm::Fused => Vec::new(),
+        // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
+        Algorithm::Unfused => vec![
+            spec(
+                GemmShape::new(b, c, d, d, 1, 1, d),
+                Binding::UnitFeatures,
+                Binding::UnitClasses,
+                Binding::Logits,
+            ),
+            spec(
+                GemmShape::new(b, d, c, c, 1, d, 1),
+                Binding::Logits,
+                Binding::UnitClasses,
+                Binding::GradFeatures,
+            ),
+            spec(
+                GemmShape::new(c, d, b, 1, c, d, 1),
+                Binding::Logits,
+                Binding::UnitFeatures,
+                Binding::GradClasses,
+            ),
+        ],
+        // Per row chunk [r0, r1): raw dots x·wᵀ, then gx̂ = G·(inv_w ⊙ w) in k-pieces of
+        // at most MAX_GEMM_K classes, and gŵ += Gᵀ·(inv_x ⊙ x).
+        Algorithm::Chunked => {
+            let mut specs = Vec::new();
+            for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
+                let rows = r1 - r0;
+                let mut dots = GemmShape::new(rows, c, d, d, 1, 1, d);
+                dots.lhs_offset = r0 * d;
+                specs.push(spec(
+                    dots,
+                    Binding::Features,
+                    Binding::ClassVectors,
+                    Binding::Logits,
+                ));
+                for k0 in (0..c).step_by(MAX_GEMM_K as usize) {
+                    let mut gx = GemmShape::new(rows, d, MAX_GEMM_K.min(c - k0), c, 1, d, 1);
+                    gx.lhs_offset = k0;
+                    gx.rhs_offset = k0 * d;
+                    gx.product_offset = r0 * d;
+                    gx.accumulate = u32::from(k0 > 0);
+                    gx.scale_rhs_rows = 1;
+                    gx.k_scale_offset = k0;
+                    specs.push(GemmSpec {
+                        k_scale: Binding::InvNormClasses,
+                        ..spec(
+                            gx,
+                            Binding::Logits,
+                            Binding::ClassVectors,
+                            Binding::GradFeatures,
+                        )
+                    });
+                }
+                let mut gw = GemmShape::new(c, d, rows, 1, c, d, 1);
+                gw.rhs_offset = r0 * d;
+                gw.accumulate = u32::from(pass > 0);
+                gw.scale_rhs_rows = 1;
+                gw.k_scale_offset = r0;
+                specs.push(GemmSpec {
+                    k_scale: Binding::InvNormFeatures,
+                    ..spec(gw, Binding::Logits, Binding::Features, Binding::GradClasses)
+                });
+            }
+            specs
+        }
+    }
 }
 
 /// Byte stride of consecutive uniform structs of `bytes` in one buffer.
@@ -309,10 +429,7 @@ fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: Algorithm) 
         .iter()
         .map(|(_, s)| s)
         .sum();
-    let gemm = match algorithm {
-        Algorithm::Fused => 0,
-        Algorithm::Unfused => 3 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
-    };
+    let gemm = gemm_specs(shape, g, algorithm).len() as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES);
     buffers + g.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES) + gemm
 }
 
@@ -327,14 +444,17 @@ pub struct Plan {
     /// One GpuParams per (chunk, row pass), `uniform_stride` apart.
     params: DeviceBuffer,
     workspace: Vec<(Binding, DeviceBuffer)>,
-    /// Unfused only: the three GemmShapes, `uniform_stride` apart.
+    /// The GEMMs of the unfused and chunked algorithms.
+    gemms: Vec<GemmSpec>,
+    /// Their GemmShapes, `uniform_stride` apart (none for the fused algorithm).
     gemm_shapes: Option<DeviceBuffer>,
 }
 
 impl Plan {
-    /// Allocates the fused algorithm's workspace for `shape`.
+    /// Allocates the workspace of the fastest algorithm that fits the context's workspace
+    /// budget ([`Algorithm::choose`]) for `shape`.
     pub fn new(ctx: &Context, shape: Shape) -> Result<Plan> {
-        Plan::with_algorithm(ctx, shape, Algorithm::Fused)
+        Plan::with_algorithm(ctx, shape, Algorithm::choose(ctx, shape))
     }
 
     /// Allocates the workspace of `algorithm` for `shape`. Fails with
@@ -401,13 +521,17 @@ impl Plan {
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             )
         };
-        let gemm_shapes = (algorithm == Algorithm::Unfused).then(|| {
+        let gemms = gemm_specs(shape, &geometry, algorithm);
+        let gemm_shapes = (!gemms.is_empty()).then(|| {
             let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
-            let buffer = uniform("gemm_shapes", 3 * stride);
-            for (k, (gemm, ..)) in unfused_gemms(shape).iter().enumerate() {
-                ctx.queue
-                    .write_buffer(&buffer, k as u64 * stride, bytemuck::bytes_of(gemm));
+            let buffer = uniform("gemm_shapes", gemms.len() as u64 * stride);
+            let mut bytes = vec![0u8; (gemms.len() as u64 * stride) as usize];
+            for (k, spec) in gemms.iter().enumerate() {
+                let at = k * stride as usize;
+                bytes[at..at + GEMM_SHAPE_BYTES as usize]
+                    .copy_from_slice(bytemuck::bytes_of(&spec.shape));
             }
+            ctx.queue.write_buffer(&buffer, 0, &bytes);
             buffer
         });
         let params_bytes = geometry.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES);
@@ -418,6 +542,7 @@ impl Plan {
             geometry,
             params: uniform("params", params_bytes),
             workspace,
+            gemms,
             gemm_shapes,
         })
     }
@@ -539,7 +664,9 @@ impl Plan {
                     scale: 0.0,
                     margin: 0.0,
                     scale_grad_gate: 0.0,
-                    _pad: 0,
+                    raw_dots: u32::from(self.algorithm == Algorithm::Chunked),
+                    defer_norm: u32::from(self.algorithm == Algorithm::Chunked),
+                    _pad: [0; 2],
                 };
                 gpu.set_loss(params);
                 let at = (k * passes + pass) * stride as usize;
@@ -574,18 +701,55 @@ impl Plan {
                 ..once(&k.row_inv_norms, per_row(rows_of(chunk))?)
             });
         }
-        match self.algorithm {
-            Algorithm::Fused => {
-                for (chunk, part) in g.chunks.iter().enumerate() {
-                    let grid = (part.forward_splits, g.row_tiles);
-                    steps.push(Step {
-                        chunk,
-                        ..once(&k.class_split_partials, grid)
-                    });
+        let matmul = |index: usize| -> Result<Step<'_>> {
+            let grid = fold_grid(self.gemms[index].shape.workgroups(ctx.tiles), max)?;
+            Ok(Step {
+                gemm: Some(index),
+                ..once(&k.matmul, grid)
+            })
+        };
+        let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
+        if self.algorithm == Algorithm::Unfused {
+            steps.push(once(&k.normalize_rows, per_row(b + c)?));
+            steps.push(matmul(0)?);
+            steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
+        } else if chunked_backward {
+            // Per row chunk: raw dots, the chunk's softmax rows, G in place (its 1/N is
+            // deferred), the gx̂ k-pieces, then gŵ.
+            let mut next = 0;
+            for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
+                let rows = u64::from(r1 - r0);
+                steps.push(matmul(next)?);
+                steps.push(Step {
+                    pass,
+                    ..once(&k.logit_softmax_rows, fold_grid(rows, max)?)
+                });
+                steps.push(Step {
+                    pass,
+                    ..once(&k.chunk_grads, per_row(rows * c)?)
+                });
+                next += 1;
+                while self.gemms[next].product == Binding::GradFeatures {
+                    steps.push(matmul(next)?);
+                    next += 1;
                 }
-                steps.push(once(&k.merge_rows, per_row(b)?));
-                steps.push(once(&k.summarize, (1, 1)));
-                if backward {
+                steps.push(matmul(next)?);
+                next += 1;
+            }
+        } else {
+            for (chunk, part) in g.chunks.iter().enumerate() {
+                let grid = (part.forward_splits, g.row_tiles);
+                steps.push(Step {
+                    chunk,
+                    ..once(&k.class_split_partials, grid)
+                });
+            }
+            steps.push(once(&k.merge_rows, per_row(b)?));
+        }
+        steps.push(once(&k.summarize, (1, 1)));
+        if backward {
+            match self.algorithm {
+                Algorithm::Fused => {
                     for (chunk, part) in g.chunks.iter().enumerate() {
                         let grid = (part.feature_splits, g.row_tiles);
                         steps.push(Step {
@@ -605,21 +769,10 @@ impl Plan {
                         }
                     }
                 }
-            }
-            Algorithm::Unfused => {
-                let gemms = unfused_gemms(self.shape);
-                let matmul = |index: usize| -> Result<Step<'_>> {
-                    let grid = fold_grid(gemms[index].0.workgroups(ctx.tiles), max)?;
-                    Ok(Step {
-                        gemm: Some(index),
-                        ..once(&k.matmul, grid)
-                    })
-                };
-                steps.push(once(&k.normalize_rows, per_row(b + c)?));
-                steps.push(matmul(0)?);
-                steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
-                steps.push(once(&k.summarize, (1, 1)));
-                if backward {
+                Algorithm::Chunked => {
+                    steps.push(once(&k.normalize_backward, per_row(b + c)?));
+                }
+                Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
                     steps.push(matmul(1)?);
                     steps.push(matmul(2)?);
@@ -702,18 +855,15 @@ impl Plan {
                 None => whole(buffer),
             })
         };
-        let operand = |pick: fn(&(GemmShape, Binding, Binding, Binding)) -> Binding| {
-            let index = gemm.ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
+        let operand = |pick: fn(&GemmSpec) -> Binding| {
+            let spec = gemm
+                .and_then(|index| self.gemms.get(index))
+                .ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
             let operand_step = Step {
                 gemm: None,
                 ..*step
             };
-            self.resource(
-                ctx,
-                pick(&unfused_gemms(self.shape)[index]),
-                &operand_step,
-                regions,
-            )
+            self.resource(ctx, pick(spec), &operand_step, regions)
         };
         match binding {
             Binding::Params => Ok(wgpu::BufferBinding {
@@ -742,9 +892,10 @@ impl Plan {
                     size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
                 })
             }
-            Binding::GemmLhs => operand(|g| g.1),
-            Binding::GemmRhs => operand(|g| g.2),
-            Binding::GemmProduct => operand(|g| g.3),
+            Binding::GemmLhs => operand(|g| g.lhs),
+            Binding::GemmRhs => operand(|g| g.rhs),
+            Binding::GemmProduct => operand(|g| g.product),
+            Binding::GemmKScale => operand(|g| g.k_scale),
             other => own(other, None),
         }
     }
@@ -782,5 +933,6 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
+        Binding::GemmKScale => "k_scale",
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::context;
-use margin_softmax::{LossOutput, LossParams, Pass, Problem, Shape};
+use margin_softmax::{Algorithm, LossOutput, LossParams, Pass, Problem, Shape};
 
 fn bits(out: &LossOutput) -> Vec<u32> {
     let grads = out.grads.as_ref().expect("grads");
@@ -41,8 +41,24 @@ fn repeated_calls_are_bitwise_identical() {
         for _ in 0..3 {
             assert_eq!(bits(&run()), first, "{shape:?}");
         }
+        for algorithm in [Algorithm::Fused, Algorithm::Chunked] {
+            let run = || {
+                ctx.loss_with(
+                    algorithm,
+                    shape,
+                    &p.features,
+                    &p.classes,
+                    &p.labels,
+                    &LossParams::default(),
+                    Pass::ForwardBackward,
+                )
+                .expect("loss")
+            };
+            assert_eq!(bits(&run()), bits(&run()), "{algorithm:?} {shape:?}");
+        }
         let unfused = || {
-            ctx.loss_unfused(
+            ctx.loss_with(
+                Algorithm::Unfused,
                 shape,
                 &p.features,
                 &p.classes,

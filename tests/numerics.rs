@@ -175,3 +175,33 @@ fn every_tile_configuration() {
         check_against_reference(&ctx, &problem, &params(30.0, 0.2), "tiles");
     }
 }
+
+#[test]
+fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
+    // A 5-row budget cuts B = 37 into 8 row chunks; C = 70 000 > 65 536 cuts the dL/dx
+    // GEMM into two accumulated k-pieces.
+    for (b, d, c, rows) in [(37, 10, 300, 5), (6, 3, 70_000, 4)] {
+        let ctx = pollster::block_on(Context::new(ContextOptions {
+            workspace_budget: Some((c * 4 * rows) as u64),
+            ..ContextOptions::default()
+        }))
+        .expect("context");
+        let p = Problem::random(Shape::new(b, d, c), 12);
+        let params = LossParams::default();
+        let expected =
+            margin_softmax::reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params)
+                .expect("reference");
+        let out = ctx
+            .loss_with(
+                margin_softmax::Algorithm::Chunked,
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &params,
+                margin_softmax::Pass::ForwardBackward,
+            )
+            .expect("chunked");
+        common::check_output(&out, &expected, &p, &params, "row chunks");
+    }
+}

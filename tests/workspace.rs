@@ -1,9 +1,10 @@
-//! The workspace never holds B×C values: it grows like O(B·k + C).
+//! The memory-minimal plan never holds B×C values: its workspace grows like O(B·k + C).
+//! The chunked plan holds G for a chunk of rows, within the context's budget.
 
 mod common;
 
 use common::context;
-use margin_softmax::{workspace_bytes, Algorithm, Plan, Shape};
+use margin_softmax::{workspace_bytes, Algorithm, Context, ContextOptions, Plan, Shape};
 
 #[test]
 fn workspace_is_far_below_the_logits() {
@@ -15,10 +16,8 @@ fn workspace_is_far_below_the_logits() {
         bytes < logits / 16,
         "workspace {bytes} bytes, logits {logits} bytes"
     );
-    assert_eq!(
-        Plan::new(ctx, shape).expect("plan").workspace_bytes(),
-        bytes
-    );
+    let plan = Plan::with_algorithm(ctx, shape, Algorithm::Fused).expect("plan");
+    assert_eq!(plan.workspace_bytes(), bytes);
 }
 
 #[test]
@@ -43,4 +42,24 @@ fn the_unfused_baseline_holds_the_logits() {
     assert!(unfused > (shape.batch * shape.classes * 4) as u64);
     let plan = Plan::with_algorithm(ctx, shape, Algorithm::Unfused).expect("plan");
     assert_eq!(plan.workspace_bytes(), unfused);
+}
+
+#[test]
+fn the_budget_picks_the_plan() {
+    let shape = Shape::new(64, 64, 20000);
+    // The default 256 MiB budget holds G for all 64 rows: the chunked plan.
+    let ctx = context();
+    let plan = Plan::new(ctx, shape).expect("plan");
+    assert_eq!(plan.algorithm(), Algorithm::Chunked);
+    assert!(plan.workspace_bytes() <= margin_softmax::DEFAULT_WORKSPACE_BUDGET + (1 << 20));
+    // 1 MiB holds G for 13 rows only, fewer than 32: the memory-minimal plan.
+    let small = pollster::block_on(Context::new(ContextOptions {
+        workspace_budget: Some(1 << 20),
+        ..ContextOptions::default()
+    }))
+    .expect("context");
+    assert_eq!(
+        Plan::new(&small, shape).expect("plan").algorithm(),
+        Algorithm::Fused
+    );
 }

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use margin_softmax::reference::{self, ReferenceOutput};
-use margin_softmax::{Context, LossOutput, LossParams, Pass, Problem};
+use margin_softmax::{Algorithm, Context, LossOutput, LossParams, Pass, Problem};
 
 /// The context on the machine's adapter. A missing adapter fails the test run: it never
 /// skips.
@@ -20,8 +20,9 @@ pub fn context() -> &'static Context {
     })
 }
 
-/// Runs forward + backward on `ctx`, fused and unfused, and asserts every output of both
-/// is within its bound of the f64 reference. Returns the fused output.
+/// Runs forward + backward on `ctx` with every algorithm (memory-minimal fused, chunked,
+/// unfused) and asserts every output of each is within its bound of the f64 reference.
+/// Returns the output of the algorithm `Context::loss` picks.
 pub fn check_against_reference(
     ctx: &Context,
     problem: &Problem,
@@ -32,15 +33,31 @@ pub fn check_against_reference(
     let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, params)
         .unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
     let pass = Pass::ForwardBackward;
-    let unfused = ctx
-        .loss_unfused(p.shape, &p.features, &p.classes, &p.labels, params, pass)
-        .unwrap_or_else(|e| panic!("{what}: unfused GPU call failed: {e}"));
-    check_output(&unfused, &expected, p, params, &format!("{what} (unfused)"));
-    let fused = ctx
+    for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
+        let out = ctx
+            .loss_with(
+                algorithm,
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                params,
+                pass,
+            )
+            .unwrap_or_else(|e| panic!("{what} ({algorithm:?}): GPU call failed: {e}"));
+        check_output(
+            &out,
+            &expected,
+            p,
+            params,
+            &format!("{what} ({algorithm:?})"),
+        );
+    }
+    let chosen = ctx
         .loss(p.shape, &p.features, &p.classes, &p.labels, params, pass)
         .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
-    check_output(&fused, &expected, p, params, what);
-    fused
+    check_output(&chosen, &expected, p, params, what);
+    chosen
 }
 
 /// Asserts that one GPU output is within every bound of the reference.
