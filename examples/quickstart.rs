@@ -44,8 +44,10 @@ fn main() -> Result<(), margin_softmax::Error> {
     }
     println!("dL/ds      {:.6e}", out.grad_scale);
     println!("accuracy   {}/{}", out.correct_rows, out.valid_rows);
+    let chosen = Algorithm::choose(&ctx, shape);
     println!(
-        "workspace  {} bytes (the B×C logits alone would be {} bytes)",
+        "workspace  {} bytes ({chosen:?} plan, used here); memory-minimal plan {} bytes; the B×C logits alone {} bytes",
+        workspace_bytes(&ctx, shape, chosen)?,
         workspace_bytes(&ctx, shape, Algorithm::Fused)?,
         shape.batch * shape.classes * 4
     );

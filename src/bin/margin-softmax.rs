@@ -308,7 +308,8 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
         });
     let expected = expected.map_err(failure)?;
     let check = reference::compare(shape.dim, &params, &out, &expected);
-    let workspace = workspace_bytes(&ctx, shape, Algorithm::Fused).map_err(failure)?;
+    let chosen = Algorithm::choose(&ctx, shape);
+    let workspace = |a| workspace_bytes(&ctx, shape, a).map_err(failure);
     println!("adapter     {}", ctx.describe());
     println!(
         "problem     B = {}, D = {}, C = {}, s = {}, m = {}, seed {}",
@@ -319,7 +320,9 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
         out.loss, expected.loss
     );
     println!(
-        "workspace   {workspace} bytes (the B×C logits would be {} bytes)",
+        "workspace   {} bytes ({chosen:?} plan, used here); memory-minimal plan {} bytes; the B×C logits alone {} bytes",
+        workspace(chosen)?,
+        workspace(Algorithm::Fused)?,
         shape.batch * shape.classes * 4
     );
     println!(
