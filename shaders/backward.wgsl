@@ -44,11 +44,17 @@ fn grad_coef() -> f32 {
     return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
-/// G_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a global class j.
-/// The target's G is −coef·(1 − p_iy), from the forward pass's cancellation-free value.
+/// G_ij = dL/dc_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a
+/// global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the forward pass's
+/// cancellation-free 1 − p_iy; the hard objective's touches only the target and the best
+/// non-target class, where its hinge is active.
 fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
-    if (j == y) { return -coef * row_softmax[i].target_complement; }
-    return coef * exp(params.scale * c - row_softmax[i].lse);
+    let row = row_softmax[i];
+    if (j == y) { return -coef * row.target_complement * target_margin(c).y; }
+    if (params.objective == 1u) {
+        return select(0.0, coef * row.target_complement, j == row.best_other_class);
+    }
+    return coef * exp(params.scale * c - row.lse);
 }
 
 /// One cosine tile's G, pre-multiplied by 1/‖w_j‖ (dL/dx) or 1/‖x_i‖ (dL/dw),

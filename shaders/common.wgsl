@@ -43,6 +43,16 @@ struct Params {
     /// 1: G leaves out the reduction's 1/N, applied once by `normalize_backward` (the
     /// chunked plan computes G before N is known); 0: G includes it.
     defer_norm: u32,
+    /// m1, the multiplicative (SphereFace) margin, a whole number ≥ 1.
+    multiplicative_margin: u32,
+    /// m2, the additive angular (ArcFace) margin in radians, and its cosine and sine.
+    angular_margin: f32,
+    cos_m2: f32,
+    sin_m2: f32,
+    /// 0 = margin softmax, 1 = hard margin max(0, s·(max_{j≠y} c_j − ψ(c_y))).
+    objective: u32,
+    /// 1: the margin passes no gradient of its own (dψ/dc taken as 1); 0: exact dψ/dc.
+    straight_through: u32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -61,9 +71,11 @@ struct Summary {
     /// Bit 0: non-finite value in x; bit 1: in w; bit 2: a label >= C that is not IGNORE;
     /// bit 3: a non-finite loss or LSE (the raw dot products overflowed).
     flags: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    /// Mean over valid rows of c_iy − max_{j≠y} c_ij.
+    mean_achieved_margin: f32,
+    /// Valid rows whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
+    margin_satisfied_rows: u32,
+    _pad: u32,
 }
 
 /// Per-row softmax results of the forward pass, kept for the backward pass.
@@ -72,8 +84,11 @@ struct RowSoftmax {
     lse: f32,
     /// dL_i/ds = Σ_j p_ij z_ij/s − z_iy/s (0 for ignored rows).
     scale_grad: f32,
-    /// 1 − p_iy, computed without cancellation (0 for ignored rows).
+    /// 1 − p_iy, computed without cancellation (0 for ignored rows); for the hard
+    /// objective, 1 where the row's hinge is active and 0 where it is not.
     target_complement: f32,
+    /// The best non-target class (NO_CLASS if none), where the hard objective's gradient goes.
+    best_other_class: u32,
 }
 
 const FLAG_FEATURES_NON_FINITE: u32 = 1u;
@@ -164,6 +179,62 @@ fn dot_block(row0: u32, class0: u32) -> Block {
 @group(0) @binding(2) var<storage, read> class_vectors: array<f32>;
 /// y: B labels in 0..C, or IGNORE.
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
+
+const PI: f32 = 3.14159265358979;
+/// sin θ is clamped to at least this in the exact gradient of an angular margin (see
+/// `SIN_GUARD` in `src/params.rs`).
+const SIN_GUARD: f32 = 1e-3;
+
+/// (T_m(c), U_{m−1}(c)) = (cos mθ, sin mθ / sin θ) for c = cos θ, m ≥ 1, by the
+/// Chebyshev recurrences: exact polynomials, no acos and no division.
+fn chebyshev(m: u32, c: f32) -> vec2<f32> {
+    var t_prev = 1.0;
+    var t = c;
+    var u_prev = 0.0;
+    var u = 1.0;
+    for (var n = 1u; n < m; n++) {
+        let t_next = 2.0 * c * t - t_prev;
+        t_prev = t;
+        t = t_next;
+        let u_next = 2.0 * c * u - u_prev;
+        u_prev = u;
+        u = u_next;
+    }
+    return vec2<f32>(t, u);
+}
+
+/// The target's margin function and its slope: (ψ(c), dψ/dc) with
+/// ψ(c) = cos(m1·θ + m2) − m3, θ = acos(c), made monotonic as in the spec: ArcFace's
+/// fallback c − m2·sin m2 where θ + m2 > π, SphereFace's (−1)^k·cos(m1θ) − 2k on
+/// θ ∈ [kπ/m1, (k+1)π/m1]. The slope is 1 with `straight_through`.
+fn target_margin(c: f32) -> vec2<f32> {
+    if (params.multiplicative_margin == 1u && params.angular_margin == 0.0) {
+        return vec2<f32>(c - params.margin, 1.0);
+    }
+    let cc = clamp(c, -1.0, 1.0);
+    var psi: f32;
+    var slope: f32;
+    if (params.angular_margin > 0.0) {
+        // cos(θ + m2) = c·cos m2 − sin θ·sin m2, with sin θ from (1 − c)(1 + c).
+        let sin_t = sqrt(max(0.0, (1.0 - cc) * (1.0 + cc)));
+        if (cc > -params.cos_m2) {
+            psi = cc * params.cos_m2 - sin_t * params.sin_m2;
+            slope = params.cos_m2 + cc * params.sin_m2 / max(sin_t, SIN_GUARD);
+        } else {
+            psi = cc - params.angular_margin * params.sin_m2;
+            slope = 1.0;
+        }
+    } else {
+        let m = params.multiplicative_margin;
+        // k only picks the branch; ψ is continuous where acos's rounding could move it.
+        let k = min(floor(f32(m) * acos(cc) / PI), f32(m - 1u));
+        let sign = select(1.0, -1.0, (u32(k) & 1u) == 1u);
+        let cheb = chebyshev(m, cc);
+        psi = sign * cheb.x - 2.0 * k;
+        slope = sign * f32(m) * cheb.y;
+    }
+    return vec2<f32>(psi - params.margin, select(slope, 1.0, params.straight_through == 1u));
+}
 
 /// The (global) label of row i, or IGNORE if i is past B or the label is not a class.
 fn label_of(i: u32) -> u32 {

@@ -53,6 +53,10 @@ struct RowStats {
     best_other_cos: f32,
     /// argmax_j c_ij, lowest index on ties.
     pred: u32,
+    /// c_iy − max_{j≠y} c_ij (0 for an ignored row).
+    achieved_margin: f32,
+    /// p_iy, the margin softmax's probability of the label (0 for an ignored row).
+    target_prob: f32,
 }
 
 fn empty_partial() -> SplitPartial {
@@ -88,7 +92,8 @@ fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
 fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
     var st = state;
     let is_target = j == label;
-    let zc = c - select(0.0, params.margin, is_target);
+    var zc = c;
+    if (is_target) { zc = target_margin(c).x; }
     let z = params.scale * zc;
     if (z > st.max_logit) {
         let f = exp(st.max_logit - z);
@@ -136,26 +141,38 @@ fn finish_row(i: u32, acc: SplitPartial) {
     let lse = acc.max_logit + log(acc.sum_exp);
     let y = label_of(i);
     let has_other = acc.best_other_class != NO_CLASS;
-    var stats = RowStats(0.0, 0.0, select(-1.0, acc.best_other_cos, has_other), acc.best_other_class);
-    var softmax = RowSoftmax(lse, 0.0, 0.0);
+    let best_other = select(-1.0, acc.best_other_cos, has_other);
+    var stats = RowStats(0.0, 0.0, best_other, acc.best_other_class, 0.0, 0.0);
+    var softmax = RowSoftmax(lse, 0.0, 0.0, acc.best_other_class);
     if (y != IGNORE) {
-        let zc_target = acc.target_cos - params.margin;
+        let zc_target = target_margin(acc.target_cos).x;
         let z_target = params.scale * zc_target;
-        // t = M − z_y ≥ 0. With X = Σ_{j≠y} exp(z_j − z_y), L_i = log(1 + X) and
-        // 1 − p_iy = X/(1 + X): both stay exact relative to themselves as X → 0, where
-        // lse − z_y and 1 − exp(z_y − lse) would cancel. For t > 10 the target is far
-        // from the top and the direct forms are already well conditioned.
+        // t = M − z_y ≥ 0. With X = Σ_{j≠y} exp(z_j − z_y), L_i = log(1 + X),
+        // p_iy = 1/(1 + X) and 1 − p_iy = X/(1 + X): all stay exact relative to
+        // themselves as X → 0, where lse − z_y and 1 − exp(z_y − lse) would cancel. For
+        // t > 10 the target is far from the top and the direct forms are well conditioned.
         let t = acc.max_logit - z_target;
         if (t > 10.0) {
             stats.loss = t + log(acc.sum_exp);
-            softmax.target_complement = 1.0 - exp(z_target - lse);
+            stats.target_prob = exp(z_target - lse);
+            softmax.target_complement = 1.0 - stats.target_prob;
         } else {
             let other = acc.sum_exp_other * exp(t);
             stats.loss = log1p_accurate(other);
+            stats.target_prob = 1.0 / (1.0 + other);
             softmax.target_complement = other / (1.0 + other);
         }
-        stats.target_cos = acc.target_cos;
         softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
+        if (params.objective == 1u) {
+            // Hard margin: a hinge on the best non-target against the margined target.
+            let gap = best_other - zc_target;
+            let hinge_on = has_other && gap > 0.0;
+            stats.loss = select(0.0, params.scale * gap, hinge_on);
+            softmax.scale_grad = select(0.0, gap, hinge_on);
+            softmax.target_complement = select(0.0, 1.0, hinge_on);
+        }
+        stats.target_cos = acc.target_cos;
+        stats.achieved_margin = acc.target_cos - best_other;
         let target_wins = !has_other || acc.target_cos > acc.best_other_cos ||
             (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
         stats.pred = select(acc.best_other_class, y, target_wins);
@@ -279,6 +296,8 @@ var<workgroup> lane_scale_grad: array<f32, SUMMARY_WG>;
 var<workgroup> lane_valid: array<u32, SUMMARY_WG>;
 var<workgroup> lane_correct: array<u32, SUMMARY_WG>;
 var<workgroup> lane_flags: array<u32, SUMMARY_WG>;
+var<workgroup> lane_margin: array<f32, SUMMARY_WG>;
+var<workgroup> lane_satisfied: array<u32, SUMMARY_WG>;
 
 /// One workgroup: sums over rows in a fixed order (strided lanes, then a tree), and the
 /// reduction. Also flags labels that are neither a class nor IGNORE.
@@ -288,6 +307,8 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
     var scale_grad = 0.0;
     var valid = 0u;
     var correct = 0u;
+    var margin = 0.0;
+    var satisfied = 0u;
     var found = 0u; // FLAG_* bits seen by this lane
     for (var i = lid; i < params.batch; i += SUMMARY_WG) {
         let y = labels[i];
@@ -299,6 +320,9 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
             scale_grad += row_softmax[i].scale_grad;
             valid += 1u;
             correct += select(0u, 1u, row_stats[i].pred == y);
+            margin += row_stats[i].achieved_margin;
+            let margined = target_margin(row_stats[i].target_cos).x;
+            satisfied += select(0u, 1u, margined >= row_stats[i].best_other_cos);
         }
     }
     lane_loss[lid] = loss;
@@ -306,6 +330,8 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
     lane_valid[lid] = valid;
     lane_correct[lid] = correct;
     lane_flags[lid] = found;
+    lane_margin[lid] = margin;
+    lane_satisfied[lid] = satisfied;
     for (var half = SUMMARY_WG / 2u; half > 0u; half /= 2u) {
         workgroupBarrier();
         if (lid < half) {
@@ -314,6 +340,8 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
             lane_valid[lid] += lane_valid[lid + half];
             lane_correct[lid] += lane_correct[lid + half];
             lane_flags[lid] |= lane_flags[lid + half];
+            lane_margin[lid] += lane_margin[lid + half];
+            lane_satisfied[lid] += lane_satisfied[lid + half];
         }
     }
     if (lid == 0u) {
@@ -325,5 +353,7 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
         summary.valid_rows = n;
         summary.correct_rows = lane_correct[0];
         summary.flags = lane_flags[0] | atomicLoad(&input_flags);
+        summary.mean_achieved_margin = lane_margin[0] / f32(max(n, 1u));
+        summary.margin_satisfied_rows = lane_satisfied[0];
     }
 }

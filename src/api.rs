@@ -36,6 +36,14 @@ pub struct LossOutput {
     pub target_cos: Vec<f32>,
     /// The largest non-target cosine per row (-1 when C = 1).
     pub best_other_cos: Vec<f32>,
+    /// c_iy − max_{j≠y} c_ij per row (0 for ignored rows).
+    pub achieved_margin: Vec<f32>,
+    /// p_iy per row: the margin softmax's probability of the label (0 for ignored rows).
+    pub target_prob: Vec<f32>,
+    /// Mean achieved margin over the rows not ignored.
+    pub mean_achieved_margin: f32,
+    /// Rows not ignored whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
+    pub margin_satisfied_rows: u32,
     /// N, the rows not ignored.
     pub valid_rows: u32,
     /// Rows not ignored whose prediction is the label.
@@ -385,6 +393,10 @@ impl Context {
             pred: rows.iter().map(|r| r.pred).collect(),
             target_cos: rows.iter().map(|r| r.target_cos).collect(),
             best_other_cos: rows.iter().map(|r| r.best_other_cos).collect(),
+            achieved_margin: rows.iter().map(|r| r.achieved_margin).collect(),
+            target_prob: rows.iter().map(|r| r.target_prob).collect(),
+            mean_achieved_margin: summary.mean_achieved_margin,
+            margin_satisfied_rows: summary.margin_satisfied_rows,
             valid_rows: summary.valid_rows,
             correct_rows: summary.correct_rows,
             grads,

@@ -39,7 +39,7 @@ impl Shape {
     }
 }
 
-/// Per-row statistics, as the device API writes them (16 bytes per row).
+/// Per-row statistics, as the device API writes them (24 bytes per row).
 /// Mirrors `struct RowStats` in `shaders/forward.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -52,6 +52,10 @@ pub struct RowStats {
     pub best_other_cos: f32,
     /// argmax_j c_ij, the lowest index on ties.
     pub pred: u32,
+    /// c_iy − max_{j≠y} c_ij, the achieved margin (0 for an ignored row).
+    pub achieved_margin: f32,
+    /// p_iy, the margin softmax's probability of the label (0 for an ignored row).
+    pub target_prob: f32,
 }
 
 /// Per-call totals, as the device API writes them (32 bytes).
@@ -69,7 +73,11 @@ pub struct Summary {
     pub correct_rows: u32,
     /// Bits of [`flags`]: non-finite x or w, a label ≥ C that is not IGNORE, overflow.
     pub flags: u32,
-    _pad: [u32; 3],
+    /// Mean over valid rows of the achieved margin c_iy − max_{j≠y} c_ij.
+    pub mean_achieved_margin: f32,
+    /// Valid rows whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
+    pub margin_satisfied_rows: u32,
+    _pad: u32,
 }
 
 /// Bits of [`Summary::flags`].

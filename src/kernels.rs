@@ -2,7 +2,7 @@
 //! bindings each one reads. Every shader module is `shaders/common.wgsl` followed by
 //! its family's file.
 
-use crate::params::{LossParams, Reduction};
+use crate::params::{LossParams, Objective, Reduction, TargetGradient};
 
 /// Binding numbers shared by every shader module (see the declarations in `shaders/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,12 @@ pub(crate) struct GpuParams {
     pub scale_grad_gate: f32,
     pub raw_dots: u32,
     pub defer_norm: u32,
+    pub multiplicative_margin: u32,
+    pub angular_margin: f32,
+    pub cos_m2: f32,
+    pub sin_m2: f32,
+    pub objective: u32,
+    pub straight_through: u32,
     pub _pad: [u32; 2],
 }
 
@@ -104,6 +110,13 @@ impl GpuParams {
             0.0
         };
         self.reduction = Reduction::code(params.reduction);
+        self.multiplicative_margin = params.multiplicative_margin;
+        self.angular_margin = params.angular_margin;
+        self.cos_m2 = params.angular_margin.cos();
+        self.sin_m2 = params.angular_margin.sin();
+        self.objective = u32::from(params.objective == Objective::HardMargin);
+        self.straight_through =
+            u32::from(params.target_gradient == TargetGradient::StraightThrough);
     }
 }
 

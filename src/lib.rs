@@ -50,7 +50,10 @@ pub use io::{
     flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
 };
 pub use kernels::TileConfig;
-pub use params::{LossParams, Reduction, MAX_MARGIN, MAX_SCALE};
+pub use params::{
+    cosface_scale_floor, LearnableScale, LossParams, Objective, Reduction, TargetGradient,
+    MAX_MARGIN, MAX_MULTIPLICATIVE_MARGIN, MAX_SCALE, SIN_GUARD,
+};
 pub use plan::{workspace_bytes, Algorithm, Plan};
 pub use problem::{Problem, SplitMix64};
 

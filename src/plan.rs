@@ -82,7 +82,7 @@ const LOOP_BUDGET: u64 = 32768;
 /// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
 const SPLIT_PARTIAL_BYTES: u64 = 28;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
-const ROW_SOFTMAX_BYTES: u64 = 12;
+const ROW_SOFTMAX_BYTES: u64 = 16;
 const FLAGS_BYTES: u64 = 4;
 const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
@@ -666,6 +666,12 @@ impl Plan {
                     scale_grad_gate: 0.0,
                     raw_dots: u32::from(self.algorithm == Algorithm::Chunked),
                     defer_norm: u32::from(self.algorithm == Algorithm::Chunked),
+                    multiplicative_margin: 1,
+                    angular_margin: 0.0,
+                    cos_m2: 1.0,
+                    sin_m2: 0.0,
+                    objective: 0,
+                    straight_through: 0,
                     _pad: [0; 2],
                 };
                 gpu.set_loss(params);

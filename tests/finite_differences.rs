@@ -2,14 +2,15 @@
 //! this is what shows that the reference, and so every comparison with it, is right.
 
 use margin_softmax::reference::loss_f64;
-use margin_softmax::{Problem, Reduction, Shape, IGNORE};
+use margin_softmax::{LossParams, Objective, Problem, Reduction, Shape, IGNORE};
 
 /// Central differences with step h·max(1, |v|): truncation O(h²) ≈ 1e-12 and rounding
 /// O(ε_f64/h) ≈ 1e-10, so 1e-6 relative to the largest gradient is a wide, honest margin.
 const H: f64 = 1e-6;
 const BOUND: f64 = 1e-6;
 
-fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reduction) {
+fn fd_check(shape: Shape, seed: u64, params: LossParams) {
+    let scale = f64::from(params.scale);
     let p = Problem::random(shape, seed);
     let mut labels = p.labels.clone();
     if shape.batch > 2 {
@@ -17,8 +18,7 @@ fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reducti
     }
     let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
     let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
-    let eval =
-        |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, s, 0.0, margin, reduction);
+    let eval = |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, &params, s);
     let base = eval(&x, &w, scale);
     let check = |name: &str, analytic: &[f64], numeric: &[f64]| {
         let scale = analytic
@@ -31,7 +31,7 @@ fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reducti
             .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()));
         assert!(
             err / scale < BOUND,
-            "{name} {shape:?}: rel err {:.3e}",
+            "{name} {shape:?} {params:?}: rel err {:.3e}",
             err / scale
         );
     };
@@ -55,10 +55,62 @@ fn fd_check(shape: Shape, seed: u64, scale: f64, margin: f64, reduction: Reducti
     check("dL/ds", &[base.grad_scale], &gs);
 }
 
+fn with(scale: f32, margin: f32, reduction: Reduction) -> LossParams {
+    LossParams {
+        scale,
+        margin,
+        reduction,
+        ..LossParams::default()
+    }
+}
+
 #[test]
 fn reference_gradients_match_finite_differences() {
-    fd_check(Shape::new(5, 7, 9), 1, 30.0, 0.35, Reduction::Mean);
-    fd_check(Shape::new(3, 4, 6), 2, 5.0, 0.0, Reduction::Sum);
-    fd_check(Shape::new(1, 1, 1), 3, 10.0, 0.2, Reduction::Mean);
-    fd_check(Shape::new(4, 3, 2), 4, 64.0, 0.5, Reduction::None);
+    fd_check(Shape::new(5, 7, 9), 1, with(30.0, 0.35, Reduction::Mean));
+    fd_check(Shape::new(3, 4, 6), 2, with(5.0, 0.0, Reduction::Sum));
+    fd_check(Shape::new(1, 1, 1), 3, with(10.0, 0.2, Reduction::Mean));
+    fd_check(Shape::new(4, 3, 2), 4, with(64.0, 0.5, Reduction::None));
+}
+
+#[test]
+fn margin_family_gradients_match_finite_differences() {
+    // Random cosines stay away from θ = 0 and π, where the exact slopes are smooth.
+    let shape = Shape::new(5, 6, 7);
+    fd_check(
+        shape,
+        5,
+        LossParams {
+            scale: 16.0,
+            ..LossParams::arcface()
+        },
+    );
+    for m1 in [2, 3, 4] {
+        fd_check(
+            shape,
+            6,
+            LossParams {
+                scale: 8.0,
+                ..LossParams::sphereface(m1)
+            },
+        );
+    }
+    fd_check(
+        shape,
+        7,
+        LossParams {
+            angular_margin: 0.3,
+            margin: 0.1,
+            scale: 12.0,
+            ..LossParams::default()
+        },
+    );
+    // The hard objective is piecewise linear: its kinks have measure zero.
+    fd_check(
+        shape,
+        8,
+        LossParams {
+            objective: Objective::HardMargin,
+            ..LossParams::default()
+        },
+    );
 }

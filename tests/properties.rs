@@ -51,7 +51,7 @@ proptest! {
             1 => labels.push(0),
             _ => {}
         }
-        let params = LossParams { scale, scale_min, margin, reduction };
+        let params = LossParams { scale, scale_min, margin, reduction, ..LossParams::default() };
         let gpu = context().loss(shape, &x, &w, &labels, &params, Pass::ForwardBackward);
         match reference::loss(shape, &x, &w, &labels, &params) {
             Err(expected) => {

@@ -11,7 +11,7 @@ use margin_softmax::reference::{self, Comparison};
 use margin_softmax::tensors::{self, InputError};
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
-    LossOutput, LossParams, Pass, Problem, Reduction, Shape,
+    LossOutput, LossParams, Objective, Pass, Problem, Reduction, Shape, TargetGradient,
 };
 
 #[derive(Parser)]
@@ -57,6 +57,22 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    /// The margin softmax.
+    Softmax,
+    /// The hard margin max(0, s·(max_{j≠y} c_j − ψ(c_y))).
+    Hard,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetGradientArg {
+    /// The exact dψ/dc.
+    Exact,
+    /// InsightFace's: the margin passes no gradient of its own.
+    StraightThrough,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ReductionArg {
     Mean,
     Sum,
@@ -80,6 +96,18 @@ struct LossArgs {
     /// Additive cosine margin m.
     #[arg(long, default_value_t = 0.35)]
     margin: f32,
+    /// Additive angular margin m2 in radians (ArcFace: 0.5 with --margin 0).
+    #[arg(long, default_value_t = 0.0)]
+    angular_margin: f32,
+    /// Multiplicative angular margin m1, a whole number (SphereFace-style).
+    #[arg(long, default_value_t = 1)]
+    multiplicative_margin: u32,
+    /// What the loss optimises.
+    #[arg(long, value_enum, default_value = "softmax")]
+    objective: ObjectiveArg,
+    /// How the target logit's gradient treats the margin.
+    #[arg(long, value_enum, default_value = "exact")]
+    target_gradient: TargetGradientArg,
     /// How per-row losses are combined (`none` writes B losses; its gradients are those of the sum).
     #[arg(long, value_enum, default_value = "mean")]
     reduction: ReductionArg,
@@ -209,6 +237,16 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
         scale: args.scale.or(inputs.scale).unwrap_or(30.0),
         scale_min: args.scale_min,
         margin: args.margin,
+        angular_margin: args.angular_margin,
+        multiplicative_margin: args.multiplicative_margin,
+        objective: match args.objective {
+            ObjectiveArg::Softmax => Objective::Softmax,
+            ObjectiveArg::Hard => Objective::HardMargin,
+        },
+        target_gradient: match args.target_gradient {
+            TargetGradientArg::Exact => TargetGradient::Exact,
+            TargetGradientArg::StraightThrough => TargetGradient::StraightThrough,
+        },
         reduction: match args.reduction {
             ReductionArg::Mean => Reduction::Mean,
             ReductionArg::Sum => Reduction::Sum,
