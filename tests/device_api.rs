@@ -83,7 +83,12 @@ fn engine_buffers_match_the_slice_api_and_guards_stay_intact() {
     // Inputs in one buffer, outputs in another (WebGPU forbids one buffer bound as
     // read-only and writable storage in one dispatch), each at aligned offsets with guards.
     let in_sizes = [b * d * 4, c * d * 4, b * 4];
-    let out_sizes = [b * std::mem::size_of::<RowStats>() as u64, 32, b * d * 4, c * d * 4];
+    let out_sizes = [
+        b * std::mem::size_of::<RowStats>() as u64,
+        32,
+        b * d * 4,
+        c * d * 4,
+    ];
     let inputs = arena(ctx, &in_sizes);
     let outputs = arena(ctx, &out_sizes);
     let o = &inputs.offsets;

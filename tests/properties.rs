@@ -1,11 +1,14 @@
 //! Property test: any shape (0 and 1 included), labels (in range, ignored, out of range),
-//! scales, margins and values (zeros, large and small norms) give either the f64
+//! scales, margins of every family and both objectives, and values (zeros, large and small norms) give either the f64
 //! reference's answer within the documented bounds or the documented error. Never a panic.
 
 mod common;
 
 use common::context;
-use margin_softmax::{reference, Error, LossParams, Pass, Reduction, Shape, SplitMix64, IGNORE};
+use margin_softmax::{
+    reference, Error, LossParams, Objective, Pass, Reduction, Shape, SplitMix64, TargetGradient,
+    IGNORE,
+};
 use proptest::prelude::*;
 
 /// Row magnitudes drawn per row: zero rows and norms from 1e-3 to 1e6.
@@ -34,6 +37,9 @@ proptest! {
         margin in prop_oneof![Just(0.35f32), -0.5f32..1.0, Just(0.0), Just(5.0)],
         reduction in prop_oneof![Just(Reduction::Mean), Just(Reduction::Sum), Just(Reduction::None)],
         length_error in 0u8..12,
+        family in 0u8..6,
+        hard in any::<bool>(),
+        straight_through in any::<bool>(),
     ) {
         let shape = Shape::new(b, d, c);
         let mut rng = SplitMix64::new(seed);
@@ -51,7 +57,23 @@ proptest! {
             1 => labels.push(0),
             _ => {}
         }
-        let params = LossParams { scale, scale_min, margin, reduction, ..LossParams::default() };
+        let (angular_margin, multiplicative_margin) = match family {
+            0 => (0.5, 1),
+            1 => (2.5, 1),
+            2 => (0.0, 3),
+            3 => (0.3, 2), // invalid: both kinds of angular margin
+            _ => (0.0, 1),
+        };
+        let params = LossParams {
+            scale,
+            scale_min,
+            margin,
+            reduction,
+            angular_margin,
+            multiplicative_margin,
+            objective: if hard { Objective::HardMargin } else { Objective::Softmax },
+            target_gradient: if straight_through { TargetGradient::StraightThrough } else { TargetGradient::Exact },
+        };
         let gpu = context().loss(shape, &x, &w, &labels, &params, Pass::ForwardBackward);
         match reference::loss(shape, &x, &w, &labels, &params) {
             Err(expected) => {
