@@ -189,14 +189,11 @@ fn projection_factor(v_dot_g: f32, inv: f32) -> f32 {
     return select(v_dot_g * inv * inv, 0.0, inv >= INV_EPS);
 }
 
-/// Invocations (rows) per workgroup of `grad_features_finish`.
-override ROW_WG: u32 = 64u;
-
 /// One invocation per row: gx̂_i = Σ_k partials in split order, then the projection.
 @compute @workgroup_size(ROW_WG)
 fn grad_features_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let i = folded_index(wid, nwg, lid);
     if (i >= params.batch) { return; }
     let d_len = params.dim;
     let base = i * d_len;
@@ -271,7 +268,7 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 @compute @workgroup_size(ROW_WG)
 fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let e = folded_index(wid, nwg, lid);
     if (e >= params.batch * params.classes) { return; }
     let i = e / params.classes;
     let j = e - i * params.classes;
@@ -291,7 +288,7 @@ fn deferred_norm() -> f32 {
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    let row = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let row = folded_index(wid, nwg, lid);
     let d_len = params.dim;
     let norm = deferred_norm();
     if (row < params.batch) {
@@ -320,7 +317,7 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 @compute @workgroup_size(ROW_WG)
 fn chunk_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
-    let e = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let e = folded_index(wid, nwg, lid);
     if (e >= (params.row_end - params.row_begin) * params.classes) { return; }
     let local_row = e / params.classes;
     let j = e - local_row * params.classes;

@@ -118,6 +118,15 @@ override ROWS_WG: u32 = 8u;
 /// Invocations along the class axis of a cosine-tile workgroup.
 override CLASSES_WG: u32 = 8u;
 
+/// Invocations per workgroup of the kernels that give each row (or element) one invocation.
+override ROW_WG: u32 = 64u;
+
+/// The index of this invocation in a one-per-row grid of ROW_WG-wide workgroups, folded
+/// into (x, y) when it exceeds one dispatch dimension; kernels skip indices past the end.
+fn folded_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+}
+
 /// Rows in one cosine tile.
 fn tile_rows() -> u32 { return ROWS_WG * ROW_BLOCK; }
 /// Classes in one cosine tile.

@@ -247,14 +247,11 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-/// Invocations (rows) per workgroup of `merge_rows`.
-override ROW_WG: u32 = 64u;
-
 /// One invocation per row: merge the split partials in split order, then finish the row.
 @compute @workgroup_size(ROW_WG)
 fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * ROW_WG + lid;
+    let i = folded_index(wid, nwg, lid);
     if (i >= params.batch) { return; }
     var acc = split_partials[i];
     for (var k = 1u; k < params.forward_splits; k++) {

@@ -15,8 +15,6 @@
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
 const EPS: f32 = 1e-12;
-/// Invocations (rows) per workgroup.
-override NORM_WG: u32 = 64u;
 
 /// Element `index` of x (is_features) or of w.
 fn input_value(is_features: bool, index: u32) -> f32 {
@@ -51,12 +49,12 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
 /// row within x or the chunk); rows past the chunk's end have a row index ≥ its classes.
 /// x takes part only where norm_feature_rows = B (the first chunk).
 fn stacked_row(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
-    let row = (wid.x + wid.y * nwg.x) * NORM_WG + lid;
+    let row = folded_index(wid, nwg, lid);
     let split = params.norm_feature_rows;
     return select(vec2<u32>(0u, row - split), vec2<u32>(1u, row), row < split);
 }
 
-@compute @workgroup_size(NORM_WG)
+@compute @workgroup_size(ROW_WG)
 fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let at = stacked_row(wid, nwg, lid);
@@ -76,7 +74,7 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 }
 
 /// Unfused baseline: x̂ = x·inv_norm and ŵ = w·inv_norm, materialised.
-@compute @workgroup_size(NORM_WG)
+@compute @workgroup_size(ROW_WG)
 fn normalize_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
     let at = stacked_row(wid, nwg, lid);

@@ -624,8 +624,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
 /// The benchmark's `main`: parses `args`, runs, prints the table and writes the JSON.
 pub fn main_with_args(args: &[String]) -> std::result::Result<(), String> {
     let options = parse_args(args)?;
-    let ctx =
-        pollster::block_on(Context::new(options.context.clone())).map_err(|e| e.to_string())?;
+    let ctx = Context::new_blocking(options.context.clone()).map_err(|e| e.to_string())?;
     eprintln!("benchmarking on {}", ctx.describe());
     let rows = run(&ctx, &options, &mut |line| eprintln!("{line}")).map_err(|e| e.to_string())?;
     println!("{}", format_table(&ctx, &rows));

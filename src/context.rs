@@ -164,9 +164,14 @@ impl Context {
         Ok(context)
     }
 
+    /// Blocking [`Context::new`].
+    pub fn new_blocking(options: ContextOptions) -> Result<Context> {
+        pollster::block_on(Context::new(options))
+    }
+
     /// Blocking [`Context::new`] with default options.
     pub fn new_default() -> Result<Context> {
-        pollster::block_on(Context::new(ContextOptions::default()))
+        Context::new_blocking(ContextOptions::default())
     }
 
     /// Wraps a device and queue the caller already has and compiles the pipelines on it.

@@ -54,7 +54,7 @@ impl Default for TileConfig {
 
 /// Register block of one invocation (WGSL `ROW_BLOCK`, `CLASS_BLOCK`).
 pub(crate) const REGISTER_BLOCK: u32 = 4;
-/// Invocations per workgroup of the one-row-per-invocation kernels (WGSL `NORM_WG`, `ROW_WG`).
+/// Invocations per workgroup of the one-row-per-invocation kernels (WGSL `ROW_WG`).
 pub(crate) const ROW_KERNEL_WORKGROUP: u32 = 64;
 
 impl TileConfig {

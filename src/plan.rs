@@ -700,6 +700,17 @@ impl Plan {
             pass: 0,
             gemm: None,
         };
+        // One step per class chunk, with that chunk's grid.
+        let per_chunk = |kernel, grid: &dyn Fn(&Chunk) -> (u32, u32)| -> Vec<Step<'_>> {
+            g.chunks
+                .iter()
+                .enumerate()
+                .map(|(chunk, part)| Step {
+                    chunk,
+                    ..once(kernel, grid(part))
+                })
+                .collect()
+        };
         let mut steps: Vec<Step<'_>> = Vec::new();
         for chunk in 0..g.chunks.len() {
             steps.push(Step {
@@ -743,26 +754,18 @@ impl Plan {
                 next += 1;
             }
         } else {
-            for (chunk, part) in g.chunks.iter().enumerate() {
-                let grid = (part.forward_splits, g.row_tiles);
-                steps.push(Step {
-                    chunk,
-                    ..once(&k.class_split_partials, grid)
-                });
-            }
+            steps.extend(per_chunk(&k.class_split_partials, &|part| {
+                (part.forward_splits, g.row_tiles)
+            }));
             steps.push(once(&k.merge_rows, per_row(b)?));
         }
         steps.push(once(&k.summarize, (1, 1)));
         if backward {
             match self.algorithm {
                 Algorithm::Fused => {
-                    for (chunk, part) in g.chunks.iter().enumerate() {
-                        let grid = (part.feature_splits, g.row_tiles);
-                        steps.push(Step {
-                            chunk,
-                            ..once(&k.grad_feature_partials, grid)
-                        });
-                    }
+                    steps.extend(per_chunk(&k.grad_feature_partials, &|part| {
+                        (part.feature_splits, g.row_tiles)
+                    }));
                     steps.push(once(&k.grad_features_finish, per_row(b)?));
                     for (chunk, part) in g.chunks.iter().enumerate() {
                         let grid = fold_grid(u64::from(part.class_tiles), max)?;

@@ -11,10 +11,10 @@ use margin_softmax::{
 
 /// A context whose bindings are capped at `bytes`, so small problems need many chunks.
 fn capped(bytes: u64) -> Context {
-    pollster::block_on(Context::new(ContextOptions {
+    Context::new_blocking(ContextOptions {
         max_binding_bytes: Some(bytes),
         ..ContextOptions::default()
-    }))
+    })
     .expect("context")
 }
 

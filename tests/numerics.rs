@@ -164,13 +164,13 @@ fn reductions_and_scale_floor() {
 fn every_tile_configuration() {
     let problem = Problem::random(Shape::new(29, 11, 83), 10);
     for (rows, classes) in [(1, 1), (4, 8), (8, 4), (2, 16), (16, 16)] {
-        let ctx = pollster::block_on(Context::new(ContextOptions {
+        let ctx = Context::new_blocking(ContextOptions {
             tiles: TileConfig {
                 rows_per_workgroup: rows,
                 classes_per_workgroup: classes,
             },
             ..ContextOptions::default()
-        }))
+        })
         .expect("context with custom tiles");
         check_against_reference(&ctx, &problem, &params(30.0, 0.2), "tiles");
     }
@@ -181,10 +181,10 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
     // A 5-row budget cuts B = 37 into 8 row chunks; C = 70 000 > 65 536 cuts the dL/dx
     // GEMM into two accumulated k-pieces.
     for (b, d, c, rows) in [(37, 10, 300, 5), (6, 3, 70_000, 4)] {
-        let ctx = pollster::block_on(Context::new(ContextOptions {
+        let ctx = Context::new_blocking(ContextOptions {
             workspace_budget: Some((c * 4 * rows) as u64),
             ..ContextOptions::default()
-        }))
+        })
         .expect("context");
         let p = Problem::random(Shape::new(b, d, c), 12);
         let params = LossParams::default();

@@ -117,10 +117,10 @@ fn a_lost_device_fails_every_later_call() {
 
 #[test]
 fn waits_are_bounded_by_the_timeout() {
-    let mut ctx = pollster::block_on(Context::new(ContextOptions {
+    let mut ctx = Context::new_blocking(ContextOptions {
         timeout: Some(Duration::from_micros(1)),
         ..ContextOptions::default()
-    }))
+    })
     .expect("context");
     let p = Problem::random(Shape::new(256, 128, 4096), 2);
     let params = LossParams::default();

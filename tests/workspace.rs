@@ -53,10 +53,10 @@ fn the_budget_picks_the_plan() {
     assert_eq!(plan.algorithm(), Algorithm::Chunked);
     assert!(plan.workspace_bytes() <= margin_softmax::DEFAULT_WORKSPACE_BUDGET + (1 << 20));
     // 1 MiB holds G for 13 rows only, fewer than 32: the memory-minimal plan.
-    let small = pollster::block_on(Context::new(ContextOptions {
+    let small = Context::new_blocking(ContextOptions {
         workspace_budget: Some(1 << 20),
         ..ContextOptions::default()
-    }))
+    })
     .expect("context");
     assert_eq!(
         Plan::new(&small, shape).expect("plan").algorithm(),

@@ -174,7 +174,7 @@ fn context(args: &AdapterArgs) -> Result<Context, Failure> {
         adapter_name: args.adapter.clone(),
         ..ContextOptions::default()
     };
-    pollster::block_on(Context::new(options)).map_err(failure)
+    Context::new_blocking(options).map_err(failure)
 }
 
 /// Runs `work` under a spinner (unless quiet) and returns its result and wall time.
