@@ -8,6 +8,7 @@ use crate::io::{
 };
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Plan};
+use crate::problem::Problem;
 
 /// Label value meaning "ignore this row" (`-1i32 as u32`).
 pub const IGNORE: u32 = u32::MAX;
@@ -209,6 +210,17 @@ impl Context {
         let algorithm = Algorithm::choose(self, shape);
         self.run_slice(algorithm, shape, features, classes, labels, params, pass)
             .await
+    }
+
+    /// [`Context::loss`] on a [`Problem`]'s shape, features, class vectors and labels.
+    pub fn loss_on(
+        &self,
+        problem: &Problem,
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput> {
+        let p = problem;
+        self.loss(p.shape, &p.features, &p.classes, &p.labels, params, pass)
     }
 
     /// [`Context::loss`] with a given algorithm, for example [`Algorithm::Unfused`] (the

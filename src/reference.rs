@@ -5,6 +5,7 @@ use crate::api::{LossOutput, IGNORE};
 use crate::error::Result;
 use crate::io::Shape;
 use crate::params::{LossParams, Objective, Reduction, TargetGradient};
+use crate::problem::Problem;
 
 /// ε of the normalisation, as `torch.nn.functional.normalize`.
 pub const EPS: f64 = 1e-12;
@@ -101,6 +102,12 @@ pub fn loss(
         params,
         f64::from(params.scale),
     ))
+}
+
+/// [`loss`] on a [`Problem`].
+pub fn loss_on(problem: &Problem, params: &LossParams) -> Result<ReferenceOutput> {
+    let p = problem;
+    loss(p.shape, &p.features, &p.classes, &p.labels, params)
 }
 
 /// (T_m(c), U_{m−1}(c)) = (cos mθ, sin mθ / sin θ) for c = cos θ, m ≥ 1.

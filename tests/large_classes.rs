@@ -31,29 +31,14 @@ fn many_chunks_match_the_reference() {
         p.labels[2] = 128;
         let params = LossParams::default();
         let out = ctx
-            .loss(
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
+            .loss_on(&p, &params, Pass::ForwardBackward)
             .expect("chunked loss");
-        let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params)
-            .expect("reference");
+        let expected = reference::loss_on(&p, &params).expect("reference");
         check_output(&out, &expected, &p, &params, "chunked");
         // The same bytes as without chunks would be too strong (the split order differs),
         // but the unchunked result must agree within the same bounds.
         let whole = context()
-            .loss(
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
+            .loss_on(&p, &params, Pass::ForwardBackward)
             .expect("unchunked");
         check_output(&whole, &expected, &p, &params, "unchunked");
     }
@@ -95,17 +80,9 @@ fn long_class_ranges_and_large_batches_stay_exact() {
         let p = Problem::random(Shape::new(b, d, c), 11);
         let params = LossParams::default();
         let out = ctx
-            .loss(
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
+            .loss_on(&p, &params, Pass::ForwardBackward)
             .expect("loss");
-        let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params)
-            .expect("reference");
+        let expected = reference::loss_on(&p, &params).expect("reference");
         check_output(&out, &expected, &p, &params, "loop budget");
     }
 }

@@ -109,18 +109,8 @@ fn target_cosines_at_and_near_plus_and_minus_one() {
 fn statistics_match_the_reference() {
     let p = Problem::random(Shape::new(30, 8, 12), 42);
     let params = LossParams::arcface();
-    let out = context()
-        .loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::Forward,
-        )
-        .expect("loss");
-    let r =
-        reference::loss(p.shape, &p.features, &p.classes, &p.labels, &params).expect("reference");
+    let out = context().loss_on(&p, &params, Pass::Forward).expect("loss");
+    let r = reference::loss_on(&p, &params).expect("reference");
     assert_eq!(out.margin_satisfied_rows as usize, r.margin_satisfied_rows);
     for i in 0..30 {
         assert!((f64::from(out.achieved_margin[i]) - r.achieved_margin[i]).abs() < 1e-5);
@@ -169,14 +159,7 @@ fn invalid_margins_are_rejected() {
             "angular_margin",
         ),
     ] {
-        match context().loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::Forward,
-        ) {
+        match context().loss_on(&p, &params, Pass::Forward) {
             Err(Error::InvalidParameter { name: n, .. }) => assert_eq!(n, name),
             other => panic!("{params:?}: expected InvalidParameter({name}), got {other:?}"),
         }
@@ -201,15 +184,6 @@ fn learnable_scale_respects_its_floor() {
     // Below its floor the scale gets no gradient through the loss.
     let p = Problem::random(Shape::new(4, 4, 6), 44);
     let params = LearnableScale::new(3.0, 10.0).apply(LossParams::default());
-    let out = context()
-        .loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::Forward,
-        )
-        .expect("loss");
+    let out = context().loss_on(&p, &params, Pass::Forward).expect("loss");
     assert_eq!(out.grad_scale, 0.0);
 }

@@ -124,30 +124,14 @@ fn waits_are_bounded_by_the_timeout() {
     .expect("context");
     let p = Problem::random(Shape::new(256, 128, 4096), 2);
     let params = LossParams::default();
-    match ctx.loss(
-        p.shape,
-        &p.features,
-        &p.classes,
-        &p.labels,
-        &params,
-        Pass::ForwardBackward,
-    ) {
+    match ctx.loss_on(&p, &params, Pass::ForwardBackward) {
         Err(Error::Timeout { .. }) => {}
         other => panic!("expected a timeout, got {:?}", other.map(|o| o.loss)),
     }
     // The context stays usable once the caller allows more time.
     ctx.set_timeout(None);
     let small = Problem::random(Shape::new(3, 3, 3), 3);
-    assert!(ctx
-        .loss(
-            small.shape,
-            &small.features,
-            &small.classes,
-            &small.labels,
-            &params,
-            Pass::Forward
-        )
-        .is_ok());
+    assert!(ctx.loss_on(&small, &params, Pass::Forward).is_ok());
 }
 
 #[test]

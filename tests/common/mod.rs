@@ -30,8 +30,8 @@ pub fn check_against_reference(
     what: &str,
 ) -> LossOutput {
     let p = problem;
-    let expected = reference::loss(p.shape, &p.features, &p.classes, &p.labels, params)
-        .unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
+    let expected =
+        reference::loss_on(&p, params).unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
     let pass = Pass::ForwardBackward;
     for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
         let out = ctx
@@ -54,7 +54,7 @@ pub fn check_against_reference(
         );
     }
     let chosen = ctx
-        .loss(p.shape, &p.features, &p.classes, &p.labels, params, pass)
+        .loss_on(&p, params, pass)
         .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
     check_output(&chosen, &expected, p, params, what);
     chosen
