@@ -6,7 +6,7 @@ use common::context;
 use margin_softmax::{Error, LossParams, Pass, Problem, Shape, IGNORE};
 
 fn call(p: &Problem, params: &LossParams) -> Result<margin_softmax::LossOutput, Error> {
-    context().loss_on(&p, params, Pass::ForwardBackward)
+    context().loss_on(p, params, Pass::ForwardBackward)
 }
 
 #[test]

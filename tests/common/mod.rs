@@ -31,7 +31,7 @@ pub fn check_against_reference(
 ) -> LossOutput {
     let p = problem;
     let expected =
-        reference::loss_on(&p, params).unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
+        reference::loss_on(p, params).unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
     let pass = Pass::ForwardBackward;
     for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
         let out = ctx
@@ -54,7 +54,7 @@ pub fn check_against_reference(
         );
     }
     let chosen = ctx
-        .loss_on(&p, params, pass)
+        .loss_on(p, params, pass)
         .unwrap_or_else(|e| panic!("{what}: GPU call failed: {e}"));
     check_output(&chosen, &expected, p, params, what);
     chosen
