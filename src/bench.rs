@@ -490,14 +490,7 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
     let mut samples = Vec::with_capacity(calls);
     for run in 0..options.warmup + calls {
         let start = Instant::now();
-        ctx.loss(
-            shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::ForwardBackward,
-        )?;
+        ctx.loss_on(&p, &params, Pass::ForwardBackward)?;
         if run >= options.warmup {
             samples.push(start.elapsed().as_secs_f64());
         }

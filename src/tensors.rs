@@ -11,18 +11,14 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::api::{LossOutput, IGNORE};
 use crate::io::Shape;
+use crate::problem::Problem;
 
 /// A problem read from a safetensors file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossInputs {
-    /// B, D and C.
-    pub shape: Shape,
-    /// x, B×D.
-    pub features: Vec<f32>,
-    /// w, C×D (the file's `weights`).
-    pub classes: Vec<f32>,
-    /// y, B labels; negative labels in the file become [`IGNORE`].
-    pub labels: Vec<u32>,
+    /// x (`features`), w (`weights`) and y (`labels`; negative labels in the file become
+    /// [`IGNORE`]).
+    pub problem: Problem,
     /// The file's `scale`, if it has one.
     pub scale: Option<f32>,
 }
@@ -205,10 +201,12 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
         }
     };
     Ok(LossInputs {
-        shape: Shape::new(b, d, c),
-        features,
-        classes,
-        labels,
+        problem: Problem {
+            shape: Shape::new(b, d, c),
+            features,
+            classes,
+            labels,
+        },
         scale,
     })
 }

@@ -149,14 +149,7 @@ fn engine_buffers_match_the_slice_api_and_guards_stay_intact() {
     );
 
     let slice = ctx
-        .loss(
-            shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::ForwardBackward,
-        )
+        .loss_on(&p, &params, Pass::ForwardBackward)
         .expect("slice api");
     let at = |k: usize| &bytes[o[k] as usize..(o[k] + out_sizes[k]) as usize];
     let summary: Summary = bytemuck::pod_read_unaligned(at(1));

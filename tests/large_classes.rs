@@ -56,17 +56,9 @@ fn class_matrix_just_over_128_mib() {
     p.labels[1] = 0;
     let params = LossParams::default();
     let out = ctx
-        .loss(
-            shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::ForwardBackward,
-        )
+        .loss_on(&p, &params, Pass::ForwardBackward)
         .expect("loss over two chunks");
-    let expected =
-        reference::loss(shape, &p.features, &p.classes, &p.labels, &params).expect("reference");
+    let expected = reference::loss_on(&p, &params).expect("reference");
     check_output(&out, &expected, &p, &params, "C·D·4 > 128 MiB");
 }
 

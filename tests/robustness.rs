@@ -28,18 +28,9 @@ fn eight_threads_share_one_context() {
                         ..LossParams::default()
                     };
                     let out = ctx
-                        .loss(
-                            shape,
-                            &p.features,
-                            &p.classes,
-                            &p.labels,
-                            &params,
-                            Pass::ForwardBackward,
-                        )
+                        .loss_on(&p, &params, Pass::ForwardBackward)
                         .unwrap_or_else(|e| panic!("thread {t} call {call}: {e}"));
-                    let expected =
-                        reference::loss(shape, &p.features, &p.classes, &p.labels, &params)
-                            .expect("reference");
+                    let expected = reference::loss_on(&p, &params).expect("reference");
                     let check = reference::compare(shape.dim, &params, &out, &expected);
                     assert!(
                         check.passes(),

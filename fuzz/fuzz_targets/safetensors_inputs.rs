@@ -7,7 +7,8 @@ use libfuzzer_sys::fuzz_target;
 use margin_softmax::tensors::parse_inputs;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(inputs) = parse_inputs(data) {
+    if let Ok(parsed) = parse_inputs(data) {
+        let inputs = parsed.problem;
         let s = inputs.shape;
         assert_eq!(inputs.features.len(), s.batch * s.dim);
         assert_eq!(inputs.classes.len(), s.classes * s.dim);

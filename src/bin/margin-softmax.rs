@@ -255,19 +255,12 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
     };
     params.validate().map_err(bad_input)?;
     let ctx = context(&args.adapter)?;
-    let shape = inputs.shape;
+    let shape = inputs.problem.shape;
     let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
-        ctx.loss(
-            shape,
-            &inputs.features,
-            &inputs.classes,
-            &inputs.labels,
-            &params,
-            Pass::ForwardBackward,
-        )
+        ctx.loss_on(&inputs.problem, &params, Pass::ForwardBackward)
     });
     let out = result.map_err(failure)?;
-    let (accuracy, achieved) = training_figures(&out, &inputs.labels);
+    let (accuracy, achieved) = training_figures(&out, &inputs.problem.labels);
     println!("adapter     {}", ctx.describe());
     println!(
         "shapes      features {}×{}, weights {}×{}, labels {}",
@@ -290,14 +283,7 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
     println!("time        {:.1} ms", elapsed.as_secs_f64() * 1e3);
     let mut verdict = Ok(());
     if args.verify {
-        let expected = reference::loss(
-            shape,
-            &inputs.features,
-            &inputs.classes,
-            &inputs.labels,
-            &params,
-        )
-        .map_err(failure)?;
+        let expected = reference::loss_on(&inputs.problem, &params).map_err(failure)?;
         let check = reference::compare(shape.dim, &params, &out, &expected);
         println!();
         print_comparison(&check);
@@ -325,14 +311,7 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
     let ctx = context(&args.adapter)?;
     let p = Problem::random(shape, args.seed);
     let (result, elapsed) = with_progress(args.adapter.quiet, "running the fused loss", || {
-        ctx.loss(
-            shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &params,
-            Pass::ForwardBackward,
-        )
+        ctx.loss_on(&p, &params, Pass::ForwardBackward)
     });
     let out = result.map_err(|e| match e {
         margin_softmax::Error::EmptyShape { .. } | margin_softmax::Error::TooLarge { .. } => {
@@ -342,7 +321,7 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
     })?;
     let (expected, reference_time) =
         with_progress(args.adapter.quiet, "running the f64 reference", || {
-            reference::loss(shape, &p.features, &p.classes, &p.labels, &params)
+            reference::loss_on(&p, &params)
         });
     let expected = expected.map_err(failure)?;
     let check = reference::compare(shape.dim, &params, &out, &expected);
