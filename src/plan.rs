@@ -179,6 +179,12 @@ impl Geometry {
                     * tiles_per_split(tile_iterations(d, tile, tile))
                     * tile;
                 let binding_fit = ctx.max_binding / row_bytes;
+                // The chunked plan never runs the fused dL/dx pass, so its loop budget does not apply.
+                let feature_fit = if algorithm == Algorithm::Chunked {
+                    u64::MAX
+                } else {
+                    feature_fit
+                };
                 let fit = forward_fit.min(feature_fit).min(binding_fit) / quantum * quantum;
                 if fit == 0 {
                     return Err(Error::TooLarge {
@@ -209,7 +215,15 @@ impl Geometry {
             }
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
-            let rows = (ctx.workspace_budget / (4 * u64::from(classes))).min(65536) as u32;
+            // The rest of the workspace (norms, flags, softmax rows, forward partials, and
+            // 64 KiB for the uniforms) comes out of the budget first.
+            let rest = 4 * (b + u64::from(classes))
+                + FLAGS_BYTES
+                + ROW_SOFTMAX_BYTES * b
+                + SPLIT_PARTIAL_BYTES * b * u64::from(forward_wanted)
+                + (64 << 10);
+            let rows = (ctx.workspace_budget.saturating_sub(rest) / (4 * u64::from(classes)))
+                .min(65536) as u32;
             if rows == 0 {
                 return Err(Error::TooLarge {
                     what: "one row of G (C·4 bytes) within the workspace budget",
