@@ -182,7 +182,11 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
     // GEMM into two accumulated k-pieces.
     for (b, d, c, rows) in [(37, 10, 300, 5), (6, 3, 70_000, 4)] {
         let ctx = Context::new_blocking(ContextOptions {
-            workspace_budget: Some((c * 4 * rows) as u64),
+            // G for `rows` rows, on top of at most this much other workspace (norms,
+            // softmax rows, 32 forward partials a row, 64 KiB of uniforms).
+            workspace_budget: Some(
+                (4 * (b + c) + 4 + 16 * b + 28 * b * 32 + (64 << 10) + c * 4 * rows) as u64,
+            ),
             ..ContextOptions::default()
         })
         .expect("context");
