@@ -39,6 +39,7 @@ mod params;
 mod plan;
 mod problem;
 pub mod reference;
+pub mod sphere;
 pub mod tensors;
 
 pub use api::{Gradients, LossOutput, Pass, IGNORE};

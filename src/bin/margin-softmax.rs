@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use margin_softmax::reference::{self, Comparison};
+use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError};
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
@@ -46,6 +47,8 @@ enum Command {
     Check(CheckArgs),
     /// List every adapter wgpu can see, with the features and limits that matter here.
     Adapters(AdapterArgs),
+    /// Render the sphere map of the highest class probability as a PNG (the article's figure).
+    Sphere(SphereArgs),
     /// The portable benchmark (same as `cargo bench`); run with `bench -- --help` for its options.
     Bench {
         #[command(flatten)]
@@ -114,6 +117,33 @@ struct LossArgs {
     /// Also run the f64 reference and print the largest error per output; exit 1 past the bounds.
     #[arg(long)]
     verify: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+}
+
+#[derive(Args)]
+struct SphereArgs {
+    /// Output PNG.
+    #[arg(long, value_name = "OUT.png")]
+    output: PathBuf,
+    /// Class vectors: a safetensors file whose `weights` is C×3 (default: C evenly spread).
+    #[arg(long, value_name = "IN.safetensors")]
+    input: Option<PathBuf>,
+    /// C for the default class vectors.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Scale s.
+    #[arg(long, default_value_t = 30.0)]
+    scale: f32,
+    /// Additive cosine margin m.
+    #[arg(long, default_value_t = 0.0)]
+    margin: f32,
+    /// The article's sequence: s ∈ {1, 5, 10, 30}, with m = 0 and then m = 0.35.
+    #[arg(long)]
+    grid: bool,
+    /// Pixels across each hemisphere.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -357,6 +387,51 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
     }
 }
 
+fn run_sphere(args: &SphereArgs) -> Result<(), Failure> {
+    let classes = match &args.input {
+        Some(path) => {
+            let inputs = tensors::read_inputs(path).map_err(bad_input)?;
+            if inputs.problem.shape.dim != 3 {
+                return Err(bad_input(
+                    "tensor `weights`: expected C×3 class vectors for a sphere map",
+                ));
+            }
+            inputs.problem.classes
+        }
+        None => sphere::default_class_vectors(args.classes.max(1)),
+    };
+    let ctx = context(&args.adapter)?;
+    let (image, elapsed) = with_progress(args.adapter.quiet, "rendering", || {
+        if args.grid {
+            sphere::render_grid(
+                &ctx,
+                &classes,
+                &[1.0, 5.0, 10.0, 30.0],
+                &[0.0, 0.35],
+                args.size,
+            )
+        } else {
+            let params = LossParams {
+                scale: args.scale,
+                margin: args.margin,
+                ..LossParams::default()
+            };
+            sphere::render(&ctx, &classes, &params, args.size, &[])
+        }
+    });
+    let image = image.map_err(bad_input)?;
+    image.write_png(&args.output).map_err(failure)?;
+    println!(
+        "wrote {} ({}×{} pixels, {} classes, {:.1} s)",
+        args.output.display(),
+        image.width,
+        image.height,
+        classes.len() / 3,
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
 fn run_adapters(args: &AdapterArgs) -> Result<(), Failure> {
     let backends = match &args.backend {
         Some(name) => Some(parse_backends(name).ok_or_else(|| {
@@ -409,6 +484,7 @@ fn main() -> ExitCode {
         Command::Loss(args) => run_loss(args),
         Command::Check(args) => run_check(args),
         Command::Adapters(args) => run_adapters(args),
+        Command::Sphere(args) => run_sphere(args),
         Command::Bench { adapter, options } => {
             let mut all = options.clone();
             if let Some(name) = &adapter.adapter {
