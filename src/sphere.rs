@@ -190,7 +190,7 @@ pub fn render(
     size: usize,
     dots: &[f32],
 ) -> Result<Image> {
-    if size < 8 || class_vectors.is_empty() || class_vectors.len() % 3 != 0 {
+    if size < 8 || class_vectors.is_empty() || !class_vectors.len().is_multiple_of(3) {
         return Err(Error::InvalidParameter {
             name: "size",
             value: size as f32,
