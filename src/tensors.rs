@@ -211,6 +211,28 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
     })
 }
 
+/// Reads and checks the `weights` tensor alone (C×D f32) from a safetensors file:
+/// returns the values and (C, D).
+pub fn read_class_vectors(path: &Path) -> Result<(Vec<f32>, usize, usize), InputError> {
+    let bytes = std::fs::read(path).map_err(|e| InputError {
+        tensor: None,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| InputError {
+        tensor: None,
+        message: format!("not a readable safetensors file: {e}"),
+    })?;
+    let w = get(&file, "weights")?;
+    expect_rank("weights", &w, 2, "C×D")?;
+    if w.shape[0] == 0 || w.shape[1] == 0 {
+        return Err(tensor_error(
+            "weights",
+            "has a zero dimension; every size must be at least 1",
+        ));
+    }
+    Ok((f32_values("weights", &w)?, w.shape[0], w.shape[1]))
+}
+
 /// Reads and checks a problem from a safetensors file.
 pub fn read_inputs(path: &Path) -> Result<LossInputs, InputError> {
     let bytes = std::fs::read(path).map_err(|e| InputError {

@@ -377,3 +377,47 @@ fn adapters_and_help() {
         );
     }
 }
+
+#[test]
+fn sphere_renders_class_vectors_from_a_file() {
+    let d = dir("sphere");
+    let input = d.join("w.safetensors");
+    let output = d.join("map.png");
+    let w: Vec<f32> = vec![
+        1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, -1.0, -1.0, -1.0,
+    ];
+    write(
+        &input,
+        &[("weights", Dtype::F32, vec![4, 3], f32_bytes(&w))],
+    );
+    let out = run(&[
+        "sphere",
+        "--quiet",
+        "--size",
+        "32",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&std::fs::read(&output).expect("png")[1..4], b"PNG");
+    write(
+        &input,
+        &[("weights", Dtype::F32, vec![3, 4], f32_bytes(&w))],
+    );
+    let bad = run(&[
+        "sphere",
+        "--quiet",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`weights`"));
+}

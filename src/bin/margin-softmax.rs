@@ -126,7 +126,7 @@ struct SphereArgs {
     /// Output PNG.
     #[arg(long, value_name = "OUT.png")]
     output: PathBuf,
-    /// Class vectors: a safetensors file whose `weights` is C×3 (default: C evenly spread).
+    /// Class vectors: a safetensors file whose `weights` tensor is C×3 f32 (default: C evenly spread).
     #[arg(long, value_name = "IN.safetensors")]
     input: Option<PathBuf>,
     /// C for the default class vectors.
@@ -390,13 +390,13 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
 fn run_sphere(args: &SphereArgs) -> Result<(), Failure> {
     let classes = match &args.input {
         Some(path) => {
-            let inputs = tensors::read_inputs(path).map_err(bad_input)?;
-            if inputs.problem.shape.dim != 3 {
-                return Err(bad_input(
-                    "tensor `weights`: expected C×3 class vectors for a sphere map",
-                ));
+            let (weights, _, dim) = tensors::read_class_vectors(path).map_err(bad_input)?;
+            if dim != 3 {
+                return Err(bad_input(format!(
+                    "tensor `weights`: expected C×3 class vectors for a sphere map, found D = {dim}"
+                )));
             }
-            inputs.problem.classes
+            weights
         }
         None => sphere::default_class_vectors(args.classes.max(1)),
     };
