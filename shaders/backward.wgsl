@@ -231,7 +231,7 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     for (var row_tile0 = params.row_begin; row_tile0 < params.row_end; row_tile0 += tile_rows()) {
         fill_g_tile(row_tile0, class_tile0, lid, coef, false);
         workgroupBarrier();
-        let n_rows = min(tile_rows(), params.batch - row_tile0);
+        let n_rows = min(tile_rows(), params.row_end - row_tile0);
         for (var d0 = 0u; d0 < d_len; d0 += lay.lanes * CLASS_BLOCK) {
             let acc = tile_product(lay, d0, n_rows, ProductOperands(1u, tile_classes(), true, row_tile0));
             for (var r = 0u; r < ROW_BLOCK; r++) {

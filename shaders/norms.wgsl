@@ -32,7 +32,9 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
         if (is_non_finite(v)) { return -1.0; }
         amax = max(amax, abs(v));
     }
-    if (amax == 0.0) { return 1.0 / EPS; }
+    // ‖v‖ ≤ amax·√D: below 1e-30 the row is shorter than ε for any D up to 1e36, and
+    // 1/amax would overflow for subnormal amax.
+    if (amax < 1e-30) { return 1.0 / EPS; }
     let inv_amax = 1.0 / amax;
     var sum_sq = 0.0;
     for (var k = 0u; k < d; k++) {

@@ -197,6 +197,32 @@ impl Context {
                 limit: u64::from(limits.max_compute_invocations_per_workgroup),
             });
         }
+        let (rows, classes) = (tiles.rows_per_workgroup, tiles.classes_per_workgroup);
+        if rows > limits.max_compute_workgroup_size_y
+            || classes > limits.max_compute_workgroup_size_x
+        {
+            return Err(Error::TooLarge {
+                what: "tile workgroup size along one axis",
+                size: u64::from(rows.max(classes)),
+                limit: u64::from(
+                    limits
+                        .max_compute_workgroup_size_x
+                        .min(limits.max_compute_workgroup_size_y),
+                ),
+            });
+        }
+        // The largest workgroup arrays: the forward lane partials (28 bytes per row lane)
+        // and the backward G tile (4 bytes per tile element).
+        let tile_rows = u64::from(tiles.tile_rows());
+        let storage = (28 * tile_rows * u64::from(classes))
+            .max(4 * tile_rows * u64::from(tiles.tile_classes()));
+        if storage > u64::from(limits.max_compute_workgroup_storage_size) {
+            return Err(Error::TooLarge {
+                what: "workgroup storage of the tile configuration (use smaller tiles)",
+                size: storage,
+                limit: u64::from(limits.max_compute_workgroup_storage_size),
+            });
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device, tiles);
         if let Some(e) = pollster::block_on(scope.pop()) {

@@ -121,7 +121,7 @@ pub struct DeviceInputs<'a> {
 /// The outputs of the device API.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceOutputs<'a> {
-    /// B [`RowStats`] (16 bytes each).
+    /// B [`RowStats`] (24 bytes each).
     pub row_stats: BufferRegion<'a>,
     /// One [`Summary`] (32 bytes).
     pub summary: BufferRegion<'a>,

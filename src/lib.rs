@@ -1,7 +1,9 @@
 //! # margin-softmax
 //!
-//! The AM-Softmax / CosFace loss and its gradients, fused in WGSL compute shaders and run
-//! through wgpu, without ever materialising the B×C logits:
+//! The margin-softmax family (AM-Softmax / CosFace, ArcFace, SphereFace-style) and its
+//! gradients, fused in WGSL compute shaders and run through wgpu. The memory-minimal plan
+//! never materialises the B×C logits; the default chunked plan keeps G for as many rows
+//! as a workspace budget holds. For AM-Softmax:
 //!
 //! ```text
 //! c_ij = x̂_i·ŵ_j   (x̂ = x / max(‖x‖, ε), ŵ likewise)

@@ -92,11 +92,10 @@ fn wanted_splits(row_tiles: u32, max_splits: u32) -> u32 {
     TARGET_WORKGROUPS.div_ceil(row_tiles).clamp(1, max_splits)
 }
 
-/// Cuts a chunk's `class_tiles` tiles into `wanted` (at most) contiguous splits of equal
-/// whole tiles, none empty; returns (splits, classes per split).
-fn class_splits(classes: u32, class_tiles: u32, wanted: u32, tile: u32) -> (u32, u32) {
-    let split_classes = class_tiles.div_ceil(wanted.min(class_tiles)) * tile;
-    (classes.div_ceil(split_classes), split_classes)
+/// Classes per split when `class_tiles` tiles are cut into at most `wanted` contiguous
+/// splits of equal whole tiles (a multiple of the tile).
+fn class_split_width(class_tiles: u32, wanted: u32, tile: u32) -> u32 {
+    class_tiles.div_ceil(wanted.min(class_tiles).max(1)) * tile
 }
 
 /// Loop iterations of one cosine tile plus its gradient product over a tile of `other`
@@ -104,6 +103,12 @@ fn class_splits(classes: u32, class_tiles: u32, wanted: u32, tile: u32) -> (u32,
 /// for the short fixed loops and remainders.
 fn tile_iterations(dim: u64, width: u64, other: u64) -> u64 {
     dim / 4 + dim.div_ceil(width) * (other / 4 + 4) + 16
+}
+
+/// The product of byte counts, saturating: sizes past u64 compare as too large instead of
+/// wrapping.
+fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |acc, &f| acc.saturating_mul(f))
 }
 
 fn to_u32(what: &'static str, n: usize) -> Result<u32> {
@@ -219,11 +224,15 @@ impl Geometry {
             // 64 KiB for the uniforms) comes out of the budget first.
             let rest = 4 * (b + u64::from(classes))
                 + FLAGS_BYTES
-                + ROW_SOFTMAX_BYTES * b
-                + SPLIT_PARTIAL_BYTES * b * u64::from(forward_wanted)
+                + product(&[ROW_SOFTMAX_BYTES, b])
+                + product(&[SPLIT_PARTIAL_BYTES, b, u64::from(forward_wanted)])
                 + (64 << 10);
-            let rows = (ctx.workspace_budget.saturating_sub(rest) / (4 * u64::from(classes)))
-                .min(65536) as u32;
+            // G's rows also fit one storage binding.
+            let room = ctx
+                .workspace_budget
+                .saturating_sub(rest)
+                .min(ctx.max_binding);
+            let rows = (room / (4 * u64::from(classes))).min(65536) as u32;
             if rows == 0 {
                 return Err(Error::TooLarge {
                     what: "one row of G (C·4 bytes) within the workspace budget",
@@ -236,21 +245,22 @@ impl Geometry {
                 .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
                 .collect();
         }
+        // Every chunk uses the first (largest) chunk's split width, so no later chunk has
+        // more splits than the first: the first writes every partial slot fresh and the
+        // later ones merge into a subset of them.
+        let first_tiles = chunk_classes.div_ceil(tile_classes);
+        let forward_split_classes = class_split_width(first_tiles, forward_wanted, tile_classes);
+        let feature_split_classes = class_split_width(first_tiles, feature_wanted, tile_classes);
         let mut chunks = Vec::new();
         for class_offset in (0..classes).step_by(chunk_classes as usize) {
             let classes = chunk_classes.min(classes - class_offset);
-            let class_tiles = classes.div_ceil(tile_classes);
-            let (forward_splits, forward_split_classes) =
-                class_splits(classes, class_tiles, forward_wanted, tile_classes);
-            let (feature_splits, feature_split_classes) =
-                class_splits(classes, class_tiles, feature_wanted, tile_classes);
             chunks.push(Chunk {
                 class_offset,
                 classes,
-                class_tiles,
-                forward_splits,
+                class_tiles: classes.div_ceil(tile_classes),
+                forward_splits: classes.div_ceil(forward_split_classes),
                 forward_split_classes,
-                feature_splits,
+                feature_splits: classes.div_ceil(feature_split_classes),
                 feature_split_classes,
             });
         }
@@ -302,30 +312,30 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
         (Binding::InvNormFeatures, 4 * b),
         (Binding::InvNormClasses, 4 * c),
         (Binding::InputFlags, FLAGS_BYTES),
-        (Binding::RowSoftmax, ROW_SOFTMAX_BYTES * b),
+        (Binding::RowSoftmax, product(&[ROW_SOFTMAX_BYTES, b])),
     ];
     match algorithm {
         Algorithm::Fused => layout.extend([
             (
                 Binding::SplitPartials,
-                SPLIT_PARTIAL_BYTES * b * u64::from(g.forward_splits),
+                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
             ),
             (
                 Binding::FeatureGradPartials,
-                4 * b * d * u64::from(g.feature_splits),
+                product(&[4, b, d, u64::from(g.feature_splits)]),
             ),
         ]),
         Algorithm::Chunked => layout.extend([
             (
                 Binding::SplitPartials,
-                SPLIT_PARTIAL_BYTES * b * u64::from(g.forward_splits),
+                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
             ),
-            (Binding::Logits, 4 * c * g.max_pass_rows()),
+            (Binding::Logits, product(&[4, c, g.max_pass_rows()])),
         ]),
         Algorithm::Unfused => layout.extend([
-            (Binding::UnitFeatures, 4 * b * d),
-            (Binding::UnitClasses, 4 * c * d),
-            (Binding::Logits, 4 * b * c),
+            (Binding::UnitFeatures, product(&[4, b, d])),
+            (Binding::UnitClasses, product(&[4, c, d])),
+            (Binding::Logits, product(&[4, b, c])),
         ]),
     }
     layout
@@ -439,10 +449,9 @@ pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Res
 }
 
 fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: Algorithm) -> u64 {
-    let buffers: u64 = workspace_layout(shape, g, algorithm)
+    let buffers = workspace_layout(shape, g, algorithm)
         .iter()
-        .map(|(_, s)| s)
-        .sum();
+        .fold(0u64, |acc, (_, s)| acc.saturating_add(*s));
     let gemm = gemm_specs(shape, g, algorithm).len() as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES);
     buffers + g.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES) + gemm
 }
@@ -486,10 +495,10 @@ impl Plan {
             .max()
             .unwrap_or(0);
         let bound = [
-            ("features (B·D·4 bytes)", b * d * 4),
+            ("features (B·D·4 bytes)", product(&[b, d, 4])),
             (
                 "class vectors of one chunk (classes·D·4 bytes)",
-                biggest_chunk * d * 4,
+                product(&[biggest_chunk, d, 4]),
             ),
         ];
         for (what, size) in bound
@@ -504,17 +513,17 @@ impl Plan {
                 });
             }
         }
-        if c * d * 4 > ctx.limits.max_buffer_size {
+        if product(&[c, d, 4]) > ctx.limits.max_buffer_size {
             return Err(Error::TooLarge {
                 what: "class vectors (C·D·4 bytes) in one buffer",
-                size: c * d * 4,
+                size: product(&[c, d, 4]),
                 limit: ctx.limits.max_buffer_size,
             });
         }
-        if algorithm == Algorithm::Unfused && b * c > u64::from(u32::MAX) {
+        if algorithm == Algorithm::Unfused && product(&[b, c]) > u64::from(u32::MAX) {
             return Err(Error::TooLarge {
                 what: "B·C logits (u32 indices)",
-                size: b * c,
+                size: product(&[b, c]),
                 limit: u64::from(u32::MAX),
             });
         }
@@ -615,12 +624,12 @@ impl Plan {
             Region {
                 role: "features",
                 region: inputs.features,
-                bytes: b * d * 4,
+                bytes: product(&[b, d, 4]),
             },
             Region {
                 role: "classes",
                 region: inputs.classes,
-                bytes: c * d * 4,
+                bytes: product(&[c, d, 4]),
             },
             Region {
                 role: "labels",
@@ -642,12 +651,12 @@ impl Plan {
             regions.push(Region {
                 role: "grad_features",
                 region: grads.features,
-                bytes: b * d * 4,
+                bytes: product(&[b, d, 4]),
             });
             regions.push(Region {
                 role: "grad_classes",
                 region: grads.classes,
-                bytes: c * d * 4,
+                bytes: product(&[c, d, 4]),
             });
         }
         for r in &regions {

@@ -78,3 +78,30 @@ fn long_class_ranges_and_large_batches_stay_exact() {
         check_output(&out, &expected, &p, &params, "loop budget");
     }
 }
+
+#[test]
+fn later_chunks_never_have_more_splits_than_the_first() {
+    // 278 528-byte bindings cut C = 2112 (D = 64) into a 1088-class and a 1024-class
+    // chunk; cut independently, the smaller one would get more splits than the first and
+    // merge into partial slots the first never wrote. Two calls must agree bit for bit.
+    let ctx = capped(278_528);
+    let p = Problem::random(Shape::new(8, 64, 2112), 13);
+    let params = LossParams::default();
+    let expected = reference::loss_on(&p, &params).expect("reference");
+    let run = || {
+        ctx.loss_on(&p, &params, Pass::ForwardBackward)
+            .expect("loss")
+    };
+    let first = run();
+    check_output(&first, &expected, &p, &params, "uneven chunks");
+    assert_eq!(run(), first, "a second call differs");
+}
+
+#[test]
+fn the_chosen_plan_fits_one_binding() {
+    // With 128 MiB bindings G for the rows the budget allows would not fit one binding;
+    // the plan must cut its rows (or fall back), not fail.
+    let ctx = capped(128 << 20);
+    let plan = margin_softmax::Plan::new(&ctx, Shape::new(1024, 256, 100_000)).expect("a plan");
+    assert!(plan.workspace_bytes() <= margin_softmax::DEFAULT_WORKSPACE_BUDGET);
+}
