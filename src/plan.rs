@@ -368,26 +368,41 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
     match algorithm {
         Algorithm::Fused => Vec::new(),
         // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
-        Algorithm::Unfused => vec![
-            spec(
+        // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G, their k
+        // (C and B) cut into accumulated pieces of at most MAX_GEMM_K.
+        Algorithm::Unfused => {
+            let mut specs = vec![spec(
                 GemmShape::new(b, c, d, d, 1, 1, d),
                 Binding::UnitFeatures,
                 Binding::UnitClasses,
                 Binding::Logits,
-            ),
-            spec(
-                GemmShape::new(b, d, c, c, 1, d, 1),
-                Binding::Logits,
-                Binding::UnitClasses,
-                Binding::GradFeatures,
-            ),
-            spec(
-                GemmShape::new(c, d, b, 1, c, d, 1),
-                Binding::Logits,
-                Binding::UnitFeatures,
-                Binding::GradClasses,
-            ),
-        ],
+            )];
+            for k0 in (0..c).step_by(MAX_GEMM_K as usize) {
+                let mut gx = GemmShape::new(b, d, MAX_GEMM_K.min(c - k0), c, 1, d, 1);
+                gx.lhs_offset = k0;
+                gx.rhs_offset = k0 * d;
+                gx.accumulate = u32::from(k0 > 0);
+                specs.push(spec(
+                    gx,
+                    Binding::Logits,
+                    Binding::UnitClasses,
+                    Binding::GradFeatures,
+                ));
+            }
+            for k0 in (0..b).step_by(MAX_GEMM_K as usize) {
+                let mut gw = GemmShape::new(c, d, MAX_GEMM_K.min(b - k0), 1, c, d, 1);
+                gw.lhs_offset = k0 * c;
+                gw.rhs_offset = k0 * d;
+                gw.accumulate = u32::from(k0 > 0);
+                specs.push(spec(
+                    gw,
+                    Binding::Logits,
+                    Binding::UnitFeatures,
+                    Binding::GradClasses,
+                ));
+            }
+            specs
+        }
         // Per row chunk [r0, r1): raw dots x·wᵀ, then gx̂ = G·(inv_w ⊙ w) in k-pieces of
         // at most MAX_GEMM_K classes, and gŵ += Gᵀ·(inv_x ⊙ x).
         Algorithm::Chunked => {
@@ -806,8 +821,9 @@ impl Plan {
                 }
                 Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
-                    steps.push(matmul(1)?);
-                    steps.push(matmul(2)?);
+                    for index in 1..self.gemms.len() {
+                        steps.push(matmul(index)?);
+                    }
                     steps.push(once(&k.normalize_backward, per_row(b + c)?));
                 }
             }

@@ -205,5 +205,18 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
             )
             .expect("chunked");
         common::check_output(&out, &expected, &p, &params, "row chunks");
+        // The unfused baseline cuts the same long k = C into pieces.
+        let unfused = ctx
+            .loss_with(
+                margin_softmax::Algorithm::Unfused,
+                p.shape,
+                &p.features,
+                &p.classes,
+                &p.labels,
+                &params,
+                margin_softmax::Pass::ForwardBackward,
+            )
+            .expect("unfused");
+        common::check_output(&unfused, &expected, &p, &params, "unfused k-pieces");
     }
 }
