@@ -175,7 +175,9 @@ impl Context {
     }
 
     /// Wraps a device and queue the caller already has and compiles the pipelines on it.
-    /// Sizes are checked against `device.limits()`.
+    /// Sizes are checked against `device.limits()`. The caller keeps the device's lost
+    /// callback (wgpu allows one): a lost device surfaces here as [`Error::DeviceLost`]
+    /// from the next wait, or as [`Error::Gpu`] from the next call.
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
