@@ -41,6 +41,7 @@ mod params;
 mod plan;
 mod problem;
 pub mod reference;
+pub mod shard;
 pub mod sphere;
 pub mod tensors;
 

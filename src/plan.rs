@@ -486,6 +486,22 @@ pub struct Plan {
     gemms: Vec<GemmSpec>,
     /// Their GemmShapes, `uniform_stride` apart (none for the fused algorithm).
     gemm_shapes: Option<DeviceBuffer>,
+    /// For a class shard: the global index of w's first row, and all classes (labels are
+    /// global). 0 and the shape's classes otherwise.
+    class_base: u32,
+    total_classes: u32,
+}
+
+/// Which passes a recording runs: the whole loss, or one side of a class shard's
+/// exchange (`crate::shard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Forward (and backward when gradients are asked for).
+    Whole,
+    /// Norms and the split partials only; the caller reads the partials back.
+    ShardForward,
+    /// Norms and the gradient passes, from row softmax data the caller uploaded.
+    ShardBackward,
 }
 
 impl Plan {
@@ -542,7 +558,10 @@ impl Plan {
                 limit: u64::from(u32::MAX),
             });
         }
-        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        // COPY_SRC: a class shard reads its split partials back.
+        let storage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
         let workspace = layout
             .iter()
             .map(|&(binding, size)| {
@@ -582,6 +601,8 @@ impl Plan {
             workspace,
             gemms,
             gemm_shapes,
+            class_base: 0,
+            total_classes: c as u32,
         })
     }
 
@@ -627,6 +648,55 @@ impl Plan {
         outputs: &DeviceOutputs<'_>,
         params: &LossParams,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        self.record_phase(
+            ctx,
+            encoder,
+            inputs,
+            outputs,
+            params,
+            timestamps,
+            Phase::Whole,
+        )
+    }
+
+    /// A plan for one class shard: `w` holds classes [class_base, class_base + C_shard)
+    /// of `total_classes`, and labels are global. Memory-minimal algorithm only.
+    pub(crate) fn for_shard(
+        ctx: &Context,
+        shape: Shape,
+        class_base: usize,
+        total_classes: usize,
+    ) -> Result<Plan> {
+        let mut plan = Plan::with_algorithm(ctx, shape, Algorithm::Fused)?;
+        plan.class_base = to_u32("shard's first class", class_base)?;
+        plan.total_classes = to_u32("classes", total_classes)?;
+        Ok(plan)
+    }
+
+    /// The workspace buffer bound at `binding`, if the plan has one.
+    pub(crate) fn workspace_buffer(&self, binding: Binding) -> Option<&wgpu::Buffer> {
+        self.workspace
+            .iter()
+            .find(|(b, _)| *b == binding)
+            .map(|(_, buffer)| &**buffer)
+    }
+
+    /// The forward splits whose partials `Phase::ShardForward` leaves per row.
+    pub(crate) fn forward_splits(&self) -> u32 {
+        self.geometry.forward_splits
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_phase(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &DeviceInputs<'_>,
+        outputs: &DeviceOutputs<'_>,
+        params: &LossParams,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        phase: Phase,
     ) -> Result<()> {
         ctx.check_alive()?;
         params.validate()?;
@@ -688,8 +758,8 @@ impl Plan {
                     batch: b as u32,
                     dim: d as u32,
                     classes: chunk.classes,
-                    total_classes: c as u32,
-                    class_offset: chunk.class_offset,
+                    total_classes: self.total_classes,
+                    class_offset: self.class_base + chunk.class_offset,
                     forward_splits: g.forward_splits,
                     forward_split_classes: chunk.forward_split_classes,
                     feature_splits: g.feature_splits,
@@ -764,7 +834,28 @@ impl Plan {
             })
         };
         let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
-        if self.algorithm == Algorithm::Unfused {
+        if phase != Phase::Whole {
+            if phase == Phase::ShardForward {
+                steps.extend(per_chunk(&k.class_split_partials, &|part| {
+                    (part.forward_splits, g.row_tiles)
+                }));
+            } else {
+                steps.extend(per_chunk(&k.grad_feature_partials, &|part| {
+                    (part.feature_splits, g.row_tiles)
+                }));
+                steps.push(once(&k.grad_features_finish, per_row(b)?));
+                for (chunk, part) in g.chunks.iter().enumerate() {
+                    let grid = fold_grid(u64::from(part.class_tiles), max)?;
+                    for pass in 0..passes {
+                        steps.push(Step {
+                            chunk,
+                            pass,
+                            ..once(&k.grad_classes_tile, grid)
+                        });
+                    }
+                }
+            }
+        } else if self.algorithm == Algorithm::Unfused {
             steps.push(once(&k.normalize_rows, per_row(b + c)?));
             steps.push(matmul(0)?);
             steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
@@ -797,8 +888,10 @@ impl Plan {
             }));
             steps.push(once(&k.merge_rows, per_row(b)?));
         }
-        steps.push(once(&k.summarize, (1, 1)));
-        if backward {
+        if phase == Phase::Whole {
+            steps.push(once(&k.summarize, (1, 1)));
+        }
+        if backward && phase == Phase::Whole {
             match self.algorithm {
                 Algorithm::Fused => {
                     steps.extend(per_chunk(&k.grad_feature_partials, &|part| {

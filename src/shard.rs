@@ -1,0 +1,527 @@
+//! Class sharding (Partial FC's layout): the classes are split across shards; each shard
+//! computes per-row partials over its own classes, a fixed-order merge of those O(B)
+//! numbers gives the global log-sum-exp and statistics, and each shard then computes the
+//! exact dL/dw of its classes and its share of dL/dx from the global values. The exchange
+//! per row is one [`RowPartial`] (28 bytes) out and one [`RowSoftmax`] (16 bytes) back,
+//! whatever C is.
+
+use wgpu::util::DeviceExt;
+
+use crate::api::{check_slices, Gradients, LossOutput, IGNORE};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
+use crate::kernels::Binding;
+use crate::params::{LossParams, Objective, Reduction};
+use crate::plan::{Phase, Plan};
+use crate::reference::target_margin;
+
+/// Classes `[first, first + count)` of `total`: the part of w one shard holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassShard {
+    /// Global index of the shard's first class.
+    pub first: usize,
+    /// Classes in the shard (rows of its w).
+    pub count: usize,
+    /// C, all classes; labels are global.
+    pub total: usize,
+}
+
+impl ClassShard {
+    /// The `k`-th of `shards` near-equal contiguous shards of `total` classes.
+    pub fn split(total: usize, shards: usize, k: usize) -> ClassShard {
+        let shards = shards.max(1);
+        let first = total * k / shards;
+        ClassShard {
+            first,
+            count: total * (k + 1) / shards - first,
+            total,
+        }
+    }
+}
+
+const NEG_BIG: f32 = -3.0e38;
+const NO_CLASS: u32 = u32::MAX;
+
+/// One row's online-softmax state over a set of classes (mirrors `SplitPartial` in
+/// `shaders/forward.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowPartial {
+    /// M, the running max of z.
+    pub max_logit: f32,
+    /// S = Σ exp(z − M).
+    pub sum_exp: f32,
+    /// T = Σ exp(z − M)·z/s.
+    pub sum_exp_logit: f32,
+    /// The non-target part of S.
+    pub sum_exp_other: f32,
+    /// c_iy if the label is among these classes, else −3e38.
+    pub target_cos: f32,
+    /// The largest non-target cosine, −3e38 if none.
+    pub best_other_cos: f32,
+    /// Its lowest global class index, `u32::MAX` if none.
+    pub best_other_class: u32,
+}
+
+impl RowPartial {
+    /// The state over no classes.
+    pub fn empty() -> RowPartial {
+        RowPartial {
+            max_logit: NEG_BIG,
+            sum_exp: 0.0,
+            sum_exp_logit: 0.0,
+            sum_exp_other: 0.0,
+            target_cos: NEG_BIG,
+            best_other_cos: NEG_BIG,
+            best_other_class: NO_CLASS,
+        }
+    }
+
+    /// a ⊕ b, as the kernels merge: rescaled sums, and ties in the best cosine keep the
+    /// lower class.
+    pub fn merge(a: RowPartial, b: RowPartial) -> RowPartial {
+        let m = a.max_logit.max(b.max_logit);
+        let (fa, fb) = ((a.max_logit - m).exp(), (b.max_logit - m).exp());
+        let b_wins = b.best_other_class != NO_CLASS
+            && (a.best_other_class == NO_CLASS
+                || b.best_other_cos > a.best_other_cos
+                || (b.best_other_cos == a.best_other_cos
+                    && b.best_other_class < a.best_other_class));
+        RowPartial {
+            max_logit: m,
+            sum_exp: a.sum_exp * fa + b.sum_exp * fb,
+            sum_exp_logit: a.sum_exp_logit * fa + b.sum_exp_logit * fb,
+            sum_exp_other: a.sum_exp_other * fa + b.sum_exp_other * fb,
+            target_cos: a.target_cos.max(b.target_cos),
+            best_other_cos: if b_wins {
+                b.best_other_cos
+            } else {
+                a.best_other_cos
+            },
+            best_other_class: if b_wins {
+                b.best_other_class
+            } else {
+                a.best_other_class
+            },
+        }
+    }
+}
+
+/// Merges each row's partials over the shards, in shard order (deterministic).
+pub fn merge_shards(shards: &[Vec<RowPartial>]) -> Vec<RowPartial> {
+    let rows = shards.first().map_or(0, Vec::len);
+    (0..rows)
+        .map(|i| {
+            shards
+                .iter()
+                .map(|s| s[i])
+                .fold(RowPartial::empty(), RowPartial::merge)
+        })
+        .collect()
+}
+
+/// What every shard needs back for its backward pass, per row (mirrors `RowSoftmax` in
+/// `shaders/common.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowSoftmax {
+    /// LSE_i.
+    pub lse: f32,
+    /// dL_i/ds.
+    pub scale_grad: f32,
+    /// 1 − p_iy (the hard objective: 1 where its hinge is active).
+    pub target_complement: f32,
+    /// The best non-target class (global).
+    pub best_other_class: u32,
+}
+
+/// The global per-row values and totals from the merged partials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlobalRows {
+    /// Sent back to every shard.
+    pub softmax: Vec<RowSoftmax>,
+    /// The loss, dL/ds and statistics (without gradients).
+    pub output: LossOutput,
+}
+
+/// LSE, L_i, 1 − p_iy, dL_i/ds and the statistics of every row from its merged state, and
+/// the totals: the host's twin of `finish_row` and `summarize` (in f64).
+pub fn finish_rows(
+    merged: &[RowPartial],
+    labels: &[u32],
+    total_classes: usize,
+    params: &LossParams,
+) -> GlobalRows {
+    let s = f64::from(params.effective_scale());
+    let b = merged.len();
+    let mut softmax = Vec::with_capacity(b);
+    let mut out = LossOutput {
+        loss: 0.0,
+        row_loss: vec![0.0; b],
+        grad_scale: 0.0,
+        pred: vec![0; b],
+        target_cos: vec![0.0; b],
+        best_other_cos: vec![0.0; b],
+        achieved_margin: vec![0.0; b],
+        target_prob: vec![0.0; b],
+        mean_achieved_margin: 0.0,
+        margin_satisfied_rows: 0,
+        valid_rows: 0,
+        correct_rows: 0,
+        grads: None,
+    };
+    let (mut loss, mut scale_grad, mut margin) = (0.0f64, 0.0f64, 0.0f64);
+    for (i, acc) in merged.iter().enumerate() {
+        let has_other = acc.best_other_class != NO_CLASS;
+        let best_other = if has_other { acc.best_other_cos } else { -1.0 };
+        let (m, sum) = (f64::from(acc.max_logit), f64::from(acc.sum_exp));
+        let lse = m + sum.ln();
+        let y = labels[i];
+        out.best_other_cos[i] = best_other;
+        out.pred[i] = acc.best_other_class;
+        let mut row = RowSoftmax {
+            lse: lse as f32,
+            scale_grad: 0.0,
+            target_complement: 0.0,
+            best_other_class: acc.best_other_class,
+        };
+        if y != IGNORE && (y as usize) < total_classes {
+            let (zc, _) = target_margin(params, f64::from(acc.target_cos));
+            let z = s * zc;
+            let t = m - z;
+            let (row_loss, p, complement) = if t > 10.0 {
+                let p = (z - lse).exp();
+                (t + sum.ln(), p, 1.0 - p)
+            } else {
+                let other = f64::from(acc.sum_exp_other) * t.exp();
+                (other.ln_1p(), 1.0 / (1.0 + other), other / (1.0 + other))
+            };
+            let mut row_scale_grad = f64::from(acc.sum_exp_logit) / sum - zc;
+            let mut row_loss = row_loss;
+            let mut complement = complement;
+            if params.objective == Objective::HardMargin {
+                let gap = f64::from(best_other) - zc;
+                let on = has_other && gap > 0.0;
+                row_loss = if on { s * gap } else { 0.0 };
+                row_scale_grad = if on { gap } else { 0.0 };
+                complement = if on { 1.0 } else { 0.0 };
+            }
+            row.scale_grad = row_scale_grad as f32;
+            row.target_complement = complement as f32;
+            out.row_loss[i] = row_loss as f32;
+            out.target_prob[i] = p as f32;
+            out.target_cos[i] = acc.target_cos;
+            out.achieved_margin[i] = acc.target_cos - best_other;
+            let wins = !has_other
+                || acc.target_cos > acc.best_other_cos
+                || (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
+            if wins {
+                out.pred[i] = y;
+            }
+            out.valid_rows += 1;
+            out.correct_rows += u32::from(out.pred[i] == y);
+            out.margin_satisfied_rows += u32::from(zc >= f64::from(best_other));
+            loss += row_loss;
+            scale_grad += row_scale_grad;
+            margin += f64::from(out.achieved_margin[i]);
+        }
+        softmax.push(row);
+    }
+    let n = out.valid_rows;
+    let norm = if params.reduction == Reduction::Mean {
+        1.0 / f64::from(n.max(1))
+    } else {
+        1.0
+    };
+    out.loss = (loss * norm) as f32;
+    let gate = if params.scale_receives_grad() {
+        1.0
+    } else {
+        0.0
+    };
+    out.grad_scale = (scale_grad * norm * gate) as f32;
+    out.mean_achieved_margin = (margin / f64::from(n.max(1))) as f32;
+    GlobalRows {
+        softmax,
+        output: out,
+    }
+}
+
+/// One shard's device buffers for one call.
+struct ShardBuffers {
+    plan: Plan,
+    features: wgpu::Buffer,
+    classes: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    row_stats: wgpu::Buffer,
+    summary: wgpu::Buffer,
+}
+
+impl ShardBuffers {
+    fn new(
+        ctx: &Context,
+        shard: ClassShard,
+        shape: Shape,
+        x: &[f32],
+        w: &[f32],
+        labels: &[u32],
+    ) -> Result<ShardBuffers> {
+        let plan = Plan::for_shard(ctx, shape, shard.first, shard.total)?;
+        let init = |label, contents: &[u8]| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                })
+        };
+        let rows = vec![0u8; shape.batch * std::mem::size_of::<RowStats>()];
+        Ok(ShardBuffers {
+            plan,
+            features: init("features", bytemuck::cast_slice(x)),
+            classes: init("classes", bytemuck::cast_slice(w)),
+            labels: init("labels", bytemuck::cast_slice(labels)),
+            row_stats: init("row_stats", &rows),
+            summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
+        })
+    }
+
+    fn record(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        grads: Option<GradOutputs<'_>>,
+        params: &LossParams,
+        phase: Phase,
+    ) -> Result<()> {
+        let inputs = DeviceInputs {
+            features: BufferRegion::from(&self.features),
+            classes: BufferRegion::from(&self.classes),
+            labels: BufferRegion::from(&self.labels),
+        };
+        let outputs = DeviceOutputs {
+            row_stats: BufferRegion::from(&self.row_stats),
+            summary: BufferRegion::from(&self.summary),
+            grads,
+        };
+        self.plan
+            .record_phase(ctx, encoder, &inputs, &outputs, params, None, phase)
+    }
+}
+
+fn check_shard(
+    shard: ClassShard,
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    labels: &[u32],
+) -> Result<()> {
+    if shard.count == 0 || shard.first + shard.count > shard.total {
+        return Err(Error::InvalidParameter {
+            name: "shard",
+            value: shard.first as f32,
+            requirement: "a non-empty class range [first, first + count) within 0..total",
+        });
+    }
+    shape.check_nonempty()?;
+    for (input, expected, actual) in [
+        ("features", shape.batch * shape.dim, x.len()),
+        ("labels", shape.batch, labels.len()),
+    ] {
+        if expected != actual {
+            return Err(Error::LengthMismatch {
+                input,
+                expected,
+                actual,
+            });
+        }
+    }
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l != IGNORE && l as usize >= shard.total)
+    {
+        return Err(Error::LabelOutOfRange {
+            row: Some(row),
+            label: Some(label),
+            classes: shard.total,
+        });
+    }
+    let expected = shard.count * shape.dim;
+    if w.len() != expected {
+        return Err(Error::LengthMismatch {
+            input: "classes",
+            expected,
+            actual: w.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Context {
+    /// One shard's forward partials: for every row, the online-softmax state over the
+    /// shard's classes `w` (shard.count × D), with global `labels`.
+    pub fn shard_forward(
+        &self,
+        shard: ClassShard,
+        dim: usize,
+        x: &[f32],
+        w: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+    ) -> Result<Vec<RowPartial>> {
+        self.check_alive()?;
+        params.validate()?;
+        let shape = Shape::new(labels.len(), dim, shard.count);
+        check_shard(shard, shape, x, w, labels)?;
+        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, shape, x, w, labels))?;
+        let splits = buffers.plan.forward_splits() as usize;
+        let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
+        let readback = self.create_buffer(
+            "partials",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let submission = self.gpu_scoped(|| {
+            let mut encoder = self.device.create_command_encoder(&Default::default());
+            buffers.record(self, &mut encoder, None, params, Phase::ShardForward)?;
+            let partials = buffers
+                .plan
+                .workspace_buffer(Binding::SplitPartials)
+                .ok_or_else(|| Error::Gpu("internal: no split partials".into()))?;
+            encoder.copy_buffer_to_buffer(partials, 0, &readback, 0, bytes);
+            Ok(self.queue.submit([encoder.finish()]))
+        })?;
+        let raw = pollster::block_on(self.read_back(&readback, bytes, submission))?;
+        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(&raw);
+        let b = shape.batch;
+        Ok((0..b)
+            .map(|i| {
+                (0..splits)
+                    .map(|k| partials[k * b + i])
+                    .fold(RowPartial::empty(), RowPartial::merge)
+            })
+            .collect())
+    }
+
+    /// One shard's backward pass from the global rows: the exact dL/dw of its classes
+    /// (shard.count × D) and its share of dL/dx (B×D; the shares sum to dL/dx).
+    #[allow(clippy::too_many_arguments)]
+    pub fn shard_backward(
+        &self,
+        shard: ClassShard,
+        dim: usize,
+        x: &[f32],
+        w: &[f32],
+        labels: &[u32],
+        params: &LossParams,
+        rows: &GlobalRows,
+    ) -> Result<Gradients> {
+        self.check_alive()?;
+        params.validate()?;
+        let shape = Shape::new(labels.len(), dim, shard.count);
+        check_shard(shard, shape, x, w, labels)?;
+        if rows.softmax.len() != shape.batch {
+            return Err(Error::LengthMismatch {
+                input: "rows",
+                expected: shape.batch,
+                actual: rows.softmax.len(),
+            });
+        }
+        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, shape, x, w, labels))?;
+        let (b, d, c) = (shape.batch as u64, dim as u64, shard.count as u64);
+        let out = |label, size| {
+            self.create_buffer(
+                label,
+                size,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            )
+        };
+        let (gx, gw) = (
+            out("grad_features", b * d * 4),
+            out("grad_classes", c * d * 4),
+        );
+        let readback = self.create_buffer(
+            "gradients",
+            (b + c) * d * 4,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let submission = self.gpu_scoped(|| {
+            let softmax = buffers
+                .plan
+                .workspace_buffer(Binding::RowSoftmax)
+                .ok_or_else(|| Error::Gpu("internal: no row softmax".into()))?;
+            self.queue
+                .write_buffer(softmax, 0, bytemuck::cast_slice(&rows.softmax));
+            let mut summary: Summary = bytemuck::Zeroable::zeroed();
+            summary.valid_rows = rows.output.valid_rows;
+            self.queue
+                .write_buffer(&buffers.summary, 0, bytemuck::bytes_of(&summary));
+            let mut encoder = self.device.create_command_encoder(&Default::default());
+            let grads = GradOutputs {
+                features: BufferRegion::from(&*gx),
+                classes: BufferRegion::from(&*gw),
+            };
+            buffers.record(
+                self,
+                &mut encoder,
+                Some(grads),
+                params,
+                Phase::ShardBackward,
+            )?;
+            encoder.copy_buffer_to_buffer(&gx, 0, &readback, 0, b * d * 4);
+            encoder.copy_buffer_to_buffer(&gw, 0, &readback, b * d * 4, c * d * 4);
+            Ok(self.queue.submit([encoder.finish()]))
+        })?;
+        let raw = pollster::block_on(self.read_back(&readback, (b + c) * d * 4, submission))?;
+        let split = (b * d * 4) as usize;
+        Ok(Gradients {
+            features: bytemuck::pod_collect_to_vec(&raw[..split]),
+            classes: bytemuck::pod_collect_to_vec(&raw[split..]),
+        })
+    }
+}
+
+/// The loss with the classes split across `contexts` (shard k on `contexts[k]`, in
+/// order), merged on the host: forward partials per shard, a fixed-order merge, then each
+/// shard's backward pass. dL/dx sums the shards' shares in shard order; dL/dw joins them.
+pub fn sharded_loss(
+    contexts: &[&Context],
+    shape: Shape,
+    x: &[f32],
+    w: &[f32],
+    labels: &[u32],
+    params: &LossParams,
+) -> Result<LossOutput> {
+    check_slices(shape, x, w, labels)?;
+    params.validate()?;
+    let k = contexts.len().min(shape.classes).max(1);
+    let shards: Vec<ClassShard> = (0..k)
+        .map(|s| ClassShard::split(shape.classes, k, s))
+        .collect();
+    let part = |s: &ClassShard| &w[s.first * shape.dim..(s.first + s.count) * shape.dim];
+    let ctx = |s: usize| {
+        contexts.get(s).copied().ok_or_else(|| Error::NoAdapter {
+            wanted: "a context per shard".into(),
+        })
+    };
+    let mut partials = Vec::with_capacity(k);
+    for (s, shard) in shards.iter().enumerate() {
+        partials.push(ctx(s)?.shard_forward(*shard, shape.dim, x, part(shard), labels, params)?);
+    }
+    let rows = finish_rows(&merge_shards(&partials), labels, shape.classes, params);
+    let mut features = vec![0.0f32; shape.batch * shape.dim];
+    let mut classes = Vec::with_capacity(w.len());
+    for (s, shard) in shards.iter().enumerate() {
+        let g = ctx(s)?.shard_backward(*shard, shape.dim, x, part(shard), labels, params, &rows)?;
+        features
+            .iter_mut()
+            .zip(&g.features)
+            .for_each(|(a, b)| *a += b);
+        classes.extend(g.classes);
+    }
+    let mut out = rows.output;
+    out.grads = Some(Gradients { features, classes });
+    Ok(out)
+}

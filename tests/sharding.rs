@@ -1,0 +1,139 @@
+//! Class sharding: three shards on the one adapter against the unsharded loss and the
+//! f64 reference; the exchange is O(B) per shard.
+
+mod common;
+
+use common::{check_output, context};
+use margin_softmax::shard::{merge_shards, sharded_loss, ClassShard, RowPartial};
+use margin_softmax::{reference, LossParams, Objective, Pass, Problem, Shape, IGNORE};
+
+#[test]
+fn three_shards_match_the_unsharded_loss_and_the_reference() {
+    let ctx = context();
+    let contexts = [ctx, ctx, ctx];
+    for (params, name) in [
+        (LossParams::default(), "am-softmax"),
+        (
+            LossParams {
+                scale: 16.0,
+                ..LossParams::arcface()
+            },
+            "arcface",
+        ),
+        (
+            LossParams {
+                objective: Objective::HardMargin,
+                ..LossParams::default()
+            },
+            "hard",
+        ),
+    ] {
+        let mut p = Problem::random(Shape::new(37, 19, 301), 50);
+        p.labels[0] = IGNORE;
+        p.labels[1] = 300;
+        p.labels[2] = 100; // the first class of the second shard
+        let sharded = sharded_loss(
+            &contexts,
+            p.shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+        )
+        .expect("sharded");
+        let expected = reference::loss_on(&p, &params).expect("reference");
+        check_output(&sharded, &expected, &p, &params, name);
+        let whole = ctx
+            .loss_on(&p, &params, Pass::ForwardBackward)
+            .expect("unsharded");
+        let (a, b) = (
+            sharded.grads.as_ref().expect("grads"),
+            whole.grads.as_ref().expect("grads"),
+        );
+        let diff = a
+            .features
+            .iter()
+            .chain(&a.classes)
+            .zip(b.features.iter().chain(&b.classes))
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!(
+            "{name}: loss {} vs {}, max gradient difference from the unsharded run {diff:.2e}",
+            sharded.loss, whole.loss
+        );
+        assert!((sharded.loss - whole.loss).abs() <= 1e-5 * whole.loss.abs().max(1.0));
+        assert_eq!(sharded.pred, whole.pred);
+        // Deterministic for the same shard layout.
+        let again = sharded_loss(
+            &contexts,
+            p.shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+        )
+        .expect("again");
+        assert_eq!(again, sharded);
+    }
+}
+
+#[test]
+fn shards_split_the_classes_and_merge_in_order() {
+    let shards: Vec<ClassShard> = (0..3).map(|k| ClassShard::split(10, 3, k)).collect();
+    assert_eq!(
+        shards
+            .iter()
+            .map(|s| (s.first, s.count))
+            .collect::<Vec<_>>(),
+        vec![(0, 3), (3, 3), (6, 4)]
+    );
+    let a = RowPartial {
+        max_logit: 2.0,
+        sum_exp: 1.5,
+        sum_exp_logit: 0.5,
+        sum_exp_other: 1.0,
+        target_cos: 0.3,
+        best_other_cos: 0.4,
+        best_other_class: 2,
+    };
+    let b = RowPartial {
+        max_logit: 1.0,
+        sum_exp: 2.0,
+        sum_exp_logit: 0.2,
+        sum_exp_other: 2.0,
+        target_cos: -3.0e38,
+        best_other_cos: 0.4,
+        best_other_class: 7,
+    };
+    let merged = merge_shards(&[vec![a], vec![b]]);
+    assert_eq!(merged[0].best_other_class, 2, "ties keep the lower class");
+    assert_eq!(merged[0].target_cos, 0.3);
+    assert!((merged[0].sum_exp - (1.5 + 2.0 * (-1.0f32).exp())).abs() < 1e-6);
+}
+
+#[test]
+fn bad_shards_are_typed_errors() {
+    let ctx = context();
+    let p = Problem::random(Shape::new(4, 3, 10), 51);
+    let params = LossParams::default();
+    let shard = ClassShard {
+        first: 8,
+        count: 4,
+        total: 10,
+    };
+    assert!(matches!(
+        ctx.shard_forward(shard, 3, &p.features, &p.classes[..12], &p.labels, &params),
+        Err(margin_softmax::Error::InvalidParameter { name: "shard", .. })
+    ));
+    let shard = ClassShard {
+        first: 0,
+        count: 4,
+        total: 10,
+    };
+    assert!(matches!(
+        ctx.shard_forward(shard, 3, &p.features, &p.classes[..11], &p.labels, &params),
+        Err(margin_softmax::Error::LengthMismatch {
+            input: "classes",
+            ..
+        })
+    ));
+}
