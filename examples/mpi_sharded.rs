@@ -10,7 +10,9 @@
 
 use std::time::Instant;
 
-use margin_softmax::shard::{finish_rows, merge_shards, ClassShard, GlobalRows, RowPartial};
+use margin_softmax::shard::{
+    finish_rows, merge_shards, ClassShard, GlobalRows, RowPartial, ShardInputs,
+};
 use margin_softmax::{Context, Gradients, LossParams, Pass, Problem, Shape};
 use mpi::traits::*;
 
@@ -47,7 +49,17 @@ fn step(
     let shard = ClassShard::split(c, ranks, rank);
     let w = &p.classes[shard.first * d..(shard.first + shard.count) * d];
     let partials = ctx
-        .shard_forward(shard, d, &x, w, &labels, params)
+        .shard_forward(
+            &ShardInputs {
+                shard,
+                dim: d,
+                features: &x,
+                classes: w,
+                labels: &labels,
+                sample: None,
+            },
+            params,
+        )
         .expect("shard forward");
     let sent: &[u8] = bytemuck::cast_slice(&partials);
     let mut gathered = vec![0u8; ranks * sent.len()];
@@ -60,7 +72,18 @@ fn step(
 
     // dL/dw of this shard exactly; dL/dx summed over the shards' shares in rank order.
     let grads = ctx
-        .shard_backward(shard, d, &x, w, &labels, params, &global)
+        .shard_backward(
+            &ShardInputs {
+                shard,
+                dim: d,
+                features: &x,
+                classes: w,
+                labels: &labels,
+                sample: None,
+            },
+            params,
+            &global,
+        )
         .expect("shard backward");
     let mut shares = vec![0.0f32; ranks * b * d];
     world.all_gather_into(&grads.features[..], &mut shares[..]);

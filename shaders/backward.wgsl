@@ -61,6 +61,12 @@ fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
 /// index (row in tile)·tile_classes() + (class in tile).
 var<workgroup> g_tile: array<f32, ROWS_WG * ROW_BLOCK * CLASSES_WG * CLASS_BLOCK>;
 
+/// The label of row i as the forward pass saved it, IGNORE past B.
+fn row_label(i: u32) -> u32 {
+    if (i >= params.batch) { return IGNORE; }
+    return row_softmax[i].label;
+}
+
 /// Fills g_tile for the rows row_tile0.. and classes class_tile0.. of this tile.
 fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scale_by_class: bool) {
     let row0 = row_tile0 + lid.y;
@@ -70,12 +76,12 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
         let i = row0 + r * ROWS_WG;
         for (var q = 0u; q < CLASS_BLOCK; q++) {
             let j = class0 + q * CLASSES_WG;
-            let y = label_of(i);
+            let y = row_label(i);
             var g = 0.0;
             if (y != IGNORE && j < params.classes) {
                 let inv_x = inv_norm_features[i];
                 let inv_w = inv_norm_classes[j];
-                g = grad_logit(dots[r][q] * inv_x * inv_w, i, params.class_offset + j, y, coef) *
+                g = grad_logit(dots[r][q] * inv_x * inv_w, i, params.class_offset + class_row(j), y, coef) *
                     select(inv_x, inv_w, scale_by_class);
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
@@ -115,7 +121,9 @@ fn product_step(acc: ptr<function, Block>, lay: BlockLayout, ops: ProductOperand
     for (var r = 0u; r < ROW_BLOCK; r++) {
         g[r] = g_tile[(lay.group + r * lay.groups) * ops.g_out_stride + e * ops.g_red_stride];
     }
-    let base = (ops.operand_row0 + e) * params.dim;
+    var row = ops.operand_row0 + e;
+    if (!ops.from_features) { row = class_row(row); }
+    let base = row * params.dim;
     if (ops.from_features) {
         for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = features[base + col[q]]; }
     } else {
@@ -239,7 +247,7 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
                 for (var q = 0u; q < CLASS_BLOCK; q++) {
                     let d = d0 + lay.lane + q * lay.lanes;
                     if (ci >= n_classes || d >= d_len) { continue; }
-                    let idx = (class_tile0 + ci) * d_len + d;
+                    let idx = class_row(class_tile0 + ci) * d_len + d;
                     let old = select(grad_classes[idx], 0.0, row_tile0 == 0u);
                     grad_classes[idx] = old + acc[r][q];
                 }
@@ -251,7 +259,7 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (params.row_end < params.batch) { return; }
     storageBarrier();
     for (var ci = flat; ci < n_classes; ci += wg_size) {
-        let base = (class_tile0 + ci) * d_len;
+        let base = class_row(class_tile0 + ci) * d_len;
         let inv = inv_norm_classes[class_tile0 + ci];
         var dot = 0.0;
         for (var d = 0u; d < d_len; d++) {

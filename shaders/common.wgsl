@@ -53,7 +53,9 @@ struct Params {
     objective: u32,
     /// 1: the margin passes no gradient of its own (dψ/dc taken as 1); 0: exact dψ/dc.
     straight_through: u32,
-    _pad0: u32,
+    /// 1: the classes are a sample of w's rows, read through `class_index` (class-centre
+    /// sampling); 0: class j is row j.
+    sampled: u32,
     _pad1: u32,
 }
 
@@ -89,6 +91,8 @@ struct RowSoftmax {
     target_complement: f32,
     /// The best non-target class (NO_CLASS if none), where the hard objective's gradient goes.
     best_other_class: u32,
+    /// The row's label, IGNORE if it takes no part (the backward pass reads it here).
+    label: u32,
 }
 
 const FLAG_FEATURES_NON_FINITE: u32 = 1u;
@@ -163,7 +167,7 @@ fn dot_block(row0: u32, class0: u32) -> Block {
         row_base[r] = min(row0 + r * ROWS_WG, params.batch - 1u) * d;
     }
     for (var q = 0u; q < CLASS_BLOCK; q++) {
-        class_base[q] = min(class0 + q * CLASSES_WG, params.classes - 1u) * d;
+        class_base[q] = class_row(min(class0 + q * CLASSES_WG, params.classes - 1u)) * d;
     }
     var acc: Block;
     var k = 0u;
@@ -188,6 +192,15 @@ fn dot_block(row0: u32, class0: u32) -> Block {
 @group(0) @binding(2) var<storage, read> class_vectors: array<f32>;
 /// y: B labels in 0..C, or IGNORE.
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
+/// With `sampled`: the row of w of each sampled class (class-centre sampling); otherwise
+/// bound to any u32 buffer and not read.
+@group(0) @binding(18) var<storage, read> class_index: array<u32>;
+
+/// The row of w that holds class j of this dispatch.
+fn class_row(j: u32) -> u32 {
+    if (params.sampled == 1u) { return class_index[j]; }
+    return j;
+}
 
 const PI: f32 = 3.14159265358979;
 /// sin θ is clamped to at least this in the exact gradient of an angular margin (see

@@ -143,7 +143,7 @@ fn finish_row(i: u32, acc: SplitPartial) {
     let has_other = acc.best_other_class != NO_CLASS;
     let best_other = select(-1.0, acc.best_other_cos, has_other);
     var stats = RowStats(0.0, 0.0, best_other, acc.best_other_class, 0.0, 0.0);
-    var softmax = RowSoftmax(lse, 0.0, 0.0, acc.best_other_class);
+    var softmax = RowSoftmax(lse, 0.0, 0.0, acc.best_other_class, y);
     if (y != IGNORE) {
         let zc_target = target_margin(acc.target_cos).x;
         let z_target = params.scale * zc_target;
@@ -223,7 +223,7 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
             let inv_w = inv_norm_classes[j];
             for (var r = 0u; r < ROW_BLOCK; r++) {
                 let c = dots[r][q] * inv_x[r] * inv_w;
-                state[r] = add_logit(state[r], c, params.class_offset + j, label[r]);
+                state[r] = add_logit(state[r], c, params.class_offset + class_row(j), label[r]);
             }
         }
     }

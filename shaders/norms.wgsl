@@ -63,7 +63,9 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let is_features = at.x == 1u;
     let local_row = at.y;
     if (!is_features && local_row >= params.classes) { return; }
-    let inv = inv_norm(is_features, local_row * params.dim);
+    var row = local_row;
+    if (!is_features) { row = class_row(local_row); }
+    let inv = inv_norm(is_features, row * params.dim);
     let stored = max(inv, 0.0);
     if (is_features) {
         inv_norm_features[local_row] = stored;

@@ -29,6 +29,7 @@ pub(crate) enum Binding {
     GemmRhs = 22,
     GemmProduct = 23,
     GemmKScale = 24,
+    ClassIndex = 18,
 }
 
 /// The cosine-tile workgroup shape, set on the WGSL `override` constants at pipeline creation.
@@ -97,7 +98,8 @@ pub(crate) struct GpuParams {
     pub sin_m2: f32,
     pub objective: u32,
     pub straight_through: u32,
-    pub _pad: [u32; 2],
+    pub sampled: u32,
+    pub _pad: u32,
 }
 
 impl GpuParams {
@@ -261,6 +263,7 @@ impl Kernels {
                     InvNormFeatures,
                     InvNormClasses,
                     InputFlags,
+                    ClassIndex,
                 ],
             ),
             class_split_partials: kernel(
@@ -274,6 +277,7 @@ impl Kernels {
                     InvNormFeatures,
                     InvNormClasses,
                     SplitPartials,
+                    ClassIndex,
                 ],
             ),
             merge_rows: kernel(
@@ -293,12 +297,12 @@ impl Kernels {
                     Params,
                     Features,
                     ClassVectors,
-                    Labels,
                     InvNormFeatures,
                     InvNormClasses,
                     RowSoftmax,
                     Summary,
                     FeatureGradPartials,
+                    ClassIndex,
                 ],
             ),
             grad_features_finish: kernel(
@@ -319,12 +323,12 @@ impl Kernels {
                     Params,
                     Features,
                     ClassVectors,
-                    Labels,
                     InvNormFeatures,
                     InvNormClasses,
                     RowSoftmax,
                     Summary,
                     GradClasses,
+                    ClassIndex,
                 ],
             ),
             normalize_rows: kernel(

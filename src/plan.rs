@@ -82,7 +82,7 @@ const LOOP_BUDGET: u64 = 32768;
 /// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
 const SPLIT_PARTIAL_BYTES: u64 = 28;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
-const ROW_SOFTMAX_BYTES: u64 = 16;
+const ROW_SOFTMAX_BYTES: u64 = 20;
 const FLAGS_BYTES: u64 = 4;
 const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
@@ -490,6 +490,10 @@ pub struct Plan {
     /// global). 0 and the shape's classes otherwise.
     class_base: u32,
     total_classes: u32,
+    /// Class-centre sampling: the classes are rows of w read through a ClassIndex buffer.
+    sampled: bool,
+    /// Rows of w the caller binds: the shape's classes, or the shard's rows when sampled.
+    class_rows: u64,
 }
 
 /// Which passes a recording runs: the whole loss, or one side of a class shard's
@@ -603,6 +607,8 @@ impl Plan {
             gemm_shapes,
             class_base: 0,
             total_classes: c as u32,
+            sampled: false,
+            class_rows: c,
         })
     }
 
@@ -660,17 +666,40 @@ impl Plan {
         )
     }
 
-    /// A plan for one class shard: `w` holds classes [class_base, class_base + C_shard)
-    /// of `total_classes`, and labels are global. Memory-minimal algorithm only.
+    /// A plan for one class shard: `w` holds classes [class_base, class_base + rows) of
+    /// `total_classes`, and labels are global. With `sample`, the loss runs over those
+    /// rows of w only (class-centre sampling; `shape.classes` is the sample's size), read
+    /// through an index list, and `rows` rows of w are bound. Memory-minimal algorithm only.
     pub(crate) fn for_shard(
         ctx: &Context,
         shape: Shape,
         class_base: usize,
         total_classes: usize,
+        sample: Option<(&[u32], usize)>,
     ) -> Result<Plan> {
         let mut plan = Plan::with_algorithm(ctx, shape, Algorithm::Fused)?;
         plan.class_base = to_u32("shard's first class", class_base)?;
         plan.total_classes = to_u32("classes", total_classes)?;
+        if let Some((indices, rows)) = sample {
+            if plan.geometry.chunks.len() > 1 {
+                return Err(Error::TooLarge {
+                    what: "a sampled shard's classes (sampling needs them in one chunk)",
+                    size: shape.classes as u64,
+                    limit: u64::from(plan.geometry.chunks[0].classes),
+                });
+            }
+            let bytes: &[u8] = bytemuck::cast_slice(indices);
+            let buffer = ctx.create_buffer(
+                "class_index",
+                bytes.len() as u64,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            );
+            ctx.queue.write_buffer(&buffer, 0, bytes);
+            plan.workspace.push((Binding::ClassIndex, buffer));
+            plan.workspace_bytes += bytes.len() as u64;
+            plan.sampled = true;
+            plan.class_rows = rows as u64;
+        }
         Ok(plan)
     }
 
@@ -714,7 +743,7 @@ impl Plan {
             Region {
                 role: "classes",
                 region: inputs.classes,
-                bytes: product(&[c, d, 4]),
+                bytes: product(&[self.class_rows, d, 4]),
             },
             Region {
                 role: "labels",
@@ -741,7 +770,7 @@ impl Plan {
             regions.push(Region {
                 role: "grad_classes",
                 region: grads.classes,
-                bytes: product(&[c, d, 4]),
+                bytes: product(&[self.class_rows, d, 4]),
             });
         }
         for r in &regions {
@@ -780,7 +809,8 @@ impl Plan {
                     sin_m2: 0.0,
                     objective: 0,
                     straight_through: 0,
-                    _pad: [0; 2],
+                    sampled: u32::from(self.sampled),
+                    _pad: 0,
                 };
                 gpu.set_loss(params);
                 let at = (k * passes + pass) * stride as usize;
@@ -960,11 +990,17 @@ impl Plan {
         let gemm = step.gemm;
         let row_bytes = self.shape.dim as u64 * 4;
         // (first byte, bytes) of this chunk within a class-indexed buffer of `per_class` bytes a class.
-        let class_range = |per_class: u64| {
-            (
+        // A sampled plan binds all the shard's rows and reads them through its index list.
+        let sampled_rows = self.sampled.then_some(self.class_rows);
+        // (first byte, bytes) of this chunk in a class-indexed buffer of `per_class` bytes a
+        // class; buffers of w's rows (`rows_of_w`) span all the shard's rows when sampled.
+        let class_range = |per_class: u64, rows_of_w: bool| match sampled_rows.filter(|_| rows_of_w)
+        {
+            Some(rows) => (0, rows * per_class),
+            None => (
                 u64::from(part.class_offset) * per_class,
                 u64::from(part.classes) * per_class,
-            )
+            ),
         };
         let caller = |role: &'static str, range: Option<(u64, u64)>| {
             let r = regions
@@ -1014,13 +1050,17 @@ impl Plan {
                 size: std::num::NonZeroU64::new(PARAMS_BYTES),
             }),
             Binding::Features => caller("features", None),
-            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),
+            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes, true))),
             Binding::Labels => caller("labels", None),
             Binding::RowStats => caller("row_stats", None),
             Binding::Summary => caller("summary", None),
             Binding::GradFeatures => caller("grad_features", None),
-            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
-            Binding::InvNormClasses => own(binding, Some(class_range(4))),
+            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes, true))),
+            Binding::InvNormClasses => own(binding, Some(class_range(4, false))),
+            // Sampled plans read their classes through their own index list; the others
+            // bind the labels (any u32 buffer), which the kernels then never read.
+            Binding::ClassIndex if self.sampled => own(binding, None),
+            Binding::ClassIndex => caller("labels", None),
             Binding::GemmShape => {
                 let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
                 let buffer = self
@@ -1075,5 +1115,6 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
         Binding::GemmKScale => "k_scale",
+        Binding::ClassIndex => "class_index",
     }
 }

@@ -2,7 +2,7 @@
 //! computes per-row partials over its own classes, a fixed-order merge of those O(B)
 //! numbers gives the global log-sum-exp and statistics, and each shard then computes the
 //! exact dL/dw of its classes and its share of dL/dx from the global values. The exchange
-//! per row is one [`RowPartial`] (28 bytes) out and one [`RowSoftmax`] (16 bytes) back,
+//! per row is one [`RowPartial`] (28 bytes) out and one [`RowSoftmax`] (20 bytes) back,
 //! whatever C is.
 
 use wgpu::util::DeviceExt;
@@ -122,7 +122,7 @@ pub fn merge_shards(shards: &[Vec<RowPartial>]) -> Vec<RowPartial> {
 }
 
 /// What every shard needs back for its backward pass, per row (mirrors `RowSoftmax` in
-/// `shaders/common.wgsl`).
+/// `shaders/common.wgsl`; 20 bytes).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RowSoftmax {
@@ -134,6 +134,8 @@ pub struct RowSoftmax {
     pub target_complement: f32,
     /// The best non-target class (global).
     pub best_other_class: u32,
+    /// The row's label, `IGNORE` if it takes no part.
+    pub label: u32,
 }
 
 /// The global per-row values and totals from the merged partials.
@@ -180,13 +182,15 @@ pub fn finish_rows(
         let y = labels[i];
         out.best_other_cos[i] = best_other;
         out.pred[i] = acc.best_other_class;
+        let valid = y != IGNORE && (y as usize) < total_classes;
         let mut row = RowSoftmax {
             lse: lse as f32,
             scale_grad: 0.0,
             target_complement: 0.0,
             best_other_class: acc.best_other_class,
+            label: if valid { y } else { IGNORE },
         };
-        if y != IGNORE && (y as usize) < total_classes {
+        if valid {
             let (zc, _) = target_margin(params, f64::from(acc.target_cos));
             let z = s * zc;
             let t = m - z;
@@ -248,6 +252,26 @@ pub fn finish_rows(
     }
 }
 
+/// One shard's inputs: its class range, the batch, its rows of w and, optionally, the
+/// rows of w it samples (class-centre sampling: Partial FC's second lever).
+#[derive(Debug, Clone, Copy)]
+pub struct ShardInputs<'a> {
+    /// The shard's classes.
+    pub shard: ClassShard,
+    /// D.
+    pub dim: usize,
+    /// x: B×D, the whole batch.
+    pub features: &'a [f32],
+    /// The shard's rows of w: shard.count × D.
+    pub classes: &'a [f32],
+    /// y: B global labels (IGNORE skips a row).
+    pub labels: &'a [u32],
+    /// With sampling, the strictly increasing rows of w the loss uses (0..count); it must
+    /// keep every positive. The kernels read rows through it; nothing is copied, and the
+    /// gradient lands on these rows only.
+    pub sample: Option<&'a [u32]>,
+}
+
 /// One shard's device buffers for one call.
 struct ShardBuffers {
     plan: Plan,
@@ -262,12 +286,16 @@ impl ShardBuffers {
     fn new(
         ctx: &Context,
         shard: ClassShard,
-        shape: Shape,
+        sample: Option<&[u32]>,
         x: &[f32],
         w: &[f32],
         labels: &[u32],
     ) -> Result<ShardBuffers> {
-        let plan = Plan::for_shard(ctx, shape, shard.first, shard.total)?;
+        let dim = x.len() / labels.len().max(1);
+        let classes = sample.map_or(shard.count, <[u32]>::len);
+        let shape = Shape::new(labels.len(), dim, classes);
+        let sampled = sample.map(|rows| (rows, shard.count));
+        let plan = Plan::for_shard(ctx, shape, shard.first, shard.total, sampled)?;
         let init = |label, contents: &[u8]| {
             ctx.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -312,6 +340,7 @@ impl ShardBuffers {
 
 fn check_shard(
     shard: ClassShard,
+    sample: Option<&[u32]>,
     shape: Shape,
     x: &[f32],
     w: &[f32],
@@ -356,6 +385,33 @@ fn check_shard(
             actual: w.len(),
         });
     }
+    if let Some(rows) = sample {
+        let increasing = rows.windows(2).all(|p| p[0] < p[1]);
+        if rows.is_empty() || !increasing || rows.iter().any(|&r| r as usize >= shard.count) {
+            return Err(Error::InvalidParameter {
+                name: "sample",
+                value: rows.len() as f32,
+                requirement: "a non-empty, strictly increasing list of the shard's rows (0..count)",
+            });
+        }
+        let kept = |y: u32| {
+            let local = y as usize - shard.first;
+            rows.binary_search(&(local as u32)).is_ok()
+        };
+        if let Some(&y) = labels.iter().find(|&&y| {
+            y != IGNORE
+                && (y as usize) >= shard.first
+                && (y as usize) < shard.first + shard.count
+                && !kept(y)
+        }) {
+            return Err(Error::InvalidParameter {
+                name: "sample",
+                value: y as f32,
+                requirement:
+                    "to keep every positive: each label in the shard must be among the sampled rows",
+            });
+        }
+    }
     Ok(())
 }
 
@@ -364,18 +420,22 @@ impl Context {
     /// shard's classes `w` (shard.count × D), with global `labels`.
     pub fn shard_forward(
         &self,
-        shard: ClassShard,
-        dim: usize,
-        x: &[f32],
-        w: &[f32],
-        labels: &[u32],
+        inputs: &ShardInputs<'_>,
         params: &LossParams,
     ) -> Result<Vec<RowPartial>> {
         self.check_alive()?;
         params.validate()?;
+        let ShardInputs {
+            shard,
+            dim,
+            features: x,
+            classes: w,
+            labels,
+            sample,
+        } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
-        check_shard(shard, shape, x, w, labels)?;
-        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, shape, x, w, labels))?;
+        check_shard(shard, sample, shape, x, w, labels)?;
+        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
         let splits = buffers.plan.forward_splits() as usize;
         let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
         let readback = self.create_buffer(
@@ -406,22 +466,26 @@ impl Context {
     }
 
     /// One shard's backward pass from the global rows: the exact dL/dw of its classes
-    /// (shard.count × D) and its share of dL/dx (B×D; the shares sum to dL/dx).
-    #[allow(clippy::too_many_arguments)]
+    /// (shard.count × D; with a sample, only the sampled rows are non-zero) and its share
+    /// of dL/dx (B×D; the shares sum to dL/dx).
     pub fn shard_backward(
         &self,
-        shard: ClassShard,
-        dim: usize,
-        x: &[f32],
-        w: &[f32],
-        labels: &[u32],
+        inputs: &ShardInputs<'_>,
         params: &LossParams,
         rows: &GlobalRows,
     ) -> Result<Gradients> {
         self.check_alive()?;
         params.validate()?;
+        let ShardInputs {
+            shard,
+            dim,
+            features: x,
+            classes: w,
+            labels,
+            sample,
+        } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
-        check_shard(shard, shape, x, w, labels)?;
+        check_shard(shard, sample, shape, x, w, labels)?;
         if rows.softmax.len() != shape.batch {
             return Err(Error::LengthMismatch {
                 input: "rows",
@@ -429,7 +493,7 @@ impl Context {
                 actual: rows.softmax.len(),
             });
         }
-        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, shape, x, w, labels))?;
+        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
         let (b, d, c) = (shape.batch as u64, dim as u64, shard.count as u64);
         let out = |label, size| {
             self.create_buffer(
@@ -507,14 +571,22 @@ pub fn sharded_loss(
         })
     };
     let mut partials = Vec::with_capacity(k);
+    let inputs = |shard: &ClassShard| ShardInputs {
+        shard: *shard,
+        dim: shape.dim,
+        features: x,
+        classes: part(shard),
+        labels,
+        sample: None,
+    };
     for (s, shard) in shards.iter().enumerate() {
-        partials.push(ctx(s)?.shard_forward(*shard, shape.dim, x, part(shard), labels, params)?);
+        partials.push(ctx(s)?.shard_forward(&inputs(shard), params)?);
     }
     let rows = finish_rows(&merge_shards(&partials), labels, shape.classes, params);
     let mut features = vec![0.0f32; shape.batch * shape.dim];
     let mut classes = Vec::with_capacity(w.len());
     for (s, shard) in shards.iter().enumerate() {
-        let g = ctx(s)?.shard_backward(*shard, shape.dim, x, part(shard), labels, params, &rows)?;
+        let g = ctx(s)?.shard_backward(&inputs(shard), params, &rows)?;
         features
             .iter_mut()
             .zip(&g.features)

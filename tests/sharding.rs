@@ -4,7 +4,9 @@
 mod common;
 
 use common::{check_output, context};
-use margin_softmax::shard::{merge_shards, sharded_loss, ClassShard, RowPartial};
+use margin_softmax::shard::{
+    finish_rows, merge_shards, sharded_loss, ClassShard, RowPartial, ShardInputs,
+};
 use margin_softmax::{reference, LossParams, Objective, Pass, Problem, Shape, IGNORE};
 
 #[test]
@@ -121,7 +123,17 @@ fn bad_shards_are_typed_errors() {
         total: 10,
     };
     assert!(matches!(
-        ctx.shard_forward(shard, 3, &p.features, &p.classes[..12], &p.labels, &params),
+        ctx.shard_forward(
+            &ShardInputs {
+                shard,
+                dim: 3,
+                features: &p.features,
+                classes: &p.classes[..12],
+                labels: &p.labels,
+                sample: None
+            },
+            &params
+        ),
         Err(margin_softmax::Error::InvalidParameter { name: "shard", .. })
     ));
     let shard = ClassShard {
@@ -130,10 +142,106 @@ fn bad_shards_are_typed_errors() {
         total: 10,
     };
     assert!(matches!(
-        ctx.shard_forward(shard, 3, &p.features, &p.classes[..11], &p.labels, &params),
+        ctx.shard_forward(
+            &ShardInputs {
+                shard,
+                dim: 3,
+                features: &p.features,
+                classes: &p.classes[..11],
+                labels: &p.labels,
+                sample: None
+            },
+            &params
+        ),
         Err(margin_softmax::Error::LengthMismatch {
             input: "classes",
             ..
         })
+    ));
+}
+
+#[test]
+fn class_centre_sampling_matches_the_reference_on_the_subset() {
+    // One shard of C = 40 classes samples 15 of them, keeping every positive. The loss
+    // must be the reference's over the subset, and dL/dw must land on the sampled rows.
+    let ctx = context();
+    let (b, d, c) = (12, 9, 40);
+    let p = Problem::random(Shape::new(b, d, c), 52);
+    let mut sample: Vec<u32> = p.labels.clone();
+    sample.extend([1, 5, 17, 23, 30, 38]);
+    sample.sort_unstable();
+    sample.dedup();
+    let params = LossParams::default();
+    let shard = ClassShard {
+        first: 0,
+        count: c,
+        total: c,
+    };
+    let inputs = ShardInputs {
+        shard,
+        dim: d,
+        features: &p.features,
+        classes: &p.classes,
+        labels: &p.labels,
+        sample: Some(&sample),
+    };
+    let partials = ctx
+        .shard_forward(&inputs, &params)
+        .expect("sampled forward");
+    let rows = finish_rows(&merge_shards(&[partials]), &p.labels, c, &params);
+    let grads = ctx
+        .shard_backward(&inputs, &params, &rows)
+        .expect("sampled backward");
+
+    // The reference on the subset: w restricted to the sample, labels renumbered.
+    let subset = Problem {
+        shape: Shape::new(b, d, sample.len()),
+        features: p.features.clone(),
+        classes: sample
+            .iter()
+            .flat_map(|&r| p.classes[r as usize * d..(r as usize + 1) * d].to_vec())
+            .collect(),
+        labels: p
+            .labels
+            .iter()
+            .map(|y| sample.binary_search(y).expect("positives kept") as u32)
+            .collect(),
+    };
+    let expected = reference::loss_on(&subset, &params).expect("reference");
+    let mut out = rows.output;
+    out.pred = out
+        .pred
+        .iter()
+        .map(|y| sample.binary_search(y).expect("sampled") as u32)
+        .collect();
+    let sampled_rows: Vec<f32> = sample
+        .iter()
+        .flat_map(|&r| grads.classes[r as usize * d..(r as usize + 1) * d].to_vec())
+        .collect();
+    out.grads = Some(margin_softmax::Gradients {
+        features: grads.features.clone(),
+        classes: sampled_rows,
+    });
+    check_output(&out, &expected, &subset, &params, "sampled");
+    for r in (0..c as u32).filter(|r| sample.binary_search(r).is_err()) {
+        let row = &grads.classes[r as usize * d..(r as usize + 1) * d];
+        assert!(
+            row.iter().all(|&v| v == 0.0),
+            "class {r} was not sampled but got a gradient"
+        );
+    }
+    // A sample that drops a positive is refused.
+    let missing: Vec<u32> = sample
+        .iter()
+        .copied()
+        .filter(|&r| r != p.labels[0])
+        .collect();
+    let bad = ShardInputs {
+        sample: Some(&missing),
+        ..inputs
+    };
+    assert!(matches!(
+        ctx.shard_forward(&bad, &params),
+        Err(margin_softmax::Error::InvalidParameter { name: "sample", .. })
     ));
 }
