@@ -152,12 +152,32 @@ pub(crate) fn check_slices(
     labels: &[u32],
 ) -> Result<()> {
     shape.check_nonempty()?;
-    let mul = |a: usize, b: usize| a.saturating_mul(b);
-    for (input, expected, actual) in [
-        ("features", mul(shape.batch, shape.dim), features.len()),
-        ("classes", mul(shape.classes, shape.dim), classes.len()),
-        ("labels", shape.batch, labels.len()),
-    ] {
+    let classes_len = (
+        "classes",
+        shape.classes.saturating_mul(shape.dim),
+        classes.len(),
+    );
+    check_batch(shape, features, Some(classes_len), labels, shape.classes)
+}
+
+/// Checks the lengths of x, (optionally) w and the labels, then that every label is in
+/// 0..`total_classes` or IGNORE.
+pub(crate) fn check_batch(
+    shape: Shape,
+    features: &[f32],
+    classes: Option<(&'static str, usize, usize)>,
+    labels: &[u32],
+    total_classes: usize,
+) -> Result<()> {
+    let lengths = [(
+        "features",
+        shape.batch.saturating_mul(shape.dim),
+        features.len(),
+    )]
+    .into_iter()
+    .chain(classes)
+    .chain([("labels", shape.batch, labels.len())]);
+    for (input, expected, actual) in lengths {
         if expected != actual {
             return Err(Error::LengthMismatch {
                 input,
@@ -169,12 +189,12 @@ pub(crate) fn check_slices(
     if let Some((row, &label)) = labels
         .iter()
         .enumerate()
-        .find(|(_, &l)| l != IGNORE && l as usize >= shape.classes)
+        .find(|(_, &l)| l != IGNORE && l as usize >= total_classes)
     {
         return Err(Error::LabelOutOfRange {
             row: Some(row),
             label: Some(label),
-            classes: shape.classes,
+            classes: total_classes,
         });
     }
     Ok(())

@@ -863,6 +863,25 @@ impl Plan {
                 ..once(&k.matmul, grid)
             })
         };
+        // The memory-minimal backward: dL/dx partials per chunk and their sum, then dL/dw
+        // per chunk and row pass.
+        let fused_backward = || -> Result<Vec<Step<'_>>> {
+            let mut steps = per_chunk(&k.grad_feature_partials, &|part| {
+                (part.feature_splits, g.row_tiles)
+            });
+            steps.push(once(&k.grad_features_finish, per_row(b)?));
+            for (chunk, part) in g.chunks.iter().enumerate() {
+                let grid = fold_grid(u64::from(part.class_tiles), max)?;
+                for pass in 0..passes {
+                    steps.push(Step {
+                        chunk,
+                        pass,
+                        ..once(&k.grad_classes_tile, grid)
+                    });
+                }
+            }
+            Ok(steps)
+        };
         let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
         if phase != Phase::Whole {
             if phase == Phase::ShardForward {
@@ -870,20 +889,7 @@ impl Plan {
                     (part.forward_splits, g.row_tiles)
                 }));
             } else {
-                steps.extend(per_chunk(&k.grad_feature_partials, &|part| {
-                    (part.feature_splits, g.row_tiles)
-                }));
-                steps.push(once(&k.grad_features_finish, per_row(b)?));
-                for (chunk, part) in g.chunks.iter().enumerate() {
-                    let grid = fold_grid(u64::from(part.class_tiles), max)?;
-                    for pass in 0..passes {
-                        steps.push(Step {
-                            chunk,
-                            pass,
-                            ..once(&k.grad_classes_tile, grid)
-                        });
-                    }
-                }
+                steps.extend(fused_backward()?);
             }
         } else if self.algorithm == Algorithm::Unfused {
             steps.push(once(&k.normalize_rows, per_row(b + c)?));
@@ -923,22 +929,7 @@ impl Plan {
         }
         if backward && phase == Phase::Whole {
             match self.algorithm {
-                Algorithm::Fused => {
-                    steps.extend(per_chunk(&k.grad_feature_partials, &|part| {
-                        (part.feature_splits, g.row_tiles)
-                    }));
-                    steps.push(once(&k.grad_features_finish, per_row(b)?));
-                    for (chunk, part) in g.chunks.iter().enumerate() {
-                        let grid = fold_grid(u64::from(part.class_tiles), max)?;
-                        for pass in 0..passes {
-                            steps.push(Step {
-                                chunk,
-                                pass,
-                                ..once(&k.grad_classes_tile, grid)
-                            });
-                        }
-                    }
-                }
+                Algorithm::Fused => steps.extend(fused_backward()?),
                 Algorithm::Chunked => {
                     steps.push(once(&k.normalize_backward, per_row(b + c)?));
                 }

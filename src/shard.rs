@@ -7,7 +7,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::api::{check_slices, Gradients, LossOutput, IGNORE};
+use crate::api::{check_batch, check_slices, Gradients, LossOutput, IGNORE};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
@@ -354,29 +354,7 @@ fn check_shard(
         });
     }
     shape.check_nonempty()?;
-    for (input, expected, actual) in [
-        ("features", shape.batch * shape.dim, x.len()),
-        ("labels", shape.batch, labels.len()),
-    ] {
-        if expected != actual {
-            return Err(Error::LengthMismatch {
-                input,
-                expected,
-                actual,
-            });
-        }
-    }
-    if let Some((row, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l != IGNORE && l as usize >= shard.total)
-    {
-        return Err(Error::LabelOutOfRange {
-            row: Some(row),
-            label: Some(label),
-            classes: shard.total,
-        });
-    }
+    check_batch(shape, x, None, labels, shard.total)?;
     let expected = shard.count * shape.dim;
     if w.len() != expected {
         return Err(Error::LengthMismatch {
