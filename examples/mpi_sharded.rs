@@ -2,8 +2,9 @@
 //! contiguous shard of the classes and a slice of the batch. The batch features and labels
 //! are all-gathered, each rank computes per-row partials over its classes, the partials
 //! are all-gathered and merged in rank order (deterministic), each rank computes the exact
-//! dL/dw of its classes and its share of dL/dx, and the shares are all-gathered and summed
-//! in rank order. Rank 0 compares everything with a single-process run.
+//! dL/dw of its classes and its share of dL/dx, and each rank sums every shard's share of
+//! its own rows (all-to-all) in rank order. Rank 0 compares everything with a
+//! single-process run.
 //!
 //! `cargo build --release --features mpi --example mpi_sharded`
 //! `mpirun --allow-run-as-root --oversubscribe -np 4 target/release/examples/mpi_sharded [B D C]`
@@ -85,11 +86,17 @@ fn step(
             &global,
         )
         .expect("shard backward");
-    let mut shares = vec![0.0f32; ranks * b * d];
-    world.all_gather_into(&grads.features[..], &mut shares[..]);
-    let grad_x: Vec<f32> = (0..b * d)
-        .map(|e| (0..ranks).fold(0.0f32, |sum, r| sum + shares[r * b * d + e]))
+    // dL/dx reduced onto each rank's own rows: rank r receives every shard's share of its
+    // B/K rows (all-to-all) and sums them in rank order, B·D·4 bytes a rank in all.
+    let block = rows * d;
+    let mut received = vec![0.0f32; ranks * block];
+    world.all_to_all_into(&grads.features[..], &mut received[..]);
+    let mine: Vec<f32> = (0..block)
+        .map(|e| (0..ranks).fold(0.0f32, |sum, r| sum + received[r * block + e]))
         .collect();
+    // Only to compare with the single process: all of dL/dx on every rank.
+    let mut grad_x = vec![0.0f32; b * d];
+    world.all_gather_into(&mine[..], &mut grad_x[..]);
     (shard, global, grads, grad_x)
 }
 
@@ -106,8 +113,8 @@ fn main() {
         _ => (64, 32, 2000),
     };
     assert!(
-        b % ranks == 0,
-        "B must be a multiple of the number of ranks"
+        b % ranks == 0 && c >= ranks,
+        "B must be a multiple of the number of ranks, and C at least that number"
     );
     // Every rank can generate the problem; it keeps only its rows and its classes.
     let shape = Shape::new(b, d, c);
@@ -147,7 +154,9 @@ fn main() {
         let dx = max_diff(&grad_x, &single_grads.features);
         let dloss = (global.output.loss - single.loss).abs();
         let ds = (global.output.grad_scale - single.grad_scale).abs();
-        let exchanged = std::mem::size_of::<RowPartial>() * ranks + 4 * d * ranks + (4 * d + 4);
+        // Per row of the batch: its partial from every rank, its dL/dx share (the
+        // all-to-all moves one share per row), and its features and label.
+        let exchanged = std::mem::size_of::<RowPartial>() * ranks + 4 * d + (4 * d + 4);
         println!(
             "ranks {ranks}, B = {b}, D = {d}, C = {c} ({} classes per rank at most)",
             c.div_ceil(ranks)
@@ -158,9 +167,9 @@ fn main() {
         );
         println!("max |Δ| dL/dx {dx:.3e}, dL/dw {dw:.3e}, dL/ds {ds:.3e}");
         println!(
-            "bytes per row gathered by each rank: {exchanged} (partials {}, dL/dx shares {}, features and label {})",
+            "bytes per row received by each rank: {exchanged} (partials {}, dL/dx shares {}, features and label {})",
             std::mem::size_of::<RowPartial>() * ranks,
-            4 * d * ranks,
+            4 * d,
             4 * d + 4
         );
         println!(

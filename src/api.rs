@@ -463,7 +463,7 @@ impl Context {
 }
 
 /// Turns the device's input flags into the slice API's typed errors.
-fn check_flags(bits: u32, shape: Shape) -> Result<()> {
+pub(crate) fn check_flags(bits: u32, shape: Shape) -> Result<()> {
     if bits & flags::FEATURES_NON_FINITE != 0 {
         return Err(Error::NonFinite { input: "features" });
     }

@@ -681,6 +681,16 @@ impl Plan {
         plan.class_base = to_u32("shard's first class", class_base)?;
         plan.total_classes = to_u32("classes", total_classes)?;
         if let Some((indices, rows)) = sample {
+            // A sampled shard binds all its rows of w (and of dL/dw) at once.
+            let bytes = product(&[rows as u64, shape.dim as u64, 4]);
+            let limit = ctx.max_binding.min(ctx.limits.max_buffer_size);
+            if bytes > limit {
+                return Err(Error::TooLarge {
+                    what: "a sampled shard's rows of w (rows·D·4 bytes in one binding)",
+                    size: bytes,
+                    limit,
+                });
+            }
             if plan.geometry.chunks.len() > 1 {
                 return Err(Error::TooLarge {
                     what: "a sampled shard's classes (sampling needs them in one chunk)",

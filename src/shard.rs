@@ -7,7 +7,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::api::{check_batch, check_slices, Gradients, LossOutput, IGNORE};
+use crate::api::{check_batch, check_flags, check_slices, Gradients, LossOutput, IGNORE};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
@@ -145,6 +145,21 @@ pub struct GlobalRows {
     pub softmax: Vec<RowSoftmax>,
     /// The loss, dL/ds and statistics (without gradients).
     pub output: LossOutput,
+}
+
+impl GlobalRows {
+    /// [`Error::Overflow`] where a log-sum-exp or loss is not finite (the shards' dot
+    /// products overflowed f32), as the single-device path reports it.
+    pub fn check(&self) -> Result<()> {
+        let lse_ok = self.softmax.iter().all(|r| r.lse.is_finite());
+        let loss_ok =
+            self.output.row_loss.iter().all(|l| l.is_finite()) && self.output.loss.is_finite();
+        if lse_ok && loss_ok {
+            Ok(())
+        } else {
+            Err(Error::Overflow)
+        }
+    }
 }
 
 /// LSE, L_i, 1 − p_iy, dL_i/ds and the statistics of every row from its merged state, and
@@ -416,23 +431,34 @@ impl Context {
         let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
         let splits = buffers.plan.forward_splits() as usize;
         let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
+        // The partials, then the non-finite-input flags word.
         let readback = self.create_buffer(
             "partials",
-            bytes,
+            bytes + 4,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
         let submission = self.gpu_scoped(|| {
             let mut encoder = self.device.create_command_encoder(&Default::default());
             buffers.record(self, &mut encoder, None, params, Phase::ShardForward)?;
+            let missing = || Error::Gpu("internal: no shard workspace".into());
             let partials = buffers
                 .plan
                 .workspace_buffer(Binding::SplitPartials)
-                .ok_or_else(|| Error::Gpu("internal: no split partials".into()))?;
+                .ok_or_else(missing)?;
+            let flags = buffers
+                .plan
+                .workspace_buffer(Binding::InputFlags)
+                .ok_or_else(missing)?;
             encoder.copy_buffer_to_buffer(partials, 0, &readback, 0, bytes);
+            encoder.copy_buffer_to_buffer(flags, 0, &readback, bytes, 4);
             Ok(self.queue.submit([encoder.finish()]))
         })?;
-        let raw = pollster::block_on(self.read_back(&readback, bytes, submission))?;
-        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(&raw);
+        let raw = pollster::block_on(self.read_back(&readback, bytes + 4, submission))?;
+        let split = bytes as usize;
+        let flags: u32 = bytemuck::pod_read_unaligned(&raw[split..split + 4]);
+        check_flags(flags, shape)?;
+        let raw = &raw[..split];
+        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(raw);
         let b = shape.batch;
         Ok((0..b)
             .map(|i| {
@@ -561,6 +587,7 @@ pub fn sharded_loss(
         partials.push(ctx(s)?.shard_forward(&inputs(shard), params)?);
     }
     let rows = finish_rows(&merge_shards(&partials), labels, shape.classes, params);
+    rows.check()?;
     let mut features = vec![0.0f32; shape.batch * shape.dim];
     let mut classes = Vec::with_capacity(w.len());
     for (s, shard) in shards.iter().enumerate() {

@@ -161,6 +161,39 @@ fn bad_shards_are_typed_errors() {
 }
 
 #[test]
+fn shards_report_non_finite_inputs_and_overflow() {
+    let ctx = context();
+    let mut p = Problem::random(Shape::new(4, 3, 10), 53);
+    p.features[5] = f32::NAN;
+    let params = LossParams::default();
+    let err = sharded_loss(
+        &[ctx, ctx],
+        p.shape,
+        &p.features,
+        &p.classes,
+        &p.labels,
+        &params,
+    )
+    .unwrap_err();
+    assert_eq!(err, margin_softmax::Error::NonFinite { input: "features" });
+    let mut p = Problem::random(Shape::new(4, 3, 10), 54);
+    p.features
+        .iter_mut()
+        .chain(p.classes.iter_mut())
+        .for_each(|v| *v *= 1e20);
+    let err = sharded_loss(
+        &[ctx, ctx],
+        p.shape,
+        &p.features,
+        &p.classes,
+        &p.labels,
+        &params,
+    )
+    .unwrap_err();
+    assert_eq!(err, margin_softmax::Error::Overflow);
+}
+
+#[test]
 fn class_centre_sampling_matches_the_reference_on_the_subset() {
     // One shard of C = 40 classes samples 15 of them, keeping every positive. The loss
     // must be the reference's over the subset, and dL/dw must land on the sampled rows.
