@@ -355,6 +355,22 @@ struct GemmSpec {
 /// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET).
 const MAX_GEMM_K: u32 = 65536;
 
+/// `gemm` cut along k into pieces of at most MAX_GEMM_K, each accumulating onto the
+/// previous ones, with its operand and scale offsets advanced to the piece's first k.
+fn k_pieces(gemm: GemmShape) -> Vec<GemmShape> {
+    (0..gemm.k)
+        .step_by(MAX_GEMM_K as usize)
+        .map(|k0| GemmShape {
+            k: MAX_GEMM_K.min(gemm.k - k0),
+            lhs_offset: gemm.lhs_offset + k0 * gemm.lhs_stride_k,
+            rhs_offset: gemm.rhs_offset + k0 * gemm.rhs_stride_k,
+            k_scale_offset: gemm.k_scale_offset + k0,
+            accumulate: gemm.accumulate | u32::from(k0 > 0),
+            ..gemm
+        })
+        .collect()
+}
+
 /// The GEMMs of a plan, in the order its steps use them.
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
@@ -368,8 +384,6 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
     match algorithm {
         Algorithm::Fused => Vec::new(),
         // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
-        // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G, their k
-        // (C and B) cut into accumulated pieces of at most MAX_GEMM_K.
         Algorithm::Unfused => {
             let mut specs = vec![spec(
                 GemmShape::new(b, c, d, d, 1, 1, d),
@@ -377,11 +391,7 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
                 Binding::UnitClasses,
                 Binding::Logits,
             )];
-            for k0 in (0..c).step_by(MAX_GEMM_K as usize) {
-                let mut gx = GemmShape::new(b, d, MAX_GEMM_K.min(c - k0), c, 1, d, 1);
-                gx.lhs_offset = k0;
-                gx.rhs_offset = k0 * d;
-                gx.accumulate = u32::from(k0 > 0);
+            for gx in k_pieces(GemmShape::new(b, d, c, c, 1, d, 1)) {
                 specs.push(spec(
                     gx,
                     Binding::Logits,
@@ -389,11 +399,7 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
                     Binding::GradFeatures,
                 ));
             }
-            for k0 in (0..b).step_by(MAX_GEMM_K as usize) {
-                let mut gw = GemmShape::new(c, d, MAX_GEMM_K.min(b - k0), 1, c, d, 1);
-                gw.lhs_offset = k0 * c;
-                gw.rhs_offset = k0 * d;
-                gw.accumulate = u32::from(k0 > 0);
+            for gw in k_pieces(GemmShape::new(c, d, b, 1, c, d, 1)) {
                 specs.push(spec(
                     gw,
                     Binding::Logits,
@@ -417,18 +423,14 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
                     Binding::ClassVectors,
                     Binding::Logits,
                 ));
-                for k0 in (0..c).step_by(MAX_GEMM_K as usize) {
-                    let mut gx = GemmShape::new(rows, d, MAX_GEMM_K.min(c - k0), c, 1, d, 1);
-                    gx.lhs_offset = k0;
-                    gx.rhs_offset = k0 * d;
-                    gx.product_offset = r0 * d;
-                    gx.accumulate = u32::from(k0 > 0);
-                    gx.scale_rhs_rows = 1;
-                    gx.k_scale_offset = k0;
+                let mut gx = GemmShape::new(rows, d, c, c, 1, d, 1);
+                gx.product_offset = r0 * d;
+                gx.scale_rhs_rows = 1;
+                for piece in k_pieces(gx) {
                     specs.push(GemmSpec {
                         k_scale: Binding::InvNormClasses,
                         ..spec(
-                            gx,
+                            piece,
                             Binding::Logits,
                             Binding::ClassVectors,
                             Binding::GradFeatures,

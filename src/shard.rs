@@ -409,13 +409,13 @@ fn check_shard(
 }
 
 impl Context {
-    /// One shard's forward partials: for every row, the online-softmax state over the
-    /// shard's classes `w` (shard.count × D), with global `labels`.
-    pub fn shard_forward(
+    /// Checks a shard's inputs and allocates its plan and buffers; returns the shape
+    /// (B, D, the shard's rows) with them.
+    fn shard_setup(
         &self,
         inputs: &ShardInputs<'_>,
         params: &LossParams,
-    ) -> Result<Vec<RowPartial>> {
+    ) -> Result<(Shape, ShardBuffers)> {
         self.check_alive()?;
         params.validate()?;
         let ShardInputs {
@@ -429,6 +429,17 @@ impl Context {
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
         let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
+        Ok((shape, buffers))
+    }
+
+    /// One shard's forward partials: for every row, the online-softmax state over the
+    /// shard's classes `w` (shard.count × D), with global `labels`.
+    pub fn shard_forward(
+        &self,
+        inputs: &ShardInputs<'_>,
+        params: &LossParams,
+    ) -> Result<Vec<RowPartial>> {
+        let (shape, buffers) = self.shard_setup(inputs, params)?;
         let splits = buffers.plan.forward_splits() as usize;
         let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
         // The partials, then the non-finite-input flags word.
@@ -478,18 +489,7 @@ impl Context {
         params: &LossParams,
         rows: &GlobalRows,
     ) -> Result<Gradients> {
-        self.check_alive()?;
-        params.validate()?;
-        let ShardInputs {
-            shard,
-            dim,
-            features: x,
-            classes: w,
-            labels,
-            sample,
-        } = *inputs;
-        let shape = Shape::new(labels.len(), dim, shard.count);
-        check_shard(shard, sample, shape, x, w, labels)?;
+        let (shape, buffers) = self.shard_setup(inputs, params)?;
         if rows.softmax.len() != shape.batch {
             return Err(Error::LengthMismatch {
                 input: "rows",
@@ -497,8 +497,7 @@ impl Context {
                 actual: rows.softmax.len(),
             });
         }
-        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
-        let (b, d, c) = (shape.batch as u64, dim as u64, shard.count as u64);
+        let (b, d, c) = (shape.batch as u64, shape.dim as u64, shape.classes as u64);
         let out = |label, size| {
             self.create_buffer(
                 label,
