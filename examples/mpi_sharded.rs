@@ -49,19 +49,15 @@ fn step(
     // This rank's classes and their partials; all-gathered and merged in rank order.
     let shard = ClassShard::split(c, ranks, rank);
     let w = &p.classes[shard.first * d..(shard.first + shard.count) * d];
-    let partials = ctx
-        .shard_forward(
-            &ShardInputs {
-                shard,
-                dim: d,
-                features: &x,
-                classes: w,
-                labels: &labels,
-                sample: None,
-            },
-            params,
-        )
-        .expect("shard forward");
+    let inputs = ShardInputs {
+        shard,
+        dim: d,
+        features: &x,
+        classes: w,
+        labels: &labels,
+        sample: None,
+    };
+    let partials = ctx.shard_forward(&inputs, params).expect("shard forward");
     let sent: &[u8] = bytemuck::cast_slice(&partials);
     let mut gathered = vec![0u8; ranks * sent.len()];
     world.all_gather_into(sent, &mut gathered[..]);
@@ -73,18 +69,7 @@ fn step(
 
     // dL/dw of this shard exactly; dL/dx summed over the shards' shares in rank order.
     let grads = ctx
-        .shard_backward(
-            &ShardInputs {
-                shard,
-                dim: d,
-                features: &x,
-                classes: w,
-                labels: &labels,
-                sample: None,
-            },
-            params,
-            &global,
-        )
+        .shard_backward(&inputs, params, &global)
         .expect("shard backward");
     // dL/dx reduced onto each rank's own rows: rank r receives every shard's share of its
     // B/K rows (all-to-all) and sums them in rank order, B·D·4 bytes a rank in all.

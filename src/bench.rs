@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{encode, fold_grid, Dispatch, GemmShape};
 use crate::params::LossParams;
-use crate::plan::{Algorithm, Plan};
+use crate::plan::{Algorithm, Phase, Plan};
 use crate::problem::Problem;
 use crate::Pass;
 
@@ -427,7 +427,15 @@ pub fn run(
                     }),
                 };
                 let timed = time_op(ctx, options, &|encoder, writes| {
-                    plan.record_timed(ctx, encoder, &inputs, &outputs, &params, writes)
+                    plan.record_phase(
+                        ctx,
+                        encoder,
+                        &inputs,
+                        &outputs,
+                        &params,
+                        writes,
+                        Phase::Whole,
+                    )
                 })?;
                 Ok((timed, plan.workspace_bytes()))
             });

@@ -644,28 +644,7 @@ impl Plan {
         outputs: &DeviceOutputs<'_>,
         params: &LossParams,
     ) -> Result<()> {
-        self.record_timed(ctx, encoder, inputs, outputs, params, None)
-    }
-
-    /// [`Plan::record`] with optional timestamps at the beginning and end of its pass.
-    pub(crate) fn record_timed(
-        &self,
-        ctx: &Context,
-        encoder: &mut wgpu::CommandEncoder,
-        inputs: &DeviceInputs<'_>,
-        outputs: &DeviceOutputs<'_>,
-        params: &LossParams,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
-    ) -> Result<()> {
-        self.record_phase(
-            ctx,
-            encoder,
-            inputs,
-            outputs,
-            params,
-            timestamps,
-            Phase::Whole,
-        )
+        self.record_phase(ctx, encoder, inputs, outputs, params, None, Phase::Whole)
     }
 
     /// A plan for one class shard: `w` holds classes [class_base, class_base + rows) of
@@ -728,6 +707,7 @@ impl Plan {
         self.geometry.forward_splits
     }
 
+    /// Records `phase`, with optional timestamps at the beginning and end of its pass.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_phase(
         &self,

@@ -193,30 +193,29 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
         let p = Problem::random(Shape::new(b, d, c), 12);
         let params = LossParams::default();
         let expected = margin_softmax::reference::loss_on(&p, &params).expect("reference");
-        let out = ctx
-            .loss_with(
-                margin_softmax::Algorithm::Chunked,
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
-                &params,
-                margin_softmax::Pass::ForwardBackward,
-            )
-            .expect("chunked");
-        common::check_output(&out, &expected, &p, &params, "row chunks");
         // The unfused baseline cuts the same long k = C into pieces.
-        let unfused = ctx
-            .loss_with(
-                margin_softmax::Algorithm::Unfused,
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
+        for algorithm in [
+            margin_softmax::Algorithm::Chunked,
+            margin_softmax::Algorithm::Unfused,
+        ] {
+            let out = ctx
+                .loss_with(
+                    algorithm,
+                    p.shape,
+                    &p.features,
+                    &p.classes,
+                    &p.labels,
+                    &params,
+                    margin_softmax::Pass::ForwardBackward,
+                )
+                .expect("loss");
+            common::check_output(
+                &out,
+                &expected,
+                &p,
                 &params,
-                margin_softmax::Pass::ForwardBackward,
-            )
-            .expect("unfused");
-        common::check_output(&unfused, &expected, &p, &params, "unfused k-pieces");
+                &format!("{algorithm:?} row chunks and k-pieces"),
+            );
+        }
     }
 }

@@ -59,15 +59,8 @@ fn two_thousand_calls_do_not_grow_allocations() {
     let mut curve = Vec::new();
     for call in 0..2000 {
         let p = &problems[call % problems.len()];
-        ctx.loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &LossParams::default(),
-            Pass::ForwardBackward,
-        )
-        .expect("loss");
+        ctx.loss_on(p, &LossParams::default(), Pass::ForwardBackward)
+            .expect("loss");
         curve.push(ctx.allocated_bytes());
     }
     let settled = curve[9];
@@ -86,16 +79,7 @@ fn two_thousand_calls_do_not_grow_allocations() {
 fn a_lost_device_fails_every_later_call() {
     let ctx = Context::new_default().expect("context");
     let p = Problem::random(Shape::new(4, 4, 4), 1);
-    let call = || {
-        ctx.loss(
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &LossParams::default(),
-            Pass::ForwardBackward,
-        )
-    };
+    let call = || ctx.loss_on(&p, &LossParams::default(), Pass::ForwardBackward);
     assert!(call().is_ok());
     ctx.device().destroy();
     for _ in 0..3 {

@@ -117,42 +117,33 @@ fn bad_shards_are_typed_errors() {
     let ctx = context();
     let p = Problem::random(Shape::new(4, 3, 10), 51);
     let params = LossParams::default();
-    let shard = ClassShard {
-        first: 8,
-        count: 4,
-        total: 10,
+    let inputs = ShardInputs {
+        shard: ClassShard {
+            first: 8,
+            count: 4,
+            total: 10,
+        },
+        dim: 3,
+        features: &p.features,
+        classes: &p.classes[..12],
+        labels: &p.labels,
+        sample: None,
     };
     assert!(matches!(
-        ctx.shard_forward(
-            &ShardInputs {
-                shard,
-                dim: 3,
-                features: &p.features,
-                classes: &p.classes[..12],
-                labels: &p.labels,
-                sample: None
-            },
-            &params
-        ),
+        ctx.shard_forward(&inputs, &params),
         Err(margin_softmax::Error::InvalidParameter { name: "shard", .. })
     ));
-    let shard = ClassShard {
-        first: 0,
-        count: 4,
-        total: 10,
+    let short = ShardInputs {
+        shard: ClassShard {
+            first: 0,
+            count: 4,
+            total: 10,
+        },
+        classes: &p.classes[..11],
+        ..inputs
     };
     assert!(matches!(
-        ctx.shard_forward(
-            &ShardInputs {
-                shard,
-                dim: 3,
-                features: &p.features,
-                classes: &p.classes[..11],
-                labels: &p.labels,
-                sample: None
-            },
-            &params
-        ),
+        ctx.shard_forward(&short, &params),
         Err(margin_softmax::Error::LengthMismatch {
             input: "classes",
             ..
