@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::api::SliceState;
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, TileConfig};
+use crate::shard::ShardBuffers;
 
 /// The default workspace budget: 256 MiB.
 pub const DEFAULT_WORKSPACE_BUDGET: u64 = 256 << 20;
@@ -48,6 +49,8 @@ pub struct Context {
     pub(crate) timeout: Option<Duration>,
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) slice_pool: Mutex<Vec<SliceState>>,
+    /// The last shard call's plan and buffers, reused by the next call on the same shard.
+    pub(crate) shard_cache: Mutex<Option<ShardBuffers>>,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
 }
@@ -244,6 +247,7 @@ impl Context {
             timeout: None,
             lost: Arc::new(AtomicBool::new(false)),
             slice_pool: Mutex::new(Vec::new()),
+            shard_cache: Mutex::new(None),
             allocated: Arc::new(AtomicU64::new(0)),
         })
     }

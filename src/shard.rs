@@ -287,8 +287,13 @@ pub struct ShardInputs<'a> {
     pub sample: Option<&'a [u32]>,
 }
 
-/// One shard's device buffers for one call.
-struct ShardBuffers {
+/// One shard's plan and device buffers. The context keeps the last one, so a training
+/// step's forward and backward calls (and the next step's, on the same shard) reuse it and
+/// only upload the inputs.
+#[derive(Debug)]
+pub(crate) struct ShardBuffers {
+    shard: ClassShard,
+    sample: Option<Vec<u32>>,
     plan: Plan,
     features: wgpu::Buffer,
     classes: wgpu::Buffer,
@@ -321,6 +326,8 @@ impl ShardBuffers {
         };
         let rows = vec![0u8; shape.batch * std::mem::size_of::<RowStats>()];
         Ok(ShardBuffers {
+            shard,
+            sample: sample.map(<[u32]>::to_vec),
             plan,
             features: init("features", bytemuck::cast_slice(x)),
             classes: init("classes", bytemuck::cast_slice(w)),
@@ -328,6 +335,27 @@ impl ShardBuffers {
             row_stats: init("row_stats", &rows),
             summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
         })
+    }
+
+    /// Whether these buffers serve this shard, sample and input size as they are.
+    fn serves(&self, shard: ClassShard, sample: Option<&[u32]>, x: &[f32], labels: &[u32]) -> bool {
+        let shape = self.plan.shape();
+        self.shard == shard
+            && self.sample.as_deref() == sample
+            && shape.batch == labels.len()
+            && shape.batch * shape.dim == x.len()
+    }
+
+    /// Uploads a new call's inputs and clears the outputs, leaving the buffers as
+    /// [`ShardBuffers::new`] would make them.
+    fn upload(&self, ctx: &Context, x: &[f32], w: &[f32], labels: &[u32]) {
+        let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
+        write(&self.features, bytemuck::cast_slice(x));
+        write(&self.classes, bytemuck::cast_slice(w));
+        write(&self.labels, bytemuck::cast_slice(labels));
+        let rows = vec![0u8; labels.len() * std::mem::size_of::<RowStats>()];
+        write(&self.row_stats, &rows);
+        write(&self.summary, &[0u8; std::mem::size_of::<Summary>()]);
     }
 
     fn record(
@@ -428,8 +456,29 @@ impl Context {
         } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
-        let buffers = self.gpu_scoped(|| ShardBuffers::new(self, shard, sample, x, w, labels))?;
+        let cached = self
+            .shard_cache
+            .lock()
+            .ok()
+            .and_then(|mut last| last.take());
+        let buffers = self.gpu_scoped(|| match cached {
+            Some(buffers) if buffers.serves(shard, sample, x, labels) => {
+                buffers.upload(self, x, w, labels);
+                Ok(buffers)
+            }
+            _ => ShardBuffers::new(self, shard, sample, x, w, labels),
+        })?;
         Ok((shape, buffers))
+    }
+
+    /// Keeps a shard call's buffers for the next call; a call that failed drops them.
+    fn shard_keep<T>(&self, buffers: ShardBuffers, result: Result<T>) -> Result<T> {
+        if result.is_ok() {
+            if let Ok(mut last) = self.shard_cache.lock() {
+                *last = Some(buffers);
+            }
+        }
+        result
     }
 
     /// One shard's forward partials: for every row, the online-softmax state over the
@@ -440,6 +489,16 @@ impl Context {
         params: &LossParams,
     ) -> Result<Vec<RowPartial>> {
         let (shape, buffers) = self.shard_setup(inputs, params)?;
+        let result = self.shard_forward_on(&buffers, shape, params);
+        self.shard_keep(buffers, result)
+    }
+
+    fn shard_forward_on(
+        &self,
+        buffers: &ShardBuffers,
+        shape: Shape,
+        params: &LossParams,
+    ) -> Result<Vec<RowPartial>> {
         let splits = buffers.plan.forward_splits() as usize;
         let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
         // The partials, then the non-finite-input flags word.
@@ -490,6 +549,17 @@ impl Context {
         rows: &GlobalRows,
     ) -> Result<Gradients> {
         let (shape, buffers) = self.shard_setup(inputs, params)?;
+        let result = self.shard_backward_on(&buffers, shape, params, rows);
+        self.shard_keep(buffers, result)
+    }
+
+    fn shard_backward_on(
+        &self,
+        buffers: &ShardBuffers,
+        shape: Shape,
+        params: &LossParams,
+        rows: &GlobalRows,
+    ) -> Result<Gradients> {
         if rows.softmax.len() != shape.batch {
             return Err(Error::LengthMismatch {
                 input: "rows",

@@ -269,3 +269,38 @@ fn class_centre_sampling_matches_the_reference_on_the_subset() {
         Err(margin_softmax::Error::InvalidParameter { name: "sample", .. })
     ));
 }
+
+#[test]
+fn reused_shard_buffers_give_the_fresh_results_bit_for_bit() {
+    // Contexts of this test's own, so that its calls alone use their shard caches: a
+    // context's first call allocates, its later calls reuse the last call's buffers.
+    let new_context = || margin_softmax::Context::new_default().expect("adapter");
+    let (reused, fresh) = (new_context(), new_context());
+    let params = LossParams::default();
+    let a = Problem::random(Shape::new(21, 13, 45), 61);
+    let b = Problem::random(Shape::new(21, 13, 45), 62);
+    let bits = |ctx: &margin_softmax::Context, p: &Problem| {
+        let out = sharded_loss(&[ctx], p.shape, &p.features, &p.classes, &p.labels, &params)
+            .expect("sharded");
+        let grads = out.grads.expect("grads");
+        std::iter::once(out.loss)
+            .chain(out.row_loss)
+            .chain(grads.features)
+            .chain(grads.classes)
+            .map(f32::to_bits)
+            .collect::<Vec<u32>>()
+    };
+    let first_a = bits(&reused, &a);
+    let then_b = bits(&reused, &b);
+    assert_ne!(first_a, then_b, "different problems give different outputs");
+    assert_eq!(
+        then_b,
+        bits(&fresh, &b),
+        "b on a's buffers matches b on its own"
+    );
+    assert_eq!(
+        bits(&reused, &a),
+        first_a,
+        "a on b's buffers matches a on its own"
+    );
+}
