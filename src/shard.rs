@@ -437,7 +437,7 @@ fn check_shard(
 }
 
 impl Context {
-    /// Checks a shard's inputs and allocates its plan and buffers; returns the shape
+    /// Checks a shard's inputs and takes its plan and buffers (the last call's, or new ones); returns the shape
     /// (B, D, the shard's rows) with them.
     fn shard_setup(
         &self,
