@@ -437,8 +437,8 @@ fn check_shard(
 }
 
 impl Context {
-    /// Checks a shard's inputs and takes its plan and buffers (the last call's, or new ones); returns the shape
-    /// (B, D, the shard's rows) with them.
+    /// Checks a shard's inputs and takes its plan and buffers (the last call's, or new
+    /// ones); returns the shape (B, D, the shard's rows) with them.
     fn shard_setup(
         &self,
         inputs: &ShardInputs<'_>,
