@@ -29,7 +29,8 @@
 /// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
 /// Unfused baseline: the B×C cosines, overwritten with G by `logit_grads`; chunked plan:
-/// the raw dots of rows [row_begin, row_end), overwritten with G by `chunk_grads`. Workspace.
+/// the raw dots of rows [row_begin, row_end), overwritten with G by `chunk_grads`. Rows
+/// logit_stride() apart. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 
@@ -281,7 +282,8 @@ fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let i = e / params.classes;
     let j = e - i * params.classes;
     let y = label_of(i);
-    logits[e] = select(0.0, grad_logit(logits[e], i, j, y, grad_coef()), y != IGNORE);
+    let at = i * logit_stride() + j;
+    logits[at] = select(0.0, grad_logit(logits[at], i, j, y, grad_coef()), y != IGNORE);
 }
 
 /// The reduction's 1/N where G left it out (defer_norm), else 1.
@@ -331,10 +333,11 @@ fn chunk_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let j = e - local_row * params.classes;
     let i = params.row_begin + local_row;
     let y = label_of(i);
+    let at = local_row * logit_stride() + j;
     var g = 0.0;
     if (y != IGNORE) {
-        let c = logits[e] * inv_norm_features[i] * inv_norm_classes[j];
+        let c = logits[at] * inv_norm_features[i] * inv_norm_classes[j];
         g = grad_logit(c, i, j, y, grad_coef());
     }
-    logits[e] = g;
+    logits[at] = g;
 }

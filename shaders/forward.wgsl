@@ -22,7 +22,7 @@
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
 /// Unfused baseline: the B×C cosines c_ij; chunked plan: the raw dots of rows
-/// [row_begin, row_end); row-major, from gemm.wgsl. Workspace.
+/// [row_begin, row_end); from gemm.wgsl, rows logit_stride() apart. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 /// Online softmax state of one row over a set of classes, plus the statistics.
@@ -270,7 +270,7 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (i >= params.row_end) { return; }
     let lanes = ROWS_WG * CLASSES_WG;
     let y = label_of(i);
-    let base = (i - params.row_begin) * params.classes;
+    let base = (i - params.row_begin) * logit_stride();
     let raw = params.raw_dots == 1u;
     let inv_x = select(1.0, inv_norm_features[i], raw);
     var st = empty_partial();

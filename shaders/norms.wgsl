@@ -1,16 +1,17 @@
 // Inverse L2 norms of the rows of x and w: inv_norm = 1 / max(‖row‖, ε), ε = 1e-12,
-// and the non-finite flags of both inputs (`row_inv_norms`); for the unfused baseline,
-// the normalised copies x̂ and ŵ (`normalize_rows`). One invocation per row: rows 0..B
-// are features, rows B..B+C are class vectors.
+// and the non-finite flags of both inputs (`row_inv_norms`); the copies of x and w that
+// the GEMMs read, with rows padded to a multiple of 4 (`pad_rows`): normalised (x̂, ŵ)
+// for the unfused baseline, raw for the chunked plan when D is not a multiple of 4.
+// One invocation per row: rows 0..B are features, rows B..B+C are class vectors.
 
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (0 for a row holding a non-finite value).
 @group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
-/// Unfused baseline only: x̂, B×D. Workspace.
-@group(0) @binding(14) var<storage, read_write> unit_features: array<f32>;
-/// Unfused baseline only: ŵ, C×D. Workspace.
-@group(0) @binding(15) var<storage, read_write> unit_classes: array<f32>;
+/// x̂ (or x), B rows of padded_dim() values, zero past D. Workspace.
+@group(0) @binding(14) var<storage, read_write> padded_features: array<f32>;
+/// ŵ (or w), C rows of padded_dim() values, zero past D. Workspace.
+@group(0) @binding(15) var<storage, read_write> padded_classes: array<f32>;
 /// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
@@ -77,17 +78,22 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-/// Unfused baseline: x̂ = x·inv_norm and ŵ = w·inv_norm, materialised.
+/// x̂ = x·inv_norm and ŵ = w·inv_norm (the unfused baseline), or x and w as they are
+/// (`raw_dots`, the chunked plan), in rows of padded_dim() with zeros past D.
 @compute @workgroup_size(ROW_WG)
-fn normalize_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
+fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
     let at = stacked_row(wid, nwg, lid);
-    let base = at.y * params.dim;
+    let source = at.y * params.dim;
+    let dest = at.y * padded_dim();
+    let raw = params.raw_dots == 1u;
     if (at.x == 1u) {
-        let inv = inv_norm_features[at.y];
-        for (var k = 0u; k < params.dim; k++) { unit_features[base + k] = features[base + k] * inv; }
+        let scale = select(inv_norm_features[at.y], 1.0, raw);
+        for (var k = 0u; k < params.dim; k++) { padded_features[dest + k] = features[source + k] * scale; }
+        for (var k = params.dim; k < padded_dim(); k++) { padded_features[dest + k] = 0.0; }
     } else if (at.y < params.classes) {
-        let inv = inv_norm_classes[at.y];
-        for (var k = 0u; k < params.dim; k++) { unit_classes[base + k] = class_vectors[base + k] * inv; }
+        let scale = select(inv_norm_classes[at.y], 1.0, raw);
+        for (var k = 0u; k < params.dim; k++) { padded_classes[dest + k] = class_vectors[source + k] * scale; }
+        for (var k = params.dim; k < padded_dim(); k++) { padded_classes[dest + k] = 0.0; }
     }
 }

@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 use crate::context::{Context, ContextOptions};
 use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
-use crate::kernels::{encode, fold_grid, Dispatch, GemmShape};
+use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape};
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Phase, Plan};
 use crate::problem::Problem;
@@ -340,7 +340,35 @@ pub fn run(
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let gemm = GemmShape::new(b as u32, c as u32, d as u32, d as u32, 1, 1, d as u32);
+        // x·wᵀ as the plans' dots read it: rows of D rounded up to 4 (copies with zero
+        // padding when D is not a multiple of 4).
+        let d4 = padded(d as u64) as usize;
+        let padded_rows = |data: &[f32]| -> Option<wgpu::Buffer> {
+            (d4 != d).then(|| {
+                let mut rows = vec![0f32; data.len() / d * d4];
+                for (to, from) in rows.chunks_mut(d4).zip(data.chunks(d)) {
+                    to[..d].copy_from_slice(from);
+                }
+                ctx.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("gemm operand"),
+                        contents: bytemuck::cast_slice(&rows),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            })
+        };
+        let (lhs_copy, rhs_copy) = (
+            padded_rows(&problem.features),
+            padded_rows(&problem.classes),
+        );
+        let lhs = lhs_copy.as_ref().unwrap_or(&buffers.features);
+        let rhs = rhs_copy.as_ref().unwrap_or(&buffers.classes);
+        let gemm = GemmShape::new(
+            (b as u32, c as u32, d as u32),
+            d4 as u32,
+            d4 as u32,
+            c as u32,
+        );
         let gemm_uniform = ctx
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -359,21 +387,21 @@ pub fn run(
         };
         let gemm_result = time_op(ctx, options, &|encoder, writes| {
             let dispatch = Dispatch {
-                kernel: &ctx.kernels.matmul,
+                kernel: ctx.kernels.matmul(GemmLayout::Dots),
                 grid,
                 resources: vec![
                     whole(&gemm_uniform),
-                    whole(&buffers.features),
-                    whole(&buffers.classes),
+                    whole(lhs),
+                    whole(rhs),
                     whole(&product),
                     // No per-k scale: bound to the right operand, unread.
-                    whole(&buffers.classes),
+                    whole(rhs),
                 ],
             };
             encode(&ctx.device, encoder, &[dispatch], writes);
             Ok(())
         });
-        let gemm_bytes = buffers.features.size() + buffers.classes.size() + product.size();
+        let gemm_bytes = lhs.size() + rhs.size() + product.size();
         drop(product);
         let (timing, gemm_seconds) = gemm_result?;
         shape_rows.push(BenchRow {

@@ -21,8 +21,8 @@ pub(crate) enum Binding {
     FeatureGradPartials = 11,
     GradFeatures = 12,
     GradClasses = 13,
-    UnitFeatures = 14,
-    UnitClasses = 15,
+    PaddedFeatures = 14,
+    PaddedClasses = 15,
     Logits = 16,
     GemmShape = 20,
     GemmLhs = 21,
@@ -122,60 +122,88 @@ impl GpuParams {
     }
 }
 
-/// Sizes and strides of one GEMM. Mirrors `struct GemmShape` in `shaders/gemm.wgsl`.
+/// Rows (and columns) of the product one `matmul` invocation owns, in quads of four
+/// (WGSL `ROW_QUADS`, `COL_QUADS` in `shaders/gemm.wgsl`): an 8×8 register block.
+pub(crate) const GEMM_QUADS: u32 = 2;
+
+/// Elements `n` rounded up to a multiple of 4: the row length the GEMMs read as vec4s.
+pub(crate) fn padded(n: u64) -> u64 {
+    n.next_multiple_of(4)
+}
+
+/// Which axis of each GEMM operand is contiguous (WGSL `LHS_ALONG_K`, `RHS_ALONG_K`):
+/// one `matmul` pipeline per product of the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GemmLayout {
+    /// lhs·rhsᵀ with both operands' rows along k: the dots x·wᵀ (or x̂·ŵᵀ).
+    Dots,
+    /// lhs·rhs with lhs along k and rhs along n: gx̂ = G·w.
+    FeatureGrad,
+    /// lhsᵀ·rhs: lhs along m and rhs along n: gŵ = Gᵀ·x.
+    ClassGrad,
+}
+
+impl GemmLayout {
+    /// (lhs contiguous along k, rhs contiguous along k).
+    pub(crate) fn along_k(self) -> (bool, bool) {
+        match self {
+            GemmLayout::Dots => (true, true),
+            GemmLayout::FeatureGrad => (true, false),
+            GemmLayout::ClassGrad => (false, false),
+        }
+    }
+}
+
+/// Sizes, strides and offsets (in f32 elements; strides and operand offsets multiples
+/// of 4) of one GEMM. Mirrors `struct GemmShape` in `shaders/gemm.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct GemmShape {
     pub m: u32,
     pub n: u32,
     pub k: u32,
-    pub lhs_stride_m: u32,
-    pub lhs_stride_k: u32,
-    pub rhs_stride_k: u32,
-    pub rhs_stride_n: u32,
+    pub lhs_stride: u32,
+    pub rhs_stride: u32,
+    pub product_stride: u32,
     pub lhs_offset: u32,
     pub rhs_offset: u32,
     pub product_offset: u32,
     pub accumulate: u32,
     pub scale_rhs_rows: u32,
     pub k_scale_offset: u32,
-    pub _pad: [u32; 3],
 }
 
 impl GemmShape {
-    /// product (m×n) = lhs (m×k) · rhs (k×n), both strided, no offsets, scale or accumulation.
-    #[allow(clippy::too_many_arguments)]
+    /// product (m×n, rows `product_stride` apart) = lhs (m×k) · rhs (k×n), with rows of
+    /// lhs and rhs `lhs_stride` and `rhs_stride` apart along their non-contiguous axis;
+    /// no offsets, scale or accumulation.
     pub(crate) fn new(
-        m: u32,
-        n: u32,
-        k: u32,
-        lhs_stride_m: u32,
-        lhs_stride_k: u32,
-        rhs_stride_k: u32,
-        rhs_stride_n: u32,
+        (m, n, k): (u32, u32, u32),
+        lhs_stride: u32,
+        rhs_stride: u32,
+        product_stride: u32,
     ) -> GemmShape {
         GemmShape {
             m,
             n,
             k,
-            lhs_stride_m,
-            lhs_stride_k,
-            rhs_stride_k,
-            rhs_stride_n,
+            lhs_stride,
+            rhs_stride,
+            product_stride,
             lhs_offset: 0,
             rhs_offset: 0,
             product_offset: 0,
             accumulate: 0,
             scale_rhs_rows: 0,
             k_scale_offset: 0,
-            _pad: [0; 3],
         }
     }
 
     /// Workgroups of `matmul` for this product.
     pub(crate) fn workgroups(&self, tiles: TileConfig) -> u64 {
-        u64::from(self.m.div_ceil(tiles.tile_rows()))
-            * u64::from(self.n.div_ceil(tiles.tile_classes()))
+        let quad_rows = tiles.rows_per_workgroup * 4 * GEMM_QUADS;
+        let quad_cols = tiles.classes_per_workgroup * 4 * GEMM_QUADS;
+        u64::from(self.m.div_ceil(quad_rows)) * u64::from(self.n.div_ceil(quad_cols))
     }
 }
 
@@ -196,11 +224,12 @@ pub(crate) struct Kernels {
     pub grad_feature_partials: Kernel,
     pub grad_features_finish: Kernel,
     pub grad_classes_tile: Kernel,
-    pub normalize_rows: Kernel,
+    pub pad_rows: Kernel,
     pub logit_softmax_rows: Kernel,
     pub logit_grads: Kernel,
     pub normalize_backward: Kernel,
-    pub matmul: Kernel,
+    /// `matmul` per GemmLayout, in its declaration order (see [`Kernels::matmul`]).
+    matmul: [Kernel; 3],
     pub chunk_grads: Kernel,
 }
 
@@ -224,33 +253,61 @@ const GEMM_WGSL: &str = concat!(
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, tiles: TileConfig) -> Kernels {
         use Binding::*;
-        let module = |label, source: &str| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        // Every check stays on. The GEMM module alone drops naga's forced loop bound:
+        // its extra counter hides the trip counts of the register-block loops from the
+        // driver, which then cannot unroll them and keeps the 8×8 block in memory (half
+        // the GEMM speed on llvmpipe). The other modules keep it: unrolling their loops
+        // gains nothing there and multiplies their compile time.
+        let module = |label, source: &str, bounded: bool| {
+            let mut checks = wgpu::ShaderRuntimeChecks::checked();
+            checks.force_loop_bounding = bounded;
+            let descriptor = wgpu::ShaderModuleDescriptor {
                 label: Some(label),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
-            })
+            };
+            // SAFETY: the only check ever turned off is the forced loop bound, which the
+            // caller may drop when no shader loop can run forever. Every loop in
+            // gemm.wgsl counts a u32 up by 1 or 4 to a bound fixed before the loop (a
+            // constant, or k < 2³² − 4 of a uniform GemmShape), so none wraps around.
+            unsafe { device.create_shader_module_trusted(descriptor, checks) }
         };
-        let norms = module("norms.wgsl", NORMS_WGSL);
-        let forward = module("forward.wgsl", FORWARD_WGSL);
-        let backward = module("backward.wgsl", BACKWARD_WGSL);
-        let gemm = module("gemm.wgsl", GEMM_WGSL);
-        let constants = [
+        let norms = module("norms.wgsl", NORMS_WGSL, true);
+        let forward = module("forward.wgsl", FORWARD_WGSL, true);
+        let backward = module("backward.wgsl", BACKWARD_WGSL, true);
+        let gemm = module("gemm.wgsl", GEMM_WGSL, false);
+        let tile_constants = [
             ("ROWS_WG", f64::from(tiles.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
         ];
-        let kernel = |module: &wgpu::ShaderModule, entry: &'static str, bindings| Kernel {
+        let pipeline = |module: &wgpu::ShaderModule,
+                        entry: &'static str,
+                        bindings,
+                        constants: &[(&str, f64)]| Kernel {
             pipeline: device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: None,
                 module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
+                    constants,
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
             }),
             bindings,
+        };
+        let kernel = |module, entry, bindings| pipeline(module, entry, bindings, &tile_constants);
+        let matmul = |layout: GemmLayout| {
+            let (lhs, rhs) = layout.along_k();
+            let mut constants = tile_constants.to_vec();
+            constants.push(("LHS_ALONG_K", f64::from(u8::from(lhs))));
+            constants.push(("RHS_ALONG_K", f64::from(u8::from(rhs))));
+            pipeline(
+                &gemm,
+                "matmul",
+                &[GemmShape, GemmLhs, GemmRhs, GemmProduct, GemmKScale],
+                &constants,
+            )
         };
         Kernels {
             row_inv_norms: kernel(
@@ -331,17 +388,17 @@ impl Kernels {
                     ClassIndex,
                 ],
             ),
-            normalize_rows: kernel(
+            pad_rows: kernel(
                 &norms,
-                "normalize_rows",
+                "pad_rows",
                 &[
                     Params,
                     Features,
                     ClassVectors,
                     InvNormFeatures,
                     InvNormClasses,
-                    UnitFeatures,
-                    UnitClasses,
+                    PaddedFeatures,
+                    PaddedClasses,
                 ],
             ),
             logit_softmax_rows: kernel(
@@ -376,11 +433,11 @@ impl Kernels {
                     GradClasses,
                 ],
             ),
-            matmul: kernel(
-                &gemm,
-                "matmul",
-                &[GemmShape, GemmLhs, GemmRhs, GemmProduct, GemmKScale],
-            ),
+            matmul: [
+                matmul(GemmLayout::Dots),
+                matmul(GemmLayout::FeatureGrad),
+                matmul(GemmLayout::ClassGrad),
+            ],
             chunk_grads: kernel(
                 &backward,
                 "chunk_grads",
@@ -395,6 +452,13 @@ impl Kernels {
                 ],
             ),
         }
+    }
+}
+
+impl Kernels {
+    /// The `matmul` pipeline of `layout`.
+    pub(crate) fn matmul(&self, layout: GemmLayout) -> &Kernel {
+        &self.matmul[layout as usize]
     }
 }
 

@@ -7,7 +7,8 @@ use crate::io::{
     check_aliasing, check_region, DeviceInputs, DeviceOutputs, Region, RowStats, Shape, Summary,
 };
 use crate::kernels::{
-    encode, fold_grid, Binding, Dispatch, GemmShape, GpuParams, Kernel, ROW_KERNEL_WORKGROUP,
+    encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GemmShape, GpuParams, Kernel,
+    ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 
@@ -223,6 +224,7 @@ impl Geometry {
             // The rest of the workspace (norms, flags, softmax rows, forward partials, and
             // 64 KiB for the uniforms) comes out of the budget first.
             let rest = 4 * (b + u64::from(classes))
+                + padded_copies_bytes(shape, algorithm)
                 + FLAGS_BYTES
                 + product(&[ROW_SOFTMAX_BYTES, b])
                 + product(&[SPLIT_PARTIAL_BYTES, b, u64::from(forward_wanted)])
@@ -232,11 +234,12 @@ impl Geometry {
                 .workspace_budget
                 .saturating_sub(rest)
                 .min(ctx.max_binding);
-            let rows = (room / (4 * u64::from(classes))).min(65536) as u32;
+            let g_row = 4 * padded(u64::from(classes));
+            let rows = (room / g_row).min(65536) as u32;
             if rows == 0 {
                 return Err(Error::TooLarge {
-                    what: "one row of G (C·4 bytes) within the workspace budget",
-                    size: 4 * u64::from(classes),
+                    what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
+                    size: g_row,
                     limit: ctx.workspace_budget,
                 });
             }
@@ -305,9 +308,33 @@ impl Algorithm {
     }
 }
 
+/// Whether the GEMMs read padded copies of x and w: always in the unfused baseline
+/// (normalised copies), and in the chunked plan when D is not a multiple of 4 (the
+/// GEMMs load rows as vec4s).
+fn reads_padded_copies(shape: Shape, algorithm: Algorithm) -> bool {
+    match algorithm {
+        Algorithm::Fused => false,
+        Algorithm::Chunked => shape.dim % 4 != 0,
+        Algorithm::Unfused => true,
+    }
+}
+
+/// Bytes of the padded copies of x and w, if the GEMMs read them.
+fn padded_copies_bytes(shape: Shape, algorithm: Algorithm) -> u64 {
+    if !reads_padded_copies(shape, algorithm) {
+        return 0;
+    }
+    product(&[
+        4,
+        shape.batch as u64 + shape.classes as u64,
+        padded(shape.dim as u64),
+    ])
+}
+
 /// The workspace buffers of one algorithm, with their sizes in bytes.
 fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Binding, u64)> {
     let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    let (c4, d4) = (padded(c), padded(d));
     let mut layout = vec![
         (Binding::InvNormFeatures, 4 * b),
         (Binding::InvNormClasses, 4 * c),
@@ -330,21 +357,24 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
                 Binding::SplitPartials,
                 product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
             ),
-            (Binding::Logits, product(&[4, c, g.max_pass_rows()])),
+            (Binding::Logits, product(&[4, c4, g.max_pass_rows()])),
         ]),
-        Algorithm::Unfused => layout.extend([
-            (Binding::UnitFeatures, product(&[4, b, d])),
-            (Binding::UnitClasses, product(&[4, c, d])),
-            (Binding::Logits, product(&[4, b, c])),
-        ]),
+        Algorithm::Unfused => layout.push((Binding::Logits, product(&[4, b, c4]))),
+    }
+    if reads_padded_copies(shape, algorithm) {
+        layout.extend([
+            (Binding::PaddedFeatures, product(&[4, b, d4])),
+            (Binding::PaddedClasses, product(&[4, c, d4])),
+        ]);
     }
     layout
 }
 
-/// One GEMM of a plan: its shape and the bindings of its operands.
+/// One GEMM of a plan: its shape, layout and the bindings of its operands.
 #[derive(Debug, Clone, Copy)]
 struct GemmSpec {
     shape: GemmShape,
+    layout: GemmLayout,
     lhs: Binding,
     rhs: Binding,
     product: Binding,
@@ -352,103 +382,108 @@ struct GemmSpec {
     k_scale: Binding,
 }
 
-/// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET).
+/// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET); a
+/// multiple of 4, so that every piece starts on a vec4.
 const MAX_GEMM_K: u32 = 65536;
 
-/// `gemm` cut along k into pieces of at most MAX_GEMM_K, each accumulating onto the
-/// previous ones, with its operand and scale offsets advanced to the piece's first k.
-fn k_pieces(gemm: GemmShape) -> Vec<GemmShape> {
-    (0..gemm.k)
-        .step_by(MAX_GEMM_K as usize)
-        .map(|k0| GemmShape {
-            k: MAX_GEMM_K.min(gemm.k - k0),
-            lhs_offset: gemm.lhs_offset + k0 * gemm.lhs_stride_k,
-            rhs_offset: gemm.rhs_offset + k0 * gemm.rhs_stride_k,
-            k_scale_offset: gemm.k_scale_offset + k0,
-            accumulate: gemm.accumulate | u32::from(k0 > 0),
-            ..gemm
-        })
-        .collect()
+impl GemmSpec {
+    /// The spec cut along k into pieces of at most MAX_GEMM_K, each accumulating onto
+    /// the previous ones, with its operand and scale offsets advanced to the piece's
+    /// first k.
+    fn k_pieces(self) -> Vec<GemmSpec> {
+        let gemm = self.shape;
+        let (lhs_along_k, rhs_along_k) = self.layout.along_k();
+        let step = |along_k: bool, stride: u32, k0: u32| if along_k { k0 } else { k0 * stride };
+        (0..gemm.k)
+            .step_by(MAX_GEMM_K as usize)
+            .map(|k0| GemmSpec {
+                shape: GemmShape {
+                    k: MAX_GEMM_K.min(gemm.k - k0),
+                    lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
+                    rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
+                    k_scale_offset: gemm.k_scale_offset + k0,
+                    accumulate: gemm.accumulate | u32::from(k0 > 0),
+                    ..gemm
+                },
+                ..self
+            })
+            .collect()
+    }
 }
 
-/// The GEMMs of a plan, in the order its steps use them.
+/// The GEMMs of a plan, in the order its steps use them. x and w are read from the
+/// caller's buffers, or from their padded copies ([`reads_padded_copies`]), in rows of
+/// D rounded up to 4; the logits and G in rows of C rounded up to 4.
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
-    let spec = |shape, lhs, rhs, product| GemmSpec {
+    let (c4, d4) = (padded(c.into()) as u32, padded(d.into()) as u32);
+    let (features, classes) = if reads_padded_copies(shape, algorithm) {
+        (Binding::PaddedFeatures, Binding::PaddedClasses)
+    } else {
+        (Binding::Features, Binding::ClassVectors)
+    };
+    let spec = |shape, layout, lhs, rhs, product| GemmSpec {
         shape,
+        layout,
         lhs,
         rhs,
         product,
         k_scale: rhs,
     };
+    // For rows [r0, r0 + rows): the dots, gx̂ = G·w and gŵ (+)= Gᵀ·x, the gradients
+    // scaled by the inverse norms of w and x when the dots are raw.
+    let chunk = |r0: u32, rows: u32, raw: bool, first: bool| {
+        let mut dots = GemmShape::new((rows, c, d), d4, d4, c4);
+        dots.lhs_offset = r0 * d4;
+        let mut gx = GemmShape::new((rows, d, c), c4, d4, d);
+        gx.product_offset = r0 * d;
+        gx.scale_rhs_rows = u32::from(raw);
+        let mut gw = GemmShape::new((c, d, rows), c4, d4, d);
+        gw.rhs_offset = r0 * d4;
+        gw.accumulate = u32::from(!first);
+        gw.scale_rhs_rows = u32::from(raw);
+        gw.k_scale_offset = r0;
+        let scaled = |spec: GemmSpec, by| GemmSpec {
+            k_scale: if raw { by } else { spec.k_scale },
+            ..spec
+        };
+        let mut specs = vec![spec(
+            dots,
+            GemmLayout::Dots,
+            features,
+            classes,
+            Binding::Logits,
+        )];
+        let gx = spec(
+            gx,
+            GemmLayout::FeatureGrad,
+            Binding::Logits,
+            classes,
+            Binding::GradFeatures,
+        );
+        specs.extend(scaled(gx, Binding::InvNormClasses).k_pieces());
+        let gw = spec(
+            gw,
+            GemmLayout::ClassGrad,
+            Binding::Logits,
+            features,
+            Binding::GradClasses,
+        );
+        specs.extend(scaled(gw, Binding::InvNormFeatures).k_pieces());
+        specs
+    };
     match algorithm {
         Algorithm::Fused => Vec::new(),
         // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
-        Algorithm::Unfused => {
-            let mut specs = vec![spec(
-                GemmShape::new(b, c, d, d, 1, 1, d),
-                Binding::UnitFeatures,
-                Binding::UnitClasses,
-                Binding::Logits,
-            )];
-            for gx in k_pieces(GemmShape::new(b, d, c, c, 1, d, 1)) {
-                specs.push(spec(
-                    gx,
-                    Binding::Logits,
-                    Binding::UnitClasses,
-                    Binding::GradFeatures,
-                ));
-            }
-            for gw in k_pieces(GemmShape::new(c, d, b, 1, c, d, 1)) {
-                specs.push(spec(
-                    gw,
-                    Binding::Logits,
-                    Binding::UnitFeatures,
-                    Binding::GradClasses,
-                ));
-            }
-            specs
-        }
-        // Per row chunk [r0, r1): raw dots x·wᵀ, then gx̂ = G·(inv_w ⊙ w) in k-pieces of
-        // at most MAX_GEMM_K classes, and gŵ += Gᵀ·(inv_x ⊙ x).
-        Algorithm::Chunked => {
-            let mut specs = Vec::new();
-            for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
-                let rows = r1 - r0;
-                let mut dots = GemmShape::new(rows, c, d, d, 1, 1, d);
-                dots.lhs_offset = r0 * d;
-                specs.push(spec(
-                    dots,
-                    Binding::Features,
-                    Binding::ClassVectors,
-                    Binding::Logits,
-                ));
-                let mut gx = GemmShape::new(rows, d, c, c, 1, d, 1);
-                gx.product_offset = r0 * d;
-                gx.scale_rhs_rows = 1;
-                for piece in k_pieces(gx) {
-                    specs.push(GemmSpec {
-                        k_scale: Binding::InvNormClasses,
-                        ..spec(
-                            piece,
-                            Binding::Logits,
-                            Binding::ClassVectors,
-                            Binding::GradFeatures,
-                        )
-                    });
-                }
-                let mut gw = GemmShape::new(c, d, rows, 1, c, d, 1);
-                gw.rhs_offset = r0 * d;
-                gw.accumulate = u32::from(pass > 0);
-                gw.scale_rhs_rows = 1;
-                gw.k_scale_offset = r0;
-                specs.push(GemmSpec {
-                    k_scale: Binding::InvNormFeatures,
-                    ..spec(gw, Binding::Logits, Binding::Features, Binding::GradClasses)
-                });
-            }
-            specs
-        }
+        Algorithm::Unfused => chunk(0, b, false, true),
+        // Per row chunk [r0, r1): raw dots x·wᵀ, then gx̂ = G·(inv_w ⊙ w) and
+        // gŵ += Gᵀ·(inv_x ⊙ x).
+        Algorithm::Chunked => g
+            .row_passes
+            .iter()
+            .enumerate()
+            .flat_map(|(pass, &(r0, r1))| chunk(r0, r1 - r0, true, pass == 0))
+            .collect(),
     }
 }
 
@@ -557,10 +592,10 @@ impl Plan {
                 limit: ctx.limits.max_buffer_size,
             });
         }
-        if algorithm == Algorithm::Unfused && product(&[b, c]) > u64::from(u32::MAX) {
+        if algorithm == Algorithm::Unfused && product(&[b, padded(c)]) > u64::from(u32::MAX) {
             return Err(Error::TooLarge {
-                what: "B·C logits (u32 indices)",
-                size: product(&[b, c]),
+                what: "B·C logits (u32 indices, C rounded up to 4)",
+                size: product(&[b, padded(c)]),
                 limit: u64::from(u32::MAX),
             });
         }
@@ -852,7 +887,7 @@ impl Plan {
             let grid = fold_grid(self.gemms[index].shape.workgroups(ctx.tiles), max)?;
             Ok(Step {
                 gemm: Some(index),
-                ..once(&k.matmul, grid)
+                ..once(k.matmul(self.gemms[index].layout), grid)
             })
         };
         // The memory-minimal backward: dL/dx partials per chunk and their sum, then dL/dw
@@ -884,12 +919,15 @@ impl Plan {
                 steps.extend(fused_backward()?);
             }
         } else if self.algorithm == Algorithm::Unfused {
-            steps.push(once(&k.normalize_rows, per_row(b + c)?));
+            steps.push(once(&k.pad_rows, per_row(b + c)?));
             steps.push(matmul(0)?);
             steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
         } else if chunked_backward {
             // Per row chunk: raw dots, the chunk's softmax rows, G in place (its 1/N is
-            // deferred), the gx̂ k-pieces, then gŵ.
+            // deferred), then the gx̂ and gŵ k-pieces.
+            if reads_padded_copies(self.shape, self.algorithm) {
+                steps.push(once(&k.pad_rows, per_row(b + c)?));
+            }
             let mut next = 0;
             for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
                 let rows = u64::from(r1 - r0);
@@ -903,12 +941,14 @@ impl Plan {
                     ..once(&k.chunk_grads, per_row(rows * c)?)
                 });
                 next += 1;
-                while self.gemms[next].product == Binding::GradFeatures {
+                while self
+                    .gemms
+                    .get(next)
+                    .is_some_and(|spec| spec.layout != GemmLayout::Dots)
+                {
                     steps.push(matmul(next)?);
                     next += 1;
                 }
-                steps.push(matmul(next)?);
-                next += 1;
             }
         } else {
             steps.extend(per_chunk(&k.class_split_partials, &|part| {
@@ -1090,8 +1130,8 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::FeatureGradPartials => "feature_grad_partials",
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
-        Binding::UnitFeatures => "unit_features",
-        Binding::UnitClasses => "unit_classes",
+        Binding::PaddedFeatures => "padded_features",
+        Binding::PaddedClasses => "padded_classes",
         Binding::Logits => "logits (B·C·4 bytes)",
         Binding::GemmShape => "gemm",
         Binding::GemmLhs => "lhs",

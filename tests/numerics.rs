@@ -180,12 +180,20 @@ fn every_tile_configuration() {
 fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
     // A 5-row budget cuts B = 37 into 8 row chunks; C = 70 000 > 65 536 cuts the dL/dx
     // GEMM into two accumulated k-pieces.
-    for (b, d, c, rows) in [(37, 10, 300, 5), (6, 3, 70_000, 4)] {
+    for (b, d, c, rows) in [(37usize, 10usize, 300usize, 5usize), (6, 3, 70_000, 4)] {
         let ctx = Context::new_blocking(ContextOptions {
-            // G for `rows` rows, on top of at most this much other workspace (norms,
-            // softmax rows, 32 forward partials a row, 64 KiB of uniforms).
+            // G for `rows` rows (of C rounded up to 4), on top of at most this much other
+            // workspace (norms, softmax rows, 32 forward partials a row, 64 KiB of
+            // uniforms, and copies of x and w in rows of D rounded up to 4, as D is not
+            // a multiple of 4 here).
             workspace_budget: Some(
-                (4 * (b + c) + 4 + 16 * b + 28 * b * 32 + (64 << 10) + c * 4 * rows) as u64,
+                (4 * (b + c)
+                    + 4
+                    + 16 * b
+                    + 28 * b * 32
+                    + (64 << 10)
+                    + 4 * (b + c) * d.next_multiple_of(4)
+                    + c.next_multiple_of(4) * 4 * rows) as u64,
             ),
             ..ContextOptions::default()
         })
