@@ -314,7 +314,7 @@ impl Algorithm {
 fn reads_padded_copies(shape: Shape, algorithm: Algorithm) -> bool {
     match algorithm {
         Algorithm::Fused => false,
-        Algorithm::Chunked => shape.dim % 4 != 0,
+        Algorithm::Chunked => !shape.dim.is_multiple_of(4),
         Algorithm::Unfused => true,
     }
 }
