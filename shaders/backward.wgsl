@@ -8,8 +8,11 @@
 // `grad_features_finish` adds the splits in split order and projects.
 // dL/dw: `grad_classes_tile` gives each class tile one owner that loops over all rows.
 // The unfused baseline instead turns materialised cosines into G (`logit_grads`), takes
-// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`); the
-// chunked plan does the same a chunk of rows at a time (`chunk_grads`), on raw dots.
+// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`). The
+// chunked plan does the same a chunk of rows at a time without a copy of ŵ: from the
+// dots x̂_i·w_j, forward.wgsl's `logit_softmax_rows` stores G'_ij = G_ij/‖w_j‖, so that
+// gx̂ = G'·w and gw' = G'ᵀ·x̂ = gŵ_j/‖w_j‖, whose projection is dL/dw_j with no further
+// 1/‖w_j‖.
 
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
@@ -29,8 +32,8 @@
 /// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
 /// Unfused baseline: the B×C cosines, overwritten with G by `logit_grads`; chunked plan:
-/// the raw dots of rows [row_begin, row_end), overwritten with G by `chunk_grads`. Rows
-/// logit_stride() apart. Workspace.
+/// G' of rows [row_begin, row_end) (forward.wgsl's `logit_softmax_rows`).
+/// Rows logit_stride() apart. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 
@@ -43,19 +46,6 @@ fn grad_coef() -> f32 {
     if (params.reduction != 0u || params.defer_norm == 1u) { return params.scale; }
     let n = summary.valid_rows;
     return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
-}
-
-/// G_ij = dL/dc_ij from the cosine c_ij, for a row i < B with label y ≠ IGNORE and a
-/// global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the forward pass's
-/// cancellation-free 1 − p_iy; the hard objective's touches only the target and the best
-/// non-target class, where its hinge is active.
-fn grad_logit(c: f32, i: u32, j: u32, y: u32, coef: f32) -> f32 {
-    let row = row_softmax[i];
-    if (j == y) { return -coef * row.target_complement * target_margin(c).y; }
-    if (params.objective == 1u) {
-        return select(0.0, coef * row.target_complement, j == row.best_other_class);
-    }
-    return coef * exp(params.scale * c - row.lse);
 }
 
 /// One cosine tile's G, pre-multiplied by 1/‖w_j‖ (dL/dx) or 1/‖x_i‖ (dL/dw),
@@ -82,7 +72,7 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
             if (y != IGNORE && j < params.classes) {
                 let inv_x = inv_norm_features[i];
                 let inv_w = inv_norm_classes[j];
-                g = grad_logit(dots[r][q] * inv_x * inv_w, i, params.class_offset + class_row(j), y, coef) *
+                g = grad_logit(dots[r][q] * inv_x * inv_w, row_softmax[i], params.class_offset + class_row(j), y, coef) *
                     select(inv_x, inv_w, scale_by_class);
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
@@ -283,7 +273,7 @@ fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let j = e - i * params.classes;
     let y = label_of(i);
     let at = i * logit_stride() + j;
-    logits[at] = select(0.0, grad_logit(logits[at], i, j, y, grad_coef()), y != IGNORE);
+    logits[at] = select(0.0, grad_logit(logits[at], row_softmax[i], j, y, grad_coef()), y != IGNORE);
 }
 
 /// The reduction's 1/N where G left it out (defer_norm), else 1.
@@ -294,7 +284,8 @@ fn deferred_norm() -> f32 {
 }
 
 /// Unfused baseline and chunked plan: one invocation per row of the stacked [x; w]; the
-/// gemm.wgsl results gx̂ (in grad_features) and gŵ (in grad_classes) are projected in place.
+/// gemm.wgsl results gx̂ (in grad_features) and gŵ, or gw' = gŵ/‖w‖ with `raw_classes`
+/// (in grad_classes), are projected in place.
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
@@ -315,29 +306,11 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         let inv = inv_norm_classes[row - params.batch];
         var dot = 0.0;
         for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d], grad_classes[base + d], dot); }
+        // The projection is linear: projecting gw' = gŵ·inv gives dL/dw directly.
         let along = projection_factor(dot, inv);
+        let factor = select(inv, 1.0, params.raw_classes == 1u) * norm;
         for (var d = 0u; d < d_len; d++) {
-            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv * norm;
+            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * factor;
         }
     }
-}
-
-/// Chunked plan: one invocation per element of the chunk's rows × C raw dots (rows
-/// [row_begin, row_end) of this pass), turned into G_ij in place, without the 1/N.
-@compute @workgroup_size(ROW_WG)
-fn chunk_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let e = folded_index(wid, nwg, lid);
-    if (e >= (params.row_end - params.row_begin) * params.classes) { return; }
-    let local_row = e / params.classes;
-    let j = e - local_row * params.classes;
-    let i = params.row_begin + local_row;
-    let y = label_of(i);
-    let at = local_row * logit_stride() + j;
-    var g = 0.0;
-    if (y != IGNORE) {
-        let c = logits[at] * inv_norm_features[i] * inv_norm_classes[j];
-        g = grad_logit(c, i, j, y, grad_coef());
-    }
-    logits[at] = g;
 }

@@ -37,9 +37,10 @@ struct Params {
     margin: f32,
     /// 1.0 when s >= s_min (the scale receives a gradient), else 0.0.
     scale_grad_gate: f32,
-    /// 1: `logits` holds raw dots x_i·w_j (the chunked plan), to be scaled by the inverse
-    /// norms; 0: it holds cosines (the unfused baseline).
-    raw_dots: u32,
+    /// 1 (the chunked plan): w enters the GEMMs as it is, not normalised: `logits` holds
+    /// x̂_i·w_j, to be scaled by 1/‖w_j‖, and G carries the factor 1/‖w_j‖ of its column;
+    /// 0 (the unfused baseline): `logits` holds cosines.
+    raw_classes: u32,
     /// 1: G leaves out the reduction's 1/N, applied once by `normalize_backward` (the
     /// chunked plan computes G before N is known); 0: G includes it.
     defer_norm: u32,
@@ -56,7 +57,9 @@ struct Params {
     /// 1: the classes are a sample of w's rows, read through `class_index` (class-centre
     /// sampling); 0: class j is row j.
     sampled: u32,
-    _pad1: u32,
+    /// 1 (the chunked plan's backward): `logit_softmax_rows` overwrites each row of dots
+    /// with G'_ij = G_ij/‖w_j‖ once the row's softmax is known, without the 1/N.
+    write_grads: u32,
 }
 
 /// Per-call totals, written by `summarize` and read by the backward kernels.
@@ -261,6 +264,18 @@ fn target_margin(c: f32) -> vec2<f32> {
         slope = sign * f32(m) * cheb.y;
     }
     return vec2<f32>(psi - params.margin, select(slope, 1.0, params.straight_through == 1u));
+}
+
+/// G_ij = dL/dc_ij from the cosine c_ij, for a row with label y ≠ IGNORE, its softmax
+/// results `row` and a global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the
+/// forward pass's cancellation-free 1 − p_iy; the hard objective's touches only the
+/// target and the best non-target class, where its hinge is active.
+fn grad_logit(c: f32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32 {
+    if (j == y) { return -coef * row.target_complement * target_margin(c).y; }
+    if (params.objective == 1u) {
+        return select(0.0, coef * row.target_complement, j == row.best_other_class);
+    }
+    return coef * exp(params.scale * c - row.lse);
 }
 
 /// The (global) label of row i, or IGNORE if i is past B or the label is not a class.

@@ -21,7 +21,7 @@
 @group(0) @binding(9) var<storage, read_write> row_stats: array<RowStats>;
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
-/// Unfused baseline: the B×C cosines c_ij; chunked plan: the raw dots of rows
+/// Unfused baseline: the B×C cosines c_ij; chunked plan: x̂_i·w_j for rows
 /// [row_begin, row_end); from gemm.wgsl, rows logit_stride() apart. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
@@ -262,7 +262,8 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 
 /// Unfused baseline and chunked plan: one workgroup per row of the materialised logits
 /// (rows [row_begin, row_end), stored from row_begin). Lanes take strided classes, then
-/// lane 0 folds them in lane order and finishes the row.
+/// lane 0 folds them in lane order and finishes the row. With `write_grads` the lanes
+/// then overwrite the row with G'_ij = G_ij/‖w_j‖ (the chunked plan's 1/N is deferred).
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lane: u32) {
@@ -271,17 +272,27 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let lanes = ROWS_WG * CLASSES_WG;
     let y = label_of(i);
     let base = (i - params.row_begin) * logit_stride();
-    let raw = params.raw_dots == 1u;
-    let inv_x = select(1.0, inv_norm_features[i], raw);
+    let raw = params.raw_classes == 1u;
     var st = empty_partial();
     for (var j = lane; j < params.classes; j += lanes) {
-        let c = logits[base + j] * select(1.0, inv_x * inv_norm_classes[j], raw);
+        let c = logits[base + j] * select(1.0, inv_norm_classes[j], raw);
         st = add_logit(st, c, j, y);
     }
     lane_partials[lane] = st;
     workgroupBarrier();
     if (lane == 0u) {
         finish_row(i, fold_lanes(0u, lanes));
+    }
+    if (params.write_grads == 0u) { return; }
+    storageBarrier();
+    let row = row_softmax[i];
+    for (var j = lane; j < params.classes; j += lanes) {
+        var g = 0.0;
+        if (y != IGNORE) {
+            let inv_w = inv_norm_classes[j];
+            g = grad_logit(logits[base + j] * inv_w, row, j, y, params.scale) * inv_w;
+        }
+        logits[base + j] = g;
     }
 }
 

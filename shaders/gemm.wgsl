@@ -1,7 +1,7 @@
-// Plain GEMM, product (+)= lhs · rhs, on vec4 loads, with strided, offset operands and an
-// optional per-k scale of rhs, so that one kernel serves every product of the loss: the
-// benchmark's floor x·wᵀ, the unfused baseline's cosine matrix and gradient GEMMs, and
-// the chunked plan's raw dots x·wᵀ, gx̂ = G·(inv_w ⊙ w) and gŵ += Gᵀ·(inv_x ⊙ x).
+// Plain GEMM, product (+)= lhs · rhs, on vec4 loads, with strided, offset operands, so
+// that one kernel serves every product of the loss: the benchmark's floor x·wᵀ, the
+// unfused baseline's cosine matrix and gradient GEMMs, and the chunked plan's dots x̂·wᵀ,
+// gx̂ = G'·w and gw' += G'ᵀ·x̂ (G' = G ⊙ inv_w, see backward.wgsl).
 //
 // Each operand is stored with one axis contiguous, chosen per pipeline by an override:
 //
@@ -9,7 +9,7 @@
 //             = lhs_data[lhs_offset + k·lhs_stride + m]   (otherwise: along m)
 //   rhs[k, n] = rhs_data[rhs_offset + n·rhs_stride + k]   (RHS_ALONG_K)
 //             = rhs_data[rhs_offset + k·rhs_stride + n]   (otherwise: along n)
-//   product[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n] · (k_scale[k_scale_offset + k])
+//   product[m, n] (+)= Σ_k lhs[m, k] · rhs[k, n]
 //
 // Offsets and strides are multiples of 4 (plans pad rows to a multiple of 4), so each
 // load takes four consecutive elements along the contiguous axis as one vec4. An
@@ -36,9 +36,8 @@ struct GemmShape {
     product_offset: u32,
     /// 1: add into the product (a later k-piece or row chunk); 0: overwrite it.
     accumulate: u32,
-    /// 1: multiply rhs row k by k_scale[k_scale_offset + k]; 0: no scale.
-    scale_rhs_rows: u32,
-    k_scale_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 /// Sizes, strides and offsets of this GEMM.
@@ -50,13 +49,11 @@ struct GemmShape {
 /// The m×n product, rows product_stride apart from product_offset; every element of it
 /// is written and nothing else.
 @group(0) @binding(23) var<storage, read_write> product: array<f32>;
-/// Per-k scale of rhs (inverse norms); bound to any f32 buffer and not read when unused.
-@group(0) @binding(24) var<storage, read> k_scale: array<f32>;
 
-/// true: lhs is contiguous along k (rows of x, or of G for gx̂); false: along m (G read
-/// as Gᵀ for gŵ).
+/// true: lhs is contiguous along k (rows of x̂, or of G' for gx̂); false: along m (G'
+/// read as G'ᵀ for gw').
 override LHS_ALONG_K: bool = true;
-/// true: rhs is contiguous along k (rows of w for x·wᵀ); false: along n (w for gx̂, x for gŵ).
+/// true: rhs is contiguous along k (rows of w for x̂·wᵀ); false: along n (w for gx̂, x̂ for gw').
 override RHS_ALONG_K: bool = true;
 
 /// Quads of four product rows, and of four product columns, per invocation.
@@ -67,86 +64,98 @@ const COL_QUADS: u32 = 2u;
 fn gemm_tile_rows() -> u32 { return ROWS_WG * 4u * ROW_QUADS; }
 fn gemm_tile_cols() -> u32 { return CLASSES_WG * 4u * COL_QUADS; }
 
-/// One invocation's accumulators: row 4g + t of its block, columns of quad h.
-alias GemmBlock = array<array<vec4<f32>, COL_QUADS>, 4u * ROW_QUADS>;
+// Every loop over the register block indexes an array of exactly its trip count with its
+// counter: drivers then unroll it (Mesa does so by rule), so that the block stays in
+// registers. An index such as 4·g + t hides the trip count, and one loop left rolled
+// anywhere puts the whole block in memory (half the speed on llvmpipe).
 
-/// k + kk where kk < k_valid, else k (a valid k whose values are then masked to 0). Once
-/// inlined with k_valid = 4 this folds to k + kk.
-fn k_index(k: u32, kk: u32, k_valid: u32) -> u32 {
-    return select(k, k + kk, kk < k_valid);
+/// One invocation's accumulators: [row quad][row in quad][column quad], four columns each.
+alias GemmBlock = array<array<array<vec4<f32>, COL_QUADS>, 4>, ROW_QUADS>;
+
+/// Where one invocation reads its operands, in vec4 entries: per row quad, the entry of
+/// each of its four rows at k = 0 (lhs along k) or of the quad at k = 0 (along m, all
+/// four the same); per column quad likewise for rhs. And how many entries one k moves
+/// along the non-contiguous axes.
+struct OperandBases {
+    lhs: array<vec4<u32>, ROW_QUADS>,
+    rhs: array<vec4<u32>, COL_QUADS>,
+    lhs_k_stride: u32,
+    rhs_k_stride: u32,
 }
 
-/// 1 for the first k_valid of four consecutive k, else 0.
+/// The bases of rows first_row + (0, 1, 2, 3) of an operand with `count` rows along the
+/// block's axis: rows past the end read the last row (along k) or the last quad (across
+/// k); their products are not stored.
+fn quad_bases(first_row: u32, count: u32, offset: u32, stride: u32, along_k: bool) -> vec4<u32> {
+    if (along_k) {
+        let rows = min(vec4<u32>(first_row) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(count - 1u));
+        return (vec4<u32>(offset) + rows * stride) / 4u;
+    }
+    return vec4<u32>((offset + min(first_row, (count - 1u) & ~3u)) / 4u);
+}
+
+/// 1 for the first k_valid of four consecutive k, else 0. With k_valid = 4 (every step
+/// but the last) it folds away once inlined.
 fn k_mask(k_valid: u32) -> vec4<bool> {
     return vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(k_valid);
 }
 
-/// lhs for rows quad_row..quad_row + 3 and k..k + 3, as a matrix whose column t is row
-/// quad_row + t over the four k (zero past k_valid). Rows past m read row m − 1 (or the
-/// last quad); their products are never stored.
-fn lhs_quad(quad_row: u32, k: u32, k_valid: u32) -> mat4x4<f32> {
-    let mask = k_mask(k_valid);
-    var cols: array<vec4<f32>, 4>;
-    if (LHS_ALONG_K) {
-        for (var t = 0u; t < 4u; t++) {
-            let row = min(quad_row + t, gemm.m - 1u);
-            cols[t] = select(vec4<f32>(), lhs[(gemm.lhs_offset + row * gemm.lhs_stride + k) / 4u], mask);
-        }
-        return mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]);
-    }
-    let quad = min(quad_row, (gemm.m - 1u) & ~3u);
-    for (var kk = 0u; kk < 4u; kk++) {
-        let at = gemm.lhs_offset + k_index(k, kk, k_valid) * gemm.lhs_stride + quad;
-        cols[kk] = select(vec4<f32>(), lhs[at / 4u], mask[kk]);
-    }
-    return transpose(mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]));
+/// kk where kk < k_valid, else 0 (a valid k whose values are then masked to 0).
+fn k_offset(kk: u32, k_valid: u32) -> u32 {
+    return select(0u, kk, kk < k_valid);
 }
 
-/// rhs (times the k scale) for k..k + 3 and columns quad_col..quad_col + 3, as a matrix
-/// whose column t is column quad_col + t over the four k (zero past k_valid). Columns
-/// past n read column n − 1 (or the last quad); their products are never stored.
-fn rhs_quad(quad_col: u32, k: u32, k_valid: u32) -> mat4x4<f32> {
+/// Four consecutive k of a quad of an operand, as a matrix whose column t is row t of
+/// the quad over k = 4·kv .. 4·kv + 3, zero past k_valid: four vec4 loads, along k one
+/// per row, across k one per k, transposed.
+fn operand_quad(from_lhs: bool, along_k: bool, bases: vec4<u32>, k_stride: u32, kv: u32,
+                k_valid: u32) -> mat4x4<f32> {
     let mask = k_mask(k_valid);
     var cols: array<vec4<f32>, 4>;
-    var quad: mat4x4<f32>;
-    if (RHS_ALONG_K) {
-        for (var t = 0u; t < 4u; t++) {
-            let col = min(quad_col + t, gemm.n - 1u);
-            cols[t] = select(vec4<f32>(), rhs[(gemm.rhs_offset + col * gemm.rhs_stride + k) / 4u], mask);
+    for (var i = 0u; i < 4u; i++) {
+        var at = bases[i] + kv;
+        if (!along_k) { at = bases[0] + (4u * kv + k_offset(i, k_valid)) * k_stride; }
+        var v: vec4<f32>;
+        if (from_lhs) { v = lhs[at]; } else { v = rhs[at]; }
+        if (along_k) {
+            cols[i] = select(vec4<f32>(), v, mask);
+        } else {
+            cols[i] = select(vec4<f32>(), v, mask[i]);
         }
-        quad = mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]);
-    } else {
-        let first = min(quad_col, (gemm.n - 1u) & ~3u);
-        for (var kk = 0u; kk < 4u; kk++) {
-            let at = gemm.rhs_offset + k_index(k, kk, k_valid) * gemm.rhs_stride + first;
-            cols[kk] = select(vec4<f32>(), rhs[at / 4u], mask[kk]);
-        }
-        quad = transpose(mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]));
     }
-    if (gemm.scale_rhs_rows == 1u) {
-        var scale: vec4<f32>;
-        for (var kk = 0u; kk < 4u; kk++) {
-            scale[kk] = select(0.0, k_scale[gemm.k_scale_offset + k_index(k, kk, k_valid)], mask[kk]);
-        }
-        for (var t = 0u; t < 4u; t++) { quad[t] *= scale; }
-    }
-    return quad;
+    let quad = mat4x4<f32>(cols[0], cols[1], cols[2], cols[3]);
+    if (along_k) { return quad; }
+    return transpose(quad);
 }
 
-/// acc += lhs[block rows, k..k + k_valid] · rhs[k..k + k_valid, block columns].
-fn gemm_step(acc: ptr<function, GemmBlock>, quad_rows: array<u32, ROW_QUADS>,
-             quad_cols: array<u32, COL_QUADS>, k: u32, k_valid: u32) {
+/// acc += lhs[block rows, k] · rhs[k, block columns] for k = 4·kv .. 4·kv + k_valid − 1.
+fn gemm_step(acc: ptr<function, GemmBlock>, at: OperandBases, kv: u32, k_valid: u32) {
     var b: array<mat4x4<f32>, COL_QUADS>;
-    for (var h = 0u; h < COL_QUADS; h++) { b[h] = rhs_quad(quad_cols[h], k, k_valid); }
+    for (var h = 0u; h < COL_QUADS; h++) {
+        b[h] = operand_quad(false, RHS_ALONG_K, at.rhs[h], at.rhs_k_stride, kv, k_valid);
+    }
     for (var g = 0u; g < ROW_QUADS; g++) {
-        let a = lhs_quad(quad_rows[g], k, k_valid);
+        let a = operand_quad(true, LHS_ALONG_K, at.lhs[g], at.lhs_k_stride, kv, k_valid);
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
                 // Row vector times matrix: the four dot products of row t with the columns.
-                (*acc)[4u * g + t][h] += a[t] * b[h];
+                (*acc)[g][t][h] += a[t] * b[h];
             }
         }
     }
+}
+
+/// Stores (or adds) `sums` at columns first_col .. first_col + 3 of `row`, those inside
+/// the product.
+fn store_quad(row: u32, first_col: u32, sums: vec4<f32>) {
+    if (row >= gemm.m) { return; }
+    let at = gemm.product_offset + row * gemm.product_stride + first_col;
+    let inside = vec4<u32>(first_col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(gemm.n);
+    let add = gemm.accumulate == 1u;
+    if (inside.x) { product[at] = select(sums.x, product[at] + sums.x, add); }
+    if (inside.y) { product[at + 1u] = select(sums.y, product[at + 1u] + sums.y, add); }
+    if (inside.z) { product[at + 2u] = select(sums.z, product[at + 2u] + sums.z, add); }
+    if (inside.w) { product[at + 3u] = select(sums.w, product[at + 3u] + sums.w, add); }
 }
 
 /// Workgroup per gemm_tile_rows() × gemm_tile_cols() tile of the product, the tile index
@@ -162,34 +171,31 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let tile_n = tile - tile_m * tiles_n;
     var quad_rows: array<u32, ROW_QUADS>;
     var quad_cols: array<u32, COL_QUADS>;
+    var at: OperandBases;
+    at.lhs_k_stride = gemm.lhs_stride / 4u;
+    at.rhs_k_stride = gemm.rhs_stride / 4u;
     for (var g = 0u; g < ROW_QUADS; g++) {
         quad_rows[g] = tile_m * gemm_tile_rows() + (g * ROWS_WG + lid.y) * 4u;
+        at.lhs[g] = quad_bases(quad_rows[g], gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
     }
     for (var h = 0u; h < COL_QUADS; h++) {
         quad_cols[h] = tile_n * gemm_tile_cols() + (h * CLASSES_WG + lid.x) * 4u;
+        at.rhs[h] = quad_bases(quad_cols[h], gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
     }
     var acc: GemmBlock;
     // k/4 iterations: llvmpipe stops an invocation after 65535 loop iterations in all;
     // plans cut longer k ranges into accumulated pieces.
-    var k = 0u;
-    for (; k + 4u <= gemm.k; k += 4u) {
-        gemm_step(&acc, quad_rows, quad_cols, k, 4u);
+    let full_steps = gemm.k / 4u;
+    for (var kv = 0u; kv < full_steps; kv++) {
+        gemm_step(&acc, at, kv, 4u);
     }
-    if (k < gemm.k) {
-        gemm_step(&acc, quad_rows, quad_cols, k, gemm.k - k);
+    if (gemm.k % 4u != 0u) {
+        gemm_step(&acc, at, full_steps, gemm.k % 4u);
     }
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
-            let row = quad_rows[g] + t;
             for (var h = 0u; h < COL_QUADS; h++) {
-                for (var c = 0u; c < 4u; c++) {
-                    let col = quad_cols[h] + c;
-                    if (row < gemm.m && col < gemm.n) {
-                        let at = gemm.product_offset + row * gemm.product_stride + col;
-                        let sum = acc[4u * g + t][h][c];
-                        product[at] = select(sum, product[at] + sum, gemm.accumulate == 1u);
-                    }
-                }
+                store_quad(quad_rows[g] + t, quad_cols[h], acc[g][t][h]);
             }
         }
     }

@@ -1,17 +1,16 @@
 // Inverse L2 norms of the rows of x and w: inv_norm = 1 / max(‖row‖, ε), ε = 1e-12,
 // and the non-finite flags of both inputs (`row_inv_norms`); the copies of x and w that
-// the GEMMs read, with rows padded to a multiple of 4 (`pad_rows`): normalised (x̂, ŵ)
-// for the unfused baseline, raw for the chunked plan when D is not a multiple of 4.
+// the GEMMs read, with rows padded to a multiple of 4 (`pad_rows`): x̂, and ŵ for the
+// unfused baseline or w as it is for the chunked plan (only when D % 4 ≠ 0).
 // One invocation per row: rows 0..B are features, rows B..B+C are class vectors.
 
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (0 for a row holding a non-finite value).
 @group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
-/// x̂ (or x), B rows of padded_dim() values, zero past D. Workspace.
-@group(0) @binding(14) var<storage, read_write> padded_features: array<f32>;
-/// ŵ (or w), C rows of padded_dim() values, zero past D. Workspace.
-@group(0) @binding(15) var<storage, read_write> padded_classes: array<f32>;
+/// The stacked [x̂; ŵ or w] (or x̂ alone), rows of padded_dim() values, zero past D.
+/// Workspace.
+@group(0) @binding(14) var<storage, read_write> padded_rows: array<f32>;
 /// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
@@ -78,22 +77,19 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-/// x̂ = x·inv_norm and ŵ = w·inv_norm (the unfused baseline), or x and w as they are
-/// (`raw_dots`, the chunked plan), in rows of padded_dim() with zeros past D.
+/// x̂ = x·inv_norm, and ŵ = w·inv_norm (the unfused baseline) or w as it is
+/// (`raw_classes`, the chunked plan), stacked in rows of padded_dim() with zeros past D.
+/// The grid covers the rows to copy: x alone, or x and w.
 @compute @workgroup_size(ROW_WG)
 fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let at = stacked_row(wid, nwg, lid);
+    let is_features = at.x == 1u;
+    if (!is_features && at.y >= params.classes) { return; }
+    var scale = inv_norm_features[min(at.y, params.batch - 1u)];
+    if (!is_features) { scale = select(inv_norm_classes[at.y], 1.0, params.raw_classes == 1u); }
+    let dest = (at.y + select(params.batch, 0u, is_features)) * padded_dim();
     let source = at.y * params.dim;
-    let dest = at.y * padded_dim();
-    let raw = params.raw_dots == 1u;
-    if (at.x == 1u) {
-        let scale = select(inv_norm_features[at.y], 1.0, raw);
-        for (var k = 0u; k < params.dim; k++) { padded_features[dest + k] = features[source + k] * scale; }
-        for (var k = params.dim; k < padded_dim(); k++) { padded_features[dest + k] = 0.0; }
-    } else if (at.y < params.classes) {
-        let scale = select(inv_norm_classes[at.y], 1.0, raw);
-        for (var k = 0u; k < params.dim; k++) { padded_classes[dest + k] = class_vectors[source + k] * scale; }
-        for (var k = params.dim; k < padded_dim(); k++) { padded_classes[dest + k] = 0.0; }
-    }
+    for (var k = 0u; k < params.dim; k++) { padded_rows[dest + k] = input_value(is_features, source + k) * scale; }
+    for (var k = params.dim; k < padded_dim(); k++) { padded_rows[dest + k] = 0.0; }
 }

@@ -394,8 +394,6 @@ pub fn run(
                     whole(lhs),
                     whole(rhs),
                     whole(&product),
-                    // No per-k scale: bound to the right operand, unread.
-                    whole(rhs),
                 ],
             };
             encode(&ctx.device, encoder, &[dispatch], writes);

@@ -21,14 +21,12 @@ pub(crate) enum Binding {
     FeatureGradPartials = 11,
     GradFeatures = 12,
     GradClasses = 13,
-    PaddedFeatures = 14,
-    PaddedClasses = 15,
+    PaddedRows = 14,
     Logits = 16,
     GemmShape = 20,
     GemmLhs = 21,
     GemmRhs = 22,
     GemmProduct = 23,
-    GemmKScale = 24,
     ClassIndex = 18,
 }
 
@@ -90,7 +88,7 @@ pub(crate) struct GpuParams {
     pub scale: f32,
     pub margin: f32,
     pub scale_grad_gate: f32,
-    pub raw_dots: u32,
+    pub raw_classes: u32,
     pub defer_norm: u32,
     pub multiplicative_margin: u32,
     pub angular_margin: f32,
@@ -99,7 +97,7 @@ pub(crate) struct GpuParams {
     pub objective: u32,
     pub straight_through: u32,
     pub sampled: u32,
-    pub _pad: u32,
+    pub write_grads: u32,
 }
 
 impl GpuParams {
@@ -135,11 +133,11 @@ pub(crate) fn padded(n: u64) -> u64 {
 /// one `matmul` pipeline per product of the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GemmLayout {
-    /// lhs·rhsᵀ with both operands' rows along k: the dots x·wᵀ (or x̂·ŵᵀ).
+    /// lhs·rhsᵀ with both operands' rows along k: the dots x̂·wᵀ (or x̂·ŵᵀ).
     Dots,
     /// lhs·rhs with lhs along k and rhs along n: gx̂ = G·w.
     FeatureGrad,
-    /// lhsᵀ·rhs: lhs along m and rhs along n: gŵ = Gᵀ·x.
+    /// lhsᵀ·rhs: lhs along m and rhs along n: gŵ = Gᵀ·x̂.
     ClassGrad,
 }
 
@@ -169,14 +167,13 @@ pub(crate) struct GemmShape {
     pub rhs_offset: u32,
     pub product_offset: u32,
     pub accumulate: u32,
-    pub scale_rhs_rows: u32,
-    pub k_scale_offset: u32,
+    pub _pad: [u32; 2],
 }
 
 impl GemmShape {
     /// product (m×n, rows `product_stride` apart) = lhs (m×k) · rhs (k×n), with rows of
     /// lhs and rhs `lhs_stride` and `rhs_stride` apart along their non-contiguous axis;
-    /// no offsets, scale or accumulation.
+    /// no offsets or accumulation.
     pub(crate) fn new(
         (m, n, k): (u32, u32, u32),
         lhs_stride: u32,
@@ -194,8 +191,7 @@ impl GemmShape {
             rhs_offset: 0,
             product_offset: 0,
             accumulate: 0,
-            scale_rhs_rows: 0,
-            k_scale_offset: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -230,7 +226,6 @@ pub(crate) struct Kernels {
     pub normalize_backward: Kernel,
     /// `matmul` per GemmLayout, in its declaration order (see [`Kernels::matmul`]).
     matmul: [Kernel; 3],
-    pub chunk_grads: Kernel,
 }
 
 const NORMS_WGSL: &str = concat!(
@@ -305,7 +300,7 @@ impl Kernels {
             pipeline(
                 &gemm,
                 "matmul",
-                &[GemmShape, GemmLhs, GemmRhs, GemmProduct, GemmKScale],
+                &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
                 &constants,
             )
         };
@@ -397,22 +392,13 @@ impl Kernels {
                     ClassVectors,
                     InvNormFeatures,
                     InvNormClasses,
-                    PaddedFeatures,
-                    PaddedClasses,
+                    PaddedRows,
                 ],
             ),
             logit_softmax_rows: kernel(
                 &forward,
                 "logit_softmax_rows",
-                &[
-                    Params,
-                    Labels,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    RowSoftmax,
-                    RowStats,
-                    Logits,
-                ],
+                &[Params, Labels, InvNormClasses, RowSoftmax, RowStats, Logits],
             ),
             logit_grads: kernel(
                 &backward,
@@ -438,19 +424,6 @@ impl Kernels {
                 matmul(GemmLayout::FeatureGrad),
                 matmul(GemmLayout::ClassGrad),
             ],
-            chunk_grads: kernel(
-                &backward,
-                "chunk_grads",
-                &[
-                    Params,
-                    Labels,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    RowSoftmax,
-                    Summary,
-                    Logits,
-                ],
-            ),
         }
     }
 }

@@ -32,10 +32,10 @@ pub enum Algorithm {
     /// The memory-minimal fused kernels: the logits are recomputed per tile, never stored;
     /// the workspace is O(B·k + C). Costs about 10·B·C·D flops (forward + backward).
     Fused,
-    /// A chunk of rows at a time (as many as the workspace budget holds): the raw dots of
-    /// the chunk's rows × all classes from one GEMM, their softmax, G in place, and two
-    /// GEMMs for dL/dx and dL/dw; the reduction's 1/N is applied at the end. About
-    /// 6·B·C·D flops at GEMM speed. The forward pass alone runs the fused kernels.
+    /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
+    /// of the chunk's rows × all classes from one GEMM (w read in place, x̂ from a B×D
+    /// copy), their softmax, then G/‖w‖ in place and two GEMMs for dL/dx and dL/dw; the
+    /// reduction's 1/N is applied at the end. About 6·B·C·D flops at GEMM speed.
     Chunked,
     /// The baseline an engine without fusion runs: normalised copies of x and w, the B×C
     /// cosine matrix from a GEMM, a row softmax, G in place, and two gradient GEMMs.
@@ -221,13 +221,12 @@ impl Geometry {
             }
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
-            // The rest of the workspace (norms, flags, softmax rows, forward partials, and
+            // The rest of the workspace (norms, flags, softmax rows, the padded copies, and
             // 64 KiB for the uniforms) comes out of the budget first.
             let rest = 4 * (b + u64::from(classes))
-                + padded_copies_bytes(shape, algorithm)
+                + product(&[4, padded_rows(shape, algorithm), padded(d)])
                 + FLAGS_BYTES
                 + product(&[ROW_SOFTMAX_BYTES, b])
-                + product(&[SPLIT_PARTIAL_BYTES, b, u64::from(forward_wanted)])
                 + (64 << 10);
             // G's rows also fit one storage binding.
             let room = ctx
@@ -308,10 +307,10 @@ impl Algorithm {
     }
 }
 
-/// Whether the GEMMs read padded copies of x and w: always in the unfused baseline
-/// (normalised copies), and in the chunked plan when D is not a multiple of 4 (the
-/// GEMMs load rows as vec4s).
-fn reads_padded_copies(shape: Shape, algorithm: Algorithm) -> bool {
+/// Whether the GEMMs read a copy of w in rows padded to a multiple of 4 (after x̂'s):
+/// always in the unfused baseline (it is ŵ), and in the chunked plan when D is not a
+/// multiple of 4 (the GEMMs load rows as vec4s); otherwise they read the caller's w.
+fn copies_classes(shape: Shape, algorithm: Algorithm) -> bool {
     match algorithm {
         Algorithm::Fused => false,
         Algorithm::Chunked => !shape.dim.is_multiple_of(4),
@@ -319,16 +318,13 @@ fn reads_padded_copies(shape: Shape, algorithm: Algorithm) -> bool {
     }
 }
 
-/// Bytes of the padded copies of x and w, if the GEMMs read them.
-fn padded_copies_bytes(shape: Shape, algorithm: Algorithm) -> u64 {
-    if !reads_padded_copies(shape, algorithm) {
-        return 0;
+/// Rows of the padded copies the GEMM algorithms make: x̂, and w or ŵ where copied.
+fn padded_rows(shape: Shape, algorithm: Algorithm) -> u64 {
+    match algorithm {
+        Algorithm::Fused => 0,
+        _ if copies_classes(shape, algorithm) => shape.batch as u64 + shape.classes as u64,
+        _ => shape.batch as u64,
     }
-    product(&[
-        4,
-        shape.batch as u64 + shape.classes as u64,
-        padded(shape.dim as u64),
-    ])
 }
 
 /// The workspace buffers of one algorithm, with their sizes in bytes.
@@ -352,20 +348,14 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
                 product(&[4, b, d, u64::from(g.feature_splits)]),
             ),
         ]),
-        Algorithm::Chunked => layout.extend([
-            (
-                Binding::SplitPartials,
-                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
-            ),
-            (Binding::Logits, product(&[4, c4, g.max_pass_rows()])),
-        ]),
+        Algorithm::Chunked => layout.push((Binding::Logits, product(&[4, c4, g.max_pass_rows()]))),
         Algorithm::Unfused => layout.push((Binding::Logits, product(&[4, b, c4]))),
     }
-    if reads_padded_copies(shape, algorithm) {
-        layout.extend([
-            (Binding::PaddedFeatures, product(&[4, b, d4])),
-            (Binding::PaddedClasses, product(&[4, c, d4])),
-        ]);
+    if algorithm != Algorithm::Fused {
+        layout.push((
+            Binding::PaddedRows,
+            product(&[4, padded_rows(shape, algorithm), d4]),
+        ));
     }
     layout
 }
@@ -378,8 +368,6 @@ struct GemmSpec {
     lhs: Binding,
     rhs: Binding,
     product: Binding,
-    /// What `k_scale` binds: the inverse norms, or rhs itself when unscaled.
-    k_scale: Binding,
 }
 
 /// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET); a
@@ -388,8 +376,7 @@ const MAX_GEMM_K: u32 = 65536;
 
 impl GemmSpec {
     /// The spec cut along k into pieces of at most MAX_GEMM_K, each accumulating onto
-    /// the previous ones, with its operand and scale offsets advanced to the piece's
-    /// first k.
+    /// the previous ones, with its operand offsets advanced to the piece's first k.
     fn k_pieces(self) -> Vec<GemmSpec> {
         let gemm = self.shape;
         let (lhs_along_k, rhs_along_k) = self.layout.along_k();
@@ -401,7 +388,6 @@ impl GemmSpec {
                     k: MAX_GEMM_K.min(gemm.k - k0),
                     lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
                     rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
-                    k_scale_offset: gemm.k_scale_offset + k0,
                     accumulate: gemm.accumulate | u32::from(k0 > 0),
                     ..gemm
                 },
@@ -411,16 +397,17 @@ impl GemmSpec {
     }
 }
 
-/// The GEMMs of a plan, in the order its steps use them. x and w are read from the
-/// caller's buffers, or from their padded copies ([`reads_padded_copies`]), in rows of
-/// D rounded up to 4; the logits and G in rows of C rounded up to 4.
+/// The GEMMs of a plan, in the order its steps use them. They read x̂ from its padded
+/// copy, w from the caller's buffer or its copy after x̂ ([`copies_classes`]), in rows
+/// of D rounded up to 4; the logits and G in rows of C rounded up to 4.
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
     let (c4, d4) = (padded(c.into()) as u32, padded(d.into()) as u32);
-    let (features, classes) = if reads_padded_copies(shape, algorithm) {
-        (Binding::PaddedFeatures, Binding::PaddedClasses)
+    // w's binding, and the element of it where w's rows start.
+    let (classes, classes_at) = if copies_classes(shape, algorithm) {
+        (Binding::PaddedRows, b * d4)
     } else {
-        (Binding::Features, Binding::ClassVectors)
+        (Binding::ClassVectors, 0)
     };
     let spec = |shape, layout, lhs, rhs, product| GemmSpec {
         shape,
@@ -428,25 +415,19 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         lhs,
         rhs,
         product,
-        k_scale: rhs,
     };
-    // For rows [r0, r0 + rows): the dots, gx̂ = G·w and gŵ (+)= Gᵀ·x, the gradients
-    // scaled by the inverse norms of w and x when the dots are raw.
-    let chunk = |r0: u32, rows: u32, raw: bool, first: bool| {
+    // For rows [r0, r0 + rows): the dots x̂·wᵀ, gx̂ = G·w and gw (+)= Gᵀ·x̂.
+    let chunk = |r0: u32, rows: u32, first: bool| {
         let mut dots = GemmShape::new((rows, c, d), d4, d4, c4);
         dots.lhs_offset = r0 * d4;
+        dots.rhs_offset = classes_at;
         let mut gx = GemmShape::new((rows, d, c), c4, d4, d);
+        gx.rhs_offset = classes_at;
         gx.product_offset = r0 * d;
-        gx.scale_rhs_rows = u32::from(raw);
         let mut gw = GemmShape::new((c, d, rows), c4, d4, d);
         gw.rhs_offset = r0 * d4;
         gw.accumulate = u32::from(!first);
-        gw.scale_rhs_rows = u32::from(raw);
-        gw.k_scale_offset = r0;
-        let scaled = |spec: GemmSpec, by| GemmSpec {
-            k_scale: if raw { by } else { spec.k_scale },
-            ..spec
-        };
+        let features = Binding::PaddedRows;
         let mut specs = vec![spec(
             dots,
             GemmLayout::Dots,
@@ -461,7 +442,7 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
             classes,
             Binding::GradFeatures,
         );
-        specs.extend(scaled(gx, Binding::InvNormClasses).k_pieces());
+        specs.extend(gx.k_pieces());
         let gw = spec(
             gw,
             GemmLayout::ClassGrad,
@@ -469,20 +450,20 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
             features,
             Binding::GradClasses,
         );
-        specs.extend(scaled(gw, Binding::InvNormFeatures).k_pieces());
+        specs.extend(gw.k_pieces());
         specs
     };
     match algorithm {
         Algorithm::Fused => Vec::new(),
         // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
-        Algorithm::Unfused => chunk(0, b, false, true),
-        // Per row chunk [r0, r1): raw dots x·wᵀ, then gx̂ = G·(inv_w ⊙ w) and
-        // gŵ += Gᵀ·(inv_x ⊙ x).
+        Algorithm::Unfused => chunk(0, b, true),
+        // Per row chunk [r0, r1): dots x̂·wᵀ, then (G' = G/‖w‖) gx̂ = G'·w and
+        // gw' += G'ᵀ·x̂.
         Algorithm::Chunked => g
             .row_passes
             .iter()
             .enumerate()
-            .flat_map(|(pass, &(r0, r1))| chunk(r0, r1 - r0, true, pass == 0))
+            .flat_map(|(pass, &(r0, r1))| chunk(r0, r1 - r0, pass == 0))
             .collect(),
     }
 }
@@ -828,7 +809,7 @@ impl Plan {
                     scale: 0.0,
                     margin: 0.0,
                     scale_grad_gate: 0.0,
-                    raw_dots: u32::from(self.algorithm == Algorithm::Chunked),
+                    raw_classes: u32::from(self.algorithm == Algorithm::Chunked),
                     defer_norm: u32::from(self.algorithm == Algorithm::Chunked),
                     multiplicative_margin: 1,
                     angular_margin: 0.0,
@@ -837,7 +818,9 @@ impl Plan {
                     objective: 0,
                     straight_through: 0,
                     sampled: u32::from(self.sampled),
-                    _pad: 0,
+                    write_grads: u32::from(
+                        self.algorithm == Algorithm::Chunked && outputs.grads.is_some(),
+                    ),
                 };
                 gpu.set_loss(params);
                 let at = (k * passes + pass) * stride as usize;
@@ -918,27 +901,20 @@ impl Plan {
             } else {
                 steps.extend(fused_backward()?);
             }
-        } else if self.algorithm == Algorithm::Unfused {
-            steps.push(once(&k.pad_rows, per_row(b + c)?));
-            steps.push(matmul(0)?);
-            steps.push(once(&k.logit_softmax_rows, fold_grid(b, max)?));
-        } else if chunked_backward {
-            // Per row chunk: raw dots, the chunk's softmax rows, G in place (its 1/N is
-            // deferred), then the gx̂ and gŵ k-pieces.
-            if reads_padded_copies(self.shape, self.algorithm) {
-                steps.push(once(&k.pad_rows, per_row(b + c)?));
-            }
+        } else if self.algorithm != Algorithm::Fused {
+            // The GEMM algorithms: x̂ (and w's copy), then per row chunk the dots and their
+            // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
+            // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
+            steps.push(once(
+                &k.pad_rows,
+                per_row(padded_rows(self.shape, self.algorithm))?,
+            ));
             let mut next = 0;
             for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
-                let rows = u64::from(r1 - r0);
                 steps.push(matmul(next)?);
                 steps.push(Step {
                     pass,
-                    ..once(&k.logit_softmax_rows, fold_grid(rows, max)?)
-                });
-                steps.push(Step {
-                    pass,
-                    ..once(&k.chunk_grads, per_row(rows * c)?)
+                    ..once(&k.logit_softmax_rows, fold_grid(u64::from(r1 - r0), max)?)
                 });
                 next += 1;
                 while self
@@ -946,7 +922,9 @@ impl Plan {
                     .get(next)
                     .is_some_and(|spec| spec.layout != GemmLayout::Dots)
                 {
-                    steps.push(matmul(next)?);
+                    if chunked_backward {
+                        steps.push(matmul(next)?);
+                    }
                     next += 1;
                 }
             }
@@ -1099,7 +1077,6 @@ impl Plan {
             Binding::GemmLhs => operand(|g| g.lhs),
             Binding::GemmRhs => operand(|g| g.rhs),
             Binding::GemmProduct => operand(|g| g.product),
-            Binding::GemmKScale => operand(|g| g.k_scale),
             other => own(other, None),
         }
     }
@@ -1130,14 +1107,12 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::FeatureGradPartials => "feature_grad_partials",
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
-        Binding::PaddedFeatures => "padded_features",
-        Binding::PaddedClasses => "padded_classes",
+        Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
         Binding::Logits => "logits (B·C·4 bytes)",
         Binding::GemmShape => "gemm",
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
-        Binding::GemmKScale => "k_scale",
         Binding::ClassIndex => "class_index",
     }
 }

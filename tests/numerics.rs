@@ -182,15 +182,13 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
     // GEMM into two accumulated k-pieces.
     for (b, d, c, rows) in [(37usize, 10usize, 300usize, 5usize), (6, 3, 70_000, 4)] {
         let ctx = Context::new_blocking(ContextOptions {
-            // G for `rows` rows (of C rounded up to 4), on top of at most this much other
-            // workspace (norms, softmax rows, 32 forward partials a row, 64 KiB of
-            // uniforms, and copies of x and w in rows of D rounded up to 4, as D is not
-            // a multiple of 4 here).
+            // G for `rows` rows (of C rounded up to 4), on top of the other workspace:
+            // norms, flags, softmax rows (20 bytes each), 64 KiB of uniforms, and the
+            // copies of x̂ and w in rows of D rounded up to 4 (D is not a multiple of 4).
             workspace_budget: Some(
                 (4 * (b + c)
                     + 4
-                    + 16 * b
-                    + 28 * b * 32
+                    + 20 * b
                     + (64 << 10)
                     + 4 * (b + c) * d.next_multiple_of(4)
                     + c.next_multiple_of(4) * 4 * rows) as u64,

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::context;
-use margin_softmax::{reference, Context, ContextOptions, Error, LossParams, Pass, Problem, Shape};
+use margin_softmax::{
+    reference, Algorithm, Context, ContextOptions, Error, LossParams, Pass, Problem, Shape,
+};
 
 #[test]
 fn context_is_send_and_sync() {
@@ -112,18 +114,44 @@ fn waits_are_bounded_by_the_timeout() {
 #[test]
 fn overflowing_dot_products_are_an_error_not_nan() {
     let ctx = context();
-    let mut p = Problem::random(Shape::new(2, 4, 3), 4);
-    p.features.iter_mut().for_each(|v| *v *= 1e20);
-    p.classes.iter_mut().for_each(|v| *v *= 1e20);
-    assert_eq!(
-        ctx.loss(
+    let call = |p: &Problem, algorithm| {
+        ctx.loss_with(
+            algorithm,
             p.shape,
             &p.features,
             &p.classes,
             &p.labels,
             &LossParams::default(),
-            Pass::Forward
-        ),
-        Err(Error::Overflow)
-    );
+            Pass::Forward,
+        )
+    };
+    // Where a plan's dots stay finite it must give the reference's loss; where they
+    // overflow, Error::Overflow.
+    let check = |p: &Problem, algorithm, overflows: bool| {
+        let out = call(p, algorithm);
+        if overflows {
+            assert_eq!(out.map(|o| o.loss), Err(Error::Overflow), "{algorithm:?}");
+            return;
+        }
+        let expected = reference::loss_on(p, &LossParams::default()).expect("reference");
+        let loss = f64::from(out.expect("a finite loss").loss);
+        assert!(
+            (loss - expected.loss).abs() <= 1e-5 * expected.loss.abs().max(1.0),
+            "{algorithm:?}: loss {loss} against {}",
+            expected.loss
+        );
+    };
+    // x·w overflows f32 (1e40): the memory-minimal plan takes raw dots and reports it;
+    // the chunked plan's x̂·w (1e20) and the unfused baseline's cosines stay finite.
+    let mut p = Problem::random(Shape::new(2, 4, 3), 4);
+    p.features.iter_mut().for_each(|v| *v *= 1e20);
+    p.classes.iter_mut().for_each(|v| *v *= 1e20);
+    check(&p, Algorithm::Fused, true);
+    check(&p, Algorithm::Chunked, false);
+    check(&p, Algorithm::Unfused, false);
+    // Rows of w near f32's largest value overflow x̂·w too; only cosines stay finite.
+    p.classes.iter_mut().for_each(|v| *v = 3e38);
+    check(&p, Algorithm::Fused, true);
+    check(&p, Algorithm::Chunked, true);
+    check(&p, Algorithm::Unfused, false);
 }
