@@ -22,8 +22,12 @@
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
 /// Unfused baseline: the B×C cosines c_ij; chunked plan: x̂_i·w_j for rows
-/// [row_begin, row_end); from gemm.wgsl, rows logit_stride() apart. Workspace.
-@group(0) @binding(16) var<storage, read_write> logits: array<f32>;
+/// [row_begin, row_end); from gemm.wgsl, rows logit_stride() apart, four classes per
+/// entry. Workspace.
+@group(0) @binding(16) var<storage, read_write> logits: array<vec4<f32>>;
+/// inv_norm_classes four classes per entry (the buffer holds C rounded up to 4 values;
+/// those past C are 0).
+@group(0) @binding(17) var<storage, read> inv_norm_class_quads: array<vec4<f32>>;
 
 /// Online softmax state of one row over a set of classes, plus the statistics.
 struct SplitPartial {
@@ -87,34 +91,49 @@ fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
     return out;
 }
 
-/// The state after one more class j with cosine c, for a row labelled `label`.
-/// Classes reach one state in increasing order, so ">" keeps the lowest index on ties.
-fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
-    var st = state;
-    let is_target = j == label;
-    var zc = c;
-    if (is_target) { zc = target_margin(c).x; }
+/// Adds one more logit z = s·zc to the online (M, S, T) of `st`; returns its
+/// exp(z − M) under the new M.
+fn add_exp(st: ptr<function, SplitPartial>, zc: f32) -> f32 {
     let z = params.scale * zc;
-    if (z > st.max_logit) {
-        let f = exp(st.max_logit - z);
-        st.sum_exp *= f;
-        st.sum_exp_logit *= f;
-        st.sum_exp_other *= f;
-        st.max_logit = z;
+    if (z > (*st).max_logit) {
+        let f = exp((*st).max_logit - z);
+        (*st).sum_exp *= f;
+        (*st).sum_exp_logit *= f;
+        (*st).sum_exp_other *= f;
+        (*st).max_logit = z;
     }
-    let e = exp(z - st.max_logit);
-    st.sum_exp += e;
-    st.sum_exp_logit = fma(e, zc, st.sum_exp_logit);
-    if (is_target) {
-        st.target_cos = c;
-    } else {
-        st.sum_exp_other += e;
-        if (c > st.best_other_cos) {
-            st.best_other_cos = c;
-            st.best_other_class = j;
-        }
+    let e = exp(z - (*st).max_logit);
+    (*st).sum_exp += e;
+    (*st).sum_exp_logit = fma(e, zc, (*st).sum_exp_logit);
+    return e;
+}
+
+/// The state after the row's target class, with cosine c (its logit takes the margin).
+fn add_target(state: SplitPartial, c: f32) -> SplitPartial {
+    var st = state;
+    _ = add_exp(&st, target_margin(c).x);
+    st.target_cos = c;
+    return st;
+}
+
+/// The state after one more non-target class j with cosine c. Classes reach one state
+/// in increasing order, so ">" keeps the lowest index on ties.
+fn add_other(state: SplitPartial, c: f32, j: u32) -> SplitPartial {
+    var st = state;
+    // Not `sum_exp_other += add_exp(…)`: add_exp rescales sum_exp_other first.
+    let e = add_exp(&st, c);
+    st.sum_exp_other += e;
+    if (c > st.best_other_cos) {
+        st.best_other_cos = c;
+        st.best_other_class = j;
     }
     return st;
+}
+
+/// The state after one more class j with cosine c, for a row labelled `label`.
+fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
+    if (j == label) { return add_target(state, c); }
+    return add_other(state, c, j);
 }
 
 /// log(1 + x) for x ≥ 0, to a few ulp also where x ≪ 1 (WGSL has no log1p): below 0.5
@@ -261,9 +280,10 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 }
 
 /// Unfused baseline and chunked plan: one workgroup per row of the materialised logits
-/// (rows [row_begin, row_end), stored from row_begin). Lanes take strided classes, then
-/// lane 0 folds them in lane order and finishes the row. With `write_grads` the lanes
-/// then overwrite the row with G'_ij = G_ij/‖w_j‖ (the chunked plan's 1/N is deferred).
+/// (rows [row_begin, row_end), stored from row_begin). Lanes take strided quads of four
+/// classes, then lane 0 folds them in lane order and finishes the row. With
+/// `write_grads` the lanes then overwrite the row with G'_ij = G_ij/‖w_j‖ (the chunked
+/// plan's 1/N is deferred), and with 0 past C.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lane: u32) {
@@ -271,12 +291,24 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (i >= params.row_end) { return; }
     let lanes = ROWS_WG * CLASSES_WG;
     let y = label_of(i);
-    let base = (i - params.row_begin) * logit_stride();
+    let base = (i - params.row_begin) * logit_stride() / 4u;
+    let quads = logit_stride() / 4u;
     let raw = params.raw_classes == 1u;
     var st = empty_partial();
-    for (var j = lane; j < params.classes; j += lanes) {
-        let c = logits[base + j] * select(1.0, inv_norm_classes[j], raw);
-        st = add_logit(st, c, j, y);
+    // The target, whose logit takes the margin, joins after the other classes, in the
+    // lane that holds it: the loop over the other classes stays free of the margin.
+    for (var q = lane; q < quads; q += lanes) {
+        let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[q], raw);
+        for (var t = 0u; t < 4u; t++) {
+            let j = 4u * q + t;
+            if (j < params.classes && j != y) { st = add_other(st, c[t], j); }
+        }
+    }
+    // c_iy, read before the gradient pass below overwrites the row.
+    var target_cos = 0.0;
+    if (y != IGNORE) {
+        target_cos = logits[base + y / 4u][y % 4u] * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw);
+        if ((y / 4u) % lanes == lane) { st = add_target(st, target_cos); }
     }
     lane_partials[lane] = st;
     workgroupBarrier();
@@ -286,13 +318,25 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (params.write_grads == 0u) { return; }
     storageBarrier();
     let row = row_softmax[i];
-    for (var j = lane; j < params.classes; j += lanes) {
-        var g = 0.0;
-        if (y != IGNORE) {
-            let inv_w = inv_norm_classes[j];
-            g = grad_logit(logits[base + j] * inv_w, row, j, y, params.scale) * inv_w;
+    // Every class as a non-target of the margin softmax first (0 for the hard margin);
+    // then the lanes that hold the target, and the hard margin's best other class,
+    // overwrite theirs.
+    let soft = y != IGNORE && params.objective == 0u;
+    for (var q = lane; q < quads; q += lanes) {
+        let inv_w = inv_norm_class_quads[q];
+        let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
+        let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(params.classes);
+        logits[base + q] = select(vec4<f32>(), params.scale * p * inv_w, inside & vec4<bool>(soft));
+    }
+    if (y == IGNORE) { return; }
+    var special = array<u32, 2>(y, NO_CLASS);
+    if (params.objective == 1u) { special[1] = row.best_other_class; }
+    for (var k = 0u; k < 2u; k++) {
+        let j = special[k];
+        if (j != NO_CLASS && (j / 4u) % lanes == lane) {
+            let g = grad_logit(target_cos, row, j, y, params.scale);
+            logits[base + j / 4u][j % 4u] = g * inv_norm_class_quads[j / 4u][j % 4u];
         }
-        logits[base + j] = g;
     }
 }
 

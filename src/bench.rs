@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 use crate::context::{Context, ContextOptions};
 use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
-use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape};
+use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape, Timestamps};
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Phase, Plan};
 use crate::problem::Problem;
@@ -29,6 +29,9 @@ pub struct BenchOptions {
     pub json: Option<std::path::PathBuf>,
     /// Adapter choice.
     pub context: ContextOptions,
+    /// Also time each kernel of every loss operation, each dispatch in a compute pass of
+    /// its own (GPU timestamps only).
+    pub profile: bool,
 }
 
 /// The default shapes: B ∈ {256, 1024}, D ∈ {128, 512}, C ∈ {4096, 16384, 100000}.
@@ -57,6 +60,7 @@ impl Default for BenchOptions {
             reps: 10,
             json: None,
             context: ContextOptions::default(),
+            profile: false,
         }
     }
 }
@@ -73,6 +77,7 @@ options:
   --json FILE           also write one JSON object per row to FILE
   --adapter NAME        adapter whose name contains NAME (default: WGPU_ADAPTER_NAME, else wgpu's choice)
   --backend NAME        vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all)
+  --profile             also time each kernel of the loss operations (needs GPU timestamps)
 ";
 
 /// Parses the benchmark's arguments (unknown flags such as cargo's `--bench` are ignored).
@@ -101,6 +106,7 @@ pub fn parse_args(args: &[String]) -> std::result::Result<BenchOptions, String> 
                 options.context.backends =
                     Some(crate::parse_backends(&name).ok_or(format!("unknown backend {name:?}"))?);
             }
+            "--profile" => options.profile = true,
             "--help" | "-h" => return Err(USAGE.to_string()),
             _ => {}
         }
@@ -163,6 +169,19 @@ pub struct BenchRow {
     pub device_bytes: u64,
     /// Why the row has no figures, if it has none.
     pub skipped: Option<String>,
+    /// With `--profile`: the operation's kernels, in order of first dispatch.
+    pub profile: Vec<KernelTime>,
+}
+
+/// One kernel's share of a profiled operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelTime {
+    /// The WGSL entry point (for `matmul`, with its product).
+    pub kernel: &'static str,
+    /// Its dispatches in one run.
+    pub dispatches: usize,
+    /// Median over the timed runs of its summed seconds in one run.
+    pub seconds: f64,
 }
 
 impl BenchRow {
@@ -227,15 +246,17 @@ impl ShapeBuffers {
     }
 }
 
+/// A recording of one operation with the timestamps asked for, returning its kernels'
+/// names in dispatch order.
+type Record<'a> =
+    &'a dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>>;
+
 /// Times `record` (which records one operation's compute pass, given optional timestamp
 /// writes): warm-up runs, then `reps` timed runs; returns (timing, [median, min, max]).
 fn time_op(
     ctx: &Context,
     options: &BenchOptions,
-    record: &dyn Fn(
-        &mut wgpu::CommandEncoder,
-        Option<wgpu::ComputePassTimestampWrites<'_>>,
-    ) -> Result<()>,
+    record: Record<'_>,
 ) -> Result<(Timing, [f64; 3])> {
     let queries = ctx.has_timestamps().then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -261,11 +282,7 @@ fn time_op(
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let writes = queries
             .as_ref()
-            .map(|(set, ..)| wgpu::ComputePassTimestampWrites {
-                query_set: set,
-                beginning_of_pass_write_index: Some(0),
-                end_of_pass_write_index: Some(1),
-            });
+            .map_or(Timestamps::Off, |(set, ..)| Timestamps::Pass(set));
         ctx.gpu_scoped(|| record(&mut encoder, writes))?;
         if let Some((set, resolved, _)) = &queries {
             encoder.resolve_query_set(set, 0..2, resolved, 0);
@@ -304,6 +321,89 @@ fn time_op(
             samples[samples.len() - 1],
         ],
     ))
+}
+
+/// Queries of a profile: two per dispatch.
+const PROFILE_QUERIES: u32 = 4096;
+
+/// Per-kernel GPU times of `record`: each dispatch in a compute pass of its own between
+/// two timestamps, summed per kernel within a run; the median over `options.reps` runs
+/// after the warm-up. Empty without timestamps.
+fn profile_op(
+    ctx: &Context,
+    options: &BenchOptions,
+    record: Record<'_>,
+) -> Result<Vec<KernelTime>> {
+    if !ctx.has_timestamps() {
+        return Ok(Vec::new());
+    }
+    let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("profile timestamps"),
+        ty: wgpu::QueryType::Timestamp,
+        count: PROFILE_QUERIES,
+    });
+    let bytes = u64::from(PROFILE_QUERIES) * 8;
+    let buffer = |usage| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+    let readable = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+    let period_ns = f64::from(ctx.queue.get_timestamp_period());
+    let mut kernels: Vec<(&'static str, usize, Vec<f64>)> = Vec::new();
+    for run in 0..options.warmup + options.reps {
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let timestamps = Timestamps::PerDispatch {
+            set: &set,
+            capacity: PROFILE_QUERIES,
+        };
+        let names = ctx.gpu_scoped(|| record(&mut encoder, timestamps))?;
+        let queries = 2 * names.len() as u32;
+        encoder.resolve_query_set(&set, 0..queries, &resolved, 0);
+        let submission = ctx.queue.submit([encoder.finish()]);
+        ctx.wait(submission)?;
+        // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
+        let mut copy = ctx.device.create_command_encoder(&Default::default());
+        copy.copy_buffer_to_buffer(&resolved, 0, &readable, 0, u64::from(queries) * 8);
+        let submission = ctx.queue.submit([copy.finish()]);
+        let raw = pollster::block_on(ctx.read_back(&readable, u64::from(queries) * 8, submission))?;
+        let stamps: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        if run < options.warmup {
+            continue;
+        }
+        let mut this_run: Vec<(&'static str, usize, f64)> = Vec::new();
+        for (name, pair) in names.iter().zip(stamps.chunks_exact(2)) {
+            let seconds = pair[1].saturating_sub(pair[0]) as f64 * period_ns * 1e-9;
+            match this_run.iter_mut().find(|(n, ..)| n == name) {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.2 += seconds;
+                }
+                None => this_run.push((name, 1, seconds)),
+            }
+        }
+        for (name, calls, seconds) in this_run {
+            match kernels.iter_mut().find(|(n, ..)| *n == name) {
+                Some(entry) => entry.2.push(seconds),
+                None => kernels.push((name, calls, vec![seconds])),
+            }
+        }
+    }
+    Ok(kernels
+        .into_iter()
+        .map(|(kernel, dispatches, mut samples)| {
+            samples.sort_by(f64::total_cmp);
+            KernelTime {
+                kernel,
+                dispatches,
+                seconds: samples[samples.len() / 2],
+            }
+        })
+        .collect())
 }
 
 /// Runs every operation on every shape of `options` on `ctx`; `progress` hears a line
@@ -396,8 +496,7 @@ pub fn run(
                     whole(&product),
                 ],
             };
-            encode(&ctx.device, encoder, &[dispatch], writes);
-            Ok(())
+            encode(&ctx.device, encoder, &[dispatch], writes)
         });
         let gemm_bytes = lhs.size() + rhs.size() + product.size();
         drop(product);
@@ -414,6 +513,7 @@ pub fn run(
             workspace_bytes: 0,
             device_bytes: gemm_bytes,
             skipped: None,
+            profile: Vec::new(),
         });
 
         let chosen = Algorithm::choose(ctx, shape);
@@ -452,7 +552,7 @@ pub fn run(
                         classes: BufferRegion::from(&buffers.grad_classes),
                     }),
                 };
-                let timed = time_op(ctx, options, &|encoder, writes| {
+                let record: Record<'_> = &|encoder, writes| {
                     plan.record_phase(
                         ctx,
                         encoder,
@@ -462,11 +562,17 @@ pub fn run(
                         writes,
                         Phase::Whole,
                     )
-                })?;
-                Ok((timed, plan.workspace_bytes()))
+                };
+                let timed = time_op(ctx, options, record)?;
+                let profile = if options.profile {
+                    profile_op(ctx, options, record)?
+                } else {
+                    Vec::new()
+                };
+                Ok((timed, plan.workspace_bytes(), profile))
             });
             shape_rows.push(match measured {
-                Ok(((timing, seconds), workspace_bytes)) => BenchRow {
+                Ok(((timing, seconds), workspace_bytes, profile)) => BenchRow {
                     shape,
                     op,
                     timing,
@@ -478,6 +584,7 @@ pub fn run(
                     workspace_bytes,
                     device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
                     skipped: None,
+                    profile,
                 },
                 Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
                     shape,
@@ -491,6 +598,7 @@ pub fn run(
                     workspace_bytes: 0,
                     device_bytes: 0,
                     skipped: Some(e.to_string()),
+                    profile: Vec::new(),
                 },
                 Err(e) => return Err(e),
             });
@@ -546,6 +654,7 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         workspace_bytes: 0,
         device_bytes: 0,
         skipped: None,
+        profile: Vec::new(),
     })
 }
 
@@ -601,6 +710,30 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
             megabytes(r.workspace_bytes),
             megabytes(r.device_bytes),
         );
+    }
+    for r in rows.iter().filter(|r| !r.profile.is_empty()) {
+        let Shape {
+            batch: b,
+            dim: d,
+            classes: c,
+        } = r.shape;
+        let total: f64 = r.profile.iter().map(|k| k.seconds).sum();
+        out += &format!(
+            "\nprofile: B={b} D={d} C={c} {} ({}), each dispatch in its own pass; median ms per run\n\n",
+            r.op,
+            r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
+        );
+        out += "| kernel                   | dispatches |       ms |  share |\n";
+        out += "|--------------------------|------------|----------|--------|\n";
+        for k in &r.profile {
+            out += &format!(
+                "| {:<24} | {:>10} | {:>8.3} | {:>5.1}% |\n",
+                k.kernel,
+                k.dispatches,
+                k.seconds * 1e3,
+                100.0 * k.seconds / total
+            );
+        }
     }
     out
 }

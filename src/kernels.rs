@@ -22,6 +22,7 @@ pub(crate) enum Binding {
     GradFeatures = 12,
     GradClasses = 13,
     PaddedRows = 14,
+    InvNormClassQuads = 17,
     Logits = 16,
     GemmShape = 20,
     GemmLhs = 21,
@@ -142,6 +143,15 @@ pub(crate) enum GemmLayout {
 }
 
 impl GemmLayout {
+    /// The kernel's name in the benchmark's profile.
+    fn name(self) -> &'static str {
+        match self {
+            GemmLayout::Dots => "matmul x·wᵀ",
+            GemmLayout::FeatureGrad => "matmul G·w",
+            GemmLayout::ClassGrad => "matmul Gᵀ·x",
+        }
+    }
+
     /// (lhs contiguous along k, rhs contiguous along k).
     pub(crate) fn along_k(self) -> (bool, bool) {
         match self {
@@ -208,6 +218,8 @@ impl GemmShape {
 pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub bindings: &'static [Binding],
+    /// The entry point, with the product for `matmul`: the benchmark's profile rows.
+    pub name: &'static str,
 }
 
 /// Every pipeline of the fused loss.
@@ -275,7 +287,7 @@ impl Kernels {
             ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
         ];
         let pipeline = |module: &wgpu::ShaderModule,
-                        entry: &'static str,
+                        (entry, name): (&'static str, &'static str),
                         bindings,
                         constants: &[(&str, f64)]| Kernel {
             pipeline: device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -290,8 +302,10 @@ impl Kernels {
                 cache: None,
             }),
             bindings,
+            name,
         };
-        let kernel = |module, entry, bindings| pipeline(module, entry, bindings, &tile_constants);
+        let kernel =
+            |module, entry, bindings| pipeline(module, (entry, entry), bindings, &tile_constants);
         let matmul = |layout: GemmLayout| {
             let (lhs, rhs) = layout.along_k();
             let mut constants = tile_constants.to_vec();
@@ -299,7 +313,7 @@ impl Kernels {
             constants.push(("RHS_ALONG_K", f64::from(u8::from(rhs))));
             pipeline(
                 &gemm,
-                "matmul",
+                ("matmul", layout.name()),
                 &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
                 &constants,
             )
@@ -398,7 +412,14 @@ impl Kernels {
             logit_softmax_rows: kernel(
                 &forward,
                 "logit_softmax_rows",
-                &[Params, Labels, InvNormClasses, RowSoftmax, RowStats, Logits],
+                &[
+                    Params,
+                    Labels,
+                    InvNormClassQuads,
+                    RowSoftmax,
+                    RowStats,
+                    Logits,
+                ],
             ),
             logit_grads: kernel(
                 &backward,
@@ -442,14 +463,32 @@ pub(crate) struct Dispatch<'a> {
     pub resources: Vec<wgpu::BufferBinding<'a>>,
 }
 
-/// Records `dispatches` in order into one compute pass of `encoder`, with optional
-/// timestamps at the pass's beginning and end.
+/// Where a recording writes GPU timestamps.
+#[derive(Clone, Copy)]
+pub enum Timestamps<'a> {
+    /// Nowhere.
+    Off,
+    /// At the beginning and end of its compute pass: queries 0 and 1.
+    Pass(&'a wgpu::QuerySet),
+    /// Around each dispatch, each in a pass of its own: queries 2·i and 2·i + 1 for
+    /// dispatch i, in a set of `capacity` queries (the benchmark's per-kernel profile).
+    PerDispatch {
+        /// The query set.
+        set: &'a wgpu::QuerySet,
+        /// Its number of queries.
+        capacity: u32,
+    },
+}
+
+/// Records `dispatches` in order into one compute pass of `encoder` (one pass per
+/// dispatch for a profile), with the timestamps asked for. Returns the kernels' names
+/// in dispatch order.
 pub(crate) fn encode(
     device: &wgpu::Device,
     encoder: &mut wgpu::CommandEncoder,
     dispatches: &[Dispatch<'_>],
-    timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
-) {
+    timestamps: Timestamps<'_>,
+) -> crate::Result<Vec<&'static str>> {
     let groups: Vec<wgpu::BindGroup> = dispatches
         .iter()
         .map(|d| {
@@ -470,15 +509,47 @@ pub(crate) fn encode(
             })
         })
         .collect();
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("margin-softmax"),
-        timestamp_writes,
-    });
-    for (d, group) in dispatches.iter().zip(&groups) {
-        pass.set_pipeline(&d.kernel.pipeline);
-        pass.set_bind_group(0, group, &[]);
-        pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
+    let writes = |query_set, first: u32| wgpu::ComputePassTimestampWrites {
+        query_set,
+        beginning_of_pass_write_index: Some(first),
+        end_of_pass_write_index: Some(first + 1),
+    };
+    let begin = |encoder: &mut wgpu::CommandEncoder, timestamp_writes| {
+        encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("margin-softmax"),
+                timestamp_writes,
+            })
+            .forget_lifetime()
+    };
+    let mut pass = match timestamps {
+        Timestamps::Off => Some(begin(encoder, None)),
+        Timestamps::Pass(set) => Some(begin(encoder, Some(writes(set, 0)))),
+        Timestamps::PerDispatch { capacity, .. } => {
+            let needed = 2 * dispatches.len() as u64;
+            if needed > u64::from(capacity) {
+                return Err(crate::Error::TooLarge {
+                    what: "timestamp queries of a per-dispatch profile",
+                    size: needed,
+                    limit: u64::from(capacity),
+                });
+            }
+            None
+        }
+    };
+    for (index, (d, group)) in dispatches.iter().zip(&groups).enumerate() {
+        if let Timestamps::PerDispatch { set, .. } = timestamps {
+            // The previous pass ends before the next begins.
+            drop(pass.take());
+            pass = Some(begin(encoder, Some(writes(set, 2 * index as u32))));
+        }
+        if let Some(pass) = pass.as_mut() {
+            pass.set_pipeline(&d.kernel.pipeline);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
+        }
     }
+    Ok(dispatches.iter().map(|d| d.kernel.name).collect())
 }
 
 /// A 1-D grid of `n` workgroups as (x, y) with x ≤ `max`; kernels skip the excess.

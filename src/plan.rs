@@ -8,7 +8,7 @@ use crate::io::{
 };
 use crate::kernels::{
     encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GemmShape, GpuParams, Kernel,
-    ROW_KERNEL_WORKGROUP,
+    Timestamps, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 
@@ -333,7 +333,8 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
     let (c4, d4) = (padded(c), padded(d));
     let mut layout = vec![
         (Binding::InvNormFeatures, 4 * b),
-        (Binding::InvNormClasses, 4 * c),
+        // C rounded up to 4: also read four classes at a time.
+        (Binding::InvNormClasses, 4 * padded(c)),
         (Binding::InputFlags, FLAGS_BYTES),
         (Binding::RowSoftmax, product(&[ROW_SOFTMAX_BYTES, b])),
     ];
@@ -660,7 +661,16 @@ impl Plan {
         outputs: &DeviceOutputs<'_>,
         params: &LossParams,
     ) -> Result<()> {
-        self.record_phase(ctx, encoder, inputs, outputs, params, None, Phase::Whole)
+        self.record_phase(
+            ctx,
+            encoder,
+            inputs,
+            outputs,
+            params,
+            Timestamps::Off,
+            Phase::Whole,
+        )?;
+        Ok(())
     }
 
     /// A plan for one class shard: `w` holds classes [class_base, class_base + rows) of
@@ -723,7 +733,8 @@ impl Plan {
         self.geometry.forward_splits
     }
 
-    /// Records `phase`, with optional timestamps at the beginning and end of its pass.
+    /// Records `phase`, with the timestamps asked for; returns the kernels' names in
+    /// dispatch order.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn record_phase(
         &self,
@@ -732,9 +743,9 @@ impl Plan {
         inputs: &DeviceInputs<'_>,
         outputs: &DeviceOutputs<'_>,
         params: &LossParams,
-        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        timestamps: Timestamps<'_>,
         phase: Phase,
-    ) -> Result<()> {
+    ) -> Result<Vec<&'static str>> {
         ctx.check_alive()?;
         params.validate()?;
         let (b, c, d) = (
@@ -968,8 +979,7 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        encode(&ctx.device, encoder, &dispatches, timestamps);
-        Ok(())
+        encode(&ctx.device, encoder, &dispatches, timestamps)
     }
 
     /// The buffer bound at `binding` for `step`: the plan's workspace, or a
@@ -1058,6 +1068,8 @@ impl Plan {
             Binding::GradFeatures => caller("grad_features", None),
             Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes, true))),
             Binding::InvNormClasses => own(binding, Some(class_range(4, false))),
+            // One chunk (the GEMM algorithms): all of it, padding included.
+            Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
             // Sampled plans read their classes through their own index list; the others
             // bind the labels (any u32 buffer), which the kernels then never read.
             Binding::ClassIndex if self.sampled => own(binding, None),
@@ -1107,6 +1119,7 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::FeatureGradPartials => "feature_grad_partials",
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
+        Binding::InvNormClassQuads => "inv_norm_class_quads",
         Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
         Binding::Logits => "logits (B·C·4 bytes)",
         Binding::GemmShape => "gemm",

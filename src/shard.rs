@@ -11,7 +11,7 @@ use crate::api::{check_batch, check_flags, check_slices, Gradients, LossOutput, 
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
-use crate::kernels::Binding;
+use crate::kernels::{Binding, Timestamps};
 use crate::params::{LossParams, Objective, Reduction};
 use crate::plan::{Phase, Plan};
 use crate::reference::target_margin;
@@ -376,8 +376,16 @@ impl ShardBuffers {
             summary: BufferRegion::from(&self.summary),
             grads,
         };
-        self.plan
-            .record_phase(ctx, encoder, &inputs, &outputs, params, None, phase)
+        self.plan.record_phase(
+            ctx,
+            encoder,
+            &inputs,
+            &outputs,
+            params,
+            Timestamps::Off,
+            phase,
+        )?;
+        Ok(())
     }
 }
 
