@@ -266,6 +266,16 @@ fn target_margin(c: f32) -> vec2<f32> {
     return vec2<f32>(psi - params.margin, select(slope, 1.0, params.straight_through == 1u));
 }
 
+/// The smallest normal f32.
+const MIN_NORMAL: f32 = 1.17549435e-38;
+
+/// v with its subnormal components set to 0. A gradient term this small changes no sum
+/// it enters by more than 2⁻¹²⁶, and CPU drivers (llvmpipe) take a slow microcode path
+/// on every multiply by one: the softmax of a large scale is full of them.
+fn flush_subnormal(v: vec4<f32>) -> vec4<f32> {
+    return select(v, vec4<f32>(), abs(v) < vec4<f32>(MIN_NORMAL));
+}
+
 /// G_ij = dL/dc_ij from the cosine c_ij, for a row with label y ≠ IGNORE, its softmax
 /// results `row` and a global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the
 /// forward pass's cancellation-free 1 − p_iy; the hard objective's touches only the
@@ -275,7 +285,7 @@ fn grad_logit(c: f32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32 {
     if (params.objective == 1u) {
         return select(0.0, coef * row.target_complement, j == row.best_other_class);
     }
-    return coef * exp(params.scale * c - row.lse);
+    return flush_subnormal(vec4<f32>(coef * exp(params.scale * c - row.lse))).x;
 }
 
 /// The (global) label of row i, or IGNORE if i is past B or the label is not a class.

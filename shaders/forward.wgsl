@@ -326,7 +326,8 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         let inv_w = inv_norm_class_quads[q];
         let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
         let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(params.classes);
-        logits[base + q] = select(vec4<f32>(), params.scale * p * inv_w, inside & vec4<bool>(soft));
+        let g = flush_subnormal(params.scale * p * inv_w);
+        logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
     }
     if (y == IGNORE) { return; }
     var special = array<u32, 2>(y, NO_CLASS);

@@ -371,9 +371,11 @@ struct GemmSpec {
     product: Binding,
 }
 
-/// The longest k one matmul dispatch runs (k/4 loop iterations, within LOOP_BUDGET); a
-/// multiple of 4, so that every piece starts on a vec4.
-const MAX_GEMM_K: u32 = 65536;
+/// The longest k one matmul dispatch runs, a multiple of 4 so that every piece starts
+/// on a vec4. It keeps each invocation's k/4 loop iterations within LOOP_BUDGET, and a
+/// workgroup's slice of the streamed operand (4096 rows of a tile) within a CPU core's
+/// cache: on llvmpipe G·w over k = 16384 runs 10–20% faster in pieces of 4096.
+const MAX_GEMM_K: u32 = 4096;
 
 impl GemmSpec {
     /// The spec cut along k into pieces of at most MAX_GEMM_K, each accumulating onto

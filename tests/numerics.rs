@@ -178,8 +178,9 @@ fn every_tile_configuration() {
 
 #[test]
 fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
-    // A 5-row budget cuts B = 37 into 8 row chunks; C = 70 000 > 65 536 cuts the dL/dx
-    // GEMM into two accumulated k-pieces.
+    // A 5-row budget cuts B = 37 into 8 row chunks; C = 70 000 cuts the dL/dx GEMM into
+    // 18 accumulated k-pieces of at most 4096 classes (and past llvmpipe's loop budget,
+    // had it one piece).
     for (b, d, c, rows) in [(37usize, 10usize, 300usize, 5usize), (6, 3, 70_000, 4)] {
         let ctx = Context::new_blocking(ContextOptions {
             // G for `rows` rows (of C rounded up to 4), on top of the other workspace:
