@@ -16,6 +16,11 @@
 // invocation owns an (4·ROW_QUADS)×(4·COL_QUADS) block held in registers: on llvmpipe
 // every load costs a loop over the SIMD lanes, and this block does 16·ROW_QUADS·COL_QUADS
 // multiply-adds per 4·(ROW_QUADS + COL_QUADS) loaded vec4s. No workgroup memory.
+//
+// The module ends with one of two loaders of the lhs block, `lhs_tile`:
+// gemm_lhs_loads.wgsl (each invocation loads its own) or gemm_lhs_subgroup.wgsl (the
+// eight invocations of a subgroup, which own the same rows, load one vec4 each and share
+// them), chosen per adapter in `src/kernels.rs`.
 
 /// Sizes, strides and offsets (in f32 elements) of one GEMM. Mirrors `GemmShape` in Rust.
 struct GemmShape {
@@ -128,18 +133,19 @@ fn operand_quad(from_lhs: bool, along_k: bool, bases: vec4<u32>, k_stride: u32, 
     return transpose(quad);
 }
 
-/// acc += lhs[block rows, k] · rhs[k, block columns] for k = 4·kv .. 4·kv + k_valid − 1.
-fn gemm_step(acc: ptr<function, GemmBlock>, at: OperandBases, kv: u32, k_valid: u32) {
+/// acc += lhs[block rows, k] · rhs[k, block columns] for k = 4·kv .. 4·kv + k_valid − 1,
+/// the lhs block `a` from `lhs_tile`.
+fn gemm_step(acc: ptr<function, GemmBlock>, a: array<mat4x4<f32>, ROW_QUADS>, at: OperandBases,
+             kv: u32, k_valid: u32) {
     var b: array<mat4x4<f32>, COL_QUADS>;
     for (var h = 0u; h < COL_QUADS; h++) {
         b[h] = operand_quad(false, RHS_ALONG_K, at.rhs[h], at.rhs_k_stride, kv, k_valid);
     }
     for (var g = 0u; g < ROW_QUADS; g++) {
-        let a = operand_quad(true, LHS_ALONG_K, at.lhs[g], at.lhs_k_stride, kv, k_valid);
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
                 // Row vector times matrix: the four dot products of row t with the columns.
-                (*acc)[g][t][h] += a[t] * b[h];
+                (*acc)[g][t][h] += a[g][t] * b[h];
             }
         }
     }
@@ -187,10 +193,10 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     // plans cut longer k ranges into accumulated pieces.
     let full_steps = gemm.k / 4u;
     for (var kv = 0u; kv < full_steps; kv++) {
-        gemm_step(&acc, at, kv, 4u);
+        gemm_step(&acc, lhs_tile(at, lid.x, kv, 4u), at, kv, 4u);
     }
     if (gemm.k % 4u != 0u) {
-        gemm_step(&acc, at, full_steps, gemm.k % 4u);
+        gemm_step(&acc, lhs_tile(at, lid.x, full_steps, gemm.k % 4u), at, full_steps, gemm.k % 4u);
     }
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {

@@ -32,6 +32,11 @@ pub struct BenchOptions {
     /// Also time each kernel of every loss operation, each dispatch in a compute pass of
     /// its own (GPU timestamps only).
     pub profile: bool,
+    /// Operations to run besides the GEMM (see [`BenchRow::op`]); all when empty.
+    pub ops: Vec<String>,
+    /// Time by host wall clock around submit and wait even where GPU timestamps exist,
+    /// as a framework's own benchmark does.
+    pub wall_clock: bool,
 }
 
 /// The default shapes: B ∈ {256, 1024}, D ∈ {128, 512}, C ∈ {4096, 16384, 100000}.
@@ -61,6 +66,8 @@ impl Default for BenchOptions {
             json: None,
             context: ContextOptions::default(),
             profile: false,
+            ops: Vec::new(),
+            wall_clock: false,
         }
     }
 }
@@ -78,7 +85,27 @@ options:
   --adapter NAME        adapter whose name contains NAME (default: WGPU_ADAPTER_NAME, else wgpu's choice)
   --backend NAME        vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all)
   --profile             also time each kernel of the loss operations (needs GPU timestamps)
+  --ops NAME,...        operations besides the GEMM (default all): fused_forward,
+                        fused_forward_backward, fused_min_memory_fwd_bwd,
+                        unfused_forward_backward, slice_api_tiny_call
+  --wall-clock          time by host wall clock around submit and wait, not GPU timestamps
 ";
+
+/// The operations besides the GEMM, in the order they run.
+const OPS: [&str; 5] = [
+    "fused_forward",
+    "fused_forward_backward",
+    "fused_min_memory_fwd_bwd",
+    "unfused_forward_backward",
+    "slice_api_tiny_call",
+];
+
+impl BenchOptions {
+    /// Whether `op` runs.
+    fn runs(&self, op: &str) -> bool {
+        self.ops.is_empty() || self.ops.iter().any(|o| o == op)
+    }
+}
 
 /// Parses the benchmark's arguments (unknown flags such as cargo's `--bench` are ignored).
 pub fn parse_args(args: &[String]) -> std::result::Result<BenchOptions, String> {
@@ -107,6 +134,16 @@ pub fn parse_args(args: &[String]) -> std::result::Result<BenchOptions, String> 
                     Some(crate::parse_backends(&name).ok_or(format!("unknown backend {name:?}"))?);
             }
             "--profile" => options.profile = true,
+            "--wall-clock" => options.wall_clock = true,
+            "--ops" => {
+                options.ops = value("--ops")?.split(',').map(str::to_string).collect();
+                if let Some(bad) = options.ops.iter().find(|op| !OPS.contains(&op.as_str())) {
+                    return Err(format!(
+                        "unknown operation {bad:?}; known: {}",
+                        OPS.join(", ")
+                    ));
+                }
+            }
             "--help" | "-h" => return Err(USAGE.to_string()),
             _ => {}
         }
@@ -258,7 +295,7 @@ fn time_op(
     options: &BenchOptions,
     record: Record<'_>,
 ) -> Result<(Timing, [f64; 3])> {
-    let queries = ctx.has_timestamps().then(|| {
+    let queries = (ctx.has_timestamps() && !options.wall_clock).then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("bench timestamps"),
             ty: wgpu::QueryType::Timestamp,
@@ -531,6 +568,9 @@ pub fn run(
                 Pass::ForwardBackward,
             ),
         ] {
+            if !options.runs(op) {
+                continue;
+            }
             note(op);
             let with_grads = pass == Pass::ForwardBackward;
             let flops = if with_grads {
@@ -617,8 +657,10 @@ pub fn run(
         }
         rows.extend(shape_rows);
     }
-    progress("slice API host overhead: B=1 D=1 C=2");
-    rows.push(tiny_call_row(ctx, options)?);
+    if options.runs("slice_api_tiny_call") {
+        progress("slice API host overhead: B=1 D=1 C=2");
+        rows.push(tiny_call_row(ctx, options)?);
+    }
     Ok(rows)
 }
 

@@ -143,8 +143,10 @@ impl Context {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("margin-softmax"),
-                // Timestamps let the benchmark time the GPU itself; nothing else needs them.
-                required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+                // Timestamps let the benchmark time the GPU itself; subgroups let the GEMM
+                // share loads where they are 8 wide (kernels::shares_lhs).
+                required_features: adapter.features()
+                    & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP),
                 required_limits: adapter.limits(),
                 ..Default::default()
             })

@@ -256,9 +256,29 @@ const GEMM_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
     include_str!("../shaders/gemm.wgsl")
 );
+/// The lhs loader where each invocation loads its own block.
+const GEMM_LHS_LOADS_WGSL: &str = include_str!("../shaders/gemm_lhs_loads.wgsl");
+/// The lhs loader where an 8-wide subgroup shares the block.
+const GEMM_LHS_SUBGROUP_WGSL: &str = include_str!("../shaders/gemm_lhs_subgroup.wgsl");
+
+/// Whether the GEMM's lhs block can be shared by subgroups (gemm_lhs_subgroup.wgsl):
+/// subgroups of exactly 8 invocations (llvmpipe), enabled on the device, and 8
+/// invocations along a workgroup's rows, so that a subgroup is one row of it.
+pub(crate) fn shares_lhs(device: &wgpu::Device, tiles: TileConfig) -> bool {
+    let info = device.adapter_info();
+    device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == 8
+        && info.subgroup_max_size == 8
+        && tiles.classes_per_workgroup == 8
+}
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, tiles: TileConfig) -> Kernels {
+        let lhs_loader = if shares_lhs(device, tiles) {
+            GEMM_LHS_SUBGROUP_WGSL
+        } else {
+            GEMM_LHS_LOADS_WGSL
+        };
         use Binding::*;
         // Every check stays on. The GEMM module alone drops naga's forced loop bound:
         // its extra counter hides the trip counts of the register-block loops from the
@@ -281,7 +301,7 @@ impl Kernels {
         let norms = module("norms.wgsl", NORMS_WGSL, true);
         let forward = module("forward.wgsl", FORWARD_WGSL, true);
         let backward = module("backward.wgsl", BACKWARD_WGSL, true);
-        let gemm = module("gemm.wgsl", GEMM_WGSL, false);
+        let gemm = module("gemm.wgsl", &format!("{GEMM_WGSL}{lhs_loader}"), false);
         let tile_constants = [
             ("ROWS_WG", f64::from(tiles.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
