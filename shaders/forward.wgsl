@@ -130,6 +130,34 @@ fn add_other(state: SplitPartial, c: f32, j: u32) -> SplitPartial {
     return st;
 }
 
+/// The state after four more non-target classes j0 .. j0 + 3 with cosines c, those
+/// where `take` holds: one rescale for the four, and the lowest index kept on ties.
+fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> SplitPartial {
+    var st = state;
+    let z = params.scale * c;
+    let top = max(max(select(NEG_BIG, z.x, take.x), select(NEG_BIG, z.y, take.y)),
+                  max(select(NEG_BIG, z.z, take.z), select(NEG_BIG, z.w, take.w)));
+    if (top > st.max_logit) {
+        let f = exp(st.max_logit - top);
+        st.sum_exp *= f;
+        st.sum_exp_logit *= f;
+        st.sum_exp_other *= f;
+        st.max_logit = top;
+    }
+    let e = select(vec4<f32>(), exp(z - st.max_logit), take);
+    let sum = (e.x + e.y) + (e.z + e.w);
+    st.sum_exp += sum;
+    st.sum_exp_other += sum;
+    st.sum_exp_logit += dot(e, c);
+    for (var t = 0u; t < 4u; t++) {
+        if (take[t] && c[t] > st.best_other_cos) {
+            st.best_other_cos = c[t];
+            st.best_other_class = j0 + t;
+        }
+    }
+    return st;
+}
+
 /// The state after one more class j with cosine c, for a row labelled `label`.
 fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
     if (j == label) { return add_target(state, c); }
@@ -200,8 +228,7 @@ fn finish_row(i: u32, acc: SplitPartial) {
     row_stats[i] = stats;
 }
 
-/// Lane partials of one workgroup: in `class_split_partials` index
-/// (row in tile)·CLASSES_WG + class lane; in `logit_softmax_rows` the lane.
+/// Lane partials of one workgroup, index (row in tile)·CLASSES_WG + class lane.
 var<workgroup> lane_partials: array<SplitPartial, ROWS_WG * ROW_BLOCK * CLASSES_WG>;
 
 /// lane_partials[first] ⊕ … ⊕ lane_partials[first + count − 1], in lane order.
@@ -279,30 +306,30 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     finish_row(i, acc);
 }
 
-/// Unfused baseline and chunked plan: one workgroup per row of the materialised logits
-/// (rows [row_begin, row_end), stored from row_begin). Lanes take strided quads of four
-/// classes, then lane 0 folds them in lane order and finishes the row. With
-/// `write_grads` the lanes then overwrite the row with G'_ij = G_ij/‖w_j‖ (the chunked
-/// plan's 1/N is deferred), and with 0 past C.
+/// Unfused baseline and chunked plan: one row of the materialised logits per ROWS_WG
+/// invocations of a workgroup (rows [row_begin, row_end), stored from row_begin). The
+/// CLASSES_WG lanes of a row take strided quads of four classes, then its lane 0 folds
+/// them in lane order and finishes the row. With `write_grads` the lanes then overwrite
+/// the row with G'_ij = G_ij/‖w_j‖ (the chunked plan's 1/N is deferred), 0 past C.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) lane: u32) {
-    let i = params.row_begin + wid.x + wid.y * nwg.x;
-    if (i >= params.row_end) { return; }
-    let lanes = ROWS_WG * CLASSES_WG;
-    let y = label_of(i);
-    let base = (i - params.row_begin) * logit_stride() / 4u;
-    let quads = logit_stride() / 4u;
+                      @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = params.row_begin + (wid.x + wid.y * nwg.x) * ROWS_WG + lid.y;
+    // Rows past the end take part in the barriers only.
+    let in_range = i < params.row_end;
+    let lane = lid.x;
+    let lanes = CLASSES_WG;
+    let y = select(IGNORE, label_of(i), in_range);
+    let base = (min(i, params.row_end - 1u) - params.row_begin) * logit_stride() / 4u;
+    let quads = select(0u, logit_stride() / 4u, in_range);
     let raw = params.raw_classes == 1u;
     var st = empty_partial();
     // The target, whose logit takes the margin, joins after the other classes, in the
     // lane that holds it: the loop over the other classes stays free of the margin.
     for (var q = lane; q < quads; q += lanes) {
         let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[q], raw);
-        for (var t = 0u; t < 4u; t++) {
-            let j = 4u * q + t;
-            if (j < params.classes && j != y) { st = add_other(st, c[t], j); }
-        }
+        let j = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+        st = add_others(st, c, 4u * q, j < vec4<u32>(params.classes) & j != vec4<u32>(y));
     }
     // c_iy, read before the gradient pass below overwrites the row.
     var target_cos = 0.0;
@@ -310,13 +337,14 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         target_cos = logits[base + y / 4u][y % 4u] * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw);
         if ((y / 4u) % lanes == lane) { st = add_target(st, target_cos); }
     }
-    lane_partials[lane] = st;
+    lane_partials[lid.y * lanes + lane] = st;
     workgroupBarrier();
-    if (lane == 0u) {
-        finish_row(i, fold_lanes(0u, lanes));
+    if (in_range && lane == 0u) {
+        finish_row(i, fold_lanes(lid.y * lanes, lanes));
     }
     if (params.write_grads == 0u) { return; }
     storageBarrier();
+    if (!in_range) { return; }
     let row = row_softmax[i];
     // Every class as a non-target of the margin softmax first (0 for the hard margin);
     // then the lanes that hold the target, and the hard margin's best other class,

@@ -927,7 +927,13 @@ impl Plan {
                 steps.push(matmul(next)?);
                 steps.push(Step {
                     pass,
-                    ..once(&k.logit_softmax_rows, fold_grid(u64::from(r1 - r0), max)?)
+                    ..once(
+                        &k.logit_softmax_rows,
+                        fold_grid(
+                            u64::from(r1 - r0).div_ceil(u64::from(ctx.tiles.rows_per_workgroup)),
+                            max,
+                        )?,
+                    )
                 });
                 next += 1;
                 while self
