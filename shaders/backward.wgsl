@@ -285,16 +285,18 @@ fn deferred_norm() -> f32 {
     return select(1.0 / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
-/// Unfused baseline and chunked plan: one invocation per row of the stacked [x; w]; the
+/// Unfused baseline and chunked plan: one invocation per row of the stacked [x; w chunk]; the
 /// gemm.wgsl results gx̂ (in grad_features) and gŵ, or gw' = gŵ/‖w‖ with `raw_classes`
 /// (in grad_classes), are projected in place.
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
+    // Rows of x come first, in the first class chunk only (norm_feature_rows = B there).
     let row = folded_index(wid, nwg, lid);
+    let feature_rows = params.norm_feature_rows;
     let d_len = params.dim;
     let norm = deferred_norm();
-    if (row < params.batch) {
+    if (row < feature_rows) {
         let base = row * d_len;
         let inv = inv_norm_features[row];
         var dot = 0.0;
@@ -303,9 +305,9 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         for (var d = 0u; d < d_len; d++) {
             grad_features[base + d] = (grad_features[base + d] - features[base + d] * along) * inv * norm;
         }
-    } else if (row < params.batch + params.classes) {
-        let base = (row - params.batch) * d_len;
-        let inv = inv_norm_classes[row - params.batch];
+    } else if (row - feature_rows < params.classes) {
+        let base = (row - feature_rows) * d_len;
+        let inv = inv_norm_classes[row - feature_rows];
         var dot = 0.0;
         for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d], grad_classes[base + d], dot); }
         // The projection is linear: projecting gw' = gŵ·inv gives dL/dw directly.

@@ -136,8 +136,9 @@ fn folded_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 
 /// D rounded up to a multiple of 4: the row length of x and w as the GEMMs read them.
 fn padded_dim() -> u32 { return (params.dim + 3u) & ~3u; }
-/// Classes rounded up to a multiple of 4: the row length of the stored logits and G.
-fn logit_stride() -> u32 { return (params.classes + 3u) & ~3u; }
+/// C rounded up to a multiple of 4: the row length of the stored logits and G, which
+/// hold every class chunk's columns.
+fn logit_stride() -> u32 { return (params.total_classes + 3u) & ~3u; }
 
 /// Rows in one cosine tile.
 fn tile_rows() -> u32 { return ROWS_WG * ROW_BLOCK; }

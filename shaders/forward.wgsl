@@ -329,7 +329,7 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     for (var q = lane; q < quads; q += lanes) {
         let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[q], raw);
         let j = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
-        st = add_others(st, c, 4u * q, j < vec4<u32>(params.classes) & j != vec4<u32>(y));
+        st = add_others(st, c, 4u * q, j < vec4<u32>(params.total_classes) & j != vec4<u32>(y));
     }
     // c_iy, read before the gradient pass below overwrites the row.
     var target_cos = 0.0;
@@ -353,7 +353,7 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     for (var q = lane; q < quads; q += lanes) {
         let inv_w = inv_norm_class_quads[q];
         let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
-        let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(params.classes);
+        let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(params.total_classes);
         let g = flush_subnormal(params.scale * p * inv_w);
         logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
     }

@@ -88,7 +88,7 @@ fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if (!is_features && at.y >= params.classes) { return; }
     var scale = inv_norm_features[min(at.y, params.batch - 1u)];
     if (!is_features) { scale = select(inv_norm_classes[at.y], 1.0, params.raw_classes == 1u); }
-    let dest = (at.y + select(params.batch, 0u, is_features)) * padded_dim();
+    let dest = (at.y + select(params.batch + params.class_offset, 0u, is_features)) * padded_dim();
     let source = at.y * params.dim;
     for (var k = 0u; k < params.dim; k++) { padded_rows[dest + k] = input_value(is_features, source + k) * scale; }
     for (var k = params.dim; k < padded_dim(); k++) { padded_rows[dest + k] = 0.0; }

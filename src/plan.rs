@@ -185,13 +185,14 @@ impl Geometry {
                     * tiles_per_split(tile_iterations(d, tile, tile))
                     * tile;
                 let binding_fit = ctx.max_binding / row_bytes;
-                // The chunked plan never runs the fused dL/dx pass, so its loop budget does not apply.
-                let feature_fit = if algorithm == Algorithm::Chunked {
-                    u64::MAX
+                // The chunked plan runs GEMMs only: the fused passes' loop budgets do not
+                // apply, only one binding of w per chunk.
+                let fit = if algorithm == Algorithm::Chunked {
+                    binding_fit
                 } else {
-                    feature_fit
-                };
-                let fit = forward_fit.min(feature_fit).min(binding_fit) / quantum * quantum;
+                    forward_fit.min(feature_fit).min(binding_fit)
+                } / quantum
+                    * quantum;
                 if fit == 0 {
                     return Err(Error::TooLarge {
                         what: "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
@@ -211,14 +212,16 @@ impl Geometry {
                 (fit.min(u64::from(classes)) as u32, passes)
             }
         };
+        // The padded copies are bound whole: they must fit one binding.
+        let copies = product(&[4, padded_rows(shape, algorithm), padded(d)]);
+        if copies > ctx.max_binding {
+            return Err(Error::TooLarge {
+                what: "copies of x̂ and w in rows of D rounded up to 4 (D is not a multiple of 4)",
+                size: copies,
+                limit: ctx.max_binding,
+            });
+        }
         if algorithm == Algorithm::Chunked {
-            if chunk_classes < classes {
-                return Err(Error::TooLarge {
-                    what: "classes for the chunked plan (it needs w in one binding and one class chunk)",
-                    size: u64::from(classes),
-                    limit: u64::from(chunk_classes),
-                });
-            }
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
             // The rest of the workspace (norms, flags, softmax rows, the padded copies, and
@@ -366,6 +369,8 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
 struct GemmSpec {
     shape: GemmShape,
     layout: GemmLayout,
+    /// The class chunk whose bindings of w and dL/dw it reads and writes.
+    chunk: usize,
     lhs: Binding,
     rhs: Binding,
     product: Binding,
@@ -400,75 +405,88 @@ impl GemmSpec {
     }
 }
 
-/// The GEMMs of a plan, in the order its steps use them. They read x̂ from its padded
-/// copy, w from the caller's buffer or its copy after x̂ ([`copies_classes`]), in rows
-/// of D rounded up to 4; the logits and G in rows of C rounded up to 4.
+/// The GEMMs of a plan, in the order its steps use them: per row chunk, the dots of every
+/// class chunk, then (for gradients) gx̂ and gw of every class chunk. They read x̂ from its
+/// padded copy, w from the caller's buffer (bound per class chunk) or its copy after x̂
+/// ([`copies_classes`]), in rows of D rounded up to 4; the logits and G in rows of C
+/// rounded up to 4, a class chunk's columns from its first class.
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
     let (c4, d4) = (padded(c.into()) as u32, padded(d.into()) as u32);
-    // w's binding, and the element of it where w's rows start.
-    let (classes, classes_at) = if copies_classes(shape, algorithm) {
-        (Binding::PaddedRows, b * d4)
-    } else {
-        (Binding::ClassVectors, 0)
+    let copied = copies_classes(shape, algorithm);
+    // w's binding for a chunk, and the element of it where the chunk's rows start.
+    let classes = |part: &Chunk| {
+        if copied {
+            (Binding::PaddedRows, (b + part.class_offset) * d4)
+        } else {
+            (Binding::ClassVectors, 0)
+        }
     };
-    let spec = |shape, layout, lhs, rhs, product| GemmSpec {
+    let features = Binding::PaddedRows;
+    let spec = |chunk, shape, layout, lhs, rhs, product| GemmSpec {
         shape,
         layout,
+        chunk,
         lhs,
         rhs,
         product,
     };
-    // For rows [r0, r0 + rows): the dots x̂·wᵀ, gx̂ = G·w and gw (+)= Gᵀ·x̂.
-    let chunk = |r0: u32, rows: u32, first: bool| {
-        let mut dots = GemmShape::new((rows, c, d), d4, d4, c4);
-        dots.lhs_offset = r0 * d4;
-        dots.rhs_offset = classes_at;
-        let mut gx = GemmShape::new((rows, d, c), c4, d4, d);
-        gx.rhs_offset = classes_at;
-        gx.product_offset = r0 * d;
-        let mut gw = GemmShape::new((c, d, rows), c4, d4, d);
-        gw.rhs_offset = r0 * d4;
-        gw.accumulate = u32::from(!first);
-        let features = Binding::PaddedRows;
-        let mut specs = vec![spec(
-            dots,
-            GemmLayout::Dots,
-            features,
-            classes,
-            Binding::Logits,
-        )];
-        let gx = spec(
-            gx,
-            GemmLayout::FeatureGrad,
-            Binding::Logits,
-            classes,
-            Binding::GradFeatures,
-        );
-        specs.extend(gx.k_pieces());
-        let gw = spec(
-            gw,
-            GemmLayout::ClassGrad,
-            Binding::Logits,
-            features,
-            Binding::GradClasses,
-        );
-        specs.extend(gw.k_pieces());
-        specs
+    let passes: &[(u32, u32)] = match algorithm {
+        Algorithm::Fused => &[],
+        _ => &g.row_passes,
     };
-    match algorithm {
-        Algorithm::Fused => Vec::new(),
-        // Cosines c = x̂·ŵᵀ, then gx̂ = G·ŵ and gŵ = Gᵀ·x̂ on the materialised G.
-        Algorithm::Unfused => chunk(0, b, true),
-        // Per row chunk [r0, r1): dots x̂·wᵀ, then (G' = G/‖w‖) gx̂ = G'·w and
-        // gw' += G'ᵀ·x̂.
-        Algorithm::Chunked => g
-            .row_passes
-            .iter()
-            .enumerate()
-            .flat_map(|(pass, &(r0, r1))| chunk(r0, r1 - r0, pass == 0))
-            .collect(),
+    let mut specs = Vec::new();
+    for (pass, &(r0, r1)) in passes.iter().enumerate() {
+        let rows = r1 - r0;
+        // x̂·wᵀ into the chunk's columns of the logits.
+        for (k, part) in g.chunks.iter().enumerate() {
+            let (w, w_at) = classes(part);
+            let mut dots = GemmShape::new((rows, part.classes, d), d4, d4, c4);
+            dots.lhs_offset = r0 * d4;
+            dots.rhs_offset = w_at;
+            dots.product_offset = part.class_offset;
+            specs.push(spec(
+                k,
+                dots,
+                GemmLayout::Dots,
+                features,
+                w,
+                Binding::Logits,
+            ));
+        }
+        // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
+        for (k, part) in g.chunks.iter().enumerate() {
+            let (w, w_at) = classes(part);
+            let mut gx = GemmShape::new((rows, d, part.classes), c4, d4, d);
+            gx.lhs_offset = part.class_offset;
+            gx.rhs_offset = w_at;
+            gx.product_offset = r0 * d;
+            gx.accumulate = u32::from(k > 0);
+            let gx = spec(
+                k,
+                gx,
+                GemmLayout::FeatureGrad,
+                Binding::Logits,
+                w,
+                Binding::GradFeatures,
+            );
+            specs.extend(gx.k_pieces());
+            let mut gw = GemmShape::new((part.classes, d, rows), c4, d4, d);
+            gw.lhs_offset = part.class_offset;
+            gw.rhs_offset = r0 * d4;
+            gw.accumulate = u32::from(pass > 0);
+            let gw = spec(
+                k,
+                gw,
+                GemmLayout::ClassGrad,
+                Binding::Logits,
+                features,
+                Binding::GradClasses,
+            );
+            specs.extend(gw.k_pieces());
+        }
     }
+    specs
 }
 
 /// Byte stride of consecutive uniform structs of `bytes` in one buffer.
@@ -883,6 +901,7 @@ impl Plan {
             let grid = fold_grid(self.gemms[index].shape.workgroups(ctx.tiles), max)?;
             Ok(Step {
                 gemm: Some(index),
+                chunk: self.gemms[index].chunk,
                 ..once(k.matmul(self.gemms[index].layout), grid)
             })
         };
@@ -918,13 +937,29 @@ impl Plan {
             // The GEMM algorithms: x̂ (and w's copy), then per row chunk the dots and their
             // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
             // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
-            steps.push(once(
-                &k.pad_rows,
-                per_row(padded_rows(self.shape, self.algorithm))?,
-            ));
+            // x̂ with the first chunk; w's copy, where made, chunk by chunk.
+            let copied = copies_classes(self.shape, self.algorithm);
+            for (chunk, part) in g.chunks.iter().enumerate() {
+                let rows = if chunk == 0 { b } else { 0 }
+                    + if copied { u64::from(part.classes) } else { 0 };
+                if rows > 0 {
+                    steps.push(Step {
+                        chunk,
+                        ..once(&k.pad_rows, per_row(rows)?)
+                    });
+                }
+            }
+            let gemm_is = |index: usize, dots: bool| {
+                self.gemms
+                    .get(index)
+                    .is_some_and(|spec| (spec.layout == GemmLayout::Dots) == dots)
+            };
             let mut next = 0;
             for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
-                steps.push(matmul(next)?);
+                while gemm_is(next, true) {
+                    steps.push(matmul(next)?);
+                    next += 1;
+                }
                 steps.push(Step {
                     pass,
                     ..once(
@@ -935,12 +970,7 @@ impl Plan {
                         )?,
                     )
                 });
-                next += 1;
-                while self
-                    .gemms
-                    .get(next)
-                    .is_some_and(|spec| spec.layout != GemmLayout::Dots)
-                {
+                while gemm_is(next, false) {
                     if chunked_backward {
                         steps.push(matmul(next)?);
                     }
@@ -959,15 +989,20 @@ impl Plan {
         if backward && phase == Phase::Whole {
             match self.algorithm {
                 Algorithm::Fused => steps.extend(fused_backward()?),
-                Algorithm::Chunked => {
-                    steps.push(once(&k.normalize_backward, per_row(b + c)?));
-                }
+                Algorithm::Chunked => {}
                 Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
                     for index in 1..self.gemms.len() {
                         steps.push(matmul(index)?);
                     }
-                    steps.push(once(&k.normalize_backward, per_row(b + c)?));
+                }
+            }
+            if self.algorithm != Algorithm::Fused {
+                for chunk in 0..g.chunks.len() {
+                    steps.push(Step {
+                        chunk,
+                        ..once(&k.normalize_backward, per_row(rows_of(chunk))?)
+                    });
                 }
             }
         }
