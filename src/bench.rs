@@ -471,12 +471,6 @@ pub fn run(
         };
 
         note("gemm");
-        let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("gemm product"),
-            size: (b * c * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
         // x·wᵀ as the plans' dots read it: rows of D rounded up to 4 (copies with zero
         // padding when D is not a multiple of 4).
         let d4 = padded(d as u64) as usize;
@@ -500,40 +494,69 @@ pub fn run(
         );
         let lhs = lhs_copy.as_ref().unwrap_or(&buffers.features);
         let rhs = rhs_copy.as_ref().unwrap_or(&buffers.classes);
-        let gemm = GemmShape::new(
-            (b as u32, c as u32, d as u32),
-            d4 as u32,
-            d4 as u32,
-            c as u32,
-        );
-        let gemm_uniform = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("gemm shape"),
-                contents: bytemuck::bytes_of(&gemm),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let grid = fold_grid(
-            gemm.workgroups(ctx.tiles),
-            ctx.limits.max_compute_workgroups_per_dimension,
-        )?;
+        // Where w or the product exceeds one binding, the classes go in pieces (multiples
+        // of 64, so offsets stay aligned), each bound at its offset and writing a product
+        // of its own columns into the same buffer.
+        let fit = ctx.max_binding / (4 * d4.max(b) as u64);
+        let piece = (fit / 64 * 64).clamp(64, c as u64) as usize;
+        let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gemm product"),
+            size: (b * piece * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let pieces: Vec<(usize, usize)> = (0..c)
+            .step_by(piece)
+            .map(|n0| (n0, piece.min(c - n0)))
+            .collect();
+        let uniforms: Vec<(wgpu::Buffer, (u32, u32))> = pieces
+            .iter()
+            .map(|&(_, n)| {
+                let gemm = GemmShape::new(
+                    (b as u32, n as u32, d as u32),
+                    d4 as u32,
+                    d4 as u32,
+                    n as u32,
+                );
+                let uniform = ctx
+                    .device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("gemm shape"),
+                        contents: bytemuck::bytes_of(&gemm),
+                        usage: wgpu::BufferUsages::UNIFORM,
+                    });
+                let grid = fold_grid(
+                    gemm.workgroups(ctx.tiles),
+                    ctx.limits.max_compute_workgroups_per_dimension,
+                )?;
+                Ok((uniform, grid))
+            })
+            .collect::<Result<_>>()?;
         let whole = |buffer| wgpu::BufferBinding {
             buffer,
             offset: 0,
             size: None,
         };
         let gemm_result = time_op(ctx, options, &|encoder, writes| {
-            let dispatch = Dispatch {
-                kernel: ctx.kernels.matmul(GemmLayout::Dots),
-                grid,
-                resources: vec![
-                    whole(&gemm_uniform),
-                    whole(lhs),
-                    whole(rhs),
-                    whole(&product),
-                ],
-            };
-            encode(&ctx.device, encoder, &[dispatch], writes)
+            let dispatches: Vec<Dispatch<'_>> = pieces
+                .iter()
+                .zip(&uniforms)
+                .map(|(&(n0, n), (uniform, grid))| Dispatch {
+                    kernel: ctx.kernels.matmul(GemmLayout::Dots),
+                    grid: *grid,
+                    resources: vec![
+                        whole(uniform),
+                        whole(lhs),
+                        wgpu::BufferBinding {
+                            buffer: rhs,
+                            offset: (n0 * d4 * 4) as u64,
+                            size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
+                        },
+                        whole(&product),
+                    ],
+                })
+                .collect();
+            encode(&ctx.device, encoder, &dispatches, writes)
         });
         let gemm_bytes = lhs.size() + rhs.size() + product.size();
         drop(product);
