@@ -11,6 +11,10 @@
 /// The stacked [x̂; ŵ or w] (or x̂ alone), rows of padded_dim() values, zero past D.
 /// Workspace.
 @group(0) @binding(14) var<storage, read_write> padded_rows: array<f32>;
+/// x four values per entry (the same buffer as `features`), for the aligned middle of a row.
+@group(0) @binding(25) var<storage, read> feature_quads: array<vec4<f32>>;
+/// This chunk of w four values per entry (the same binding as `class_vectors`).
+@group(0) @binding(26) var<storage, read> class_quads: array<vec4<f32>>;
 /// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
@@ -22,27 +26,74 @@ fn input_value(is_features: bool, index: u32) -> f32 {
     return class_vectors[index];
 }
 
+/// Elements index .. index + 3 of x (is_features) or of w; `index` a multiple of 4.
+fn input_quad(is_features: bool, index: u32) -> vec4<f32> {
+    if (is_features) { return feature_quads[index / 4u]; }
+    return class_quads[index / 4u];
+}
+
+/// The D values from `base` as the elements before the first multiple of 4, the vec4s
+/// from there, and the elements after the last: (vec4 start, vec4 end, row end). With
+/// D a multiple of 4 the row is all vec4s: a quarter of the loads.
+fn row_span(base: u32) -> vec3<u32> {
+    let end = base + params.dim;
+    let quads_begin = min((base + 3u) & ~3u, end);
+    return vec3<u32>(quads_begin, max(quads_begin, end & ~3u), end);
+}
+
+/// max |v| over the D values from `base`, or -1 if one is not finite.
+fn row_abs_max(is_features: bool, base: u32) -> f32 {
+    let span = row_span(base);
+    var amax = 0.0;
+    var non_finite = false;
+    for (var k = base; k < span.x; k++) {
+        let v = input_value(is_features, k);
+        non_finite = non_finite || is_non_finite(v);
+        amax = max(amax, abs(v));
+    }
+    for (var k = span.x; k < span.y; k += 4u) {
+        let v = abs(input_quad(is_features, k));
+        non_finite = non_finite || any((bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u));
+        amax = max(amax, max(max(v.x, v.y), max(v.z, v.w)));
+    }
+    for (var k = span.y; k < span.z; k++) {
+        let v = input_value(is_features, k);
+        non_finite = non_finite || is_non_finite(v);
+        amax = max(amax, abs(v));
+    }
+    return select(amax, -1.0, non_finite);
+}
+
+/// Σ (v·scale)² over the D values from `base`.
+fn row_sum_squares(is_features: bool, base: u32, scale: f32) -> f32 {
+    let span = row_span(base);
+    var sum_sq = 0.0;
+    for (var k = base; k < span.x; k++) {
+        let u = input_value(is_features, k) * scale;
+        sum_sq = fma(u, u, sum_sq);
+    }
+    for (var k = span.x; k < span.y; k += 4u) {
+        let u = input_quad(is_features, k) * scale;
+        sum_sq += dot(u, u);
+    }
+    for (var k = span.y; k < span.z; k++) {
+        let u = input_value(is_features, k) * scale;
+        sum_sq = fma(u, u, sum_sq);
+    }
+    return sum_sq;
+}
+
 /// 1/max(‖v‖, ε) of the D values starting at `base`, or -1 if one is not finite.
 /// The row is scaled by its largest magnitude first, so squares neither overflow nor underflow.
 fn inv_norm(is_features: bool, base: u32) -> f32 {
-    let d = params.dim;
-    var amax = 0.0;
-    for (var k = 0u; k < d; k++) {
-        let v = input_value(is_features, base + k);
-        if (is_non_finite(v)) { return -1.0; }
-        amax = max(amax, abs(v));
-    }
+    let amax = row_abs_max(is_features, base);
+    if (amax < 0.0) { return -1.0; }
     // ‖v‖ ≤ amax·√D: below 1e-30 the row is shorter than ε for any D up to 1e36, and
     // 1/amax would overflow for subnormal amax.
     if (amax < 1e-30) { return 1.0 / EPS; }
     let inv_amax = 1.0 / amax;
-    var sum_sq = 0.0;
-    for (var k = 0u; k < d; k++) {
-        let u = input_value(is_features, base + k) * inv_amax;
-        sum_sq = fma(u, u, sum_sq);
-    }
     // ‖v‖ = amax·sqrt(Σ(v/amax)²).
-    let root = sqrt(sum_sq);
+    let root = sqrt(row_sum_squares(is_features, base, inv_amax));
     if (amax * root < EPS) { return 1.0 / EPS; }
     return inv_amax / root;
 }

@@ -53,6 +53,10 @@ pub struct Context {
     pub(crate) shard_cache: Mutex<Option<ShardBuffers>>,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
+    /// 16 bytes bound as the vec4 view of an input region under 16 bytes: then D < 4, no
+    /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
+    /// element of an array).
+    pub(crate) quad_stand_in: wgpu::Buffer,
 }
 
 /// A buffer the crate allocated, counted in [`Context::allocated_bytes`] while it lives.
@@ -232,6 +236,12 @@ impl Context {
         }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = Kernels::new(&device, tiles);
+        let quad_stand_in = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("quad stand-in"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(e.to_string()));
         }
@@ -251,6 +261,7 @@ impl Context {
             slice_pool: Mutex::new(Vec::new()),
             shard_cache: Mutex::new(None),
             allocated: Arc::new(AtomicU64::new(0)),
+            quad_stand_in,
         })
     }
 

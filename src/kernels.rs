@@ -29,6 +29,8 @@ pub(crate) enum Binding {
     GemmRhs = 22,
     GemmProduct = 23,
     ClassIndex = 18,
+    FeatureQuads = 25,
+    ClassQuads = 26,
 }
 
 /// The cosine-tile workgroup shape, set on the WGSL `override` constants at pipeline creation.
@@ -346,6 +348,8 @@ impl Kernels {
                     Params,
                     Features,
                     ClassVectors,
+                    FeatureQuads,
+                    ClassQuads,
                     InvNormFeatures,
                     InvNormClasses,
                     InputFlags,

@@ -1030,7 +1030,7 @@ impl Plan {
     /// a matmul step, the GEMM bindings resolve through that GEMM's operands.
     fn resource<'b>(
         &'b self,
-        ctx: &Context,
+        ctx: &'b Context,
         binding: Binding,
         step: &Step<'_>,
         regions: &'b [Region<'b>],
@@ -1105,6 +1105,17 @@ impl Plan {
             }),
             Binding::Features => caller("features", None),
             Binding::ClassVectors => caller("classes", Some(class_range(row_bytes, true))),
+            Binding::FeatureQuads | Binding::ClassQuads => {
+                let scalars = if binding == Binding::FeatureQuads {
+                    caller("features", None)?
+                } else {
+                    caller("classes", Some(class_range(row_bytes, true)))?
+                };
+                Ok(match scalars.size {
+                    Some(size) if size.get() < 16 => whole(&ctx.quad_stand_in),
+                    _ => scalars,
+                })
+            }
             Binding::Labels => caller("labels", None),
             Binding::RowStats => caller("row_stats", None),
             Binding::Summary => caller("summary", None),
@@ -1163,6 +1174,8 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
         Binding::InvNormClassQuads => "inv_norm_class_quads",
+        Binding::FeatureQuads => "feature_quads",
+        Binding::ClassQuads => "class_quads",
         Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
         Binding::Logits => "logits (B·C·4 bytes)",
         Binding::GemmShape => "gemm",
