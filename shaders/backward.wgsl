@@ -33,7 +33,7 @@
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
 /// Unfused baseline: the B×C cosines, overwritten with G by `logit_grads`; chunked plan:
 /// G' of rows [row_begin, row_end) (forward.wgsl's `logit_softmax_rows`).
-/// Rows logit_stride() apart. Workspace.
+/// Rows logit_stride apart. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<f32>;
 
 
@@ -274,7 +274,7 @@ fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let i = e / params.classes;
     let j = e - i * params.classes;
     let y = label_of(i);
-    let at = i * logit_stride() + j;
+    let at = i * params.logit_stride + j;
     logits[at] = select(0.0, grad_logit(logits[at], row_softmax[i], j, y, grad_coef()), y != IGNORE);
 }
 

@@ -60,6 +60,14 @@ struct Params {
     /// 1 (the chunked plan's backward): `logit_softmax_rows` overwrites each row of dots
     /// with G'_ij = G_ij/‖w_j‖ once the row's softmax is known, without the 1/N.
     write_grads: u32,
+    /// Elements between rows of the materialised logits (a multiple of 4).
+    logit_stride: u32,
+    /// 1: the logits hold one class block (this chunk's classes), not all C; the forward
+    /// leaves per-block partials and the backward recomputes each block's dots.
+    blocks: u32,
+    /// This chunk's partial slot with `blocks`.
+    block_index: u32,
+    _pad: u32,
 }
 
 /// Per-call totals, written by `summarize` and read by the backward kernels.
@@ -136,9 +144,6 @@ fn folded_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 
 /// D rounded up to a multiple of 4: the row length of x and w as the GEMMs read them.
 fn padded_dim() -> u32 { return (params.dim + 3u) & ~3u; }
-/// C rounded up to a multiple of 4: the row length of the stored logits and G, which
-/// hold every class chunk's columns.
-fn logit_stride() -> u32 { return (params.total_classes + 3u) & ~3u; }
 
 /// Rows in one cosine tile.
 fn tile_rows() -> u32 { return ROWS_WG * ROW_BLOCK; }

@@ -22,8 +22,8 @@
 /// Per-call totals, written by `summarize`. Caller's output. Mirrors `Summary` in Rust.
 @group(0) @binding(10) var<storage, read_write> summary: Summary;
 /// Unfused baseline: the B×C cosines c_ij; chunked plan: x̂_i·w_j for rows
-/// [row_begin, row_end); from gemm.wgsl, rows logit_stride() apart, four classes per
-/// entry. Workspace.
+/// [row_begin, row_end) over logit_columns(); from gemm.wgsl, rows logit_stride apart,
+/// four classes per entry. Workspace.
 @group(0) @binding(16) var<storage, read_write> logits: array<vec4<f32>>;
 /// inv_norm_classes four classes per entry (the buffer holds C rounded up to 4 values;
 /// those past C are 0).
@@ -306,11 +306,49 @@ fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     finish_row(i, acc);
 }
 
+/// The columns of the materialised logits a row pass covers: (first global class, classes).
+/// All C classes, or with `blocks` the class block of this dispatch's chunk.
+fn logit_columns() -> vec2<u32> {
+    if (params.blocks == 1u) { return vec2<u32>(params.class_offset, params.classes); }
+    return vec2<u32>(0u, params.total_classes);
+}
+
+/// The row i of the logits (vec4 entries from `base`, classes `columns`) overwritten with
+/// G'_ij = G_ij/‖w_j‖ from the finished row (`row_softmax`, `row_stats`), 0 past the
+/// columns; the lane's share: quads lane, lane + lanes, …. The chunked plan's 1/N is
+/// deferred. Every class goes as a non-target of the margin softmax first (0 for the
+/// hard margin); then the lanes that hold the target, and the hard margin's best other
+/// class, overwrite theirs.
+fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lanes: u32) {
+    let row = row_softmax[i];
+    let soft = y != IGNORE && params.objective == 0u;
+    let first_quad = columns.x / 4u;
+    for (var q = lane; q < (columns.y + 3u) / 4u; q += lanes) {
+        let inv_w = inv_norm_class_quads[first_quad + q];
+        let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
+        let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(columns.y);
+        let g = flush_subnormal(params.scale * p * inv_w);
+        logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
+    }
+    if (y == IGNORE) { return; }
+    var special = array<u32, 2>(y, NO_CLASS);
+    if (params.objective == 1u) { special[1] = row.best_other_class; }
+    for (var k = 0u; k < 2u; k++) {
+        let j = special[k];
+        let local = j - columns.x;
+        if (j != NO_CLASS && j >= columns.x && local < columns.y && (local / 4u) % lanes == lane) {
+            let g = grad_logit(row_stats[i].target_cos, row, j, y, params.scale);
+            logits[base + local / 4u][local % 4u] = g * inv_norm_class_quads[j / 4u][j % 4u];
+        }
+    }
+}
+
 /// Unfused baseline and chunked plan: one row of the materialised logits per ROWS_WG
-/// invocations of a workgroup (rows [row_begin, row_end), stored from row_begin). The
-/// CLASSES_WG lanes of a row take strided quads of four classes, then its lane 0 folds
-/// them in lane order and finishes the row. With `write_grads` the lanes then overwrite
-/// the row with G'_ij = G_ij/‖w_j‖ (the chunked plan's 1/N is deferred), 0 past C.
+/// invocations of a workgroup (rows [row_begin, row_end), stored from row_begin, over
+/// logit_columns()). The CLASSES_WG lanes of a row take strided quads of four classes,
+/// then its lane 0 folds them in lane order and finishes the row, or with `blocks`
+/// leaves the block's SplitPartial in slot block_index (merged by `merge_rows`). With
+/// `write_grads` the lanes then overwrite the row with G' (`write_grad_row`).
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -320,53 +358,49 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let lane = lid.x;
     let lanes = CLASSES_WG;
     let y = select(IGNORE, label_of(i), in_range);
-    let base = (min(i, params.row_end - 1u) - params.row_begin) * logit_stride() / 4u;
-    let quads = select(0u, logit_stride() / 4u, in_range);
+    let base = (min(i, params.row_end - 1u) - params.row_begin) * params.logit_stride / 4u;
+    let columns = logit_columns();
+    let quads = select(0u, (columns.y + 3u) / 4u, in_range);
+    let first_quad = columns.x / 4u;
     let raw = params.raw_classes == 1u;
     var st = empty_partial();
     // The target, whose logit takes the margin, joins after the other classes, in the
     // lane that holds it: the loop over the other classes stays free of the margin.
     for (var q = lane; q < quads; q += lanes) {
-        let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[q], raw);
-        let j = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
-        st = add_others(st, c, 4u * q, j < vec4<u32>(params.total_classes) & j != vec4<u32>(y));
+        let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[first_quad + q], raw);
+        let local = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
+        let take = local < vec4<u32>(columns.y) & local + columns.x != vec4<u32>(y);
+        st = add_others(st, c, columns.x + 4u * q, take);
     }
-    // c_iy, read before the gradient pass below overwrites the row.
-    var target_cos = 0.0;
-    if (y != IGNORE) {
-        target_cos = logits[base + y / 4u][y % 4u] * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw);
-        if ((y / 4u) % lanes == lane) { st = add_target(st, target_cos); }
+    let target_local = y - columns.x;
+    if (y != IGNORE && y >= columns.x && target_local < columns.y && (target_local / 4u) % lanes == lane) {
+        let c = logits[base + target_local / 4u][target_local % 4u];
+        st = add_target(st, c * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw));
     }
     lane_partials[lid.y * lanes + lane] = st;
     workgroupBarrier();
     if (in_range && lane == 0u) {
-        finish_row(i, fold_lanes(lid.y * lanes, lanes));
+        let merged = fold_lanes(lid.y * lanes, lanes);
+        if (params.blocks == 1u) {
+            split_partials[params.block_index * params.batch + i] = merged;
+        } else {
+            finish_row(i, merged);
+        }
     }
     if (params.write_grads == 0u) { return; }
     storageBarrier();
-    if (!in_range) { return; }
-    let row = row_softmax[i];
-    // Every class as a non-target of the margin softmax first (0 for the hard margin);
-    // then the lanes that hold the target, and the hard margin's best other class,
-    // overwrite theirs.
-    let soft = y != IGNORE && params.objective == 0u;
-    for (var q = lane; q < quads; q += lanes) {
-        let inv_w = inv_norm_class_quads[q];
-        let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
-        let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(params.total_classes);
-        let g = flush_subnormal(params.scale * p * inv_w);
-        logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
-    }
-    if (y == IGNORE) { return; }
-    var special = array<u32, 2>(y, NO_CLASS);
-    if (params.objective == 1u) { special[1] = row.best_other_class; }
-    for (var k = 0u; k < 2u; k++) {
-        let j = special[k];
-        if (j != NO_CLASS && (j / 4u) % lanes == lane) {
-            let g = grad_logit(target_cos, row, j, y, params.scale);
-            logits[base + j / 4u][j % 4u] = g * inv_norm_class_quads[j / 4u][j % 4u];
-        }
-    }
+    if (in_range) { write_grad_row(i, y, base, columns, lane, lanes); }
+}
+
+/// Chunked plan over class blocks, backward: the block's rows of G' from its recomputed
+/// dots and the finished rows, as in `logit_softmax_rows`.
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn logit_grad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = params.row_begin + (wid.x + wid.y * nwg.x) * ROWS_WG + lid.y;
+    if (i >= params.row_end) { return; }
+    let base = (i - params.row_begin) * params.logit_stride / 4u;
+    write_grad_row(i, label_of(i), base, logit_columns(), lid.x, CLASSES_WG);
 }
 
 /// Invocations of the single `summarize` workgroup; a power of two (tree reduction).

@@ -101,6 +101,10 @@ pub(crate) struct GpuParams {
     pub straight_through: u32,
     pub sampled: u32,
     pub write_grads: u32,
+    pub logit_stride: u32,
+    pub blocks: u32,
+    pub block_index: u32,
+    pub _pad: u32,
 }
 
 impl GpuParams {
@@ -236,6 +240,7 @@ pub(crate) struct Kernels {
     pub grad_classes_tile: Kernel,
     pub pad_rows: Kernel,
     pub logit_softmax_rows: Kernel,
+    pub logit_grad_rows: Kernel,
     pub logit_grads: Kernel,
     pub normalize_backward: Kernel,
     /// `matmul` per GemmLayout, in its declaration order (see [`Kernels::matmul`]).
@@ -436,6 +441,19 @@ impl Kernels {
             logit_softmax_rows: kernel(
                 &forward,
                 "logit_softmax_rows",
+                &[
+                    Params,
+                    Labels,
+                    InvNormClassQuads,
+                    SplitPartials,
+                    RowSoftmax,
+                    RowStats,
+                    Logits,
+                ],
+            ),
+            logit_grad_rows: kernel(
+                &forward,
+                "logit_grad_rows",
                 &[
                     Params,
                     Labels,

@@ -64,8 +64,14 @@ struct Geometry {
     chunks: Vec<Chunk>,
     forward_splits: u32,
     feature_splits: u32,
-    /// Row ranges [begin, end) of the dL/dw passes, in row order.
+    /// Row ranges [begin, end) of the dL/dw passes, in row order; for the GEMM
+    /// algorithms, the row chunks of the materialised logits.
     row_passes: Vec<(u32, u32)>,
+    /// Chunked plan: the logits hold one class chunk (a block) at a time, not all C; the
+    /// forward leaves a partial per block and the backward recomputes each block's dots.
+    blocked: bool,
+    /// Elements between rows of the materialised logits (GEMM algorithms).
+    logit_stride: u32,
 }
 
 /// Workgroups the split passes aim for, so that a small batch still fills the device.
@@ -174,7 +180,7 @@ impl Geometry {
             let q = by_row * by_norm / gcd(by_row, by_norm);
             q * tile / gcd(q, tile)
         };
-        let (chunk_classes, mut row_passes) = match algorithm {
+        let (mut chunk_classes, mut row_passes) = match algorithm {
             Algorithm::Unfused => (classes, vec![(0, batch)]),
             Algorithm::Fused | Algorithm::Chunked => {
                 let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
@@ -221,6 +227,7 @@ impl Geometry {
                 limit: ctx.max_binding,
             });
         }
+        let mut blocked = false;
         if algorithm == Algorithm::Chunked {
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
@@ -236,16 +243,51 @@ impl Geometry {
                 .workspace_budget
                 .saturating_sub(rest)
                 .min(ctx.max_binding);
-            let g_row = 4 * padded(u64::from(classes));
-            let rows = (room / g_row).min(65536) as u32;
+            let partials = |blocks: u64| product(&[SPLIT_PARTIAL_BYTES, b, blocks]);
+            let rows_within = |room: u64, row_bytes: u64| (room / row_bytes).min(65536).min(b);
+            let mut rows = rows_within(
+                room.saturating_sub(partials(1)),
+                4 * padded(u64::from(classes)),
+            );
+            if rows < MIN_CHUNK_ROWS.min(b) {
+                // Blocks of classes: G for `rows` rows × one block, and a partial per block
+                // and row; the backward recomputes each block's dots (8·B·C·D flops).
+                rows = b.min(BLOCK_ROWS);
+                let mut block = 0;
+                while rows >= 1 {
+                    // The widest block whose G and partials (one per block) fit: narrower
+                    // blocks need more partials, so shrink to the fixed point.
+                    let fit = |block: u64| {
+                        let blocks = u64::from(classes).div_ceil(block.max(1));
+                        room.saturating_sub(partials(blocks)) / (4 * rows) / quantum * quantum
+                    };
+                    block = fit(u64::from(classes));
+                    while block >= quantum && fit(block) < block {
+                        block = fit(block);
+                    }
+                    if block >= quantum || rows == 1 {
+                        break;
+                    }
+                    rows /= 2;
+                }
+                if block < quantum {
+                    return Err(Error::TooLarge {
+                        what: "one block of G (a row × the alignment quantum of classes) within the workspace budget",
+                        size: 4 * quantum + partials(u64::from(classes).div_ceil(quantum)),
+                        limit: ctx.workspace_budget,
+                    });
+                }
+                chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
+                blocked = true;
+            }
             if rows == 0 {
                 return Err(Error::TooLarge {
                     what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
-                    size: g_row,
+                    size: 4 * padded(u64::from(classes)),
                     limit: ctx.workspace_budget,
                 });
             }
-            let rows = rows.min(batch);
+            let rows = rows as u32;
             row_passes = (0..batch.div_ceil(rows))
                 .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
                 .collect();
@@ -269,12 +311,20 @@ impl Geometry {
                 feature_split_classes,
             });
         }
+        let logit_stride = padded(u64::from(if blocked { chunk_classes } else { classes })) as u32;
         Ok(Geometry {
             row_tiles,
-            forward_splits: chunks.iter().map(|c| c.forward_splits).max().unwrap_or(1),
+            // The GEMM algorithms use partial slots only per block (one is bound anyway).
+            forward_splits: match algorithm {
+                Algorithm::Fused => chunks.iter().map(|c| c.forward_splits).max().unwrap_or(1),
+                _ if blocked => chunks.len() as u32,
+                _ => 1,
+            },
             feature_splits: chunks.iter().map(|c| c.feature_splits).max().unwrap_or(1),
             chunks,
             row_passes,
+            blocked,
+            logit_stride,
         })
     }
 
@@ -293,19 +343,20 @@ impl Geometry {
     }
 }
 
-/// Smallest row chunk for which [`Plan::new`] prefers the chunked plan: below it the
-/// GEMMs are too thin to beat the memory-minimal kernels.
+/// Smallest row chunk of whole rows of G: below it the chunked plan takes G in blocks of
+/// classes instead.
 const MIN_CHUNK_ROWS: u64 = 32;
+/// Rows of a chunk of blocks of G (fewer where the budget asks).
+const BLOCK_ROWS: u64 = 256;
 
 impl Algorithm {
-    /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked when
-    /// G for at least 32 rows (or all of them) fits, else the memory-minimal fused one.
+    /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked
+    /// (whole rows of G when at least 32 rows, or all of them, fit; else blocks of
+    /// classes), and the fused kernels only where not even one block fits.
     pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
         match Geometry::new(ctx, shape, Algorithm::Chunked) {
-            Ok(g) if g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
-                Algorithm::Chunked
-            }
-            _ => Algorithm::Fused,
+            Ok(_) => Algorithm::Chunked,
+            Err(_) => Algorithm::Fused,
         }
     }
 }
@@ -333,7 +384,7 @@ fn padded_rows(shape: Shape, algorithm: Algorithm) -> u64 {
 /// The workspace buffers of one algorithm, with their sizes in bytes.
 fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Binding, u64)> {
     let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
-    let (c4, d4) = (padded(c), padded(d));
+    let d4 = padded(d);
     let mut layout = vec![
         (Binding::InvNormFeatures, 4 * b),
         // C rounded up to 4: also read four classes at a time.
@@ -352,8 +403,16 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
                 product(&[4, b, d, u64::from(g.feature_splits)]),
             ),
         ]),
-        Algorithm::Chunked => layout.push((Binding::Logits, product(&[4, c4, g.max_pass_rows()]))),
-        Algorithm::Unfused => layout.push((Binding::Logits, product(&[4, b, c4]))),
+        Algorithm::Chunked | Algorithm::Unfused => layout.extend([
+            (
+                Binding::Logits,
+                product(&[4, u64::from(g.logit_stride), g.max_pass_rows()]),
+            ),
+            (
+                Binding::SplitPartials,
+                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
+            ),
+        ]),
     }
     if algorithm != Algorithm::Fused {
         layout.push((
@@ -369,6 +428,8 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
 struct GemmSpec {
     shape: GemmShape,
     layout: GemmLayout,
+    /// The row chunk (pass) it serves.
+    pass: usize,
     /// The class chunk whose bindings of w and dL/dw it reads and writes.
     chunk: usize,
     lhs: Binding,
@@ -405,14 +466,16 @@ impl GemmSpec {
     }
 }
 
-/// The GEMMs of a plan, in the order its steps use them: per row chunk, the dots of every
-/// class chunk, then (for gradients) gx̂ and gw of every class chunk. They read x̂ from its
-/// padded copy, w from the caller's buffer (bound per class chunk) or its copy after x̂
-/// ([`copies_classes`]), in rows of D rounded up to 4; the logits and G in rows of C
-/// rounded up to 4, a class chunk's columns from its first class.
+/// The GEMMs of a plan: per row chunk and class chunk, the dots and (for gradients) gx̂
+/// and gw; steps find them by [`GemmSpec::pass`], `chunk` and `layout`. They read x̂ from
+/// its padded copy, w from the caller's buffer (bound per class chunk) or its copy after
+/// x̂ ([`copies_classes`]), in rows of D rounded up to 4; the logits and G in rows of
+/// `logit_stride`, a class chunk's columns from its first class (from column 0 when the
+/// logits hold one block at a time).
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
-    let (b, c, d) = (shape.batch as u32, shape.classes as u32, shape.dim as u32);
-    let (c4, d4) = (padded(c.into()) as u32, padded(d.into()) as u32);
+    let (b, d) = (shape.batch as u32, shape.dim as u32);
+    let (c4, d4) = (g.logit_stride, padded(d.into()) as u32);
+    let column = |part: &Chunk| if g.blocked { 0 } else { part.class_offset };
     let copied = copies_classes(shape, algorithm);
     // w's binding for a chunk, and the element of it where the chunk's rows start.
     let classes = |part: &Chunk| {
@@ -423,9 +486,10 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         }
     };
     let features = Binding::PaddedRows;
-    let spec = |chunk, shape, layout, lhs, rhs, product| GemmSpec {
+    let spec = |(pass, chunk), shape, layout, lhs, rhs, product| GemmSpec {
         shape,
         layout,
+        pass,
         chunk,
         lhs,
         rhs,
@@ -444,9 +508,9 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
             let mut dots = GemmShape::new((rows, part.classes, d), d4, d4, c4);
             dots.lhs_offset = r0 * d4;
             dots.rhs_offset = w_at;
-            dots.product_offset = part.class_offset;
+            dots.product_offset = column(part);
             specs.push(spec(
-                k,
+                (pass, k),
                 dots,
                 GemmLayout::Dots,
                 features,
@@ -458,12 +522,12 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         for (k, part) in g.chunks.iter().enumerate() {
             let (w, w_at) = classes(part);
             let mut gx = GemmShape::new((rows, d, part.classes), c4, d4, d);
-            gx.lhs_offset = part.class_offset;
+            gx.lhs_offset = column(part);
             gx.rhs_offset = w_at;
             gx.product_offset = r0 * d;
             gx.accumulate = u32::from(k > 0);
             let gx = spec(
-                k,
+                (pass, k),
                 gx,
                 GemmLayout::FeatureGrad,
                 Binding::Logits,
@@ -472,11 +536,11 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
             );
             specs.extend(gx.k_pieces());
             let mut gw = GemmShape::new((part.classes, d, rows), c4, d4, d);
-            gw.lhs_offset = part.class_offset;
+            gw.lhs_offset = column(part);
             gw.rhs_offset = r0 * d4;
             gw.accumulate = u32::from(pass > 0);
             let gw = spec(
-                k,
+                (pass, k),
                 gw,
                 GemmLayout::ClassGrad,
                 Binding::Logits,
@@ -850,8 +914,14 @@ impl Plan {
                     straight_through: 0,
                     sampled: u32::from(self.sampled),
                     write_grads: u32::from(
-                        self.algorithm == Algorithm::Chunked && outputs.grads.is_some(),
+                        self.algorithm == Algorithm::Chunked
+                            && outputs.grads.is_some()
+                            && !g.blocked,
                     ),
+                    logit_stride: g.logit_stride,
+                    blocks: u32::from(g.blocked),
+                    block_index: k as u32,
+                    _pad: 0,
                 };
                 gpu.set_loss(params);
                 let at = (k * passes + pass) * stride as usize;
@@ -925,6 +995,8 @@ impl Plan {
             Ok(steps)
         };
         let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
+        // The blocked chunked plan's backward, which runs after the summary.
+        let mut blocked_backward = Vec::new();
         if phase != Phase::Whole {
             if phase == Phase::ShardForward {
                 steps.extend(per_chunk(&k.class_split_partials, &|part| {
@@ -949,33 +1021,76 @@ impl Plan {
                     });
                 }
             }
-            let gemm_is = |index: usize, dots: bool| {
-                self.gemms
-                    .get(index)
-                    .is_some_and(|spec| (spec.layout == GemmLayout::Dots) == dots)
+            // The GEMMs of (pass, chunk): its dots, or its gradient products.
+            let gemms = |pass: usize, chunk: usize, dots: bool| -> Result<Vec<Step<'_>>> {
+                (0..self.gemms.len())
+                    .filter(|&index| {
+                        let spec = &self.gemms[index];
+                        spec.pass == pass
+                            && spec.chunk == chunk
+                            && (spec.layout == GemmLayout::Dots) == dots
+                    })
+                    .map(matmul)
+                    .collect()
             };
-            let mut next = 0;
-            for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
-                while gemm_is(next, true) {
-                    steps.push(matmul(next)?);
-                    next += 1;
-                }
-                steps.push(Step {
-                    pass,
-                    ..once(
-                        &k.logit_softmax_rows,
-                        fold_grid(
-                            u64::from(r1 - r0).div_ceil(u64::from(ctx.tiles.rows_per_workgroup)),
-                            max,
-                        )?,
-                    )
-                });
-                while gemm_is(next, false) {
-                    if chunked_backward {
-                        steps.push(matmul(next)?);
+            let row_grid = |(r0, r1): (u32, u32)| {
+                fold_grid(
+                    u64::from(r1 - r0).div_ceil(u64::from(ctx.tiles.rows_per_workgroup)),
+                    max,
+                )
+            };
+            for (pass, &rows) in g.row_passes.iter().enumerate() {
+                if g.blocked {
+                    // Each block's dots and its partial per row.
+                    for chunk in 0..g.chunks.len() {
+                        steps.extend(gemms(pass, chunk, true)?);
+                        steps.push(Step {
+                            pass,
+                            chunk,
+                            ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                        });
                     }
-                    next += 1;
+                } else {
+                    // Whole rows: every chunk's dots, the softmax (and G') of the rows,
+                    // then the gradient GEMMs.
+                    for chunk in 0..g.chunks.len() {
+                        steps.extend(gemms(pass, chunk, true)?);
+                    }
+                    steps.push(Step {
+                        pass,
+                        ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                    });
+                    if chunked_backward {
+                        for chunk in 0..g.chunks.len() {
+                            steps.extend(gemms(pass, chunk, false)?);
+                        }
+                    }
                 }
+            }
+            if g.blocked {
+                steps.push(once(&k.merge_rows, per_row(b)?));
+            }
+            if g.blocked && chunked_backward {
+                // After the forward: each block's dots again, its G', its gradient GEMMs.
+                blocked_backward = g
+                    .row_passes
+                    .iter()
+                    .enumerate()
+                    .map(|(pass, &rows)| -> Result<Vec<Step<'_>>> {
+                        let mut steps = Vec::new();
+                        for chunk in 0..g.chunks.len() {
+                            steps.extend(gemms(pass, chunk, true)?);
+                            steps.push(Step {
+                                pass,
+                                chunk,
+                                ..once(&k.logit_grad_rows, row_grid(rows)?)
+                            });
+                            steps.extend(gemms(pass, chunk, false)?);
+                        }
+                        Ok(steps)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+                    .concat();
             }
         } else {
             steps.extend(per_chunk(&k.class_split_partials, &|part| {
@@ -989,7 +1104,7 @@ impl Plan {
         if backward && phase == Phase::Whole {
             match self.algorithm {
                 Algorithm::Fused => steps.extend(fused_backward()?),
-                Algorithm::Chunked => {}
+                Algorithm::Chunked => steps.append(&mut blocked_backward),
                 Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
                     for index in 1..self.gemms.len() {

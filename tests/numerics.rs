@@ -226,3 +226,51 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
         }
     }
 }
+
+#[test]
+fn chunked_plan_in_class_blocks() {
+    // Budgets far below G for whole rows (B·C·4 bytes) make the chunked plan hold one
+    // block of classes at a time: partials per block in the forward, the blocks' dots
+    // recomputed in the backward. Labels sit at block edges, one row is ignored, and the
+    // margin family and the hard objective (whose gradient goes to one other class) run.
+    // (600, 16, 2000) takes blocks in ten row chunks of 64 rows.
+    for (b, d, c, budget) in [
+        (70usize, 24usize, 3000usize, 240_000u64),
+        (600, 16, 2000, 380_000),
+    ] {
+        assert!((b * c * 4) as u64 > budget);
+        let ctx = Context::new_blocking(ContextOptions {
+            workspace_budget: Some(budget),
+            ..ContextOptions::default()
+        })
+        .expect("context");
+        let plan = margin_softmax::Plan::new(&ctx, Shape::new(b, d, c)).expect("plan");
+        assert_eq!(plan.algorithm(), margin_softmax::Algorithm::Chunked);
+        assert!(
+            plan.workspace_bytes() <= budget,
+            "{} > {budget}",
+            plan.workspace_bytes()
+        );
+        let mut p = Problem::random(Shape::new(b, d, c), 21);
+        p.labels[0] = margin_softmax::IGNORE;
+        p.labels[1] = (c - 1) as u32;
+        p.labels[2] = 0;
+        p.labels[3] = 511;
+        p.labels[4] = 512;
+        let hard = LossParams {
+            objective: margin_softmax::Objective::HardMargin,
+            ..LossParams::default()
+        };
+        for (what, params) in [
+            ("cosface blocks", params(30.0, 0.35)),
+            ("arcface blocks", LossParams::arcface()),
+            ("hard blocks", hard),
+        ] {
+            let out = check_against_reference(&ctx, &p, &params, what);
+            let again = ctx
+                .loss_on(&p, &params, margin_softmax::Pass::ForwardBackward)
+                .expect("loss");
+            assert_eq!(again, out, "{what}: a second call differs");
+        }
+    }
+}

@@ -56,14 +56,29 @@ fn the_budget_picks_the_plan() {
     let big = Shape::new(1024, 256, 100_000);
     let ws = margin_softmax::workspace_bytes(ctx, big, Algorithm::Chunked).expect("workspace");
     assert!(ws <= margin_softmax::DEFAULT_WORKSPACE_BUDGET, "{ws}");
-    // 1 MiB holds G for 13 rows only, fewer than 32: the memory-minimal plan.
-    let small = Context::new_blocking(ContextOptions {
-        workspace_budget: Some(1 << 20),
-        ..ContextOptions::default()
-    })
-    .expect("context");
+    // 1 MiB holds G for 13 whole rows only, fewer than 32: the chunked plan takes G in
+    // blocks of classes, within the budget.
+    let budget = |bytes| {
+        Context::new_blocking(ContextOptions {
+            workspace_budget: Some(bytes),
+            ..ContextOptions::default()
+        })
+        .expect("context")
+    };
+    let small = budget(1 << 20);
+    let plan = Plan::new(&small, shape).expect("plan");
+    assert_eq!(plan.algorithm(), Algorithm::Chunked);
+    assert!(
+        plan.workspace_bytes() <= 1 << 20,
+        "{}",
+        plan.workspace_bytes()
+    );
+    // 160 000 bytes do not even hold the norms, x̂ and the softmax rows (about 161 KB):
+    // the memory-minimal fused kernels.
     assert_eq!(
-        Plan::new(&small, shape).expect("plan").algorithm(),
+        Plan::new(&budget(160_000), shape)
+            .expect("plan")
+            .algorithm(),
         Algorithm::Fused
     );
 }
