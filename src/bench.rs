@@ -86,15 +86,16 @@ options:
   --backend NAME        vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all)
   --profile             also time each kernel of the loss operations (needs GPU timestamps)
   --ops NAME,...        operations besides the GEMM (default all): fused_forward,
-                        fused_forward_backward, fused_min_memory_fwd_bwd,
+                        fused_forward_backward, small_budget_fwd_bwd, fused_min_memory_fwd_bwd,
                         unfused_forward_backward, slice_api_tiny_call
   --wall-clock          time by host wall clock around submit and wait, not GPU timestamps
 ";
 
 /// The operations besides the GEMM, in the order they run.
-const OPS: [&str; 5] = [
+const OPS: [&str; 6] = [
     "fused_forward",
     "fused_forward_backward",
+    "small_budget_fwd_bwd",
     "fused_min_memory_fwd_bwd",
     "unfused_forward_backward",
     "slice_api_tiny_call",
@@ -185,7 +186,8 @@ pub struct BenchRow {
     /// The shape.
     pub shape: Shape,
     /// `gemm`; `fused_forward` and `fused_forward_backward` (the plan `Plan::new` picks,
-    /// see `algorithm`); `fused_min_memory_fwd_bwd` (the memory-minimal plan);
+    /// see `algorithm`); `small_budget_fwd_bwd` (the plan [`Plan::with_budget`] picks for
+    /// a sixteenth of the logits' bytes); `fused_min_memory_fwd_bwd` (the fused kernels);
     /// `unfused_forward_backward`; or `slice_api_tiny_call` (per-call host overhead).
     pub op: &'static str,
     /// How it was timed.
@@ -577,18 +579,33 @@ pub fn run(
         });
 
         let chosen = Algorithm::choose(ctx, shape);
-        for (op, algorithm, pass) in [
-            ("fused_forward", chosen, Pass::Forward),
-            ("fused_forward_backward", chosen, Pass::ForwardBackward),
+        // A sixteenth of the logits' bytes: the chunked plan in blocks of classes.
+        let small_budget = (b * c * 4 / 16) as u64;
+        for (op, algorithm, pass, budget) in [
+            ("fused_forward", chosen, Pass::Forward, None),
+            (
+                "fused_forward_backward",
+                chosen,
+                Pass::ForwardBackward,
+                None,
+            ),
+            (
+                "small_budget_fwd_bwd",
+                chosen,
+                Pass::ForwardBackward,
+                Some(small_budget),
+            ),
             (
                 "fused_min_memory_fwd_bwd",
                 Algorithm::Fused,
                 Pass::ForwardBackward,
+                None,
             ),
             (
                 "unfused_forward_backward",
                 Algorithm::Unfused,
                 Pass::ForwardBackward,
+                None,
             ),
         ] {
             if !options.runs(op) {
@@ -601,7 +618,12 @@ pub fn run(
             } else {
                 gemm_flops
             };
-            let measured = Plan::with_algorithm(ctx, shape, algorithm).and_then(|plan| {
+            let plan = match budget {
+                Some(bytes) => Plan::with_budget(ctx, shape, bytes),
+                None => Plan::with_algorithm(ctx, shape, algorithm),
+            };
+            let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
+            let measured = plan.and_then(|plan| {
                 let inputs = DeviceInputs {
                     features: BufferRegion::from(&buffers.features),
                     classes: BufferRegion::from(&buffers.classes),

@@ -138,7 +138,7 @@ impl Geometry {
     /// Class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
     /// whose byte offsets meet the storage offset alignment, and small enough that no
     /// invocation exceeds LOOP_BUDGET (the fused algorithm; the unfused one has one chunk).
-    fn new(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Geometry> {
+    fn new(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
@@ -239,10 +239,7 @@ impl Geometry {
                 + product(&[ROW_SOFTMAX_BYTES, b])
                 + (64 << 10);
             // G's rows also fit one storage binding.
-            let room = ctx
-                .workspace_budget
-                .saturating_sub(rest)
-                .min(ctx.max_binding);
+            let room = budget.saturating_sub(rest).min(ctx.max_binding);
             let partials = |blocks: u64| product(&[SPLIT_PARTIAL_BYTES, b, blocks]);
             let rows_within = |room: u64, row_bytes: u64| (room / row_bytes).min(65536).min(b);
             let mut rows = rows_within(
@@ -252,29 +249,36 @@ impl Geometry {
             if rows < MIN_CHUNK_ROWS.min(b) {
                 // Blocks of classes: G for `rows` rows × one block, and a partial per block
                 // and row; the backward recomputes each block's dots (8·B·C·D flops).
+                // The widest block whose G, partials (one per block and row) and uniforms
+                // (one set per block and row chunk) fit; narrower blocks cost more
+                // partials, so it shrinks to a fixed point. Rows halve from BLOCK_ROWS
+                // while no block fits, down to MIN_CHUNK_ROWS: thinner GEMMs lose to the
+                // fused kernels.
+                let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
+                    .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
+                let mut block;
                 rows = b.min(BLOCK_ROWS);
-                let mut block = 0;
-                while rows >= 1 {
-                    // The widest block whose G and partials (one per block) fit: narrower
-                    // blocks need more partials, so shrink to the fixed point.
+                loop {
                     let fit = |block: u64| {
                         let blocks = u64::from(classes).div_ceil(block.max(1));
-                        room.saturating_sub(partials(blocks)) / (4 * rows) / quantum * quantum
+                        let overhead = partials(blocks)
+                            + blocks * b.div_ceil(rows) * BLOCK_UNIFORMS * uniform_bytes;
+                        room.saturating_sub(overhead) / (4 * rows) / quantum * quantum
                     };
                     block = fit(u64::from(classes));
                     while block >= quantum && fit(block) < block {
                         block = fit(block);
                     }
-                    if block >= quantum || rows == 1 {
+                    if block >= quantum || rows <= MIN_CHUNK_ROWS.min(b) {
                         break;
                     }
-                    rows /= 2;
+                    rows = (rows / 2).max(MIN_CHUNK_ROWS.min(b));
                 }
                 if block < quantum {
                     return Err(Error::TooLarge {
-                        what: "one block of G (a row × the alignment quantum of classes) within the workspace budget",
-                        size: 4 * quantum + partials(u64::from(classes).div_ceil(quantum)),
-                        limit: ctx.workspace_budget,
+                        what: "one block of G (32 rows × the alignment quantum of classes) with its partials within the workspace budget",
+                        size: rest + 4 * rows * quantum + partials(u64::from(classes).div_ceil(quantum)),
+                        limit: budget,
                     });
                 }
                 chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
@@ -284,7 +288,7 @@ impl Geometry {
                 return Err(Error::TooLarge {
                     what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
                     size: 4 * padded(u64::from(classes)),
-                    limit: ctx.workspace_budget,
+                    limit: budget,
                 });
             }
             let rows = rows as u32;
@@ -348,13 +352,21 @@ impl Geometry {
 const MIN_CHUNK_ROWS: u64 = 32;
 /// Rows of a chunk of blocks of G (fewer where the budget asks).
 const BLOCK_ROWS: u64 = 256;
+/// Uniform entries per block and row chunk, at most: its parameters, and the GEMM shapes
+/// of its dots, gx̂ (in k-pieces) and gw.
+const BLOCK_UNIFORMS: u64 = 4;
 
 impl Algorithm {
     /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked
     /// (whole rows of G when at least 32 rows, or all of them, fit; else blocks of
     /// classes), and the fused kernels only where not even one block fits.
     pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
-        match Geometry::new(ctx, shape, Algorithm::Chunked) {
+        Algorithm::choose_within(ctx, shape, ctx.workspace_budget)
+    }
+
+    /// [`Algorithm::choose`] for a budget of `budget` bytes.
+    fn choose_within(ctx: &Context, shape: Shape, budget: u64) -> Algorithm {
+        match Geometry::new(ctx, shape, Algorithm::Chunked, budget) {
             Ok(_) => Algorithm::Chunked,
             Err(_) => Algorithm::Fused,
         }
@@ -562,7 +574,7 @@ fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 /// the caller's inputs and outputs. Fused: O(B·(splits + D·feature_splits) + C), with at
 /// most 32 and 8 splits, whatever C is. Unfused: it holds the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
-    let g = Geometry::new(ctx, shape, algorithm)?;
+    let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
 }
 
@@ -615,14 +627,26 @@ impl Plan {
     /// Allocates the workspace of the fastest algorithm that fits the context's workspace
     /// budget ([`Algorithm::choose`]) for `shape`.
     pub fn new(ctx: &Context, shape: Shape) -> Result<Plan> {
-        Plan::with_algorithm(ctx, shape, Algorithm::choose(ctx, shape))
+        Plan::with_budget(ctx, shape, ctx.workspace_budget)
+    }
+
+    /// [`Plan::new`] within `budget` bytes of workspace instead of the context's budget:
+    /// the chunked plan in blocks of classes down to a few hundred kilobytes, the fused
+    /// kernels below.
+    pub fn with_budget(ctx: &Context, shape: Shape, budget: u64) -> Result<Plan> {
+        let algorithm = Algorithm::choose_within(ctx, shape, budget);
+        Plan::build(ctx, shape, algorithm, budget)
     }
 
     /// Allocates the workspace of `algorithm` for `shape`. Fails with
     /// [`Error::TooLarge`] where a buffer would exceed the device's limits.
     pub fn with_algorithm(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Plan> {
+        Plan::build(ctx, shape, algorithm, ctx.workspace_budget)
+    }
+
+    fn build(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Plan> {
         ctx.check_alive()?;
-        let geometry = Geometry::new(ctx, shape, algorithm)?;
+        let geometry = Geometry::new(ctx, shape, algorithm, budget)?;
         let layout = workspace_layout(shape, &geometry, algorithm);
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let max_binding = ctx.max_binding;
