@@ -242,10 +242,11 @@ impl Geometry {
             let room = budget.saturating_sub(rest).min(ctx.max_binding);
             let partials = |blocks: u64| product(&[SPLIT_PARTIAL_BYTES, b, blocks]);
             let rows_within = |room: u64, row_bytes: u64| (room / row_bytes).min(65536).min(b);
-            let mut rows = rows_within(
+            let whole_rows = rows_within(
                 room.saturating_sub(partials(1)),
                 4 * padded(u64::from(classes)),
             );
+            let mut rows = whole_rows;
             if rows < MIN_CHUNK_ROWS.min(b) {
                 // Blocks of classes: G for `rows` rows × one block, and a partial per block
                 // and row; the backward recomputes each block's dots (8·B·C·D flops).
@@ -253,7 +254,7 @@ impl Geometry {
                 // (one set per block and row chunk) fit; narrower blocks cost more
                 // partials, so it shrinks to a fixed point. Rows halve from BLOCK_ROWS
                 // while no block fits, down to MIN_CHUNK_ROWS: thinner GEMMs lose to the
-                // fused kernels.
+                // fused kernels. Where no block fits, thin whole rows, if any fit.
                 let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
                     .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
                 let mut block;
@@ -263,7 +264,9 @@ impl Geometry {
                         let blocks = u64::from(classes).div_ceil(block.max(1));
                         let overhead = partials(blocks)
                             + blocks * b.div_ceil(rows) * BLOCK_UNIFORMS * uniform_bytes;
-                        room.saturating_sub(overhead) / (4 * rows) / quantum * quantum
+                        // G's block fits one binding; the rest of the budget holds all.
+                        let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
+                        bytes / (4 * rows) / quantum * quantum
                     };
                     block = fit(u64::from(classes));
                     while block >= quantum && fit(block) < block {
@@ -274,15 +277,12 @@ impl Geometry {
                     }
                     rows = (rows / 2).max(MIN_CHUNK_ROWS.min(b));
                 }
-                if block < quantum {
-                    return Err(Error::TooLarge {
-                        what: "one block of G (32 rows × the alignment quantum of classes) with its partials within the workspace budget",
-                        size: rest + 4 * rows * quantum + partials(u64::from(classes).div_ceil(quantum)),
-                        limit: budget,
-                    });
+                if block >= quantum {
+                    chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
+                    blocked = true;
+                } else {
+                    rows = whole_rows;
                 }
-                chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
-                blocked = true;
             }
             if rows == 0 {
                 return Err(Error::TooLarge {
