@@ -26,7 +26,8 @@ pub struct ContextOptions {
     /// Longest wait for the GPU in the slice API; `None` waits without a bound.
     pub timeout: Option<Duration>,
     /// Bytes of workspace a plan may use to run faster (the chunked algorithm keeps G for
-    /// a chunk of rows); `None` means 256 MiB. The memory-minimal plan is used below it.
+    /// a chunk of rows, or one block of classes); `None` means 256 MiB. The
+    /// memory-minimal plan is used where not even one block fits.
     pub workspace_budget: Option<u64>,
     /// Binds at most this many bytes of one buffer at a time (default: the device's
     /// `max_storage_buffer_binding_size`). Larger class matrices are bound in chunks.

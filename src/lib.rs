@@ -1,9 +1,10 @@
 //! # margin-softmax
 //!
 //! The margin-softmax family (AM-Softmax / CosFace, ArcFace, SphereFace-style) and its
-//! gradients, fused in WGSL compute shaders and run through wgpu. The memory-minimal plan
-//! never materialises the B×C logits; the default chunked plan keeps G for as many rows
-//! as a workspace budget holds. For AM-Softmax:
+//! gradients, fused in WGSL compute shaders and run through wgpu. The default chunked
+//! plan runs three GEMMs and keeps G for as many rows (or, for small budgets, as large a
+//! block of classes) as a workspace budget holds; the memory-minimal plan never
+//! materialises any of the B×C logits. For AM-Softmax:
 //!
 //! ```text
 //! c_ij = x̂_i·ŵ_j   (x̂ = x / max(‖x‖, ε), ŵ likewise)
