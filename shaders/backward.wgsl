@@ -72,10 +72,9 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
             if (y != IGNORE && j < params.classes) {
                 let inv_x = inv_norm_features[i];
                 let inv_w = inv_norm_classes[j];
-                let scaled = grad_logit(dots[r][q] * inv_x * inv_w, row_softmax[i],
-                                        params.class_offset + class_row(j), y, coef) *
+                g = grad_logit(dots[r][q] * inv_x * inv_w, row_softmax[i],
+                               params.class_offset + class_row(j), y, coef) *
                     select(inv_x, inv_w, scale_by_class);
-                g = flush_subnormal(vec4<f32>(scaled)).x;
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
         }

@@ -1,8 +1,9 @@
 // Forward pass: cosine tiles, margin on the target logit, online log-sum-exp per row
 // over a split of the classes (`class_split_partials`), the fixed-order merge of the
-// splits (`merge_rows`), and the per-call totals (`summarize`). The unfused baseline's
-// softmax over a materialised B×C cosine matrix (`logit_softmax_rows`) shares the same
-// per-logit update and row epilogue.
+// splits (`merge_rows`), and the per-call totals (`summarize`). The GEMM algorithms'
+// softmax over materialised logits (`logit_softmax_rows`: whole rows, or per class
+// block into the split slots), and the chunked plan's G' (`write_grad_row`,
+// `logit_grad_rows`), share the same per-logit update and row epilogue.
 //
 //   c_ij = x̂_i·ŵ_j,  z_ij = s·(c_ij − m·[j = y_i]),  L_i = LSE_j(z_ij) − z_{i,y_i}
 
@@ -327,7 +328,7 @@ fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lane
         let inv_w = inv_norm_class_quads[first_quad + q];
         let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
         let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(columns.y);
-        let g = flush_subnormal(params.scale * p * inv_w);
+        let g = flush_subnormal(params.scale * p) * inv_w;
         logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
     }
     if (y == IGNORE) { return; }

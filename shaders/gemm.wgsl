@@ -190,7 +190,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     }
     var acc: GemmBlock;
     // k/4 iterations: llvmpipe stops an invocation after 65535 loop iterations in all;
-    // plans cut longer k ranges into accumulated pieces.
+    // plans cut longer k ranges (MAX_GEMM_K) into accumulated pieces.
     let full_steps = gemm.k / 4u;
     for (var kv = 0u; kv < full_steps; kv++) {
         gemm_step(&acc, lhs_tile(at, lid.x, kv, 4u), at, kv, 4u);

@@ -187,7 +187,7 @@ pub struct BenchRow {
     pub shape: Shape,
     /// `gemm`; `fused_forward` and `fused_forward_backward` (the plan `Plan::new` picks,
     /// see `algorithm`); `small_budget_fwd_bwd` (the plan [`Plan::with_budget`] picks for
-    /// a sixteenth of the logits' bytes); `fused_min_memory_fwd_bwd` (the fused kernels);
+    /// an eighth of the logits' bytes); `fused_min_memory_fwd_bwd` (the fused kernels);
     /// `unfused_forward_backward`; or `slice_api_tiny_call` (per-call host overhead).
     pub op: &'static str,
     /// How it was timed.
@@ -500,7 +500,7 @@ pub fn run(
         // of 64, so offsets stay aligned), each bound at its offset and writing a product
         // of its own columns into the same buffer.
         let fit = ctx.max_binding / (4 * d4.max(b) as u64);
-        let piece = (fit / 64 * 64).clamp(64, c as u64) as usize;
+        let piece = (fit / 64 * 64).max(64).min(c as u64) as usize;
         let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("gemm product"),
             size: (b * piece * 4) as u64,
@@ -579,8 +579,9 @@ pub fn run(
         });
 
         let chosen = Algorithm::choose(ctx, shape);
-        // A sixteenth of the logits' bytes: the chunked plan in blocks of classes.
-        let small_budget = (b * c * 4 / 16) as u64;
+        // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
+        // block fits, else the fused kernels.
+        let small_budget = (b * c * 4 / 8) as u64;
         for (op, algorithm, pass, budget) in [
             ("fused_forward", chosen, Pass::Forward, None),
             (

@@ -270,7 +270,10 @@ const GEMM_LHS_SUBGROUP_WGSL: &str = include_str!("../shaders/gemm_lhs_subgroup.
 
 /// Whether the GEMM's lhs block can be shared by subgroups (gemm_lhs_subgroup.wgsl):
 /// subgroups of exactly 8 invocations (llvmpipe), enabled on the device, and 8
-/// invocations along a workgroup's rows, so that a subgroup is one row of it.
+/// invocations along a workgroup's rows, so that a subgroup is one row of it. That last
+/// step assumes subgroups take consecutive local invocation indices, which neither
+/// WebGPU nor Vulkan promises but llvmpipe does (its SIMD lanes); the tests run this path
+/// there and the per-invocation loader on every other tile shape.
 pub(crate) fn shares_lhs(device: &wgpu::Device, tiles: TileConfig) -> bool {
     let info = device.adapter_info();
     device.features().contains(wgpu::Features::SUBGROUP)
@@ -300,9 +303,10 @@ impl Kernels {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             };
             // SAFETY: the only check ever turned off is the forced loop bound, which the
-            // caller may drop when no shader loop can run forever. Every loop in
-            // gemm.wgsl counts a u32 up by 1 or 4 to a bound fixed before the loop (a
-            // constant, or k < 2³² − 4 of a uniform GemmShape), so none wraps around.
+            // caller may drop when no shader loop can run forever. Every loop of the GEMM
+            // module (gemm.wgsl, its lhs loaders, and the common.wgsl functions it keeps)
+            // counts a u32 up by 1 to a bound fixed before the loop: a constant, or k/4 of
+            // a uniform GemmShape, at most 2³⁰; none wraps around.
             unsafe { device.create_shader_module_trusted(descriptor, checks) }
         };
         let norms = module("norms.wgsl", NORMS_WGSL, true);

@@ -33,9 +33,13 @@ pub enum Algorithm {
     /// the workspace is O(B·k + C). Costs about 10·B·C·D flops (forward + backward).
     Fused,
     /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
-    /// of the chunk's rows × all classes from one GEMM (w read in place, x̂ from a B×D
-    /// copy), their softmax, then G/‖w‖ in place and two GEMMs for dL/dx and dL/dw; the
-    /// reduction's 1/N is applied at the end. About 6·B·C·D flops at GEMM speed.
+    /// of the chunk's rows × all classes from one GEMM (w read in place, or copied in
+    /// rows of D rounded up to 4 when D is not a multiple of 4; x̂ from a B×D copy), their
+    /// softmax, then G/‖w‖ in place and two GEMMs for dL/dx and dL/dw; the reduction's
+    /// 1/N is applied at the end. About 6·B·C·D flops at GEMM speed. For small budgets
+    /// (or rows too long for llvmpipe's loop budget) one block of classes at a time: a
+    /// softmax partial per row and block, and each block's dots recomputed in the
+    /// backward, about 8·B·C·D flops.
     Chunked,
     /// The baseline an engine without fusion runs: normalised copies of x and w, the B×C
     /// cosine matrix from a GEMM, a row softmax, G in place, and two gradient GEMMs.
@@ -139,6 +143,30 @@ impl Geometry {
     /// whose byte offsets meet the storage offset alignment, and small enough that no
     /// invocation exceeds LOOP_BUDGET (the fused algorithm; the unfused one has one chunk).
     fn new(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
+        if algorithm != Algorithm::Chunked {
+            return Geometry::select(ctx, shape, algorithm, budget);
+        }
+        // The chunked plan sizes G from estimates of the rest of its workspace (uniforms
+        // above all); it is then held to the budget by its exact bytes, shrinking G's
+        // share until they fit.
+        let mut target = budget;
+        for _ in 0..16 {
+            let g = Geometry::select(ctx, shape, algorithm, target)?;
+            let total = total_bytes(ctx, shape, &g, algorithm);
+            if total <= budget {
+                return Ok(g);
+            }
+            target = target.saturating_sub(total - budget + 4096);
+        }
+        Err(Error::TooLarge {
+            what: "the chunked plan's workspace within the budget",
+            size: budget.saturating_add(1),
+            limit: budget,
+        })
+    }
+
+    /// The geometry for a budget of `budget` bytes, from estimates of what is not G.
+    fn select(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
@@ -181,7 +209,19 @@ impl Geometry {
             q * tile / gcd(q, tile)
         };
         let (mut chunk_classes, mut row_passes) = match algorithm {
-            Algorithm::Unfused => (classes, vec![(0, batch)]),
+            Algorithm::Unfused => {
+                // Its softmax covers whole rows: a quad of classes per loop iteration in
+                // each of CLASSES_WG lanes, within LOOP_BUDGET.
+                let loop_columns = LOOP_BUDGET * 4 * u64::from(tiles.classes_per_workgroup);
+                if u64::from(classes) > loop_columns {
+                    return Err(Error::TooLarge {
+                        what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
+                        size: u64::from(classes),
+                        limit: loop_columns,
+                    });
+                }
+                (classes, vec![(0, batch)])
+            }
             Algorithm::Fused | Algorithm::Chunked => {
                 let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
                 let forward_fit = u64::from(forward_wanted)
@@ -231,15 +271,16 @@ impl Geometry {
         if algorithm == Algorithm::Chunked {
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
-            // The rest of the workspace (norms, flags, softmax rows, the padded copies, and
-            // 64 KiB for the uniforms) comes out of the budget first.
+            // The rest of the workspace (norms, flags, softmax rows, the padded copies)
+            // comes out of the budget first, and for whole rows 64 KiB for the uniforms.
             let rest = 4 * (b + u64::from(classes))
                 + product(&[4, padded_rows(shape, algorithm), padded(d)])
                 + FLAGS_BYTES
-                + product(&[ROW_SOFTMAX_BYTES, b])
-                + (64 << 10);
+                + product(&[ROW_SOFTMAX_BYTES, b]);
             // G's rows also fit one storage binding.
-            let room = budget.saturating_sub(rest).min(ctx.max_binding);
+            let room = budget
+                .saturating_sub(rest + (64 << 10))
+                .min(ctx.max_binding);
             let partials = |blocks: u64| product(&[SPLIT_PARTIAL_BYTES, b, blocks]);
             let rows_within = |room: u64, row_bytes: u64| (room / row_bytes).min(65536).min(b);
             let whole_rows = rows_within(
@@ -247,7 +288,12 @@ impl Geometry {
                 4 * padded(u64::from(classes)),
             );
             let mut rows = whole_rows;
-            if rows < MIN_CHUNK_ROWS.min(b) {
+            // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes
+            // per loop iteration, twice (statistics, then G'): past LOOP_BUDGET the rows
+            // are cut into blocks of classes.
+            let loop_columns = LOOP_BUDGET * 4 * u64::from(tiles.classes_per_workgroup) / 2;
+            let whole_fits_loops = u64::from(classes) <= loop_columns;
+            if rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
                 // Blocks of classes: G for `rows` rows × one block, and a partial per block
                 // and row; the backward recomputes each block's dots (8·B·C·D flops).
                 // The widest block whose G, partials (one per block and row) and uniforms
@@ -266,7 +312,7 @@ impl Geometry {
                             + blocks * b.div_ceil(rows) * BLOCK_UNIFORMS * uniform_bytes;
                         // G's block fits one binding; the rest of the budget holds all.
                         let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
-                        bytes / (4 * rows) / quantum * quantum
+                        (bytes / (4 * rows)).min(loop_columns) / quantum * quantum
                     };
                     block = fit(u64::from(classes));
                     while block >= quantum && fit(block) < block {
@@ -280,8 +326,10 @@ impl Geometry {
                 if block >= quantum {
                     chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
                     blocked = true;
-                } else {
+                } else if whole_fits_loops {
                     rows = whole_rows;
+                } else {
+                    rows = 0;
                 }
             }
             if rows == 0 {
@@ -366,9 +414,13 @@ impl Algorithm {
 
     /// [`Algorithm::choose`] for a budget of `budget` bytes.
     fn choose_within(ctx: &Context, shape: Shape, budget: u64) -> Algorithm {
+        // Thinner whole rows (what is left when not even a block fits) lose to the fused
+        // kernels.
         match Geometry::new(ctx, shape, Algorithm::Chunked, budget) {
-            Ok(_) => Algorithm::Chunked,
-            Err(_) => Algorithm::Fused,
+            Ok(g) if g.blocked || g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
+                Algorithm::Chunked
+            }
+            _ => Algorithm::Fused,
         }
     }
 }
@@ -521,14 +573,15 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
             dots.lhs_offset = r0 * d4;
             dots.rhs_offset = w_at;
             dots.product_offset = column(part);
-            specs.push(spec(
+            let dots = spec(
                 (pass, k),
                 dots,
                 GemmLayout::Dots,
                 features,
                 w,
                 Binding::Logits,
-            ));
+            );
+            specs.extend(dots.k_pieces());
         }
         // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
         for (k, part) in g.chunks.iter().enumerate() {
@@ -1316,7 +1369,7 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
         Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
-        Binding::Logits => "logits (B·C·4 bytes)",
+        Binding::Logits => "logits (rows of a chunk × C, or × a class block)",
         Binding::GemmShape => "gemm",
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",

@@ -149,3 +149,19 @@ fn the_chosen_plan_fits_one_binding() {
     let plan = margin_softmax::Plan::new(&ctx, Shape::new(1024, 256, 100_000)).expect("a plan");
     assert!(plan.workspace_bytes() <= margin_softmax::DEFAULT_WORKSPACE_BUDGET);
 }
+
+#[test]
+fn chunked_rows_past_the_loop_budget() {
+    // 1.1 M classes: one row's softmax over all of them would run 2·C/32 loop iterations
+    // per invocation, past llvmpipe's 65535 (it then stops the loop and the gradients are
+    // silently wrong); the plan cuts the classes into blocks instead.
+    let ctx = context();
+    let shape = Shape::new(2, 4, 1_100_000);
+    assert_eq!(Algorithm::choose(ctx, shape), Algorithm::Chunked);
+    let mut p = Problem::random(shape, 17);
+    p.labels[1] = 1_099_999;
+    let params = LossParams::default();
+    let expected = reference::loss_on(&p, &params).expect("reference");
+    let out = loss(ctx, Algorithm::Chunked, &p, &params);
+    check_output(&out, &expected, &p, &params, "C = 1.1 M");
+}

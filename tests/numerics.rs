@@ -252,11 +252,14 @@ fn chunked_plan_in_class_blocks() {
             plan.workspace_bytes()
         );
         let mut p = Problem::random(Shape::new(b, d, c), 21);
+        // Blocks are whole multiples of 32 classes (the default tile): labels at every
+        // multiple of 32 and one below it land on the edges whatever the block width.
+        for (i, label) in p.labels.iter_mut().enumerate().skip(3) {
+            *label = ((32 * (i / 2) + c - i % 2) % c) as u32;
+        }
         p.labels[0] = margin_softmax::IGNORE;
         p.labels[1] = (c - 1) as u32;
         p.labels[2] = 0;
-        p.labels[3] = 511;
-        p.labels[4] = 512;
         let hard = LossParams {
             objective: margin_softmax::Objective::HardMargin,
             ..LossParams::default()
@@ -271,6 +274,13 @@ fn chunked_plan_in_class_blocks() {
                 .loss_on(&p, &params, margin_softmax::Pass::ForwardBackward)
                 .expect("loss");
             assert_eq!(again, out, "{what}: a second call differs");
+            // The forward alone runs the same blocks: the same loss and rows, bit for bit.
+            let forward = ctx
+                .loss_on(&p, &params, margin_softmax::Pass::Forward)
+                .expect("forward");
+            assert_eq!(forward.loss, out.loss, "{what}: forward loss");
+            assert_eq!(forward.row_loss, out.row_loss, "{what}: forward row losses");
+            assert_eq!(forward.pred, out.pred, "{what}: forward predictions");
         }
     }
 }
