@@ -150,17 +150,23 @@ impl Geometry {
         // above all); it is then held to the budget by its exact bytes, shrinking G's
         // share until they fit.
         let mut target = budget;
+        let mut smallest = u64::MAX;
         for _ in 0..16 {
-            let g = Geometry::select(ctx, shape, algorithm, target)?;
+            let g = match Geometry::select(ctx, shape, algorithm, target) {
+                Ok(g) => g,
+                Err(e) if target == budget => return Err(e),
+                Err(_) => break,
+            };
             let total = total_bytes(ctx, shape, &g, algorithm);
             if total <= budget {
                 return Ok(g);
             }
+            smallest = smallest.min(total);
             target = target.saturating_sub(total - budget + 4096);
         }
         Err(Error::TooLarge {
-            what: "the chunked plan's workspace within the budget",
-            size: budget.saturating_add(1),
+            what: "the chunked plan's workspace (set a larger ContextOptions::workspace_budget)",
+            size: smallest,
             limit: budget,
         })
     }

@@ -82,3 +82,31 @@ fn the_budget_picks_the_plan() {
         Algorithm::Fused
     );
 }
+
+#[test]
+fn the_chunked_plan_stays_within_its_budget() {
+    // Many row chunks, GEMM k-pieces and blocks wider than 4096 classes: the plan's exact
+    // bytes (uniforms included) never pass the budget. Nothing is allocated here.
+    for (b, d, c, budget) in [
+        (65_536, 64, 100_000, 40u64 << 20),
+        (65_536, 64, 100_000, 30 << 20),
+        (8192, 64, 2_000_000, 64 << 20),
+        (1024, 128, 2_000_000, 64 << 20),
+        (256, 512, 100_000, 2 << 20),
+    ] {
+        let ctx = Context::new_blocking(ContextOptions {
+            workspace_budget: Some(budget),
+            ..ContextOptions::default()
+        })
+        .expect("context");
+        let shape = Shape::new(b, d, c);
+        match workspace_bytes(&ctx, shape, Algorithm::Chunked) {
+            Ok(bytes) => assert!(bytes <= budget, "{b}×{d}×{c}: {bytes} > {budget}"),
+            // Where nothing fits, the choice falls back to the fused kernels.
+            Err(e) => {
+                eprintln!("{b}×{d}×{c} in {budget}: {e}");
+                assert_eq!(Algorithm::choose(&ctx, shape), Algorithm::Fused);
+            }
+        }
+    }
+}
