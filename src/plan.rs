@@ -8,7 +8,7 @@ use crate::io::{
 };
 use crate::kernels::{
     encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GemmShape, GpuParams, Kernel,
-    Timestamps, ROW_KERNEL_WORKGROUP,
+    Timestamps, GEMM_QUADS, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 
@@ -305,10 +305,14 @@ impl Geometry {
                 // The widest block whose G, partials (one per block and row) and uniforms
                 // (one set per block and row chunk) fit; narrower blocks cost more
                 // partials, so it shrinks to a fixed point. Rows halve from BLOCK_ROWS
-                // while no block fits, down to MIN_CHUNK_ROWS: thinner GEMMs lose to the
+                // while no block fits, down to one GEMM tile of rows (64 by default) or
+                // MIN_CHUNK_ROWS if more: thinner GEMMs waste their tiles and lose to the
                 // fused kernels. Where no block fits, thin whole rows, if any fit.
                 let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
                     .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
+                // At least a GEMM tile of rows: thinner chunks waste the tile's rows.
+                let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
+                let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
                 let mut block;
                 rows = b.min(BLOCK_ROWS);
                 loop {
@@ -324,10 +328,10 @@ impl Geometry {
                     while block >= quantum && fit(block) < block {
                         block = fit(block);
                     }
-                    if block >= quantum || rows <= MIN_CHUNK_ROWS.min(b) {
+                    if block >= quantum || rows <= min_block_rows {
                         break;
                     }
-                    rows = (rows / 2).max(MIN_CHUNK_ROWS.min(b));
+                    rows = (rows / 2).max(min_block_rows);
                 }
                 if block >= quantum {
                     chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);

@@ -233,7 +233,7 @@ fn chunked_plan_in_class_blocks() {
     // block of classes at a time: partials per block in the forward, the blocks' dots
     // recomputed in the backward. Labels sit at block edges, one row is ignored, and the
     // margin family and the hard objective (whose gradient goes to one other class) run.
-    // (600, 16, 2000) takes blocks in ten row chunks of 64 rows.
+    // (600, 16, 2000) takes blocks in five row chunks of at most 128 rows.
     for (b, d, c, budget) in [
         (70usize, 24usize, 3000usize, 240_000u64),
         (600, 16, 2000, 380_000),
