@@ -304,9 +304,10 @@ impl Kernels {
             };
             // SAFETY: the only check ever turned off is the forced loop bound, which the
             // caller may drop when no shader loop can run forever. Every loop of the GEMM
-            // module (gemm.wgsl, its lhs loaders, and the common.wgsl functions it keeps)
-            // counts a u32 up by 1 to a bound fixed before the loop: a constant, or k/4 of
-            // a uniform GemmShape, at most 2³⁰; none wraps around.
+            // module (gemm.wgsl, its lhs loaders, and common.wgsl's functions, which the
+            // GEMM never calls) counts a u32 up by 1 or 4 to a bound fixed before the
+            // loop: a constant, k/4 of a uniform GemmShape (at most 2³⁰), or D, below
+            // 2³² − 4 as every size fits one binding; none wraps around.
             unsafe { device.create_shader_module_trusted(descriptor, checks) }
         };
         let norms = module("norms.wgsl", NORMS_WGSL, true);

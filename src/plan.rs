@@ -139,9 +139,8 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl Geometry {
-    /// Class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
-    /// whose byte offsets meet the storage offset alignment, and small enough that no
-    /// invocation exceeds LOOP_BUDGET (the fused algorithm; the unfused one has one chunk).
+    /// The geometry of `algorithm` for `shape` within `budget` bytes of workspace (the
+    /// chunked plan is held to it; the others do not depend on it).
     fn new(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
         if algorithm != Algorithm::Chunked {
             return Geometry::select(ctx, shape, algorithm, budget);
@@ -162,7 +161,9 @@ impl Geometry {
                 return Ok(g);
             }
             smallest = smallest.min(total);
-            target = target.saturating_sub(total - budget + 4096);
+            // At least one row of G (or of a block) less, so that each try changes G.
+            target =
+                target.saturating_sub((total - budget + 4096).max(4 * u64::from(g.logit_stride)));
         }
         Err(Error::TooLarge {
             what: "the chunked plan's workspace (set a larger ContextOptions::workspace_budget)",
@@ -171,7 +172,10 @@ impl Geometry {
         })
     }
 
-    /// The geometry for a budget of `budget` bytes, from estimates of what is not G.
+    /// The geometry for a budget of `budget` bytes, from estimates of what is not G:
+    /// class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
+    /// whose byte offsets meet the storage offset alignment, and small enough that no
+    /// invocation exceeds LOOP_BUDGET; for the chunked plan, its row chunks and blocks.
     fn select(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
@@ -313,13 +317,21 @@ impl Geometry {
                 // At least a GEMM tile of rows: thinner chunks waste the tile's rows.
                 let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
                 let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
+                // Uniform entries per block and row chunk: its parameters, and the GEMM
+                // shapes of its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
+                let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
                 let mut block;
                 rows = b.min(BLOCK_ROWS);
+                let block_uniforms =
+                    |block: u64, rows: u64| 1 + pieces(d) + pieces(block) + pieces(rows);
                 loop {
                     let fit = |block: u64| {
                         let blocks = u64::from(classes).div_ceil(block.max(1));
                         let overhead = partials(blocks)
-                            + blocks * b.div_ceil(rows) * BLOCK_UNIFORMS * uniform_bytes;
+                            + blocks
+                                * b.div_ceil(rows)
+                                * block_uniforms(block, rows)
+                                * uniform_bytes;
                         // G's block fits one binding; the rest of the budget holds all.
                         let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
                         (bytes / (4 * rows)).min(loop_columns) / quantum * quantum
@@ -336,10 +348,18 @@ impl Geometry {
                 if block >= quantum {
                     chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
                     blocked = true;
-                } else if whole_fits_loops {
+                } else if whole_fits_loops && whole_rows > 0 {
                     rows = whole_rows;
                 } else {
-                    rows = 0;
+                    let blocks = u64::from(classes).div_ceil(quantum);
+                    return Err(Error::TooLarge {
+                        what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms, x̂ and its partials (set a larger ContextOptions::workspace_budget)",
+                        size: rest
+                            + 4 * rows * quantum
+                            + partials(blocks)
+                            + blocks * b.div_ceil(rows) * block_uniforms(quantum, rows) * uniform_bytes,
+                        limit: budget,
+                    });
                 }
             }
             if rows == 0 {
@@ -410,14 +430,12 @@ impl Geometry {
 const MIN_CHUNK_ROWS: u64 = 32;
 /// Rows of a chunk of blocks of G (fewer where the budget asks).
 const BLOCK_ROWS: u64 = 256;
-/// Uniform entries per block and row chunk, at most: its parameters, and the GEMM shapes
-/// of its dots, gx̂ (in k-pieces) and gw.
-const BLOCK_UNIFORMS: u64 = 4;
 
 impl Algorithm {
     /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked
-    /// (whole rows of G when at least 32 rows, or all of them, fit; else blocks of
-    /// classes), and the fused kernels only where not even one block fits.
+    /// (whole rows of G when at least 32 rows, or all of them, fit and a row is within
+    /// llvmpipe's loop budget; else blocks of classes for at least one GEMM tile of
+    /// rows), and the fused kernels only where not even one block fits.
     pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
         Algorithm::choose_within(ctx, shape, ctx.workspace_budget)
     }
@@ -1194,8 +1212,11 @@ impl Plan {
                 Algorithm::Chunked => steps.append(&mut blocked_backward),
                 Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
-                    for index in 1..self.gemms.len() {
-                        steps.push(matmul(index)?);
+                    // The gradient GEMMs: every one but the dots' k-pieces.
+                    for index in 0..self.gemms.len() {
+                        if self.gemms[index].layout != GemmLayout::Dots {
+                            steps.push(matmul(index)?);
+                        }
                     }
                 }
             }

@@ -284,3 +284,11 @@ fn chunked_plan_in_class_blocks() {
         }
     }
 }
+
+#[test]
+fn feature_lengths_past_one_gemm_piece() {
+    // D = 8192 > 4096 cuts the dots GEMM into accumulated k-pieces; the backward must not
+    // run them again over G (the unfused baseline once did).
+    let p = Problem::random(Shape::new(5, 8192, 37), 23);
+    check_against_reference(context(), &p, &params(30.0, 0.35), "D = 8192");
+}
