@@ -43,12 +43,10 @@ fn repeated_calls_are_bitwise_identical() {
         }
         for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
             let run = || {
-                ctx.loss_with(
+                common::loss_with(
+                    ctx,
                     algorithm,
-                    shape,
-                    &p.features,
-                    &p.classes,
-                    &p.labels,
+                    &p,
                     &LossParams::default(),
                     Pass::ForwardBackward,
                 )

@@ -13,16 +13,7 @@ use margin_softmax::{
 
 /// Forward + backward of `p` on `ctx` with `algorithm`.
 fn loss(ctx: &Context, algorithm: Algorithm, p: &Problem, params: &LossParams) -> LossOutput {
-    ctx.loss_with(
-        algorithm,
-        p.shape,
-        &p.features,
-        &p.classes,
-        &p.labels,
-        params,
-        Pass::ForwardBackward,
-    )
-    .expect("loss")
+    common::loss_with(ctx, algorithm, p, params, Pass::ForwardBackward).expect("loss")
 }
 
 /// A context whose bindings are capped at `bytes`, so small problems need many chunks.

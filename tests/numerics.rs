@@ -205,17 +205,14 @@ fn chunked_plan_with_many_row_chunks_and_long_class_ranges() {
             margin_softmax::Algorithm::Chunked,
             margin_softmax::Algorithm::Unfused,
         ] {
-            let out = ctx
-                .loss_with(
-                    algorithm,
-                    p.shape,
-                    &p.features,
-                    &p.classes,
-                    &p.labels,
-                    &params,
-                    margin_softmax::Pass::ForwardBackward,
-                )
-                .expect("loss");
+            let out = common::loss_with(
+                &ctx,
+                algorithm,
+                &p,
+                &params,
+                margin_softmax::Pass::ForwardBackward,
+            )
+            .expect("loss");
             common::check_output(
                 &out,
                 &expected,

@@ -115,15 +115,7 @@ fn waits_are_bounded_by_the_timeout() {
 fn overflowing_dot_products_are_an_error_not_nan() {
     let ctx = context();
     let call = |p: &Problem, algorithm| {
-        ctx.loss_with(
-            algorithm,
-            p.shape,
-            &p.features,
-            &p.classes,
-            &p.labels,
-            &LossParams::default(),
-            Pass::Forward,
-        )
+        common::loss_with(ctx, algorithm, p, &LossParams::default(), Pass::Forward)
     };
     // Where a plan's dots stay finite it must give the reference's loss; where they
     // overflow, Error::Overflow.

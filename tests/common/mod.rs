@@ -20,6 +20,25 @@ pub fn context() -> &'static Context {
     })
 }
 
+/// `p` on `ctx` with `algorithm`: [`Context::loss_with`] for a [`Problem`].
+pub fn loss_with(
+    ctx: &Context,
+    algorithm: Algorithm,
+    p: &Problem,
+    params: &LossParams,
+    pass: Pass,
+) -> margin_softmax::Result<LossOutput> {
+    ctx.loss_with(
+        algorithm,
+        p.shape,
+        &p.features,
+        &p.classes,
+        &p.labels,
+        params,
+        pass,
+    )
+}
+
 /// Runs forward + backward on `ctx` with every algorithm (memory-minimal fused, chunked,
 /// unfused) and asserts every output of each is within its bound of the f64 reference.
 /// Returns the output of the algorithm `Context::loss` picks.
@@ -34,16 +53,7 @@ pub fn check_against_reference(
         reference::loss_on(p, params).unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
     let pass = Pass::ForwardBackward;
     for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
-        let out = ctx
-            .loss_with(
-                algorithm,
-                p.shape,
-                &p.features,
-                &p.classes,
-                &p.labels,
-                params,
-                pass,
-            )
+        let out = loss_with(ctx, algorithm, p, params, pass)
             .unwrap_or_else(|e| panic!("{what} ({algorithm:?}): GPU call failed: {e}"));
         check_output(
             &out,
