@@ -1126,17 +1126,22 @@ impl Plan {
                     });
                 }
             }
-            // The GEMMs of (pass, chunk): its dots, or its gradient products.
+            // The GEMMs of each (pass, chunk), indexed once: its dots, and its gradient
+            // products, in spec order.
+            let mut by_block =
+                vec![vec![(Vec::new(), Vec::new()); g.chunks.len()]; g.row_passes.len()];
+            for (index, spec) in self.gemms.iter().enumerate() {
+                let (dots, grads) = &mut by_block[spec.pass][spec.chunk];
+                if spec.layout == GemmLayout::Dots {
+                    dots.push(index);
+                } else {
+                    grads.push(index);
+                }
+            }
             let gemms = |pass: usize, chunk: usize, dots: bool| -> Result<Vec<Step<'_>>> {
-                (0..self.gemms.len())
-                    .filter(|&index| {
-                        let spec = &self.gemms[index];
-                        spec.pass == pass
-                            && spec.chunk == chunk
-                            && (spec.layout == GemmLayout::Dots) == dots
-                    })
-                    .map(matmul)
-                    .collect()
+                let (dot_specs, grad_specs) = &by_block[pass][chunk];
+                let indices = if dots { dot_specs } else { grad_specs };
+                indices.iter().map(|&index| matmul(index)).collect()
             };
             let row_grid = |(r0, r1): (u32, u32)| {
                 fold_grid(
