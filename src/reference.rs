@@ -468,10 +468,28 @@ fn max_rel_error_with_slack(gpu: &[f32], reference: &[f64], magnitude: f64, slac
     (max_abs_error(gpu, reference) - slack).max(0.0) / scale
 }
 
+/// |gpu − reference| of one value: infinite where the two differ and either is not finite,
+/// so that a NaN or an infinity where the reference is finite fails every bound (`f64::max`
+/// and `(e − slack).max(0)` would drop a NaN error); 0 where both are the same infinity.
+fn abs_error(gpu: f32, reference: f64) -> f64 {
+    let gpu = f64::from(gpu);
+    if gpu == reference {
+        0.0
+    } else if gpu.is_finite() && reference.is_finite() {
+        (gpu - reference).abs()
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The largest [`abs_error`] over the elements; infinite when the lengths differ.
 fn max_abs_error(gpu: &[f32], reference: &[f64]) -> f64 {
+    if gpu.len() != reference.len() {
+        return f64::INFINITY;
+    }
     gpu.iter()
         .zip(reference)
-        .fold(0.0f64, |m, (&a, &b)| m.max((f64::from(a) - b).abs()))
+        .fold(0.0f64, |m, (&a, &b)| m.max(abs_error(a, b)))
 }
 
 /// Compares a GPU result with the reference for the same inputs and parameters.
@@ -491,7 +509,7 @@ pub fn compare(
     let cos = cosine_bound(dim);
     let (loss_bound, grad_bound) = error_bounds(f64::from(params.effective_scale()), dim);
     let loss_bound = loss_bound * reference.max_target_slope.min(1e3);
-    let loss_err = ((f64::from(gpu.loss) - reference.loss).abs() - reference.loss_slack).max(0.0);
+    let loss_err = (abs_error(gpu.loss, reference.loss) - reference.loss_slack).max(0.0);
     let loss_rel = if loss_err == 0.0 {
         0.0
     } else {
@@ -511,8 +529,7 @@ pub fn compare(
         ),
         (
             "grad_scale",
-            ((f64::from(gpu.grad_scale) - reference.grad_scale).abs() - reference.grad_scale_slack)
-                .max(0.0)
+            (abs_error(gpu.grad_scale, reference.grad_scale) - reference.grad_scale_slack).max(0.0)
                 / reference.grad_scale.abs().max(1.0),
             grad_bound,
         ),
@@ -533,7 +550,7 @@ pub fn compare(
         ),
         (
             "mean_margin",
-            (f64::from(gpu.mean_achieved_margin) - reference.mean_achieved_margin).abs(),
+            abs_error(gpu.mean_achieved_margin, reference.mean_achieved_margin),
             2.0 * cos,
         ),
         (
@@ -571,7 +588,8 @@ pub fn compare(
         .zip(&reference.pred)
         .zip(&reference.pred_gap)
         .filter(|((a, b), gap)| a != b && **gap > 2.0 * cos)
-        .count();
+        .count()
+        + gpu.pred.len().abs_diff(reference.pred.len());
     Comparison {
         errors,
         pred_mismatches,
