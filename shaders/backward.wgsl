@@ -18,10 +18,23 @@
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (from norms.wgsl).
 @group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
-/// Per-call totals from the forward pass; only `valid_rows` (N) is read. Declared
+/// `Summary` (common.wgsl) as the backward kernels see it: its flags as an atomic word.
+struct BackwardSummary {
+    loss: f32,
+    scale_grad: f32,
+    /// N, read by the gradients of the mean.
+    valid_rows: u32,
+    correct_rows: u32,
+    /// FLAG_OVERFLOW is or-ed in where a gradient the kernels wrote is not finite.
+    flags: atomic<u32>,
+    mean_achieved_margin: f32,
+    margin_satisfied_rows: u32,
+    _pad: u32,
+}
+/// Per-call totals from the forward pass: N is read and the overflow flag set. Declared
 /// read_write because it may share a buffer with the gradient outputs, and WebGPU forbids
 /// one buffer as read-only and writable storage in one dispatch.
-@group(0) @binding(10) var<storage, read_write> summary: Summary;
+@group(0) @binding(10) var<storage, read_write> summary: BackwardSummary;
 /// Per-row LSE_i (and dL_i/ds, unused here), B values, from forward.wgsl.
 @group(0) @binding(8) var<storage, read> row_softmax: array<RowSoftmax>;
 /// gx̂ partials, one B×D block per feature split: index (split·B + i)·D + d; later chunks
@@ -183,10 +196,17 @@ fn grad_feature_partials(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-/// The factor of v in dL/dv = (g − v̂(v̂·g))·inv, with v̂ = v·inv: v̂·g·inv = (v·g)·inv².
-/// Rows shorter than ε are scaled only (factor 0), as the spec's normalisation is there.
-fn projection_factor(v_dot_g: f32, inv: f32) -> f32 {
-    return select(v_dot_g * inv * inv, 0.0, inv >= INV_EPS);
+/// The projection's component along v̂ = v·inv, from v̂·g: dL/dv = (g − v̂·along)·inv.
+/// v̂ is formed before the product, so that Σ v·g cannot overflow on rows of huge norm.
+/// Rows shorter than ε are scaled only (0), as the spec's normalisation is there.
+fn along_normal(normal_dot_g: f32, inv: f32) -> f32 {
+    return select(normal_dot_g, 0.0, inv >= INV_EPS);
+}
+
+/// Sets the summary's overflow flag unless every gradient value an invocation wrote was
+/// finite (`finite`, and-ed over them); an or of flag bits, the same in any order.
+fn flag_non_finite_gradients(finite: bool) {
+    if (!finite) { atomicOr(&summary.flags, FLAG_OVERFLOW); }
 }
 
 /// One invocation per row: gx̂_i = Σ_k partials in split order, then the projection.
@@ -206,12 +226,16 @@ fn grad_features_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
             g += feature_grad_partials[k * block + base + d];
         }
         feature_grad_partials[base + d] = g;
-        dot = fma(features[base + d], g, dot);
+        dot = fma(features[base + d] * inv, g, dot);
     }
-    let along = projection_factor(dot, inv);
+    let along = along_normal(dot, inv);
+    var finite = true;
     for (var d = 0u; d < d_len; d++) {
-        grad_features[base + d] = (feature_grad_partials[base + d] - features[base + d] * along) * inv;
+        let out = (feature_grad_partials[base + d] - features[base + d] * inv * along) * inv;
+        grad_features[base + d] = out;
+        finite = finite && !is_non_finite(out);
     }
+    flag_non_finite_gradients(finite);
 }
 
 /// Workgroup per class tile (grid folded into x, y): gŵ_j over the row tiles of this
@@ -255,12 +279,16 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         let inv = inv_norm_classes[class_tile0 + ci];
         var dot = 0.0;
         for (var d = 0u; d < d_len; d++) {
-            dot = fma(class_vectors[base + d], grad_classes[base + d], dot);
+            dot = fma(class_vectors[base + d] * inv, grad_classes[base + d], dot);
         }
-        let along = projection_factor(dot, inv);
+        let along = along_normal(dot, inv);
+        var finite = true;
         for (var d = 0u; d < d_len; d++) {
-            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * inv;
+            let out = (grad_classes[base + d] - class_vectors[base + d] * inv * along) * inv;
+            grad_classes[base + d] = out;
+            finite = finite && !is_non_finite(out);
         }
+        flag_non_finite_gradients(finite);
     }
 }
 
@@ -299,21 +327,29 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         let base = row * d_len;
         let inv = inv_norm_features[row];
         var dot = 0.0;
-        for (var d = 0u; d < d_len; d++) { dot = fma(features[base + d], grad_features[base + d], dot); }
-        let along = projection_factor(dot, inv);
+        for (var d = 0u; d < d_len; d++) { dot = fma(features[base + d] * inv, grad_features[base + d], dot); }
+        let along = along_normal(dot, inv);
+        var finite = true;
         for (var d = 0u; d < d_len; d++) {
-            grad_features[base + d] = (grad_features[base + d] - features[base + d] * along) * inv * norm;
+            let out = (grad_features[base + d] - features[base + d] * inv * along) * inv * norm;
+            grad_features[base + d] = out;
+            finite = finite && !is_non_finite(out);
         }
+        flag_non_finite_gradients(finite);
     } else if (row - feature_rows < params.classes) {
         let base = (row - feature_rows) * d_len;
         let inv = inv_norm_classes[row - feature_rows];
         var dot = 0.0;
-        for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d], grad_classes[base + d], dot); }
+        for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d] * inv, grad_classes[base + d], dot); }
         // The projection is linear: projecting gw' = gŵ·inv gives dL/dw directly.
-        let along = projection_factor(dot, inv);
+        let along = along_normal(dot, inv);
         let factor = select(inv, 1.0, params.raw_classes == 1u) * norm;
+        var finite = true;
         for (var d = 0u; d < d_len; d++) {
-            grad_classes[base + d] = (grad_classes[base + d] - class_vectors[base + d] * along) * factor;
+            let out = (grad_classes[base + d] - class_vectors[base + d] * inv * along) * factor;
+            grad_classes[base + d] = out;
+            finite = finite && !is_non_finite(out);
         }
+        flag_non_finite_gradients(finite);
     }
 }

@@ -95,7 +95,11 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
     // ‖v‖ = amax·sqrt(Σ(v/amax)²).
     let root = sqrt(row_sum_squares(is_features, base, inv_amax));
     if (amax * root < EPS) { return 1.0 / EPS; }
-    return inv_amax / root;
+    let inv = inv_amax / root;
+    // Past ‖v‖ ≈ 8.5e37 the inverse norm is subnormal: where the adapter flushes
+    // subnormals to 0, v̂ would be 0, so the call reports an overflow instead.
+    if (inv * amax == 0.0) { atomicOr(&input_flags, FLAG_OVERFLOW); }
+    return inv;
 }
 
 /// This invocation's row of the stacked [x; w chunk], as (1 for a row of x else 0, the

@@ -412,6 +412,7 @@ impl Kernels {
                     Params,
                     Features,
                     InvNormFeatures,
+                    Summary,
                     FeatureGradPartials,
                     GradFeatures,
                 ],

@@ -4,7 +4,7 @@
 mod common;
 
 use margin_softmax::reference::{self, ReferenceOutput};
-use margin_softmax::{Gradients, LossOutput, LossParams, Problem, Shape};
+use margin_softmax::{Algorithm, Gradients, LossOutput, LossParams, Pass, Problem, Shape};
 
 /// The reference's own result as a GPU output would hold it (every value rounded to f32).
 fn as_gpu_output(r: &ReferenceOutput) -> LossOutput {
@@ -81,4 +81,37 @@ fn comparison_fails_on_planted_non_finite_values() {
     short.pred.pop();
     short.target_cos.pop();
     assert!(!reference::compare(p.shape.dim, &params, &short, &expected).passes());
+}
+
+/// Every plan on `p`: each output within its bound of the f64 reference (which fails on
+/// any non-finite output where the reference is finite).
+fn assert_every_plan_matches(p: &Problem, params: &LossParams, what: &str) {
+    let ctx = common::context();
+    let expected = reference::loss_on(p, params).expect("reference");
+    for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
+        let out = common::loss_with(ctx, algorithm, p, params, Pass::ForwardBackward)
+            .unwrap_or_else(|e| panic!("{what} ({algorithm:?}): {e}"));
+        let check = reference::compare(p.shape.dim, params, &out, &expected);
+        assert!(check.passes(), "{what} ({algorithm:?}): {check:?}");
+    }
+}
+
+/// A row of x with entries of ±1e38 (‖x‖ = 4e38 overflows f32, D = 16): its dL/dx is
+/// about 1e-37, finite and normal; the projection must not form Σ x·g from the raw row.
+#[test]
+fn huge_feature_rows_get_finite_gradients() {
+    let mut p = Problem::random(Shape::new(3, 16, 5), 21);
+    for (k, v) in p.features[16..32].iter_mut().enumerate() {
+        *v = if k % 3 == 0 { -1e38 } else { 1e38 };
+    }
+    assert_every_plan_matches(&p, &LossParams::default(), "a row of x at ±1e38");
+}
+
+/// A row of w of norm 1e38 (D = 2) must leave every other row's dL/dx (about 8.5) finite.
+#[test]
+fn huge_class_rows_get_finite_gradients() {
+    let mut p = Problem::random(Shape::new(4, 2, 3), 22);
+    p.classes[2] = 7.0e37;
+    p.classes[3] = -7.0e37;
+    assert_every_plan_matches(&p, &LossParams::default(), "a row of w of norm 1e38");
 }
