@@ -838,9 +838,10 @@ impl Plan {
     /// Records the loss into the caller's `encoder`: the forward pass, and the backward
     /// pass when `outputs.grads` is set. Nothing is submitted or read back.
     ///
-    /// The parameters are uploaded with `Queue::write_buffer`, so they take effect at the
-    /// next submit: record a plan at most once per submit (use one plan per call site).
-    /// Input regions are only read. Output regions are written exactly over their
+    /// The parameters travel in the encoder (a copy recorded before the dispatches), so
+    /// a plan may be recorded any number of times before a submit, each recording with
+    /// its own parameters; recordings of one plan share its workspace, so they run in the
+    /// order they are submitted, one after the other. Input regions are only read. Output regions are written exactly over their
     /// documented sizes and nowhere else.
     pub fn record(
         &self,
@@ -1033,7 +1034,17 @@ impl Plan {
                 uniforms[at..at + PARAMS_BYTES as usize].copy_from_slice(bytemuck::bytes_of(&gpu));
             }
         }
-        ctx.queue.write_buffer(&self.params, 0, &uniforms);
+        // Through the encoder, not the queue: each recording's copy runs just before its
+        // own dispatches, so recordings made before a submit keep their own parameters.
+        let upload = wgpu::util::DeviceExt::create_buffer_init(
+            &ctx.device,
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("params upload"),
+                contents: &uniforms,
+                usage: wgpu::BufferUsages::COPY_SRC,
+            },
+        );
+        encoder.copy_buffer_to_buffer(&upload, 0, &self.params, 0, uniforms.len() as u64);
         if let Some((_, flags)) = self
             .workspace
             .iter()

@@ -4,7 +4,11 @@
 mod common;
 
 use margin_softmax::reference::{self, ReferenceOutput};
-use margin_softmax::{Algorithm, Gradients, LossOutput, LossParams, Pass, Problem, Shape};
+use margin_softmax::{
+    Algorithm, Context, DeviceInputs, DeviceOutputs, GradOutputs, Gradients, LossOutput,
+    LossParams, Pass, Plan, Problem, RowStats, Shape, Summary,
+};
+use wgpu::util::DeviceExt;
 
 /// The reference's own result as a GPU output would hold it (every value rounded to f32).
 fn as_gpu_output(r: &ReferenceOutput) -> LossOutput {
@@ -114,4 +118,141 @@ fn huge_class_rows_get_finite_gradients() {
     p.classes[2] = 7.0e37;
     p.classes[3] = -7.0e37;
     assert_every_plan_matches(&p, &LossParams::default(), "a row of w of norm 1e38");
+}
+
+/// A storage buffer holding `data` (copyable both ways).
+fn storage<T: bytemuck::Pod>(ctx: &Context, data: &[T]) -> wgpu::Buffer {
+    ctx.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// The bytes of `buffer` after everything submitted so far.
+fn read_back(ctx: &Context, buffer: &wgpu::Buffer) -> Vec<u8> {
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    ctx.queue().submit([encoder.finish()]);
+    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    ctx.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let bytes = staging.slice(..).get_mapped_range().expect("mapped").to_vec();
+    bytes
+}
+
+/// The outputs of one recording: row statistics, summary and both gradients.
+struct Outputs {
+    row_stats: wgpu::Buffer,
+    summary: wgpu::Buffer,
+    grad_features: wgpu::Buffer,
+    grad_classes: wgpu::Buffer,
+}
+
+impl Outputs {
+    fn new(ctx: &Context, shape: Shape) -> Outputs {
+        let zeros = |n: usize| storage(ctx, &vec![0f32; n]);
+        Outputs {
+            row_stats: zeros(shape.batch * std::mem::size_of::<RowStats>() / 4),
+            summary: zeros(std::mem::size_of::<Summary>() / 4),
+            grad_features: zeros(shape.batch * shape.dim),
+            grad_classes: zeros(shape.classes * shape.dim),
+        }
+    }
+
+    fn regions(&self) -> DeviceOutputs<'_> {
+        DeviceOutputs {
+            row_stats: (&self.row_stats).into(),
+            summary: (&self.summary).into(),
+            grads: Some(GradOutputs {
+                features: (&self.grad_features).into(),
+                classes: (&self.grad_classes).into(),
+            }),
+        }
+    }
+
+    /// The loss and both gradients, checked against the reference for `params`.
+    fn check(&self, ctx: &Context, p: &Problem, params: &LossParams, what: &str) {
+        let summary: Summary = bytemuck::pod_read_unaligned(&read_back(ctx, &self.summary));
+        let expected = reference::loss_on(p, params).expect("reference");
+        let loss = f64::from(summary.loss);
+        assert!(
+            (loss - expected.loss).abs() <= 1e-5 * expected.loss.abs(),
+            "{what}: loss {loss}, reference {}",
+            expected.loss
+        );
+        let gx: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(ctx, &self.grad_features));
+        let gw: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(ctx, &self.grad_classes));
+        let bound = reference::GRAD_REL_BOUND;
+        let ex = reference::max_rel_error(&gx, &expected.grad_features, 0.0);
+        let ew = reference::max_rel_error(&gw, &expected.grad_classes, 0.0);
+        assert!(ex <= bound && ew <= bound, "{what}: dL/dx {ex}, dL/dw {ew}");
+    }
+}
+
+/// An engine records step N+1 (another scale and margin) before it submits step N: each
+/// recording must run with its own parameters, in one encoder or in two.
+#[test]
+fn each_recording_keeps_its_own_parameters() {
+    let ctx = common::context();
+    let shape = Shape::new(6, 5, 9);
+    let p = Problem::random(shape, 23);
+    let first = LossParams::default();
+    let second = LossParams {
+        scale: 64.0,
+        margin: 0.1,
+        ..LossParams::default()
+    };
+    let (x, w, y) = (
+        storage(ctx, &p.features),
+        storage(ctx, &p.classes),
+        storage(ctx, &p.labels),
+    );
+    let inputs = DeviceInputs {
+        features: (&x).into(),
+        classes: (&w).into(),
+        labels: (&y).into(),
+    };
+    for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
+        let plan = Plan::with_algorithm(ctx, shape, algorithm).expect("plan");
+        let (a, b) = (Outputs::new(ctx, shape), Outputs::new(ctx, shape));
+        // One encoder, two recordings.
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        plan.record(ctx, &mut encoder, &inputs, &a.regions(), &first)
+            .expect("record");
+        plan.record(ctx, &mut encoder, &inputs, &b.regions(), &second)
+            .expect("record");
+        ctx.queue().submit([encoder.finish()]);
+        a.check(ctx, &p, &first, &format!("{algorithm:?}, first of one encoder"));
+        b.check(ctx, &p, &second, &format!("{algorithm:?}, second of one encoder"));
+        // Two encoders, submitted together in the order they were recorded, and the
+        // other way round.
+        for reversed in [false, true] {
+            let mut one = ctx.device().create_command_encoder(&Default::default());
+            let mut two = ctx.device().create_command_encoder(&Default::default());
+            plan.record(ctx, &mut one, &inputs, &a.regions(), &first)
+                .expect("record");
+            plan.record(ctx, &mut two, &inputs, &b.regions(), &second)
+                .expect("record");
+            let (one, two) = (one.finish(), two.finish());
+            if reversed {
+                ctx.queue().submit([two, one]);
+            } else {
+                ctx.queue().submit([one, two]);
+            }
+            let what = format!("{algorithm:?}, two encoders, reversed {reversed}");
+            a.check(ctx, &p, &first, &what);
+            b.check(ctx, &p, &second, &what);
+        }
+    }
 }
