@@ -58,6 +58,10 @@ pub struct Context {
     /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
     /// element of an array).
     pub(crate) quad_stand_in: wgpu::Buffer,
+    /// One read-only storage binding: a caller's region is bound to it once before a
+    /// recording, so that a buffer wgpu refuses (another device's) is a typed error before
+    /// anything reaches the caller's encoder.
+    pub(crate) region_probe: wgpu::BindGroupLayout,
 }
 
 /// A buffer the crate allocated, counted in [`Context::allocated_bytes`] while it lives.
@@ -96,14 +100,27 @@ pub fn parse_backends(text: &str) -> Option<wgpu::Backends> {
     (!backends.is_empty()).then_some(backends)
 }
 
-/// Every adapter wgpu can see on the given backends (`None`: `WGPU_BACKEND`, else all).
-pub async fn enumerate_adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::Adapter> {
-    let backends = backends.unwrap_or_else(|| wgpu::Backends::all().with_env());
+/// The process's one wgpu instance for `backends`. Contexts share it, so that a buffer of
+/// one context's device handed to another is a validation error wgpu reports (and the
+/// crate returns as [`Error::BadBuffer`]), not a lookup in another instance's registry.
+fn shared_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    static INSTANCES: Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> = Mutex::new(Vec::new());
+    let mut instances = INSTANCES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, instance)) = instances.iter().find(|(b, _)| *b == backends) {
+        return instance.clone();
+    }
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends,
         ..wgpu::InstanceDescriptor::new_without_display_handle().with_env()
     });
-    instance.enumerate_adapters(backends).await
+    instances.push((backends, instance.clone()));
+    instance
+}
+
+/// Every adapter wgpu can see on the given backends (`None`: `WGPU_BACKEND`, else all).
+pub async fn enumerate_adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::Adapter> {
+    let backends = backends.unwrap_or_else(|| wgpu::Backends::all().with_env());
+    shared_instance(backends).enumerate_adapters(backends).await
 }
 
 impl Context {
@@ -119,10 +136,7 @@ impl Context {
             .clone()
             .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
             .filter(|n| !n.is_empty());
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends,
-            ..wgpu::InstanceDescriptor::new_without_display_handle().with_env()
-        });
+        let instance = shared_instance(backends);
         let wanted = format!(
             "backends {backends:?}, name containing {:?}",
             name.as_deref().unwrap_or("anything")
@@ -243,6 +257,19 @@ impl Context {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let region_probe = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("region probe"),
+            entries: &[wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: true },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }],
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(e.to_string()));
         }
@@ -263,6 +290,7 @@ impl Context {
             shard_cache: Mutex::new(None),
             allocated: Arc::new(AtomicU64::new(0)),
             quad_stand_in,
+            region_probe,
         })
     }
 
@@ -355,7 +383,7 @@ impl Context {
         match poll {
             Ok(_) => Ok(()),
             Err(wgpu::PollError::Timeout) => Err(Error::Timeout {
-                millis: self.timeout.unwrap_or_default().as_millis(),
+                timeout: self.timeout.unwrap_or_default(),
             }),
             Err(e) => {
                 self.lost.store(true, Ordering::SeqCst);

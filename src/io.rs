@@ -206,5 +206,42 @@ pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
             r.bytes
         ));
     }
-    Ok(())
+    probe_region(ctx, r)
+}
+
+/// Binds the region once, alone, inside an error scope: a buffer of another device is
+/// refused there (wgpu's validation error, or a panic of wgpu-core for a buffer of another
+/// wgpu instance), and becomes [`Error::BadBuffer`] before the caller's encoder is touched.
+fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("region probe"),
+            layout: &ctx.region_probe,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.region.buffer,
+                    offset: r.region.offset,
+                    size: std::num::NonZeroU64::new(r.bytes),
+                }),
+            }],
+        })
+    }));
+    let refused = pollster::block_on(scope.pop());
+    match (bound, refused) {
+        (Ok(_), None) => Ok(()),
+        (_, Some(e)) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: format!(
+                "wgpu refused to bind it ({}); pass a buffer of this context's device                  (Context::from_device wraps an engine's own)",
+                e.to_string().replace('\n', " ")
+            ),
+        }),
+        (Err(_), None) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: "it belongs to another wgpu instance; pass a buffer of this context's                      device (Context::from_device wraps an engine's own)"
+                .into(),
+        }),
+    }
 }

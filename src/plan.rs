@@ -690,6 +690,8 @@ pub struct Plan {
     sampled: bool,
     /// Rows of w the caller binds: the shape's classes, or the shard's rows when sampled.
     class_rows: u64,
+    /// The device the workspace lives on: recording with another context is refused.
+    device: wgpu::Device,
 }
 
 /// Which passes a recording runs: the whole loss, or one side of a class shard's
@@ -817,6 +819,7 @@ impl Plan {
             total_classes: c as u32,
             sampled: false,
             class_rows: c,
+            device: ctx.device.clone(),
         })
     }
 
@@ -937,6 +940,14 @@ impl Plan {
         phase: Phase,
     ) -> Result<Vec<&'static str>> {
         ctx.check_alive()?;
+        if self.device != ctx.device {
+            return Err(Error::BadBuffer {
+                role: "plan",
+                reason: "it was made on another context's device; make a plan with Plan::new \
+                         on the context you record with"
+                    .into(),
+            });
+        }
         params.validate()?;
         let (b, c, d) = (
             self.shape.batch as u64,

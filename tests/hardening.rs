@@ -5,7 +5,7 @@ mod common;
 
 use margin_softmax::reference::{self, ReferenceOutput};
 use margin_softmax::{
-    Algorithm, Context, DeviceInputs, DeviceOutputs, GradOutputs, Gradients, LossOutput,
+    Algorithm, Context, DeviceInputs, DeviceOutputs, Error, GradOutputs, Gradients, LossOutput,
     LossParams, Pass, Plan, Problem, RowStats, Shape, Summary,
 };
 use wgpu::util::DeviceExt;
@@ -255,4 +255,62 @@ fn each_recording_keeps_its_own_parameters() {
             b.check(ctx, &p, &second, &what);
         }
     }
+}
+
+/// A plan used with another context, and a buffer of another device, are typed errors.
+#[test]
+fn plans_and_buffers_of_another_device_are_bad_buffers() {
+    let ctx = common::context();
+    let other = Context::new_default().expect("a second context");
+    let shape = Shape::new(3, 4, 5);
+    let p = Problem::random(shape, 24);
+    let params = LossParams::default();
+    let plan = Plan::new(ctx, shape).expect("plan");
+    let inputs_on = |c: &Context| {
+        (
+            storage(c, &p.features),
+            storage(c, &p.classes),
+            storage(c, &p.labels),
+        )
+    };
+    let record = |c: &Context, plan: &Plan, buffers: &(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer), out: &Outputs| {
+        let mut encoder = c.device().create_command_encoder(&Default::default());
+        let inputs = DeviceInputs {
+            features: (&buffers.0).into(),
+            classes: (&buffers.1).into(),
+            labels: (&buffers.2).into(),
+        };
+        plan.record(c, &mut encoder, &inputs, &out.regions(), &params)
+    };
+    let mine = inputs_on(ctx);
+    let theirs = inputs_on(&other);
+    let out = Outputs::new(ctx, shape);
+    // The plan of `ctx` with the context `other` (and other's buffers).
+    let other_out = Outputs::new(&other, shape);
+    match record(&other, &plan, &theirs, &other_out) {
+        Err(Error::BadBuffer { .. }) => {}
+        r => panic!("a plan of another context: {r:?}"),
+    }
+    // Inputs of another device.
+    match record(ctx, &plan, &theirs, &out) {
+        Err(Error::BadBuffer { role, .. }) => assert_eq!(role, "features"),
+        r => panic!("buffers of another device: {r:?}"),
+    }
+    // A buffer of a device of another wgpu instance (an engine's own).
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default())).expect("adapter");
+    let (device, _queue) =
+        pollster::block_on(adapter.request_device(&Default::default())).expect("device");
+    let foreign = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&p.classes),
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let mixed = (storage(ctx, &p.features), foreign, storage(ctx, &p.labels));
+    match record(ctx, &plan, &mixed, &out) {
+        Err(Error::BadBuffer { role, .. }) => assert_eq!(role, "classes"),
+        r => panic!("a buffer of another instance: {r:?}"),
+    }
+    // The context is still usable.
+    record(ctx, &plan, &mine, &out).expect("own buffers");
 }
