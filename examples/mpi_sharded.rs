@@ -47,7 +47,7 @@ fn step(
     world.all_gather_into(&p.labels[rank * rows..(rank + 1) * rows], &mut labels[..]);
 
     // This rank's classes and their partials; all-gathered and merged in rank order.
-    let shard = ClassShard::split(c, ranks, rank);
+    let shard = ClassShard::split(c, ranks, rank).expect("rank < ranks");
     let w = &p.classes[shard.first * d..(shard.first + shard.count) * d];
     let inputs = ShardInputs {
         shard,
@@ -65,7 +65,8 @@ fn step(
         .chunks(sent.len())
         .map(bytemuck::pod_collect_to_vec)
         .collect();
-    let global = finish_rows(&merge_shards(&per_rank), &labels, c, params);
+    let merged = merge_shards(&per_rank).expect("every rank sends B partials");
+    let global = finish_rows(&merged, &labels, c, params).expect("one label per row");
 
     // dL/dw of this shard exactly; dL/dx summed over the shards' shares in rank order.
     let grads = ctx

@@ -1,6 +1,7 @@
 //! The crate's one error type. Every variant says what to change.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Everything that can go wrong in a call. Each message names the input and what to change.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,14 +53,23 @@ pub enum Error {
     },
     /// The products of feature and class norms overflow f32 (|x_i|·|w_j| near 3e38).
     Overflow,
-    /// A buffer or dispatch would exceed an adapter limit.
+    /// A buffer or dispatch would exceed a limit: the adapter's, or a lower one the
+    /// context was given ([`crate::ContextOptions::max_binding_bytes`], the workspace
+    /// budget).
     TooLarge {
         /// What is too large.
         what: &'static str,
         /// Its size.
         size: u64,
-        /// The adapter's limit.
+        /// The limit it exceeds.
         limit: u64,
+    },
+    /// The host could not allocate memory for an input or output the call needs.
+    HostMemory {
+        /// What the memory was for.
+        what: &'static str,
+        /// Bytes asked for (saturated at `u64::MAX` where the count overflows).
+        bytes: u64,
     },
     /// A caller's buffer region is unusable for the device API.
     BadBuffer {
@@ -74,8 +84,8 @@ pub enum Error {
     DeviceLost(String),
     /// The GPU did not finish within the context's timeout.
     Timeout {
-        /// The timeout that expired, in milliseconds.
-        millis: u128,
+        /// The timeout that expired.
+        timeout: Duration,
     },
 }
 
@@ -118,16 +128,22 @@ impl fmt::Display for Error {
             ),
             Error::TooLarge { what, size, limit } => write!(
                 f,
-                "{what} needs {size} but the adapter allows at most {limit}; use a smaller problem or an adapter with larger limits"
+                "{what} needs {size} but the limit is {limit}; use a smaller problem, raise \
+                 ContextOptions::max_binding_bytes or ContextOptions::workspace_budget if they \
+                 were set below the adapter's limits, or use an adapter with larger limits"
+            ),
+            Error::HostMemory { what, bytes } => write!(
+                f,
+                "cannot allocate {bytes} bytes of host memory for {what}; use a smaller problem"
             ),
             Error::BadBuffer { role, reason } => write!(f, "buffer {role}: {reason}"),
             Error::Gpu(m) => write!(f, "wgpu reported an error: {m}"),
             Error::DeviceLost(m) => {
                 write!(f, "the GPU device is lost ({m}); create a new context")
             }
-            Error::Timeout { millis } => write!(
+            Error::Timeout { timeout } => write!(
                 f,
-                "the GPU did not finish within {millis} ms; raise the timeout with Context::set_timeout or use a smaller problem"
+                "the GPU did not finish within {timeout:?}; raise the timeout with Context::set_timeout or use a smaller problem"
             ),
         }
     }

@@ -28,15 +28,33 @@ pub struct ClassShard {
 }
 
 impl ClassShard {
-    /// The `k`-th of `shards` near-equal contiguous shards of `total` classes.
-    pub fn split(total: usize, shards: usize, k: usize) -> ClassShard {
-        let shards = shards.max(1);
-        let first = total * k / shards;
-        ClassShard {
-            first,
-            count: total * (k + 1) / shards - first,
-            total,
+    /// The `k`-th of `shards` near-equal contiguous shards of `total` classes: classes
+    /// `⌊total·k/shards⌋..⌊total·(k+1)/shards⌋`, exact for every `total` (the products
+    /// are formed in 128 bits). [`Error::InvalidParameter`] where `shards` is 0 or `k` is
+    /// not below it.
+    pub fn split(total: usize, shards: usize, k: usize) -> Result<ClassShard> {
+        if shards == 0 {
+            return Err(Error::InvalidParameter {
+                name: "shards",
+                value: 0.0,
+                requirement: "at least 1",
+            });
         }
+        if k >= shards {
+            return Err(Error::InvalidParameter {
+                name: "k",
+                value: k as f32,
+                requirement: "a shard index below the number of shards (0..shards)",
+            });
+        }
+        // k < shards, so k + 1 does not overflow and every bound is at most total.
+        let bound = |k: usize| (total as u128 * k as u128 / shards as u128) as usize;
+        let first = bound(k);
+        Ok(ClassShard {
+            first,
+            count: bound(k + 1) - first,
+            total,
+        })
     }
 }
 
@@ -109,16 +127,24 @@ impl RowPartial {
 }
 
 /// Merges each row's partials over the shards, in shard order (deterministic).
-pub fn merge_shards(shards: &[Vec<RowPartial>]) -> Vec<RowPartial> {
+/// [`Error::LengthMismatch`] unless every shard gives as many rows as the first.
+pub fn merge_shards(shards: &[Vec<RowPartial>]) -> Result<Vec<RowPartial>> {
     let rows = shards.first().map_or(0, Vec::len);
-    (0..rows)
+    if let Some(short) = shards.iter().find(|s| s.len() != rows) {
+        return Err(Error::LengthMismatch {
+            input: "a shard's partials (one per row, as many as the first shard's)",
+            expected: rows,
+            actual: short.len(),
+        });
+    }
+    Ok((0..rows)
         .map(|i| {
             shards
                 .iter()
                 .map(|s| s[i])
                 .fold(RowPartial::empty(), RowPartial::merge)
         })
-        .collect()
+        .collect())
 }
 
 /// What every shard needs back for its backward pass, per row (mirrors `RowSoftmax` in
@@ -164,14 +190,22 @@ impl GlobalRows {
 
 /// LSE, L_i, 1 − p_iy, dL_i/ds and the statistics of every row from its merged state, and
 /// the totals: the host's twin of `finish_row` and `summarize` (in f64).
+/// [`Error::LengthMismatch`] unless there is one label per merged row.
 pub fn finish_rows(
     merged: &[RowPartial],
     labels: &[u32],
     total_classes: usize,
     params: &LossParams,
-) -> GlobalRows {
+) -> Result<GlobalRows> {
     let s = f64::from(params.effective_scale());
     let b = merged.len();
+    if labels.len() != b {
+        return Err(Error::LengthMismatch {
+            input: "labels (one per merged row)",
+            expected: b,
+            actual: labels.len(),
+        });
+    }
     let mut softmax = Vec::with_capacity(b);
     let mut out = LossOutput {
         loss: 0.0,
@@ -261,10 +295,10 @@ pub fn finish_rows(
     };
     out.grad_scale = (scale_grad * norm * gate) as f32;
     out.mean_achieved_margin = (margin / f64::from(n.max(1))) as f32;
-    GlobalRows {
+    Ok(GlobalRows {
         softmax,
         output: out,
-    }
+    })
 }
 
 /// One shard's inputs: its class range, the batch, its rows of w and, optionally, the
@@ -397,7 +431,8 @@ fn check_shard(
     w: &[f32],
     labels: &[u32],
 ) -> Result<()> {
-    if shard.count == 0 || shard.first + shard.count > shard.total {
+    let end = shard.first.checked_add(shard.count);
+    if shard.count == 0 || end.is_none_or(|end| end > shard.total) {
         return Err(Error::InvalidParameter {
             name: "shard",
             value: shard.first as f32,
@@ -406,7 +441,7 @@ fn check_shard(
     }
     shape.check_nonempty()?;
     check_batch(shape, x, None, labels, shard.total)?;
-    let expected = shard.count * shape.dim;
+    let expected = shard.count.saturating_mul(shape.dim);
     if w.len() != expected {
         return Err(Error::LengthMismatch {
             input: "classes",
@@ -415,12 +450,30 @@ fn check_shard(
         });
     }
     if let Some(rows) = sample {
-        let increasing = rows.windows(2).all(|p| p[0] < p[1]);
-        if rows.is_empty() || !increasing || rows.iter().any(|&r| r as usize >= shard.count) {
+        // The value reported is the first offending row (the length, for an empty list).
+        let bad = if rows.is_empty() {
+            Some((
+                0,
+                "a non-empty list of the shard's rows (this one has none)",
+            ))
+        } else if let Some(&r) = rows.iter().find(|&&r| r as usize >= shard.count) {
+            Some((
+                r,
+                "a row of the shard: each sampled row must be below the shard's class count",
+            ))
+        } else {
+            rows.windows(2).find(|p| p[0] >= p[1]).map(|p| {
+                (
+                    p[1],
+                    "above the row before it: the sample must be strictly increasing, without repeats",
+                )
+            })
+        };
+        if let Some((value, requirement)) = bad {
             return Err(Error::InvalidParameter {
                 name: "sample",
-                value: rows.len() as f32,
-                requirement: "a non-empty, strictly increasing list of the shard's rows (0..count)",
+                value: value as f32,
+                requirement,
             });
         }
         let kept = |y: u32| {
@@ -631,6 +684,7 @@ impl Context {
 /// The loss with the classes split across `contexts` (shard k on `contexts[k]`, in
 /// order), merged on the host: forward partials per shard, a fixed-order merge, then each
 /// shard's backward pass. dL/dx sums the shards' shares in shard order; dL/dw joins them.
+/// There are min(contexts, C) shards; [`Error::InvalidParameter`] without any context.
 pub fn sharded_loss(
     contexts: &[&Context],
     shape: Shape,
@@ -639,18 +693,20 @@ pub fn sharded_loss(
     labels: &[u32],
     params: &LossParams,
 ) -> Result<LossOutput> {
+    if contexts.is_empty() {
+        return Err(Error::InvalidParameter {
+            name: "contexts",
+            value: 0.0,
+            requirement: "at least one Context: pass one per shard (the same context may repeat)",
+        });
+    }
     check_slices(shape, x, w, labels)?;
     params.validate()?;
     let k = contexts.len().min(shape.classes).max(1);
-    let shards: Vec<ClassShard> = (0..k)
+    let shards = (0..k)
         .map(|s| ClassShard::split(shape.classes, k, s))
-        .collect();
+        .collect::<Result<Vec<ClassShard>>>()?;
     let part = |s: &ClassShard| &w[s.first * shape.dim..(s.first + s.count) * shape.dim];
-    let ctx = |s: usize| {
-        contexts.get(s).copied().ok_or_else(|| Error::NoAdapter {
-            wanted: "a context per shard".into(),
-        })
-    };
     let mut partials = Vec::with_capacity(k);
     let inputs = |shard: &ClassShard| ShardInputs {
         shard: *shard,
@@ -660,15 +716,16 @@ pub fn sharded_loss(
         labels,
         sample: None,
     };
-    for (s, shard) in shards.iter().enumerate() {
-        partials.push(ctx(s)?.shard_forward(&inputs(shard), params)?);
+    // k ≤ contexts.len(): shard s runs on contexts[s].
+    for (shard, ctx) in shards.iter().zip(contexts) {
+        partials.push(ctx.shard_forward(&inputs(shard), params)?);
     }
-    let rows = finish_rows(&merge_shards(&partials), labels, shape.classes, params);
+    let rows = finish_rows(&merge_shards(&partials)?, labels, shape.classes, params)?;
     rows.check()?;
     let mut features = vec![0.0f32; shape.batch * shape.dim];
     let mut classes = Vec::with_capacity(w.len());
-    for (s, shard) in shards.iter().enumerate() {
-        let g = ctx(s)?.shard_backward(&inputs(shard), params, &rows)?;
+    for (shard, ctx) in shards.iter().zip(contexts) {
+        let g = ctx.shard_backward(&inputs(shard), params, &rows)?;
         features
             .iter_mut()
             .zip(&g.features)

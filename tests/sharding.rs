@@ -80,7 +80,9 @@ fn three_shards_match_the_unsharded_loss_and_the_reference() {
 
 #[test]
 fn shards_split_the_classes_and_merge_in_order() {
-    let shards: Vec<ClassShard> = (0..3).map(|k| ClassShard::split(10, 3, k)).collect();
+    let shards: Vec<ClassShard> = (0..3)
+        .map(|k| ClassShard::split(10, 3, k).expect("k < shards"))
+        .collect();
     assert_eq!(
         shards
             .iter()
@@ -106,7 +108,7 @@ fn shards_split_the_classes_and_merge_in_order() {
         best_other_cos: 0.4,
         best_other_class: 7,
     };
-    let merged = merge_shards(&[vec![a], vec![b]]);
+    let merged = merge_shards(&[vec![a], vec![b]]).expect("equal lengths");
     assert_eq!(merged[0].best_other_class, 2, "ties keep the lower class");
     assert_eq!(merged[0].target_cos, 0.3);
     assert!((merged[0].sum_exp - (1.5 + 2.0 * (-1.0f32).exp())).abs() < 1e-6);
@@ -212,7 +214,8 @@ fn class_centre_sampling_matches_the_reference_on_the_subset() {
     let partials = ctx
         .shard_forward(&inputs, &params)
         .expect("sampled forward");
-    let rows = finish_rows(&merge_shards(&[partials]), &p.labels, c, &params);
+    let merged = merge_shards(&[partials]).expect("one shard");
+    let rows = finish_rows(&merged, &p.labels, c, &params).expect("one label per row");
     let grads = ctx
         .shard_backward(&inputs, &params, &rows)
         .expect("sampled backward");
