@@ -459,7 +459,7 @@ pub fn run(
             dim: d,
             classes: c,
         } = shape;
-        let problem = Problem::random(shape, index as u64 + 1);
+        let problem = Problem::try_random(shape, index as u64 + 1)?;
         let buffers = ShapeBuffers::new(ctx, &problem);
         let gemm_flops = 2.0 * (b * c * d) as f64;
         let params = LossParams::default();

@@ -1,5 +1,6 @@
 //! Seeded problems: the embedded default problem of the examples, the CLI and the tests.
 
+use crate::error::{Error, Result};
 use crate::io::Shape;
 
 /// Inputs of one loss call, on the host.
@@ -52,19 +53,46 @@ impl Problem {
     }
 
     /// Features and class vectors uniform in [-1, 1), labels uniform in 0..C, from `seed`.
+    ///
+    /// # Panics
+    /// Where the host cannot hold the problem; [`Problem::try_random`] returns
+    /// [`Error::HostMemory`] instead.
     pub fn random(shape: Shape, seed: u64) -> Problem {
+        Problem::try_random(shape, seed).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Problem::random`], or [`Error::HostMemory`] where the host cannot allocate x, w
+    /// or y (B·D, C·D and B values): the allocation is asked for before any value is
+    /// written, so a problem too large for the machine fails at once.
+    pub fn try_random(shape: Shape, seed: u64) -> Result<Problem> {
         let mut rng = SplitMix64::new(seed);
-        let mut values = |n: usize| (0..n).map(|_| rng.next_signed()).collect::<Vec<f32>>();
-        let features = values(shape.batch * shape.dim);
-        let classes = values(shape.classes * shape.dim);
-        let labels = (0..shape.batch)
-            .map(|_| rng.below(shape.classes.max(1)) as u32)
-            .collect();
-        Problem {
+        let mut values = |what, rows: usize| -> Result<Vec<f32>> {
+            let n = rows.checked_mul(shape.dim);
+            let mut v = host_vec(what, n)?;
+            v.extend((0..n.unwrap_or(0)).map(|_| rng.next_signed()));
+            Ok(v)
+        };
+        let features = values("features (B·D f32 values)", shape.batch)?;
+        let classes = values("class vectors (C·D f32 values)", shape.classes)?;
+        let mut labels = host_vec("labels (B u32 values)", Some(shape.batch))?;
+        labels.extend((0..shape.batch).map(|_| rng.below(shape.classes.max(1)) as u32));
+        Ok(Problem {
             shape,
             features,
             classes,
             labels,
-        }
+        })
+    }
+}
+
+/// An empty vector with room for `len` elements (`None`: a count that overflowed), or
+/// [`Error::HostMemory`] for `what` where the host cannot allocate it.
+pub(crate) fn host_vec<T>(what: &'static str, len: Option<usize>) -> Result<Vec<T>> {
+    let element = std::mem::size_of::<T>() as u64;
+    let bytes = len.map_or(u64::MAX, |n| (n as u64).saturating_mul(element));
+    let mut v = Vec::new();
+    match len {
+        Some(n) if v.try_reserve_exact(n).is_ok() => Ok(v),
+        _ => Err(Error::HostMemory { what, bytes }),
     }
 }

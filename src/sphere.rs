@@ -14,6 +14,12 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Shape;
 use crate::params::LossParams;
+use crate::problem::host_vec;
+
+/// The largest `size` [`render`] and [`render_grid`] accept: 8192 pixels across each
+/// hemisphere is 53 million sphere points, several GB of host memory for the points and
+/// the image, and past what most adapters bind in one buffer (12 bytes a point).
+pub const MAX_SIZE: usize = 8192;
 
 /// An RGB image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,15 +33,15 @@ pub struct Image {
 }
 
 impl Image {
-    fn new(width: usize, height: usize) -> Image {
-        Image {
-            width,
-            height,
-            rgb: vec![255; width * height * 3],
-        }
+    /// A white image, or [`Error::HostMemory`] where the host cannot hold it.
+    fn try_new(width: usize, height: usize) -> Result<Image> {
+        let len = width.checked_mul(height).and_then(|n| n.checked_mul(3));
+        let mut rgb = host_vec("the image (3 bytes a pixel)", len)?;
+        rgb.resize(len.unwrap_or(0), 255);
+        Ok(Image { width, height, rgb })
     }
 
-    /// The RGB value at (x, y).
+    /// The RGB value at (x, y); panics outside the image, as slice indexing does.
     pub fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
         let at = (y * self.width + x) * 3;
         [self.rgb[at], self.rgb[at + 1], self.rgb[at + 2]]
@@ -71,17 +77,29 @@ impl Image {
 }
 
 /// `classes` unit vectors spread evenly over the sphere (a Fibonacci lattice): the
-/// seeded default when no trained class vectors are given.
+/// seeded default when no trained class vectors are given. See
+/// [`try_default_class_vectors`] for a count the host may not hold.
 pub fn default_class_vectors(classes: usize) -> Vec<f32> {
-    let golden = std::f64::consts::PI * (3.0 - 5f64.sqrt());
     (0..classes)
-        .flat_map(|k| {
-            let z = 1.0 - 2.0 * (k as f64 + 0.5) / classes as f64;
-            let r = (1.0 - z * z).sqrt();
-            let phi = golden * k as f64;
-            [(r * phi.cos()) as f32, (r * phi.sin()) as f32, z as f32]
-        })
+        .flat_map(|k| lattice_point(k, classes))
         .collect()
+}
+
+/// [`default_class_vectors`], or [`Error::HostMemory`] where the host cannot allocate
+/// the C×3 values (asked for before any is computed).
+pub fn try_default_class_vectors(classes: usize) -> Result<Vec<f32>> {
+    let mut v = host_vec("class vectors (C×3 f32 values)", classes.checked_mul(3))?;
+    v.extend((0..classes).flat_map(|k| lattice_point(k, classes)));
+    Ok(v)
+}
+
+/// The k-th of n points of the Fibonacci lattice.
+fn lattice_point(k: usize, n: usize) -> [f32; 3] {
+    let golden = std::f64::consts::PI * (3.0 - 5f64.sqrt());
+    let z = 1.0 - 2.0 * (k as f64 + 0.5) / n as f64;
+    let r = (1.0 - z * z).sqrt();
+    let phi = golden * k as f64;
+    [(r * phi.cos()) as f32, (r * phi.sin()) as f32, z as f32]
 }
 
 /// max_j p_j at each of the N points (N×3) for the C class vectors (C×3), on the GPU.
@@ -133,9 +151,9 @@ fn colour(p: f32) -> [u8; 3] {
 
 /// Pixels of one orthographic disc of diameter `size`: (x, y, point on the sphere) with
 /// the front hemisphere (z ≥ 0) or the back one (z ≤ 0, seen from behind, mirrored in x).
-fn disc(size: usize, front: bool) -> Vec<(usize, usize, [f32; 3])> {
+fn disc(size: usize, front: bool) -> Result<Vec<(usize, usize, [f32; 3])>> {
     let r = size as f32 / 2.0;
-    let mut out = Vec::new();
+    let mut out = host_vec("the sphere's pixels", size.checked_mul(size))?;
     for y in 0..size {
         for x in 0..size {
             let u = (x as f32 + 0.5 - r) / r;
@@ -147,7 +165,7 @@ fn disc(size: usize, front: bool) -> Vec<(usize, usize, [f32; 3])> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Where a unit vector lands in the front (z ≥ 0) or back disc, if on that side.
@@ -183,6 +201,8 @@ fn mark(image: &mut Image, x0: usize, y0: usize, cx: usize, cy: usize, radius: i
 /// The front and back hemispheres side by side, `size` pixels across each: colour is
 /// max_j p_j; where it is at most 0.5 the colour is dimmed, with a dark line at 0.5. Class
 /// centres are white dots ringed in black; `dots` (N×3 features) are small black dots.
+/// `size` is 8 to [`MAX_SIZE`]; [`Error::HostMemory`] where the host cannot hold the
+/// points or the image.
 pub fn render(
     ctx: &Context,
     class_vectors: &[f32],
@@ -190,21 +210,22 @@ pub fn render(
     size: usize,
     dots: &[f32],
 ) -> Result<Image> {
-    if size < 8 || class_vectors.is_empty() || !class_vectors.len().is_multiple_of(3) {
-        return Err(Error::InvalidParameter {
-            name: "size",
-            value: size as f32,
-            requirement: "at least 8 pixels, with class vectors given as C×3 values",
-        });
-    }
+    check_size(size)?;
+    check_class_vectors(class_vectors)?;
     let gap = size / 16 + 2;
-    let mut image = Image::new(2 * size + 3 * gap, size + 2 * gap);
+    let mut image = Image::try_new(2 * size + 3 * gap, size + 2 * gap)?;
     for (side, front) in [(0, true), (1, false)] {
         let x0 = gap + side * (size + gap);
-        let pixels = disc(size, front);
-        let points: Vec<f32> = pixels.iter().flat_map(|(_, _, p)| *p).collect();
+        let pixels = disc(size, front)?;
+        let mut points = host_vec(
+            "the sphere's points (N×3 f32 values)",
+            Some(pixels.len() * 3),
+        )?;
+        points.extend(pixels.iter().flat_map(|(_, _, p)| *p));
         let prob = max_class_probability(ctx, &points, class_vectors, params)?;
-        let mut grid = vec![f32::NAN; size * size];
+        drop(points);
+        let mut grid = host_vec("the probability grid", Some(size * size))?;
+        grid.resize(size * size, f32::NAN);
         for ((x, y, _), &p) in pixels.iter().zip(&prob) {
             grid[y * size + x] = p;
         }
@@ -257,8 +278,38 @@ pub fn render(
     Ok(image)
 }
 
+/// `size` must be 8 to [`MAX_SIZE`] pixels.
+fn check_size(size: usize) -> Result<()> {
+    if (8..=MAX_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(Error::InvalidParameter {
+            name: "size",
+            value: size as f32,
+            requirement: "8 to 8192 (sphere::MAX_SIZE) pixels across each hemisphere",
+        })
+    }
+}
+
+/// Class vectors must be C×3 values with C ≥ 1.
+fn check_class_vectors(class_vectors: &[f32]) -> Result<()> {
+    if class_vectors.is_empty() {
+        return Err(Error::EmptyShape {
+            dimension: "classes",
+        });
+    }
+    if !class_vectors.len().is_multiple_of(3) {
+        return Err(Error::InvalidParameter {
+            name: "class_vectors.len()",
+            value: class_vectors.len() as f32,
+            requirement: "a multiple of 3: C×3 values, one 3-vector per class",
+        });
+    }
+    Ok(())
+}
+
 /// The article's sequence in one image: a row per margin, a column per scale, each cell
-/// a [`render`] of both hemispheres.
+/// a [`render`] of both hemispheres. At least one scale and one margin.
 pub fn render_grid(
     ctx: &Context,
     class_vectors: &[f32],
@@ -266,6 +317,18 @@ pub fn render_grid(
     margins: &[f32],
     size: usize,
 ) -> Result<Image> {
+    check_size(size)?;
+    check_class_vectors(class_vectors)?;
+    for (name, list) in [("scales", scales), ("margins", margins)] {
+        if list.is_empty() {
+            return Err(Error::InvalidParameter {
+                name,
+                value: 0.0,
+                requirement:
+                    "a non-empty list: the grid has a column per scale and a row per margin",
+            });
+        }
+    }
     let mut cells = Vec::new();
     for &margin in margins {
         for &scale in scales {
@@ -277,8 +340,17 @@ pub fn render_grid(
             cells.push(render(ctx, class_vectors, &params, size, &[])?);
         }
     }
-    let (cw, ch) = (cells[0].width, cells[0].height);
-    let mut image = Image::new(cw * scales.len(), ch * margins.len());
+    let (cw, ch) = cells.first().map_or((0, 0), |c| (c.width, c.height));
+    let (width, height) = match (cw.checked_mul(scales.len()), ch.checked_mul(margins.len())) {
+        (Some(w), Some(h)) => (w, h),
+        _ => {
+            return Err(Error::HostMemory {
+                what: "the grid image",
+                bytes: u64::MAX,
+            })
+        }
+    };
+    let mut image = Image::try_new(width, height)?;
     for (k, cell) in cells.iter().enumerate() {
         let (col, row) = (k % scales.len(), k / scales.len());
         for y in 0..ch {
@@ -298,7 +370,7 @@ pub fn high_probability_fraction(
     params: &LossParams,
     points: usize,
 ) -> Result<f32> {
-    let lattice = default_class_vectors(points);
+    let lattice = try_default_class_vectors(points)?;
     let prob = max_class_probability(ctx, &lattice, class_vectors, params)?;
     Ok(prob.iter().filter(|&&p| p > 0.5).count() as f32 / points.max(1) as f32)
 }

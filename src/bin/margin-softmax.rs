@@ -129,8 +129,8 @@ struct SphereArgs {
     /// Class vectors: a safetensors file whose `weights` tensor is C×3 f32 (default: C evenly spread).
     #[arg(long, value_name = "IN.safetensors")]
     input: Option<PathBuf>,
-    /// C for the default class vectors.
-    #[arg(long, default_value_t = 10)]
+    /// C for the default class vectors (at least 1; not with --input).
+    #[arg(long, default_value_t = 10, conflicts_with = "input")]
     classes: usize,
     /// Scale s.
     #[arg(long, default_value_t = 30.0)]
@@ -141,7 +141,7 @@ struct SphereArgs {
     /// The article's sequence: s ∈ {1, 5, 10, 30}, with m = 0 and then m = 0.35.
     #[arg(long)]
     grid: bool,
-    /// Pixels across each hemisphere.
+    /// Pixels across each hemisphere, 8 to 8192.
     #[arg(long, default_value_t = 256)]
     size: usize,
     #[command(flatten)]
@@ -189,6 +189,46 @@ fn failure(message: impl ToString) -> Failure {
     Failure {
         code: 1,
         message: message.to_string(),
+    }
+}
+
+/// Refuses, before anything is allocated, an input the slice API would upload as one
+/// buffer larger than the adapter's buffers hold: `what` (with the flags that size it, as
+/// `--flag value` pairs) needs `rows × columns` f32 values.
+fn check_buffer(
+    ctx: &Context,
+    what: &str,
+    flags: &[(&str, usize)],
+    rows: usize,
+    columns: usize,
+) -> Result<(), Failure> {
+    // In 128 bits: rows·columns·4 is exact for any two usize values.
+    let bytes = rows as u128 * columns as u128 * 4;
+    let limit = ctx.limits().max_buffer_size;
+    if bytes <= u128::from(limit) {
+        return Ok(());
+    }
+    let given: Vec<String> = flags.iter().map(|(f, v)| format!("{f} {v}")).collect();
+    let names: Vec<&str> = flags.iter().map(|(f, _)| *f).collect();
+    Err(bad_input(format!(
+        "{}: the {what} need {bytes} bytes in one buffer, but this adapter's buffers hold at most {limit}; use a smaller {}",
+        given.join(" × "),
+        names.join(" or ")
+    )))
+}
+
+/// Refuses a run whose host memory (about `bytes`) this machine cannot allocate: the
+/// allocation is asked for, and returned untouched, before any value is computed.
+fn check_host_memory(bytes: u64, what: &str, flags: &str) -> Result<(), Failure> {
+    let fits = usize::try_from(bytes)
+        .ok()
+        .is_some_and(|n| Vec::<u8>::new().try_reserve_exact(n).is_ok());
+    if fits {
+        Ok(())
+    } else {
+        Err(bad_input(format!(
+            "{what} needs about {bytes} bytes of host memory and this machine cannot allocate them; use a smaller {flags}"
+        )))
     }
 }
 
@@ -339,7 +379,25 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
     };
     params.validate().map_err(bad_input)?;
     let ctx = context(&args.adapter)?;
-    let p = Problem::random(shape, args.seed);
+    let (b, d, c) = (args.batch, args.dim, args.classes);
+    check_buffer(&ctx, "features", &[("--batch", b), ("--dim", d)], b, d)?;
+    check_buffer(
+        &ctx,
+        "class vectors",
+        &[("--classes", c), ("--dim", d)],
+        c,
+        d,
+    )?;
+    // Per value of x and w: 4 bytes each for the problem and the GPU's gradients, 32 for
+    // the f64 reference's copies and gradients; and the per-row and per-class outputs.
+    let values = (b as u64).saturating_add(c as u64).saturating_mul(d as u64);
+    let per_item = (b as u64).saturating_add(c as u64).saturating_mul(128);
+    check_host_memory(
+        values.saturating_mul(40).saturating_add(per_item),
+        "the check (the problem, its gradients and the f64 reference)",
+        "--batch, --dim or --classes",
+    )?;
+    let p = Problem::try_random(shape, args.seed).map_err(bad_input)?;
     let (result, elapsed) = with_progress(args.adapter.quiet, "running the fused loss", || {
         ctx.loss_on(&p, &params, Pass::ForwardBackward)
     });
@@ -388,7 +446,19 @@ fn run_check(args: &CheckArgs) -> Result<(), Failure> {
 }
 
 fn run_sphere(args: &SphereArgs) -> Result<(), Failure> {
-    let classes = match &args.input {
+    if args.input.is_none() && args.classes == 0 {
+        return Err(bad_input(
+            "--classes 0: the sphere map needs at least 1 class",
+        ));
+    }
+    if !(8..=sphere::MAX_SIZE).contains(&args.size) {
+        return Err(bad_input(format!(
+            "--size {}: use 8 to {} pixels across each hemisphere",
+            args.size,
+            sphere::MAX_SIZE
+        )));
+    }
+    let from_file = match &args.input {
         Some(path) => {
             let (weights, _, dim) = tensors::read_class_vectors(path).map_err(bad_input)?;
             if dim != 3 {
@@ -396,11 +466,19 @@ fn run_sphere(args: &SphereArgs) -> Result<(), Failure> {
                     "tensor `weights`: expected C×3 class vectors for a sphere map, found D = {dim}"
                 )));
             }
-            weights
+            Some(weights)
         }
-        None => sphere::default_class_vectors(args.classes.max(1)),
+        None => None,
     };
     let ctx = context(&args.adapter)?;
+    let classes = match from_file {
+        Some(weights) => weights,
+        None => {
+            let c = args.classes;
+            check_buffer(&ctx, "class vectors", &[("--classes", c)], c, 3)?;
+            sphere::try_default_class_vectors(c).map_err(bad_input)?
+        }
+    };
     let (image, elapsed) = with_progress(args.adapter.quiet, "rendering", || {
         if args.grid {
             sphere::render_grid(
