@@ -3,7 +3,7 @@
 //! Inputs: `features` (B×D f32), `weights` (C×D f32), `labels` (B i64 or i32, a negative
 //! label means ignore) and an optional scalar `scale` (f32 or f64).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -35,7 +35,8 @@ pub struct InputError {
 impl fmt::Display for InputError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.tensor {
-            Some(t) => write!(f, "tensor `{t}`: {}", self.message),
+            // Escaped: a name from a file may hold line breaks; the message stays one line.
+            Some(t) => write!(f, "tensor `{}`: {}", t.escape_debug(), self.message),
             None => write!(f, "{}", self.message),
         }
     }
@@ -101,12 +102,127 @@ fn f32_values(name: &str, raw: &Raw<'_>) -> Result<Vec<f32>, InputError> {
     Ok(values)
 }
 
-/// Reads and checks a problem from safetensors bytes. Every failure names the tensor.
-pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| InputError {
+/// The string starting after the opening quote at `start` of `text`, decoded from JSON,
+/// and the index after its closing quote; `None` where it is not a valid JSON string.
+fn json_string(text: &str, start: usize) -> Option<(String, usize)> {
+    let bytes = text.as_bytes();
+    let hex4 = |at: usize| {
+        let digits = text.get(at..at + 4)?;
+        if digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            u32::from_str_radix(digits, 16).ok()
+        } else {
+            None
+        }
+    };
+    let mut out = String::new();
+    let (mut i, mut run) = (start, start);
+    loop {
+        match *bytes.get(i)? {
+            b'"' => {
+                out.push_str(text.get(run..i)?);
+                return Some((out, i + 1));
+            }
+            b'\\' => {
+                out.push_str(text.get(run..i)?);
+                let escape = *bytes.get(i + 1)?;
+                i += 2;
+                let c = match escape {
+                    b'"' => '"',
+                    b'\\' => '\\',
+                    b'/' => '/',
+                    b'b' => '\u{8}',
+                    b'f' => '\u{c}',
+                    b'n' => '\n',
+                    b'r' => '\r',
+                    b't' => '\t',
+                    b'u' => {
+                        let high = hex4(i)?;
+                        i += 4;
+                        let code = if (0xD800..0xDC00).contains(&high) {
+                            // A surrogate pair: \uD8xx\uDCxx.
+                            if text.get(i..i + 2)? != "\\u" {
+                                return None;
+                            }
+                            let low = hex4(i + 2)?;
+                            if !(0xDC00..0xE000).contains(&low) {
+                                return None;
+                            }
+                            i += 6;
+                            0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
+                        } else {
+                            high
+                        };
+                        char::from_u32(code)?
+                    }
+                    _ => return None,
+                };
+                out.push(c);
+                run = i;
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// The first key of the header's top-level object that appears twice, decoded. JSON
+/// parsers keep the last of them, so without this check the earlier entry of a
+/// duplicated tensor name would be dropped unchecked. `None` where there is none, or
+/// where the header is not readable (the safetensors parser then says why).
+fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(n).ok()?.checked_add(8)?;
+    let header = std::str::from_utf8(bytes.get(8..end)?).ok()?;
+    let raw = header.as_bytes();
+    let (mut depth, mut i) = (0usize, 0usize);
+    let mut keys = HashSet::new();
+    while i < raw.len() {
+        match raw[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let (text, after) = json_string(header, i + 1)?;
+                i = after;
+                while raw.get(i).is_some_and(u8::is_ascii_whitespace) {
+                    i += 1;
+                }
+                // A string followed by ':' directly inside the top-level object is a key.
+                if depth == 1 && raw.get(i) == Some(&b':') && !keys.insert(text.clone()) {
+                    return Some(text);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Parses safetensors bytes, refusing a header that names a tensor (or its
+/// `__metadata__`) twice.
+fn deserialize(bytes: &[u8]) -> Result<SafeTensors<'_>, InputError> {
+    if let Some(name) = duplicate_header_key(bytes) {
+        let message = "appears more than once in the header; every tensor name must be \
+                       unique (write the file again with one entry per name)";
+        return Err(if name == "__metadata__" {
+            InputError {
+                tensor: None,
+                message: format!("`__metadata__` {message}"),
+            }
+        } else {
+            tensor_error(&name, message)
+        });
+    }
+    SafeTensors::deserialize(bytes).map_err(|e| InputError {
         tensor: None,
         message: format!("not a readable safetensors file: {e}"),
-    })?;
+    })
+}
+
+/// Reads and checks a problem from safetensors bytes. Every failure names the tensor;
+/// a tensor named twice in the header is refused.
+pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
+    let file = deserialize(bytes)?;
     let x = get(&file, "features")?;
     expect_rank("features", &x, 2, "B×D")?;
     let w = get(&file, "weights")?;
@@ -212,16 +328,13 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
 }
 
 /// Reads and checks the `weights` tensor alone (C×D f32) from a safetensors file:
-/// returns the values and (C, D).
+/// returns the values and (C, D). A tensor named twice in the header is refused.
 pub fn read_class_vectors(path: &Path) -> Result<(Vec<f32>, usize, usize), InputError> {
     let bytes = std::fs::read(path).map_err(|e| InputError {
         tensor: None,
         message: format!("cannot read {}: {e}", path.display()),
     })?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| InputError {
-        tensor: None,
-        message: format!("not a readable safetensors file: {e}"),
-    })?;
+    let file = deserialize(&bytes)?;
     let w = get(&file, "weights")?;
     expect_rank("weights", &w, 2, "C×D")?;
     if w.shape[0] == 0 || w.shape[1] == 0 {
