@@ -286,3 +286,35 @@ fn duplicate_keys_are_found_however_they_are_written() {
     let ok = with_extra_entry(r#""__metadata__":{"format":"pt"}"#);
     assert!(parse_inputs(&ok).is_ok());
 }
+
+#[test]
+fn the_readme_links_documents_that_exist() {
+    // The README cited a docs/loss-spec.md that was not in the repository.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let mut targets: Vec<&str> = readme
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .filter(|t| !t.contains("://") && !t.starts_with('#'))
+        .collect();
+    // Paths quoted as code (`docs/….md`) are citations too.
+    targets.extend(
+        readme
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|t| t.starts_with("docs/") && t.ends_with(".md")),
+    );
+    assert!(
+        targets.contains(&"docs/loss-spec.md"),
+        "the README links the spec: {targets:?}"
+    );
+    for target in targets {
+        let path = target.split('#').next().unwrap_or(target);
+        assert!(
+            root.join(path).is_file(),
+            "README cites {target}, which is missing"
+        );
+    }
+}
