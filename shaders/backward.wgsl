@@ -5,10 +5,11 @@
 //   dL/dx_i = (gx̂_i − x̂_i (x̂_i·gx̂_i)) / max(‖x_i‖, ε)     (the same for w_j)
 //
 // dL/dx: `grad_feature_partials` sums gx̂ over each class split into its own partial,
-// `grad_features_finish` adds the splits in split order and projects.
+// `sum_feature_splits` adds the splits in split order into grad_features.
 // dL/dw: `grad_classes_tile` gives each class tile one owner that loops over all rows.
-// The unfused baseline instead turns materialised cosines into G (`logit_grads`), takes
-// gx̂ and gŵ with gemm.wgsl, and projects them in place (`normalize_backward`). The
+// The unfused baseline instead turns materialised cosines into G (`logit_grads`) and
+// takes gx̂ and gŵ with gemm.wgsl. Every plan then projects gx̂ and gŵ in place
+// (`projection_dots`, `normalize_backward`), in pieces of DIM_PIECE values per row. The
 // chunked plan does the same a chunk of rows at a time without a copy of ŵ: from the
 // dots x̂_i·w_j, forward.wgsl's `logit_softmax_rows` stores G'_ij = G_ij/‖w_j‖, so that
 // gx̂ = G'·w and gw' = G'ᵀ·x̂ = gŵ_j/‖w_j‖, whose projection is dL/dw_j with no further
@@ -44,6 +45,10 @@ struct BackwardSummary {
 @group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
 /// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
+/// v̂·g over each piece of each stacked row [x; w chunk], piece-major (all rows of piece
+/// 0 first), from `projection_dots` for `normalize_backward`, where rows are longer than
+/// one piece (else one unread word). Workspace.
+@group(0) @binding(19) var<storage, read_write> projection_piece_dots: array<f32>;
 /// Unfused baseline: the B×C cosines, overwritten with G by `logit_grads`; chunked plan:
 /// G' of rows [row_begin, row_end) (forward.wgsl's `logit_softmax_rows`).
 /// Rows logit_stride apart. Workspace.
@@ -209,38 +214,23 @@ fn flag_non_finite_gradients(finite: bool) {
     if (!finite) { atomicOr(&summary.flags, FLAG_OVERFLOW); }
 }
 
-/// One invocation per row: gx̂_i = Σ_k partials in split order, then the projection.
+/// One invocation per element of gx̂: the feature splits' partials summed in split order.
 @compute @workgroup_size(ROW_WG)
-fn grad_features_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                        @builtin(local_invocation_index) lid: u32) {
-    let i = folded_index(wid, nwg, lid);
-    if (i >= params.batch) { return; }
-    let d_len = params.dim;
-    let base = i * d_len;
-    let block = params.batch * d_len;
-    let inv = inv_norm_features[i];
-    var dot = 0.0;
-    for (var d = 0u; d < d_len; d++) {
-        var g = feature_grad_partials[base + d];
-        for (var k = 1u; k < params.feature_splits; k++) {
-            g += feature_grad_partials[k * block + base + d];
-        }
-        feature_grad_partials[base + d] = g;
-        dot = fma(features[base + d] * inv, g, dot);
+fn sum_feature_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let e = folded_index(wid, nwg, lid);
+    let block = params.batch * params.dim;
+    if (e >= block) { return; }
+    var g = feature_grad_partials[e];
+    for (var k = 1u; k < params.feature_splits; k++) {
+        g += feature_grad_partials[k * block + e];
     }
-    let along = along_normal(dot, inv);
-    var finite = true;
-    for (var d = 0u; d < d_len; d++) {
-        let out = (feature_grad_partials[base + d] - features[base + d] * inv * along) * inv;
-        grad_features[base + d] = out;
-        finite = finite && !is_non_finite(out);
-    }
-    flag_non_finite_gradients(finite);
+    grad_features[e] = g;
 }
 
 /// Workgroup per class tile (grid folded into x, y): gŵ_j over the row tiles of this
-/// pass in row order, added into grad_classes (the pass from row 0 overwrites), then, in
-/// the last pass, the projection in place. Each (j, d) has one owner.
+/// pass in row order, added into grad_classes (the pass from row 0 overwrites); the
+/// projection follows in `normalize_backward`. Each (j, d) has one owner.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_id) lid: vec3<u32>,
@@ -249,7 +239,6 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (class_tile0 >= params.classes) { return; }
     let coef = grad_coef();
     let d_len = params.dim;
-    let wg_size = ROWS_WG * CLASSES_WG;
     let n_classes = min(tile_classes(), params.classes - class_tile0);
     let lay = block_layout(flat, tile_classes());
     for (var row_tile0 = params.row_begin; row_tile0 < params.row_end; row_tile0 += tile_rows()) {
@@ -270,25 +259,6 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
             }
         }
         workgroupBarrier();
-    }
-    // The last row pass projects; earlier passes leave gŵ for the next one.
-    if (params.row_end < params.batch) { return; }
-    storageBarrier();
-    for (var ci = flat; ci < n_classes; ci += wg_size) {
-        let base = class_row(class_tile0 + ci) * d_len;
-        let inv = inv_norm_classes[class_tile0 + ci];
-        var dot = 0.0;
-        for (var d = 0u; d < d_len; d++) {
-            dot = fma(class_vectors[base + d] * inv, grad_classes[base + d], dot);
-        }
-        let along = along_normal(dot, inv);
-        var finite = true;
-        for (var d = 0u; d < d_len; d++) {
-            let out = (grad_classes[base + d] - class_vectors[base + d] * inv * along) * inv;
-            grad_classes[base + d] = out;
-            finite = finite && !is_non_finite(out);
-        }
-        flag_non_finite_gradients(finite);
     }
 }
 
@@ -312,44 +282,92 @@ fn deferred_norm() -> f32 {
     return select(1.0 / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
-/// Unfused baseline and chunked plan: one invocation per row of the stacked [x; w chunk]; the
-/// gemm.wgsl results gx̂ (in grad_features) and gŵ, or gw' = gŵ/‖w‖ with `raw_classes`
-/// (in grad_classes), are projected in place.
+/// Where one invocation of the projections works: a piece of a stacked row of
+/// [x; w chunk], its inverse norm, and where the row starts in x (and dL/dx) or in w (and
+/// dL/dw).
+struct ProjectionRow {
+    /// (stacked row, first value of the piece, end of the piece).
+    piece: vec3<u32>,
+    is_features: bool,
+    inv: f32,
+    base: u32,
+}
+
+/// The ProjectionRow of flat index e, if e < rows · dim_pieces().
+fn projection_row(e: u32, rows: u32) -> ProjectionRow {
+    let piece = row_piece(e, rows);
+    let at = stacked_row(piece.x);
+    if (at.x == 1u) {
+        return ProjectionRow(piece, true, inv_norm_features[at.y], at.y * params.dim);
+    }
+    return ProjectionRow(piece, false, inv_norm_classes[at.y], class_row(at.y) * params.dim);
+}
+
+/// Rows of the stacked [x; w chunk] the projections cover: x in the first chunk only
+/// (norm_feature_rows = B there), then the chunk's classes.
+fn projection_rows() -> u32 { return params.norm_feature_rows + params.classes; }
+
+/// v̂·g over one piece of a stacked row, g being gx̂ (in grad_features), gŵ, or
+/// gw' = gŵ/‖w‖ with `raw_classes` (in grad_classes).
+fn piece_dot(at: ProjectionRow) -> f32 {
+    var dot = 0.0;
+    if (at.is_features) {
+        for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
+            dot = fma(features[d] * at.inv, grad_features[d], dot);
+        }
+    } else {
+        for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
+            dot = fma(class_vectors[d] * at.inv, grad_classes[d], dot);
+        }
+    }
+    return dot;
+}
+
+/// Rows longer than one piece: one invocation per (piece, row) of [x; w chunk] stores
+/// its piece's v̂·g for `normalize_backward`.
+@compute @workgroup_size(ROW_WG)
+fn projection_dots(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let e = folded_index(wid, nwg, lid);
+    let rows = projection_rows();
+    if (e >= rows * dim_pieces()) { return; }
+    projection_piece_dots[e] = piece_dot(projection_row(e, rows));
+}
+
+/// One invocation per (piece, row) of [x; w chunk]: the row's v̂·g (its own, for rows of
+/// one piece; else from `projection_dots`, in piece order), then the piece of dL/dv = (g − v̂(v̂·g))·inv in place, times the deferred
+/// 1/N. The projection is linear: projecting gw' = gŵ·inv gives dL/dw without the last
+/// factor inv (`raw_classes`).
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
-    // Rows of x come first, in the first class chunk only (norm_feature_rows = B there).
-    let row = folded_index(wid, nwg, lid);
-    let feature_rows = params.norm_feature_rows;
-    let d_len = params.dim;
-    let norm = deferred_norm();
-    if (row < feature_rows) {
-        let base = row * d_len;
-        let inv = inv_norm_features[row];
-        var dot = 0.0;
-        for (var d = 0u; d < d_len; d++) { dot = fma(features[base + d] * inv, grad_features[base + d], dot); }
-        let along = along_normal(dot, inv);
-        var finite = true;
-        for (var d = 0u; d < d_len; d++) {
-            let out = (grad_features[base + d] - features[base + d] * inv * along) * inv * norm;
-            grad_features[base + d] = out;
-            finite = finite && !is_non_finite(out);
-        }
-        flag_non_finite_gradients(finite);
-    } else if (row - feature_rows < params.classes) {
-        let base = (row - feature_rows) * d_len;
-        let inv = inv_norm_classes[row - feature_rows];
-        var dot = 0.0;
-        for (var d = 0u; d < d_len; d++) { dot = fma(class_vectors[base + d] * inv, grad_classes[base + d], dot); }
-        // The projection is linear: projecting gw' = gŵ·inv gives dL/dw directly.
-        let along = along_normal(dot, inv);
-        let factor = select(inv, 1.0, params.raw_classes == 1u) * norm;
-        var finite = true;
-        for (var d = 0u; d < d_len; d++) {
-            let out = (grad_classes[base + d] - class_vectors[base + d] * inv * along) * factor;
-            grad_classes[base + d] = out;
-            finite = finite && !is_non_finite(out);
-        }
-        flag_non_finite_gradients(finite);
+    let e = folded_index(wid, nwg, lid);
+    let rows = projection_rows();
+    if (e >= rows * dim_pieces()) { return; }
+    let at = projection_row(e, rows);
+    var dot = 0.0;
+    if (dim_pieces() == 1u) {
+        dot = piece_dot(at);
+    } else {
+        for (var p = 0u; p < dim_pieces(); p++) { dot += projection_piece_dots[p * rows + at.piece.x]; }
     }
+    let along = along_normal(dot, at.inv);
+    let norm = deferred_norm();
+    var finite = true;
+    if (at.is_features) {
+        let factor = at.inv * norm;
+        for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
+            let out = (grad_features[d] - features[d] * at.inv * along) * factor;
+            grad_features[d] = out;
+            finite = finite && !is_non_finite(out);
+        }
+    } else {
+        let factor = select(at.inv, 1.0, params.raw_classes == 1u) * norm;
+        for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
+            let out = (grad_classes[d] - class_vectors[d] * at.inv * along) * factor;
+            grad_classes[d] = out;
+            finite = finite && !is_non_finite(out);
+        }
+    }
+    flag_non_finite_gradients(finite);
 }

@@ -102,19 +102,10 @@ fn inv_norm(is_features: bool, base: u32) -> f32 {
     return inv;
 }
 
-/// This invocation's row of the stacked [x; w chunk], as (1 for a row of x else 0, the
-/// row within x or the chunk); rows past the chunk's end have a row index ≥ its classes.
-/// x takes part only where norm_feature_rows = B (the first chunk).
-fn stacked_row(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<u32> {
-    let row = folded_index(wid, nwg, lid);
-    let split = params.norm_feature_rows;
-    return select(vec2<u32>(0u, row - split), vec2<u32>(1u, row), row < split);
-}
-
 @compute @workgroup_size(ROW_WG)
 fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
-    let at = stacked_row(wid, nwg, lid);
+    let at = stacked_row(folded_index(wid, nwg, lid));
     let is_features = at.x == 1u;
     let local_row = at.y;
     if (!is_features && local_row >= params.classes) { return; }
@@ -134,17 +125,20 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
 /// x̂ = x·inv_norm, and ŵ = w·inv_norm (the unfused baseline) or w as it is
 /// (`raw_classes`, the chunked plan), stacked in rows of padded_dim() with zeros past D.
-/// The grid covers the rows to copy: x alone, or x and w.
+/// One invocation per (piece, row) of the `copy_rows` rows to copy (x alone, or x and w).
 @compute @workgroup_size(ROW_WG)
 fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
-    let at = stacked_row(wid, nwg, lid);
+    let e = folded_index(wid, nwg, lid);
+    if (e >= params.copy_rows * dim_pieces()) { return; }
+    let piece = row_piece(e, params.copy_rows);
+    let at = stacked_row(piece.x);
     let is_features = at.x == 1u;
-    if (!is_features && at.y >= params.classes) { return; }
     var scale = inv_norm_features[min(at.y, params.batch - 1u)];
     if (!is_features) { scale = select(inv_norm_classes[at.y], 1.0, params.raw_classes == 1u); }
     let dest = (at.y + select(params.batch + params.class_offset, 0u, is_features)) * padded_dim();
     let source = at.y * params.dim;
-    for (var k = 0u; k < params.dim; k++) { padded_rows[dest + k] = input_value(is_features, source + k) * scale; }
+    for (var k = piece.y; k < piece.z; k++) { padded_rows[dest + k] = input_value(is_features, source + k) * scale; }
+    if (piece.z < params.dim) { return; }
     for (var k = params.dim; k < padded_dim(); k++) { padded_rows[dest + k] = 0.0; }
 }

@@ -223,7 +223,8 @@ fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: r.region.buffer,
                     offset: r.region.offset,
-                    size: std::num::NonZeroU64::new(r.bytes),
+                    // Four bytes tell the device; the range was checked above.
+                    size: std::num::NonZeroU64::new(4),
                 }),
             }],
         })
@@ -234,13 +235,18 @@ fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
         (_, Some(e)) => Err(Error::BadBuffer {
             role: r.role,
             reason: format!(
-                "wgpu refused to bind it ({}); pass a buffer of this context's device                  (Context::from_device wraps an engine's own)",
-                e.to_string().replace('\n', " ")
+                "wgpu refused to bind it ({}); pass a buffer of this context's device \
+                 (Context::from_device wraps an engine's own)",
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
         }),
         (Err(_), None) => Err(Error::BadBuffer {
             role: r.role,
-            reason: "it belongs to another wgpu instance; pass a buffer of this context's                      device (Context::from_device wraps an engine's own)"
+            reason: "it belongs to another wgpu instance; pass a buffer of this context's \
+                     device (Context::from_device wraps an engine's own)"
                 .into(),
         }),
     }

@@ -22,6 +22,7 @@ pub(crate) enum Binding {
     GradFeatures = 12,
     GradClasses = 13,
     PaddedRows = 14,
+    ProjectionPieceDots = 19,
     InvNormClassQuads = 17,
     Logits = 16,
     GemmShape = 20,
@@ -58,6 +59,9 @@ impl Default for TileConfig {
 pub(crate) const REGISTER_BLOCK: u32 = 4;
 /// Invocations per workgroup of the one-row-per-invocation kernels (WGSL `ROW_WG`).
 pub(crate) const ROW_KERNEL_WORKGROUP: u32 = 64;
+/// Values of a row one invocation of `pad_rows` and the projections covers (WGSL
+/// `DIM_PIECE`): longer rows take one invocation per piece (llvmpipe's loop budget).
+pub(crate) const DIM_PIECE: u32 = 4096;
 
 impl TileConfig {
     /// Rows of x in one cosine tile.
@@ -104,7 +108,7 @@ pub(crate) struct GpuParams {
     pub logit_stride: u32,
     pub blocks: u32,
     pub block_index: u32,
-    pub _pad: u32,
+    pub copy_rows: u32,
 }
 
 impl GpuParams {
@@ -236,12 +240,13 @@ pub(crate) struct Kernels {
     pub merge_rows: Kernel,
     pub summarize: Kernel,
     pub grad_feature_partials: Kernel,
-    pub grad_features_finish: Kernel,
+    pub sum_feature_splits: Kernel,
     pub grad_classes_tile: Kernel,
     pub pad_rows: Kernel,
     pub logit_softmax_rows: Kernel,
     pub logit_grad_rows: Kernel,
     pub logit_grads: Kernel,
+    pub projection_dots: Kernel,
     pub normalize_backward: Kernel,
     /// `matmul` per GemmLayout, in its declaration order (see [`Kernels::matmul`]).
     matmul: [Kernel; 3],
@@ -317,6 +322,7 @@ impl Kernels {
         let tile_constants = [
             ("ROWS_WG", f64::from(tiles.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
+            ("DIM_PIECE", f64::from(DIM_PIECE)),
         ];
         let pipeline = |module: &wgpu::ShaderModule,
                         (entry, name): (&'static str, &'static str),
@@ -405,17 +411,10 @@ impl Kernels {
                     ClassIndex,
                 ],
             ),
-            grad_features_finish: kernel(
+            sum_feature_splits: kernel(
                 &backward,
-                "grad_features_finish",
-                &[
-                    Params,
-                    Features,
-                    InvNormFeatures,
-                    Summary,
-                    FeatureGradPartials,
-                    GradFeatures,
-                ],
+                "sum_feature_splits",
+                &[Params, FeatureGradPartials, GradFeatures],
             ),
             grad_classes_tile: kernel(
                 &backward,
@@ -474,6 +473,21 @@ impl Kernels {
                 "logit_grads",
                 &[Params, Labels, RowSoftmax, Summary, Logits],
             ),
+            projection_dots: kernel(
+                &backward,
+                "projection_dots",
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    GradFeatures,
+                    GradClasses,
+                    ProjectionPieceDots,
+                    ClassIndex,
+                ],
+            ),
             normalize_backward: kernel(
                 &backward,
                 "normalize_backward",
@@ -486,6 +500,8 @@ impl Kernels {
                     Summary,
                     GradFeatures,
                     GradClasses,
+                    ProjectionPieceDots,
+                    ClassIndex,
                 ],
             ),
             matmul: [

@@ -8,7 +8,7 @@ use crate::io::{
 };
 use crate::kernels::{
     encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GemmShape, GpuParams, Kernel,
-    Timestamps, GEMM_QUADS, ROW_KERNEL_WORKGROUP,
+    Timestamps, DIM_PIECE, GEMM_QUADS, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 
@@ -90,6 +90,23 @@ const MAX_FEATURE_SPLITS: u32 = 8;
 /// invocation under half of that by cutting classes into chunks and rows into passes.
 /// Other drivers have no such limit; the cuts only add dispatches.
 const LOOP_BUDGET: u64 = 32768;
+/// llvmpipe's own limit, for the one pass whose iterations are counted exactly rather
+/// than estimated: the norms, D/4 vec4 steps for the largest magnitude, D/4 for the sum of
+/// squares and at most 12 scalar steps at the ends, in no branch (so not doubled by
+/// divergence), with 1024 of slack.
+const LOOP_LIMIT: u64 = 65535 - 1024;
+
+/// Loop iterations of one invocation of `row_inv_norms` for rows of `dim` values.
+fn norm_iterations(dim: u64) -> u64 {
+    dim.div_ceil(2) + 12
+}
+
+/// Pieces of DIM_PIECE values in a row of `dim`: one invocation each in `pad_rows` and
+/// the projections, whose loops then stay within LOOP_BUDGET for any D (a piece's
+/// 2·DIM_PIECE steps of the projection's two branches, plus one per piece to merge them).
+fn dim_pieces(dim: u64) -> u64 {
+    dim.div_ceil(u64::from(DIM_PIECE)).max(1)
+}
 /// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
 const SPLIT_PARTIAL_BYTES: u64 = 28;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
@@ -181,6 +198,13 @@ impl Geometry {
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
         to_u32("dim", shape.dim)?;
+        if norm_iterations(shape.dim as u64) > LOOP_LIMIT {
+            return Err(Error::TooLarge {
+                what: "D, the values of one row (the norms pass of one invocation per row stays within llvmpipe's loop budget up to this D)",
+                size: shape.dim as u64,
+                limit: (LOOP_LIMIT - 12) * 2,
+            });
+        }
         let tiles = ctx.tiles;
         let (tile_rows, tile_classes) = (tiles.tile_rows(), tiles.tile_classes());
         let row_tiles = batch.div_ceil(tile_rows);
@@ -233,6 +257,27 @@ impl Geometry {
                 (classes, vec![(0, batch)])
             }
             Algorithm::Fused | Algorithm::Chunked => {
+                // The tile kernels loop over all of D in one invocation: past the D where
+                // one tile (its dots and its gradient product) fits LOOP_BUDGET, the
+                // memory-minimal plan refuses.
+                let tile_rows_of = u64::from(tile_rows);
+                let one_tile = tile_iterations(d, tile, tile)
+                    .max(tile_iterations(d, tile_rows_of, tile_rows_of))
+                    .max(tile_iterations(d, d.max(1), 0));
+                if algorithm == Algorithm::Fused && one_tile > LOOP_BUDGET {
+                    let longest = (1..=d).rev().step_by(64).find(|&dim| {
+                        tile_iterations(dim, tile, tile).max(tile_iterations(
+                            dim,
+                            tile_rows_of,
+                            tile_rows_of,
+                        )) <= LOOP_BUDGET
+                    });
+                    return Err(Error::TooLarge {
+                        what: "D for the memory-minimal plan (its tile kernels loop over a whole row within llvmpipe's loop budget); the chunked plan serves longer rows",
+                        size: d,
+                        limit: longest.unwrap_or(0),
+                    });
+                }
                 let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
                 let forward_fit = u64::from(forward_wanted)
                     * tiles_per_split(tile_iterations(d, d.max(1), 0))
@@ -256,9 +301,8 @@ impl Geometry {
                         limit: ctx.max_binding,
                     });
                 }
-                // The dL/dw passes: row tiles per pass within the budget, after the
-                // projection's 2·D iterations.
-                let per_pass = (LOOP_BUDGET.saturating_sub(2 * d + 16)
+                // The dL/dw passes: row tiles per pass within the budget.
+                let per_pass = (LOOP_BUDGET
                     / tile_iterations(d, u64::from(tile_rows), u64::from(tile_rows)))
                 .max(1) as u32;
                 let rows_per_pass = per_pass.saturating_mul(tile_rows);
@@ -410,6 +454,15 @@ impl Geometry {
         })
     }
 
+    /// Classes of the largest class chunk (the first).
+    fn largest_chunk(&self) -> u64 {
+        self.chunks
+            .iter()
+            .map(|k| u64::from(k.classes))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Uniform entries: one per (chunk, row pass), chunk-major.
     fn uniforms(&self) -> usize {
         self.chunks.len() * self.row_passes.len()
@@ -483,6 +536,14 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
         (Binding::InvNormClasses, 4 * padded(c)),
         (Binding::InputFlags, FLAGS_BYTES),
         (Binding::RowSoftmax, product(&[ROW_SOFTMAX_BYTES, b])),
+        // One v̂·g per piece of each row of [x; w chunk], for rows of more than one piece.
+        (
+            Binding::ProjectionPieceDots,
+            match dim_pieces(d) {
+                1 => 4,
+                pieces => product(&[4, pieces, b + g.largest_chunk()]),
+            },
+        ),
     ];
     match algorithm {
         Algorithm::Fused => layout.extend([
@@ -1000,6 +1061,11 @@ impl Plan {
         let g = &self.geometry;
         let stride = uniform_stride(ctx, PARAMS_BYTES);
         let passes = g.row_passes.len();
+        // Rows `pad_rows` copies per chunk: x̂ with the first, w's rows where copied.
+        let copied = copies_classes(self.shape, self.algorithm);
+        let copy_rows = |k: usize| {
+            (if k == 0 { b as u32 } else { 0 }) + if copied { g.chunks[k].classes } else { 0 }
+        };
         let mut uniforms = vec![0u8; (stride * g.uniforms() as u64) as usize];
         for (k, chunk) in g.chunks.iter().enumerate() {
             for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
@@ -1038,7 +1104,7 @@ impl Plan {
                     logit_stride: g.logit_stride,
                     blocks: u32::from(g.blocked),
                     block_index: k as u32,
-                    _pad: 0,
+                    copy_rows: copy_rows(k),
                 };
                 gpu.set_loss(params);
                 let at = (k * passes + pass) * stride as usize;
@@ -1047,14 +1113,15 @@ impl Plan {
         }
         // Through the encoder, not the queue: each recording's copy runs just before its
         // own dispatches, so recordings made before a submit keep their own parameters.
-        let upload = wgpu::util::DeviceExt::create_buffer_init(
-            &ctx.device,
-            &wgpu::util::BufferInitDescriptor {
-                label: Some("params upload"),
-                contents: &uniforms,
-                usage: wgpu::BufferUsages::COPY_SRC,
-            },
-        );
+        // The upload buffer is this recording's alone: the queue fills it at the next
+        // submit, before any command of that submit runs.
+        let upload = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params upload"),
+            size: uniforms.len() as u64,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue.write_buffer(&upload, 0, &uniforms);
         encoder.copy_buffer_to_buffer(&upload, 0, &self.params, 0, uniforms.len() as u64);
         if let Some((_, flags)) = self
             .workspace
@@ -1104,11 +1171,12 @@ impl Plan {
         };
         // The memory-minimal backward: dL/dx partials per chunk and their sum, then dL/dw
         // per chunk and row pass.
+        let pieces = dim_pieces(d);
         let fused_backward = || -> Result<Vec<Step<'_>>> {
             let mut steps = per_chunk(&k.grad_feature_partials, &|part| {
                 (part.feature_splits, g.row_tiles)
             });
-            steps.push(once(&k.grad_features_finish, per_row(b)?));
+            steps.push(once(&k.sum_feature_splits, per_row(b * d)?));
             for (chunk, part) in g.chunks.iter().enumerate() {
                 let grid = fold_grid(u64::from(part.class_tiles), max)?;
                 for pass in 0..passes {
@@ -1137,14 +1205,12 @@ impl Plan {
             // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
             // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
             // x̂ with the first chunk; w's copy, where made, chunk by chunk.
-            let copied = copies_classes(self.shape, self.algorithm);
-            for (chunk, part) in g.chunks.iter().enumerate() {
-                let rows = if chunk == 0 { b } else { 0 }
-                    + if copied { u64::from(part.classes) } else { 0 };
+            for chunk in 0..g.chunks.len() {
+                let rows = u64::from(copy_rows(chunk));
                 if rows > 0 {
                     steps.push(Step {
                         chunk,
-                        ..once(&k.pad_rows, per_row(rows)?)
+                        ..once(&k.pad_rows, per_row(rows * pieces)?)
                     });
                 }
             }
@@ -1247,13 +1313,21 @@ impl Plan {
                     }
                 }
             }
-            if self.algorithm != Algorithm::Fused {
-                for chunk in 0..g.chunks.len() {
+        }
+        // Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
+        if backward && phase != Phase::ShardForward {
+            for chunk in 0..g.chunks.len() {
+                let grid = per_row(rows_of(chunk) * pieces)?;
+                if pieces > 1 {
                     steps.push(Step {
                         chunk,
-                        ..once(&k.normalize_backward, per_row(rows_of(chunk))?)
+                        ..once(&k.projection_dots, grid)
                     });
                 }
+                steps.push(Step {
+                    chunk,
+                    ..once(&k.normalize_backward, grid)
+                });
             }
         }
         let dispatches = steps
@@ -1427,6 +1501,7 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
         Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
+        Binding::ProjectionPieceDots => "projection_piece_dots",
         Binding::Logits => "logits (rows of a chunk × C, or × a class block)",
         Binding::GemmShape => "gemm",
         Binding::GemmLhs => "lhs",

@@ -355,7 +355,10 @@ impl ShardBuffers {
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(label),
                     contents,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    // COPY_SRC: the backward reads the summary's flags back.
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_DST
+                        | wgpu::BufferUsages::COPY_SRC,
                 })
         };
         let rows = vec![0u8; shape.batch * std::mem::size_of::<RowStats>()];
@@ -640,9 +643,12 @@ impl Context {
             out("grad_features", b * d * 4),
             out("grad_classes", c * d * 4),
         );
+        // The gradients, then the summary, whose overflow flag the backward sets where a
+        // gradient is not finite (rows whose log-sum-exp does not fit these classes).
+        let summary_bytes = std::mem::size_of::<Summary>() as u64;
         let readback = self.create_buffer(
             "gradients",
-            (b + c) * d * 4,
+            (b + c) * d * 4 + summary_bytes,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
         let submission = self.gpu_scoped(|| {
@@ -670,13 +676,22 @@ impl Context {
             )?;
             encoder.copy_buffer_to_buffer(&gx, 0, &readback, 0, b * d * 4);
             encoder.copy_buffer_to_buffer(&gw, 0, &readback, b * d * 4, c * d * 4);
+            let at = (b + c) * d * 4;
+            encoder.copy_buffer_to_buffer(&buffers.summary, 0, &readback, at, summary_bytes);
             Ok(self.queue.submit([encoder.finish()]))
         })?;
-        let raw = pollster::block_on(self.read_back(&readback, (b + c) * d * 4, submission))?;
+        let grad_bytes = ((b + c) * d * 4) as usize;
+        let raw = pollster::block_on(self.read_back(
+            &readback,
+            grad_bytes as u64 + summary_bytes,
+            submission,
+        ))?;
+        let summary: Summary = bytemuck::pod_read_unaligned(&raw[grad_bytes..]);
+        check_flags(summary.flags, shape)?;
         let split = (b * d * 4) as usize;
         Ok(Gradients {
             features: bytemuck::pod_collect_to_vec(&raw[..split]),
-            classes: bytemuck::pod_collect_to_vec(&raw[split..]),
+            classes: bytemuck::pod_collect_to_vec(&raw[split..grad_bytes]),
         })
     }
 }
