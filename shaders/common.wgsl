@@ -18,7 +18,7 @@ struct Params {
     forward_splits: u32,
     /// Classes per forward split, a multiple of the class tile.
     forward_split_classes: u32,
-    /// Feature-gradient splits (summed by `grad_features_finish`), shared by every chunk.
+    /// Feature-gradient splits (summed by `sum_feature_splits`), shared by every chunk.
     feature_splits: u32,
     /// Classes per feature-gradient split, a multiple of the class tile.
     feature_split_classes: u32,

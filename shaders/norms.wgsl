@@ -2,7 +2,8 @@
 // and the non-finite flags of both inputs (`row_inv_norms`); the copies of x and w that
 // the GEMMs read, with rows padded to a multiple of 4 (`pad_rows`): x̂, and ŵ for the
 // unfused baseline or w as it is for the chunked plan (only when D % 4 ≠ 0).
-// One invocation per row: rows 0..B are features, rows B..B+C are class vectors.
+// Rows 0..B are features, rows B..B+C class vectors: one invocation per row for the
+// norms, one per piece of DIM_PIECE values of a row for the copies.
 
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;

@@ -62,6 +62,9 @@ pub struct Context {
     /// recording, so that a buffer wgpu refuses (another device's) is a typed error before
     /// anything reaches the caller's encoder.
     pub(crate) region_probe: wgpu::BindGroupLayout,
+    /// This context's serial number in the process: a plan records only with the context
+    /// that made it (devices of different wgpu instances can compare equal).
+    pub(crate) serial: u64,
 }
 
 /// A buffer the crate allocated, counted in [`Context::allocated_bytes`] while it lives.
@@ -102,7 +105,9 @@ pub fn parse_backends(text: &str) -> Option<wgpu::Backends> {
 
 /// The process's one wgpu instance for `backends`. Contexts share it, so that a buffer of
 /// one context's device handed to another is a validation error wgpu reports (and the
-/// crate returns as [`Error::BadBuffer`]), not a lookup in another instance's registry.
+/// crate returns as [`Error::BadBuffer`]), not a lookup in another instance's registry,
+/// which wgpu cannot tell from one of its own: buffers of an engine's own instance must
+/// reach the crate through [`Context::from_device`] on that engine's device.
 fn shared_instance(backends: wgpu::Backends) -> wgpu::Instance {
     static INSTANCES: Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> = Mutex::new(Vec::new());
     let mut instances = INSTANCES.lock().unwrap_or_else(|e| e.into_inner());
@@ -291,6 +296,10 @@ impl Context {
             allocated: Arc::new(AtomicU64::new(0)),
             quad_stand_in,
             region_probe,
+            serial: {
+                static SERIALS: AtomicU64 = AtomicU64::new(0);
+                SERIALS.fetch_add(1, Ordering::Relaxed)
+            },
         })
     }
 

@@ -209,9 +209,11 @@ pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
     probe_region(ctx, r)
 }
 
-/// Binds the region once, alone, inside an error scope: a buffer of another device is
-/// refused there (wgpu's validation error, or a panic of wgpu-core for a buffer of another
-/// wgpu instance), and becomes [`Error::BadBuffer`] before the caller's encoder is touched.
+/// Binds four bytes of the region, alone, inside an error scope: a buffer of another device
+/// of the same wgpu instance is refused there (wgpu's validation error), and becomes
+/// [`Error::BadBuffer`] before the caller's encoder is touched. A buffer of another wgpu
+/// instance makes wgpu-core panic where its id is unknown here (caught, and the same
+/// error); where its id happens to name one of this instance's buffers, wgpu cannot tell.
 fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
     let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

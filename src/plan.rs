@@ -102,8 +102,9 @@ fn norm_iterations(dim: u64) -> u64 {
 }
 
 /// Pieces of DIM_PIECE values in a row of `dim`: one invocation each in `pad_rows` and
-/// the projections, whose loops then stay within LOOP_BUDGET for any D (a piece's
-/// 2·DIM_PIECE steps of the projection's two branches, plus one per piece to merge them).
+/// the projections, whose loops then stay within LOOP_BUDGET for any D (at most
+/// 4·DIM_PIECE steps: a piece's dot and its write, over both of the projection's
+/// branches, plus one per piece to merge the dots).
 fn dim_pieces(dim: u64) -> u64 {
     dim.div_ceil(u64::from(DIM_PIECE)).max(1)
 }
@@ -265,17 +266,26 @@ impl Geometry {
                     .max(tile_iterations(d, tile_rows_of, tile_rows_of))
                     .max(tile_iterations(d, d.max(1), 0));
                 if algorithm == Algorithm::Fused && one_tile > LOOP_BUDGET {
-                    let longest = (1..=d).rev().step_by(64).find(|&dim| {
-                        tile_iterations(dim, tile, tile).max(tile_iterations(
-                            dim,
-                            tile_rows_of,
-                            tile_rows_of,
-                        )) <= LOOP_BUDGET
-                    });
+                    // The longest D whose tile fits, by bisection (the count grows with D).
+                    let fits = |dim: u64| {
+                        tile_iterations(dim, tile, tile)
+                            .max(tile_iterations(dim, tile_rows_of, tile_rows_of))
+                            .max(tile_iterations(dim, dim.max(1), 0))
+                            <= LOOP_BUDGET
+                    };
+                    let (mut longest, mut past) = (0, d);
+                    while past - longest > 1 {
+                        let mid = longest + (past - longest) / 2;
+                        if fits(mid) {
+                            longest = mid;
+                        } else {
+                            past = mid;
+                        }
+                    }
                     return Err(Error::TooLarge {
-                        what: "D for the memory-minimal plan (its tile kernels loop over a whole row within llvmpipe's loop budget); the chunked plan serves longer rows",
+                        what: "D for the memory-minimal plan (its tile kernels loop over a whole row within llvmpipe's loop budget; the chunked plan, with a workspace budget for at least one block, serves longer rows)",
                         size: d,
-                        limit: longest.unwrap_or(0),
+                        limit: longest,
                     });
                 }
                 let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
@@ -497,8 +507,12 @@ impl Algorithm {
     fn choose_within(ctx: &Context, shape: Shape, budget: u64) -> Algorithm {
         // Thinner whole rows (what is left when not even a block fits) lose to the fused
         // kernels.
+        // Thin whole rows still serve the rows too long for the fused kernels.
         match Geometry::new(ctx, shape, Algorithm::Chunked, budget) {
             Ok(g) if g.blocked || g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
+                Algorithm::Chunked
+            }
+            Ok(_) if Geometry::new(ctx, shape, Algorithm::Fused, budget).is_err() => {
                 Algorithm::Chunked
             }
             _ => Algorithm::Fused,
@@ -751,8 +765,9 @@ pub struct Plan {
     sampled: bool,
     /// Rows of w the caller binds: the shape's classes, or the shard's rows when sampled.
     class_rows: u64,
-    /// The device the workspace lives on: recording with another context is refused.
-    device: wgpu::Device,
+    /// The serial number of the context whose device holds the workspace: recording
+    /// with another context is refused.
+    context: u64,
 }
 
 /// Which passes a recording runs: the whole loss, or one side of a class shard's
@@ -880,7 +895,7 @@ impl Plan {
             total_classes: c as u32,
             sampled: false,
             class_rows: c,
-            device: ctx.device.clone(),
+            context: ctx.serial,
         })
     }
 
@@ -1001,11 +1016,11 @@ impl Plan {
         phase: Phase,
     ) -> Result<Vec<&'static str>> {
         ctx.check_alive()?;
-        if self.device != ctx.device {
+        if self.context != ctx.serial {
             return Err(Error::BadBuffer {
                 role: "plan",
-                reason: "it was made on another context's device; make a plan with Plan::new \
-                         on the context you record with"
+                reason: "it was made on another context; make a plan with Plan::new on the \
+                         context you record with"
                     .into(),
             });
         }
@@ -1115,12 +1130,11 @@ impl Plan {
         // own dispatches, so recordings made before a submit keep their own parameters.
         // The upload buffer is this recording's alone: the queue fills it at the next
         // submit, before any command of that submit runs.
-        let upload = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("params upload"),
-            size: uniforms.len() as u64,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let upload = ctx.create_buffer(
+            "params upload",
+            uniforms.len() as u64,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        );
         ctx.queue.write_buffer(&upload, 0, &uniforms);
         encoder.copy_buffer_to_buffer(&upload, 0, &self.params, 0, uniforms.len() as u64);
         if let Some((_, flags)) = self

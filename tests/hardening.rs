@@ -88,15 +88,22 @@ fn comparison_fails_on_planted_non_finite_values() {
 }
 
 /// Every plan on `p`: each output within its bound of the f64 reference (which fails on
-/// any non-finite output where the reference is finite).
+/// any non-finite output where the reference is finite). These rows' inverse norms are
+/// subnormal: an adapter that flushes subnormals may answer `Error::Overflow` (the norms
+/// pass flags it); llvmpipe keeps them, and there every plan must give the answer.
 fn assert_every_plan_matches(p: &Problem, params: &LossParams, what: &str) {
     let ctx = common::context();
+    let keeps_subnormals = ctx.adapter_info().name.contains("llvmpipe");
     let expected = reference::loss_on(p, params).expect("reference");
     for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
-        let out = common::loss_with(ctx, algorithm, p, params, Pass::ForwardBackward)
-            .unwrap_or_else(|e| panic!("{what} ({algorithm:?}): {e}"));
-        let check = reference::compare(p.shape.dim, params, &out, &expected);
-        assert!(check.passes(), "{what} ({algorithm:?}): {check:?}");
+        match common::loss_with(ctx, algorithm, p, params, Pass::ForwardBackward) {
+            Ok(out) => {
+                let check = reference::compare(p.shape.dim, params, &out, &expected);
+                assert!(check.passes(), "{what} ({algorithm:?}): {check:?}");
+            }
+            Err(Error::Overflow) if !keeps_subnormals => {}
+            Err(e) => panic!("{what} ({algorithm:?}): {e}"),
+        }
     }
 }
 
@@ -187,6 +194,20 @@ impl Outputs {
         }
     }
 
+    /// Every output overwritten with NaN, so that a result left from an earlier round fails.
+    fn fill_nan(&self, ctx: &Context) {
+        for buffer in [
+            &self.row_stats,
+            &self.summary,
+            &self.grad_features,
+            &self.grad_classes,
+        ] {
+            let nan = vec![f32::NAN; (buffer.size() / 4) as usize];
+            ctx.queue()
+                .write_buffer(buffer, 0, bytemuck::cast_slice(&nan));
+        }
+    }
+
     /// The loss and both gradients, checked against the reference for `params`.
     fn check(&self, ctx: &Context, p: &Problem, params: &LossParams, what: &str) {
         let summary: Summary = bytemuck::pod_read_unaligned(&read_back(ctx, &self.summary));
@@ -233,6 +254,8 @@ fn each_recording_keeps_its_own_parameters() {
         let plan = Plan::with_algorithm(ctx, shape, algorithm).expect("plan");
         let (a, b) = (Outputs::new(ctx, shape), Outputs::new(ctx, shape));
         // One encoder, two recordings.
+        a.fill_nan(ctx);
+        b.fill_nan(ctx);
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         plan.record(ctx, &mut encoder, &inputs, &a.regions(), &first)
             .expect("record");
@@ -254,6 +277,8 @@ fn each_recording_keeps_its_own_parameters() {
         // Two encoders, submitted together in the order they were recorded, and the
         // other way round.
         for reversed in [false, true] {
+            a.fill_nan(ctx);
+            b.fill_nan(ctx);
             let mut one = ctx.device().create_command_encoder(&Default::default());
             let mut two = ctx.device().create_command_encoder(&Default::default());
             plan.record(ctx, &mut one, &inputs, &a.regions(), &first)
@@ -319,10 +344,11 @@ fn plans_and_buffers_of_another_device_are_bad_buffers() {
     record(ctx, &plan, &mine, &out).expect("own buffers");
 }
 
-/// Long feature vectors: every plan matches the reference or refuses with
-/// `Error::TooLarge`, never a wrong answer. D = 16384 broke the chunked and unfused plans
-/// (their projection ran 4·D loop steps per llvmpipe invocation), 20000 the
-/// memory-minimal plan; 70001 is past both.
+/// Long feature vectors: every plan matches the reference, or (the memory-minimal plan
+/// past the D its tile kernels fit) refuses with `Error::TooLarge`, never a wrong answer.
+/// D = 16384 broke the chunked and unfused plans (their projection ran 4·D loop steps per
+/// llvmpipe invocation), 20000 the memory-minimal plan; at 70001 the chunked and unfused
+/// plans must still be right.
 #[test]
 fn long_feature_vectors_are_right_or_refused() {
     let ctx = common::context();
@@ -336,7 +362,8 @@ fn long_feature_vectors_are_right_or_refused() {
                     let check = reference::compare(dim, &params, &out, &expected);
                     assert!(check.passes(), "D = {dim} ({algorithm:?}): {check:?}");
                 }
-                Err(Error::TooLarge { .. }) if algorithm == Algorithm::Fused => {}
+                // The memory-minimal tile kernels serve D up to about 52 000.
+                Err(Error::TooLarge { .. }) if algorithm == Algorithm::Fused && dim > 52_000 => {}
                 Err(e) => panic!("D = {dim} ({algorithm:?}): {e}"),
             }
         }
