@@ -318,3 +318,18 @@ fn the_readme_links_documents_that_exist() {
         );
     }
 }
+
+/// The long rows: `check` passes its own check at D = 20 000 and 70 001, where it
+/// used to fail (20 000) or could not run the memory-minimal plan's report (70 001).
+#[test]
+fn check_passes_on_long_feature_vectors() {
+    for dim in ["20000", "70001"] {
+        let out = run(&["check", "--batch", "2", "--dim", dim, "--classes", "3"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("PASS"),
+            "D = {dim}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
