@@ -91,7 +91,7 @@ fn fill_g_tile(row_tile0: u32, class_tile0: u32, lid: vec3<u32>, coef: f32, scal
                 let inv_x = inv_norm_features[i];
                 let inv_w = inv_norm_classes[j];
                 g = grad_logit(dots[r][q] * inv_x * inv_w, row_softmax[i],
-                               params.class_offset + class_row(j), y, coef) *
+                               params.class_offset + j, y, coef) *
                     select(inv_x, inv_w, scale_by_class);
             }
             g_tile[(lid.y + r * ROWS_WG) * tile_classes() + lid.x + q * CLASSES_WG] = g;
@@ -131,9 +131,7 @@ fn product_step(acc: ptr<function, Block>, lay: BlockLayout, ops: ProductOperand
     for (var r = 0u; r < ROW_BLOCK; r++) {
         g[r] = g_tile[(lay.group + r * lay.groups) * ops.g_out_stride + e * ops.g_red_stride];
     }
-    var row = ops.operand_row0 + e;
-    if (!ops.from_features) { row = class_row(row); }
-    let base = row * params.dim;
+    let base = (ops.operand_row0 + e) * params.dim;
     if (ops.from_features) {
         for (var q = 0u; q < CLASS_BLOCK; q++) { v[q] = features[base + col[q]]; }
     } else {
@@ -252,7 +250,7 @@ fn grad_classes_tile(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
                 for (var q = 0u; q < CLASS_BLOCK; q++) {
                     let d = d0 + lay.lane + q * lay.lanes;
                     if (ci >= n_classes || d >= d_len) { continue; }
-                    let idx = class_row(class_tile0 + ci) * d_len + d;
+                    let idx = (class_tile0 + ci) * d_len + d;
                     let old = select(grad_classes[idx], 0.0, row_tile0 == 0u);
                     grad_classes[idx] = old + acc[r][q];
                 }
@@ -300,7 +298,7 @@ fn projection_row(e: u32, rows: u32) -> ProjectionRow {
     if (at.x == 1u) {
         return ProjectionRow(piece, true, inv_norm_features[at.y], at.y * params.dim);
     }
-    return ProjectionRow(piece, false, inv_norm_classes[at.y], class_row(at.y) * params.dim);
+    return ProjectionRow(piece, false, inv_norm_classes[at.y], at.y * params.dim);
 }
 
 /// Rows of the stacked [x; w chunk] the projections cover: x in the first chunk only

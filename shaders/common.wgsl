@@ -54,9 +54,6 @@ struct Params {
     objective: u32,
     /// 1: the margin passes no gradient of its own (dψ/dc taken as 1); 0: exact dψ/dc.
     straight_through: u32,
-    /// 1: the classes are a sample of w's rows, read through `class_index` (class-centre
-    /// sampling); 0: class j is row j.
-    sampled: u32,
     /// 1 (the chunked plan's backward): `logit_softmax_rows` overwrites each row of dots
     /// with G'_ij = G_ij/‖w_j‖ once the row's softmax is known, without the 1/N.
     write_grads: u32,
@@ -202,7 +199,7 @@ fn dot_block(row0: u32, class0: u32) -> Block {
         row_base[r] = min(row0 + r * ROWS_WG, params.batch - 1u) * d;
     }
     for (var q = 0u; q < CLASS_BLOCK; q++) {
-        class_base[q] = class_row(min(class0 + q * CLASSES_WG, params.classes - 1u)) * d;
+        class_base[q] = min(class0 + q * CLASSES_WG, params.classes - 1u) * d;
     }
     var acc: Block;
     var k = 0u;
@@ -227,15 +224,6 @@ fn dot_block(row0: u32, class0: u32) -> Block {
 @group(0) @binding(2) var<storage, read> class_vectors: array<f32>;
 /// y: B labels in 0..C, or IGNORE.
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
-/// With `sampled`: the row of w of each sampled class (class-centre sampling); otherwise
-/// bound to any u32 buffer and not read.
-@group(0) @binding(18) var<storage, read> class_index: array<u32>;
-
-/// The row of w that holds class j of this dispatch.
-fn class_row(j: u32) -> u32 {
-    if (params.sampled == 1u) { return class_index[j]; }
-    return j;
-}
 
 const PI: f32 = 3.14159265358979;
 /// sin θ is clamped to at least this in the exact gradient of an angular margin (see

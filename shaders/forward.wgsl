@@ -270,7 +270,7 @@ fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
             let inv_w = inv_norm_classes[j];
             for (var r = 0u; r < ROW_BLOCK; r++) {
                 let c = dots[r][q] * inv_x[r] * inv_w;
-                state[r] = add_logit(state[r], c, params.class_offset + class_row(j), label[r]);
+                state[r] = add_logit(state[r], c, params.class_offset + j, label[r]);
             }
         }
     }

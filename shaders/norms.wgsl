@@ -111,7 +111,6 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let local_row = at.y;
     if (!is_features && local_row >= params.classes) { return; }
     var row = local_row;
-    if (!is_features) { row = class_row(local_row); }
     let inv = inv_norm(is_features, row * params.dim);
     let stored = max(inv, 0.0);
     if (is_features) {

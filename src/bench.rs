@@ -87,17 +87,18 @@ options:
   --profile             also time each kernel of the loss operations (needs GPU timestamps)
   --ops NAME,...        operations besides the GEMM (default all): fused_forward,
                         fused_forward_backward, small_budget_fwd_bwd, fused_min_memory_fwd_bwd,
-                        unfused_forward_backward, slice_api_tiny_call
+                        unfused_forward_backward, sharded_fwd_bwd, slice_api_tiny_call
   --wall-clock          time by host wall clock around submit and wait, not GPU timestamps
 ";
 
 /// The operations besides the GEMM, in the order they run.
-const OPS: [&str; 6] = [
+const OPS: [&str; 7] = [
     "fused_forward",
     "fused_forward_backward",
     "small_budget_fwd_bwd",
     "fused_min_memory_fwd_bwd",
     "unfused_forward_backward",
+    "sharded_fwd_bwd",
     "slice_api_tiny_call",
 ];
 
@@ -689,6 +690,17 @@ pub fn run(
                 Err(e) => return Err(e),
             });
         }
+        if options.runs("sharded_fwd_bwd") {
+            note("sharded_fwd_bwd");
+            let io_bytes = buffers.io_bytes(true);
+            shape_rows.push(sharded_row(
+                ctx,
+                options,
+                &problem,
+                (3.0 * gemm_flops, gemm_seconds),
+                io_bytes,
+            )?);
+        }
         let unfused = shape_rows
             .iter()
             .find(|r| r.op == "unfused_forward_backward")
@@ -708,6 +720,68 @@ pub fn run(
         rows.push(tiny_call_row(ctx, options)?);
     }
     Ok(rows)
+}
+
+/// Shards of the sharded row: the shape's classes in two, on one context.
+const BENCH_SHARDS: usize = 2;
+
+/// Forward and backward of `problem` with its classes in BENCH_SHARDS shards on `ctx`,
+/// through the shard API ([`crate::shard::sharded_loss`]): host wall clock around the
+/// whole call (uploads, the shards' passes, the host merge and the read-backs).
+fn sharded_row(
+    ctx: &Context,
+    options: &BenchOptions,
+    problem: &Problem,
+    (flops, gemm_seconds): (f64, [f64; 3]),
+    io_bytes: u64,
+) -> Result<BenchRow> {
+    let shape = problem.shape;
+    let params = LossParams::default();
+    let contexts = [ctx; BENCH_SHARDS];
+    let call = || {
+        crate::shard::sharded_loss(
+            &contexts,
+            shape,
+            &problem.features,
+            &problem.classes,
+            &problem.labels,
+            &params,
+        )
+    };
+    let mut samples = Vec::with_capacity(options.reps);
+    for run in 0..options.warmup + options.reps {
+        let start = Instant::now();
+        call()?;
+        if run >= options.warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let seconds = [
+        samples[samples.len() / 2],
+        samples[0],
+        samples[samples.len() - 1],
+    ];
+    let mut workspace_bytes = 0;
+    for k in 0..BENCH_SHARDS {
+        let shard = crate::shard::ClassShard::split(shape.classes, BENCH_SHARDS, k)?;
+        let plan = Plan::for_shard(ctx, Shape::new(shape.batch, shape.dim, shard.count))?;
+        workspace_bytes += plan.workspace_bytes();
+    }
+    Ok(BenchRow {
+        shape,
+        op: "sharded_fwd_bwd",
+        timing: Timing::WallClock,
+        algorithm: Some(Algorithm::Chunked),
+        seconds,
+        flops,
+        vs_gemm: seconds[0] / gemm_seconds[0],
+        fused_speedup: None,
+        workspace_bytes,
+        device_bytes: workspace_bytes + io_bytes,
+        skipped: None,
+        profile: Vec::new(),
+    })
 }
 
 /// Wall time of one whole slice-API call (upload, record, submit, wait, read back) on
@@ -797,6 +871,12 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
             r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
             megabytes(r.workspace_bytes),
             megabytes(r.device_bytes),
+        );
+    }
+    if rows.iter().any(|r| r.op == "sharded_fwd_bwd") {
+        out += &format!(
+            "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
+             host wall clock around the whole call (uploads, passes, host merge, read-backs)\n"
         );
     }
     for r in rows.iter().filter(|r| !r.profile.is_empty()) {

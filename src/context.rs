@@ -51,7 +51,7 @@ pub struct Context {
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) slice_pool: Mutex<Vec<SliceState>>,
     /// The last shard call's plan and buffers, reused by the next call on the same shard.
-    pub(crate) shard_cache: Mutex<Option<ShardBuffers>>,
+    pub(crate) shard_cache: Mutex<Vec<ShardBuffers>>,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
     /// 16 bytes bound as the vec4 view of an input region under 16 bytes: then D < 4, no
@@ -292,7 +292,7 @@ impl Context {
             timeout: None,
             lost: Arc::new(AtomicBool::new(false)),
             slice_pool: Mutex::new(Vec::new()),
-            shard_cache: Mutex::new(None),
+            shard_cache: Mutex::new(Vec::new()),
             allocated: Arc::new(AtomicU64::new(0)),
             quad_stand_in,
             region_probe,

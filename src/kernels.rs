@@ -29,7 +29,6 @@ pub(crate) enum Binding {
     GemmLhs = 21,
     GemmRhs = 22,
     GemmProduct = 23,
-    ClassIndex = 18,
     FeatureQuads = 25,
     ClassQuads = 26,
 }
@@ -103,7 +102,6 @@ pub(crate) struct GpuParams {
     pub sin_m2: f32,
     pub objective: u32,
     pub straight_through: u32,
-    pub sampled: u32,
     pub write_grads: u32,
     pub logit_stride: u32,
     pub blocks: u32,
@@ -369,7 +367,6 @@ impl Kernels {
                     InvNormFeatures,
                     InvNormClasses,
                     InputFlags,
-                    ClassIndex,
                 ],
             ),
             class_split_partials: kernel(
@@ -383,7 +380,6 @@ impl Kernels {
                     InvNormFeatures,
                     InvNormClasses,
                     SplitPartials,
-                    ClassIndex,
                 ],
             ),
             merge_rows: kernel(
@@ -408,7 +404,6 @@ impl Kernels {
                     RowSoftmax,
                     Summary,
                     FeatureGradPartials,
-                    ClassIndex,
                 ],
             ),
             sum_feature_splits: kernel(
@@ -428,7 +423,6 @@ impl Kernels {
                     RowSoftmax,
                     Summary,
                     GradClasses,
-                    ClassIndex,
                 ],
             ),
             pad_rows: kernel(
@@ -485,7 +479,6 @@ impl Kernels {
                     GradFeatures,
                     GradClasses,
                     ProjectionPieceDots,
-                    ClassIndex,
                 ],
             ),
             normalize_backward: kernel(
@@ -501,7 +494,6 @@ impl Kernels {
                     GradFeatures,
                     GradClasses,
                     ProjectionPieceDots,
-                    ClassIndex,
                 ],
             ),
             matmul: [

@@ -159,9 +159,17 @@ fn gcd(a: u64, b: u64) -> u64 {
 impl Geometry {
     /// The geometry of `algorithm` for `shape` within `budget` bytes of workspace (the
     /// chunked plan is held to it; the others do not depend on it).
-    fn new(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
+    /// With `blocks`, the chunked plan takes the classes in blocks even where whole rows
+    /// fit (a class shard, whose forward leaves partials), all rows at once where they fit.
+    fn new(
+        ctx: &Context,
+        shape: Shape,
+        algorithm: Algorithm,
+        budget: u64,
+        blocks: bool,
+    ) -> Result<Geometry> {
         if algorithm != Algorithm::Chunked {
-            return Geometry::select(ctx, shape, algorithm, budget);
+            return Geometry::select(ctx, shape, algorithm, budget, blocks);
         }
         // The chunked plan sizes G from estimates of the rest of its workspace (uniforms
         // above all); it is then held to the budget by its exact bytes, shrinking G's
@@ -169,7 +177,7 @@ impl Geometry {
         let mut target = budget;
         let mut smallest = u64::MAX;
         for _ in 0..16 {
-            let g = match Geometry::select(ctx, shape, algorithm, target) {
+            let g = match Geometry::select(ctx, shape, algorithm, target, blocks) {
                 Ok(g) => g,
                 Err(e) if target == budget => return Err(e),
                 Err(_) => break,
@@ -194,7 +202,13 @@ impl Geometry {
     /// class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
     /// whose byte offsets meet the storage offset alignment, and small enough that no
     /// invocation exceeds LOOP_BUDGET; for the chunked plan, its row chunks and blocks.
-    fn select(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Geometry> {
+    fn select(
+        ctx: &Context,
+        shape: Shape,
+        algorithm: Algorithm,
+        budget: u64,
+        blocks: bool,
+    ) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
@@ -357,7 +371,7 @@ impl Geometry {
             // are cut into blocks of classes.
             let loop_columns = LOOP_BUDGET * 4 * u64::from(tiles.classes_per_workgroup) / 2;
             let whole_fits_loops = u64::from(classes) <= loop_columns;
-            if rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
+            if blocks || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
                 // Blocks of classes: G for `rows` rows × one block, and a partial per block
                 // and row; the backward recomputes each block's dots (8·B·C·D flops).
                 // The widest block whose G, partials (one per block and row) and uniforms
@@ -375,7 +389,9 @@ impl Geometry {
                 // shapes of its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
                 let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
                 let mut block;
-                rows = b.min(BLOCK_ROWS);
+                // A shard keeps all its rows where they fit, so that its dots last from
+                // its forward to its backward.
+                rows = if blocks { b } else { b.min(BLOCK_ROWS) };
                 let block_uniforms =
                     |block: u64, rows: u64| 1 + pieces(d) + pieces(block) + pieces(rows);
                 loop {
@@ -508,11 +524,11 @@ impl Algorithm {
         // Thinner whole rows (what is left when not even a block fits) lose to the fused
         // kernels.
         // Thin whole rows still serve the rows too long for the fused kernels.
-        match Geometry::new(ctx, shape, Algorithm::Chunked, budget) {
+        match Geometry::new(ctx, shape, Algorithm::Chunked, budget, false) {
             Ok(g) if g.blocked || g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
                 Algorithm::Chunked
             }
-            Ok(_) if Geometry::new(ctx, shape, Algorithm::Fused, budget).is_err() => {
+            Ok(_) if Geometry::new(ctx, shape, Algorithm::Fused, budget, false).is_err() => {
                 Algorithm::Chunked
             }
             _ => Algorithm::Fused,
@@ -730,7 +746,7 @@ fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 /// the caller's inputs and outputs. Fused: O(B·(splits + D·feature_splits) + C), with at
 /// most 32 and 8 splits, whatever C is. Unfused: it holds the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
-    let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget)?;
+    let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
 }
 
@@ -757,14 +773,9 @@ pub struct Plan {
     gemms: Vec<GemmSpec>,
     /// Their GemmShapes, `uniform_stride` apart (none for the fused algorithm).
     gemm_shapes: Option<DeviceBuffer>,
-    /// For a class shard: the global index of w's first row, and all classes (labels are
-    /// global). 0 and the shape's classes otherwise.
-    class_base: u32,
+    /// Labels below this are rows that take part: the shape's classes, or for a class
+    /// shard one more, the label of rows whose class is in another shard.
     total_classes: u32,
-    /// Class-centre sampling: the classes are rows of w read through a ClassIndex buffer.
-    sampled: bool,
-    /// Rows of w the caller binds: the shape's classes, or the shard's rows when sampled.
-    class_rows: u64,
     /// The serial number of the context whose device holds the workspace: recording
     /// with another context is refused.
     context: u64,
@@ -776,10 +787,16 @@ pub struct Plan {
 pub(crate) enum Phase {
     /// Forward (and backward when gradients are asked for).
     Whole,
-    /// Norms and the split partials only; the caller reads the partials back.
+    /// A class shard's forward (the chunked plan in blocks): norms, dots and one softmax
+    /// partial per row and block; the caller reads the partials back.
     ShardForward,
-    /// Norms and the gradient passes, from row softmax data the caller uploaded.
-    ShardBackward,
+    /// A class shard's backward from the row softmax data and target cosines the caller
+    /// uploaded: the blocks' dots again (none with `reuse_dots`: the forward's are still
+    /// in the workspace), G' and the gradient GEMMs, then the projections.
+    ShardBackward {
+        /// The dots of the shard's forward are still in the workspace.
+        reuse_dots: bool,
+    },
 }
 
 impl Plan {
@@ -794,18 +811,24 @@ impl Plan {
     /// kernels below.
     pub fn with_budget(ctx: &Context, shape: Shape, budget: u64) -> Result<Plan> {
         let algorithm = Algorithm::choose_within(ctx, shape, budget);
-        Plan::build(ctx, shape, algorithm, budget)
+        Plan::build(ctx, shape, algorithm, budget, false)
     }
 
     /// Allocates the workspace of `algorithm` for `shape`. Fails with
     /// [`Error::TooLarge`] where a buffer would exceed the device's limits.
     pub fn with_algorithm(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<Plan> {
-        Plan::build(ctx, shape, algorithm, ctx.workspace_budget)
+        Plan::build(ctx, shape, algorithm, ctx.workspace_budget, false)
     }
 
-    fn build(ctx: &Context, shape: Shape, algorithm: Algorithm, budget: u64) -> Result<Plan> {
+    fn build(
+        ctx: &Context,
+        shape: Shape,
+        algorithm: Algorithm,
+        budget: u64,
+        blocks: bool,
+    ) -> Result<Plan> {
         ctx.check_alive()?;
-        let geometry = Geometry::new(ctx, shape, algorithm, budget)?;
+        let geometry = Geometry::new(ctx, shape, algorithm, budget, blocks)?;
         let layout = workspace_layout(shape, &geometry, algorithm);
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let max_binding = ctx.max_binding;
@@ -891,10 +914,7 @@ impl Plan {
             workspace,
             gemms,
             gemm_shapes,
-            class_base: 0,
             total_classes: c as u32,
-            sampled: false,
-            class_rows: c,
             context: ctx.serial,
         })
     }
@@ -942,51 +962,23 @@ impl Plan {
         Ok(())
     }
 
-    /// A plan for one class shard: `w` holds classes [class_base, class_base + rows) of
-    /// `total_classes`, and labels are global. With `sample`, the loss runs over those
-    /// rows of w only (class-centre sampling; `shape.classes` is the sample's size), read
-    /// through an index list, and `rows` rows of w are bound. Memory-minimal algorithm only.
-    pub(crate) fn for_shard(
-        ctx: &Context,
-        shape: Shape,
-        class_base: usize,
-        total_classes: usize,
-        sample: Option<(&[u32], usize)>,
-    ) -> Result<Plan> {
-        let mut plan = Plan::with_algorithm(ctx, shape, Algorithm::Fused)?;
-        plan.class_base = to_u32("shard's first class", class_base)?;
-        plan.total_classes = to_u32("classes", total_classes)?;
-        if let Some((indices, rows)) = sample {
-            // A sampled shard binds all its rows of w (and of dL/dw) at once.
-            let bytes = product(&[rows as u64, shape.dim as u64, 4]);
-            let limit = ctx.max_binding.min(ctx.limits.max_buffer_size);
-            if bytes > limit {
-                return Err(Error::TooLarge {
-                    what: "a sampled shard's rows of w (rows·D·4 bytes in one binding)",
-                    size: bytes,
-                    limit,
-                });
-            }
-            if plan.geometry.chunks.len() > 1 {
-                return Err(Error::TooLarge {
-                    what: "a sampled shard's classes (sampling needs them in one chunk)",
-                    size: shape.classes as u64,
-                    limit: u64::from(plan.geometry.chunks[0].classes),
-                });
-            }
-            let bytes: &[u8] = bytemuck::cast_slice(indices);
-            let buffer = ctx.create_buffer(
-                "class_index",
-                bytes.len() as u64,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            );
-            ctx.queue.write_buffer(&buffer, 0, bytes);
-            plan.workspace.push((Binding::ClassIndex, buffer));
-            plan.workspace_bytes += bytes.len() as u64;
-            plan.sampled = true;
-            plan.class_rows = rows as u64;
-        }
+    /// A plan for one class shard (`crate::shard`): the chunked plan over the shard's
+    /// classes in blocks, so that its forward leaves one softmax partial per row and block;
+    /// all its rows at once where the budget allows, so that its dots last from its
+    /// forward to its backward ([`Plan::keeps_dots`]). Its labels are local: a class of
+    /// the shard, or `shape.classes` for a row whose class is in another shard.
+    pub(crate) fn for_shard(ctx: &Context, shape: Shape) -> Result<Plan> {
+        let mut plan = Plan::build(ctx, shape, Algorithm::Chunked, ctx.workspace_budget, true)?;
+        plan.total_classes = to_u32("classes", shape.classes + 1)?;
         Ok(plan)
+    }
+
+    /// True when the dots x̂·wᵀ of every row and class are held at once (one row pass,
+    /// one block): a shard's backward then reuses its forward's.
+    pub(crate) fn keeps_dots(&self) -> bool {
+        self.geometry.blocked
+            && self.geometry.chunks.len() == 1
+            && self.geometry.row_passes.len() == 1
     }
 
     /// The workspace buffer bound at `binding`, if the plan has one.
@@ -1039,7 +1031,7 @@ impl Plan {
             Region {
                 role: "classes",
                 region: inputs.classes,
-                bytes: product(&[self.class_rows, d, 4]),
+                bytes: product(&[c, d, 4]),
             },
             Region {
                 role: "labels",
@@ -1066,7 +1058,7 @@ impl Plan {
             regions.push(Region {
                 role: "grad_classes",
                 region: grads.classes,
-                bytes: product(&[self.class_rows, d, 4]),
+                bytes: product(&[c, d, 4]),
             });
         }
         for r in &regions {
@@ -1089,7 +1081,7 @@ impl Plan {
                     dim: d as u32,
                     classes: chunk.classes,
                     total_classes: self.total_classes,
-                    class_offset: self.class_base + chunk.class_offset,
+                    class_offset: chunk.class_offset,
                     forward_splits: g.forward_splits,
                     forward_split_classes: chunk.forward_split_classes,
                     feature_splits: g.feature_splits,
@@ -1110,7 +1102,6 @@ impl Plan {
                     sin_m2: 0.0,
                     objective: 0,
                     straight_through: 0,
-                    sampled: u32::from(self.sampled),
                     write_grads: u32::from(
                         self.algorithm == Algorithm::Chunked
                             && outputs.grads.is_some()
@@ -1204,24 +1195,18 @@ impl Plan {
             Ok(steps)
         };
         let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
+        // A shard's backward from the dots its forward left (Plan::keeps_dots).
+        let reuse_dots = phase == (Phase::ShardBackward { reuse_dots: true });
         // The blocked chunked plan's backward, which runs after the summary.
         let mut blocked_backward = Vec::new();
-        if phase != Phase::Whole {
-            if phase == Phase::ShardForward {
-                steps.extend(per_chunk(&k.class_split_partials, &|part| {
-                    (part.forward_splits, g.row_tiles)
-                }));
-            } else {
-                steps.extend(fused_backward()?);
-            }
-        } else if self.algorithm != Algorithm::Fused {
+        if self.algorithm != Algorithm::Fused {
             // The GEMM algorithms: x̂ (and w's copy), then per row chunk the dots and their
             // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
             // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
             // x̂ with the first chunk; w's copy, where made, chunk by chunk.
             for chunk in 0..g.chunks.len() {
                 let rows = u64::from(copy_rows(chunk));
-                if rows > 0 {
+                if rows > 0 && !reuse_dots {
                     steps.push(Step {
                         chunk,
                         ..once(&k.pad_rows, per_row(rows * pieces)?)
@@ -1251,7 +1236,8 @@ impl Plan {
                     max,
                 )
             };
-            for (pass, &rows) in g.row_passes.iter().enumerate() {
+            let forward = matches!(phase, Phase::Whole | Phase::ShardForward);
+            for (pass, &rows) in g.row_passes.iter().enumerate().filter(|_| forward) {
                 if g.blocked {
                     // Each block's dots and its partial per row.
                     for chunk in 0..g.chunks.len() {
@@ -1279,11 +1265,13 @@ impl Plan {
                     }
                 }
             }
-            if g.blocked {
+            // A shard's forward leaves the blocks' partials to the caller.
+            if g.blocked && phase == Phase::Whole {
                 steps.push(once(&k.merge_rows, per_row(b)?));
             }
             if g.blocked && chunked_backward {
-                // After the forward: each block's dots again, its G', its gradient GEMMs.
+                // After the forward: each block's dots again (unless a shard's forward
+                // left them), its G', its gradient GEMMs.
                 blocked_backward = g
                     .row_passes
                     .iter()
@@ -1291,7 +1279,9 @@ impl Plan {
                     .map(|(pass, &rows)| -> Result<Vec<Step<'_>>> {
                         let mut steps = Vec::new();
                         for chunk in 0..g.chunks.len() {
-                            steps.extend(gemms(pass, chunk, true)?);
+                            if !reuse_dots {
+                                steps.extend(gemms(pass, chunk, true)?);
+                            }
                             steps.push(Step {
                                 pass,
                                 chunk,
@@ -1313,7 +1303,7 @@ impl Plan {
         if phase == Phase::Whole {
             steps.push(once(&k.summarize, (1, 1)));
         }
-        if backward && phase == Phase::Whole {
+        if backward {
             match self.algorithm {
                 Algorithm::Fused => steps.extend(fused_backward()?),
                 Algorithm::Chunked => steps.append(&mut blocked_backward),
@@ -1329,7 +1319,7 @@ impl Plan {
             }
         }
         // Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
-        if backward && phase != Phase::ShardForward {
+        if backward {
             for chunk in 0..g.chunks.len() {
                 let grid = per_row(rows_of(chunk) * pieces)?;
                 if pieces > 1 {
@@ -1381,18 +1371,13 @@ impl Plan {
             .ok_or_else(|| internal("a chunk"))?;
         let gemm = step.gemm;
         let row_bytes = self.shape.dim as u64 * 4;
-        // (first byte, bytes) of this chunk within a class-indexed buffer of `per_class` bytes a class.
-        // A sampled plan binds all the shard's rows and reads them through its index list.
-        let sampled_rows = self.sampled.then_some(self.class_rows);
         // (first byte, bytes) of this chunk in a class-indexed buffer of `per_class` bytes a
-        // class; buffers of w's rows (`rows_of_w`) span all the shard's rows when sampled.
-        let class_range = |per_class: u64, rows_of_w: bool| match sampled_rows.filter(|_| rows_of_w)
-        {
-            Some(rows) => (0, rows * per_class),
-            None => (
+        // class.
+        let class_range = |per_class: u64| {
+            (
                 u64::from(part.class_offset) * per_class,
                 u64::from(part.classes) * per_class,
-            ),
+            )
         };
         let caller = |role: &'static str, range: Option<(u64, u64)>| {
             let r = regions
@@ -1442,12 +1427,12 @@ impl Plan {
                 size: std::num::NonZeroU64::new(PARAMS_BYTES),
             }),
             Binding::Features => caller("features", None),
-            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes, true))),
+            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),
             Binding::FeatureQuads | Binding::ClassQuads => {
                 let scalars = if binding == Binding::FeatureQuads {
                     caller("features", None)?
                 } else {
-                    caller("classes", Some(class_range(row_bytes, true)))?
+                    caller("classes", Some(class_range(row_bytes)))?
                 };
                 Ok(match scalars.size {
                     Some(size) if size.get() < 16 => whole(&ctx.quad_stand_in),
@@ -1458,14 +1443,10 @@ impl Plan {
             Binding::RowStats => caller("row_stats", None),
             Binding::Summary => caller("summary", None),
             Binding::GradFeatures => caller("grad_features", None),
-            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes, true))),
-            Binding::InvNormClasses => own(binding, Some(class_range(4, false))),
+            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
+            Binding::InvNormClasses => own(binding, Some(class_range(4))),
             // One chunk (the GEMM algorithms): all of it, padding included.
             Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
-            // Sampled plans read their classes through their own index list; the others
-            // bind the labels (any u32 buffer), which the kernels then never read.
-            Binding::ClassIndex if self.sampled => own(binding, None),
-            Binding::ClassIndex => caller("labels", None),
             Binding::GemmShape => {
                 let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
                 let buffer = self
@@ -1521,6 +1502,5 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
-        Binding::ClassIndex => "class_index",
     }
 }

@@ -321,9 +321,66 @@ pub struct ShardInputs<'a> {
     pub sample: Option<&'a [u32]>,
 }
 
-/// One shard's plan and device buffers. The context keeps the last one, so a training
-/// step's forward and backward calls (and the next step's, on the same shard) reuse it and
-/// only upload the inputs.
+/// A shard as its plan sees it: its classes (the sampled rows gathered, where sampled) as
+/// classes 0.., and local labels: a class of the shard, or `classes` (one past the last)
+/// for a row whose class is in another shard, or IGNORE.
+struct LocalShard<'a> {
+    /// The shard's rows of w the loss uses: all of them, or a gathered copy of the sample.
+    classes: std::borrow::Cow<'a, [f32]>,
+    labels: Vec<u32>,
+    /// The global class of each local class.
+    global: Vec<u32>,
+}
+
+impl<'a> LocalShard<'a> {
+    fn new(inputs: &ShardInputs<'a>) -> LocalShard<'a> {
+        let (first, d) = (inputs.shard.first, inputs.dim);
+        let rows: Vec<u32> = match inputs.sample {
+            Some(sample) => sample.to_vec(),
+            None => (0..inputs.shard.count as u32).collect(),
+        };
+        let classes = match inputs.sample {
+            Some(sample) => std::borrow::Cow::Owned(
+                sample
+                    .iter()
+                    .flat_map(|&r| &inputs.classes[r as usize * d..(r as usize + 1) * d])
+                    .copied()
+                    .collect(),
+            ),
+            None => std::borrow::Cow::Borrowed(inputs.classes),
+        };
+        let elsewhere = rows.len() as u32;
+        let local = |y: u32| {
+            (y as usize)
+                .checked_sub(first)
+                .filter(|&r| r < inputs.shard.count)
+                .and_then(|r| rows.binary_search(&(r as u32)).ok())
+                .map_or(elsewhere, |k| k as u32)
+        };
+        let labels = inputs
+            .labels
+            .iter()
+            .map(|&y| if y == IGNORE { IGNORE } else { local(y) })
+            .collect();
+        let global = rows.iter().map(|&r| (first + r as usize) as u32).collect();
+        LocalShard {
+            classes,
+            labels,
+            global,
+        }
+    }
+
+    /// The local class of a global one: its index here, or `classes` if elsewhere.
+    fn local_class(&self, class: u32) -> u32 {
+        self.global
+            .binary_search(&class)
+            .map_or(self.global.len() as u32, |k| k as u32)
+    }
+}
+
+/// One shard's plan and device buffers. The context keeps those of the last few shards
+/// it served, so that a step's forward and backward calls on each shard (and the next
+/// step's) reuse them, and a backward finds its forward's dots where the plan keeps them.
 #[derive(Debug)]
 pub(crate) struct ShardBuffers {
     shard: ClassShard,
@@ -334,22 +391,34 @@ pub(crate) struct ShardBuffers {
     labels: wgpu::Buffer,
     row_stats: wgpu::Buffer,
     summary: wgpu::Buffer,
+    /// The host slices (addresses and lengths of x, w and the labels) whose dots the last
+    /// forward left in the workspace, until a backward consumes them.
+    dots_of: Option<[usize; 6]>,
+}
+
+/// Shards whose buffers a context keeps.
+const CACHED_SHARDS: usize = 8;
+
+/// Identifies a call's host inputs: the addresses and lengths of x, w and the labels.
+fn inputs_id(inputs: &ShardInputs<'_>) -> [usize; 6] {
+    [
+        inputs.features.as_ptr() as usize,
+        inputs.features.len(),
+        inputs.classes.as_ptr() as usize,
+        inputs.classes.len(),
+        inputs.labels.as_ptr() as usize,
+        inputs.labels.len(),
+    ]
 }
 
 impl ShardBuffers {
     fn new(
         ctx: &Context,
-        shard: ClassShard,
-        sample: Option<&[u32]>,
-        x: &[f32],
-        w: &[f32],
-        labels: &[u32],
+        inputs: &ShardInputs<'_>,
+        local: &LocalShard<'_>,
     ) -> Result<ShardBuffers> {
-        let dim = x.len() / labels.len().max(1);
-        let classes = sample.map_or(shard.count, <[u32]>::len);
-        let shape = Shape::new(labels.len(), dim, classes);
-        let sampled = sample.map(|rows| (rows, shard.count));
-        let plan = Plan::for_shard(ctx, shape, shard.first, shard.total, sampled)?;
+        let shape = Shape::new(local.labels.len(), inputs.dim, local.global.len());
+        let plan = Plan::for_shard(ctx, shape)?;
         let init = |label, contents: &[u8]| {
             ctx.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -363,34 +432,35 @@ impl ShardBuffers {
         };
         let rows = vec![0u8; shape.batch * std::mem::size_of::<RowStats>()];
         Ok(ShardBuffers {
-            shard,
-            sample: sample.map(<[u32]>::to_vec),
+            shard: inputs.shard,
+            sample: inputs.sample.map(<[u32]>::to_vec),
             plan,
-            features: init("features", bytemuck::cast_slice(x)),
-            classes: init("classes", bytemuck::cast_slice(w)),
-            labels: init("labels", bytemuck::cast_slice(labels)),
+            features: init("features", bytemuck::cast_slice(inputs.features)),
+            classes: init("classes", bytemuck::cast_slice(&local.classes)),
+            labels: init("labels", bytemuck::cast_slice(&local.labels)),
             row_stats: init("row_stats", &rows),
             summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
+            dots_of: None,
         })
     }
 
     /// Whether these buffers serve this shard, sample and input size as they are.
-    fn serves(&self, shard: ClassShard, sample: Option<&[u32]>, x: &[f32], labels: &[u32]) -> bool {
+    fn serves(&self, inputs: &ShardInputs<'_>) -> bool {
         let shape = self.plan.shape();
-        self.shard == shard
-            && self.sample.as_deref() == sample
-            && shape.batch == labels.len()
-            && shape.batch * shape.dim == x.len()
+        self.shard == inputs.shard
+            && self.sample.as_deref() == inputs.sample
+            && shape.batch == inputs.labels.len()
+            && shape.batch * shape.dim == inputs.features.len()
     }
 
     /// Uploads a new call's inputs and clears the outputs, leaving the buffers as
     /// [`ShardBuffers::new`] would make them.
-    fn upload(&self, ctx: &Context, x: &[f32], w: &[f32], labels: &[u32]) {
+    fn upload(&self, ctx: &Context, x: &[f32], local: &LocalShard<'_>) {
         let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
         write(&self.features, bytemuck::cast_slice(x));
-        write(&self.classes, bytemuck::cast_slice(w));
-        write(&self.labels, bytemuck::cast_slice(labels));
-        let rows = vec![0u8; labels.len() * std::mem::size_of::<RowStats>()];
+        write(&self.classes, bytemuck::cast_slice(&local.classes));
+        write(&self.labels, bytemuck::cast_slice(&local.labels));
+        let rows = vec![0u8; local.labels.len() * std::mem::size_of::<RowStats>()];
         write(&self.row_stats, &rows);
         write(&self.summary, &[0u8; std::mem::size_of::<Summary>()]);
     }
@@ -501,13 +571,14 @@ fn check_shard(
 }
 
 impl Context {
-    /// Checks a shard's inputs and takes its plan and buffers (the last call's, or new
-    /// ones); returns the shape (B, D, the shard's rows) with them.
-    fn shard_setup(
+    /// Checks a shard's inputs and takes its plan and buffers (kept from an earlier call
+    /// on this shard, or new ones) with the call's inputs uploaded; returns the shape (B,
+    /// D, the shard's rows) and the shard as its plan sees it.
+    fn shard_setup<'a>(
         &self,
-        inputs: &ShardInputs<'_>,
+        inputs: &ShardInputs<'a>,
         params: &LossParams,
-    ) -> Result<(Shape, ShardBuffers)> {
+    ) -> Result<(Shape, ShardBuffers, LocalShard<'a>)> {
         self.check_alive()?;
         params.validate()?;
         let ShardInputs {
@@ -520,40 +591,46 @@ impl Context {
         } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
-        let cached = self
-            .shard_cache
-            .lock()
-            .ok()
-            .and_then(|mut last| last.take());
+        let local = LocalShard::new(inputs);
+        let cached = self.shard_cache.lock().ok().and_then(|mut kept| {
+            let at = kept.iter().position(|b| b.serves(inputs))?;
+            Some(kept.remove(at))
+        });
         let buffers = self.gpu_scoped(|| match cached {
-            Some(buffers) if buffers.serves(shard, sample, x, labels) => {
-                buffers.upload(self, x, w, labels);
+            Some(buffers) => {
+                buffers.upload(self, x, &local);
                 Ok(buffers)
             }
-            _ => ShardBuffers::new(self, shard, sample, x, w, labels),
+            None => ShardBuffers::new(self, inputs, &local),
         })?;
-        Ok((shape, buffers))
+        Ok((shape, buffers, local))
     }
 
-    /// Keeps a shard call's buffers for the next call; a call that failed drops them.
+    /// Keeps a shard call's buffers for later calls (the most recent CACHED_SHARDS
+    /// shards); a call that failed drops them.
     fn shard_keep<T>(&self, buffers: ShardBuffers, result: Result<T>) -> Result<T> {
         if result.is_ok() {
-            if let Ok(mut last) = self.shard_cache.lock() {
-                *last = Some(buffers);
+            if let Ok(mut kept) = self.shard_cache.lock() {
+                kept.insert(0, buffers);
+                kept.truncate(CACHED_SHARDS);
             }
         }
         result
     }
 
     /// One shard's forward partials: for every row, the online-softmax state over the
-    /// shard's classes `w` (shard.count × D), with global `labels`.
+    /// shard's classes `w` (shard.count × D), with global `labels`. The shard runs on the
+    /// chunked plan's GEMMs, in blocks of its classes; where all its rows and classes fit
+    /// the workspace budget at once, the dots stay for [`Context::shard_backward`] with
+    /// the same inputs (the same slices), which then computes no dot again.
     pub fn shard_forward(
         &self,
         inputs: &ShardInputs<'_>,
         params: &LossParams,
     ) -> Result<Vec<RowPartial>> {
-        let (shape, buffers) = self.shard_setup(inputs, params)?;
-        let result = self.shard_forward_on(&buffers, shape, params);
+        let (shape, mut buffers, local) = self.shard_setup(inputs, params)?;
+        let result = self.shard_forward_on(&buffers, shape, params, &local);
+        buffers.dots_of = (result.is_ok() && buffers.plan.keeps_dots()).then(|| inputs_id(inputs));
         self.shard_keep(buffers, result)
     }
 
@@ -562,9 +639,10 @@ impl Context {
         buffers: &ShardBuffers,
         shape: Shape,
         params: &LossParams,
+        local: &LocalShard<'_>,
     ) -> Result<Vec<RowPartial>> {
-        let splits = buffers.plan.forward_splits() as usize;
-        let bytes = (splits * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
+        let blocks = buffers.plan.forward_splits() as usize;
+        let bytes = (blocks * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
         // The partials, then the non-finite-input flags word.
         let readback = self.create_buffer(
             "partials",
@@ -591,14 +669,18 @@ impl Context {
         let split = bytes as usize;
         let flags: u32 = bytemuck::pod_read_unaligned(&raw[split..split + 4]);
         check_flags(flags, shape)?;
-        let raw = &raw[..split];
-        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(raw);
+        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(&raw[..split]);
         let b = shape.batch;
+        // The blocks' partials merged in block order; the best other class made global.
         Ok((0..b)
             .map(|i| {
-                (0..splits)
+                let mut row = (0..blocks)
                     .map(|k| partials[k * b + i])
-                    .fold(RowPartial::empty(), RowPartial::merge)
+                    .fold(RowPartial::empty(), RowPartial::merge);
+                if let Some(&class) = local.global.get(row.best_other_class as usize) {
+                    row.best_other_class = class;
+                }
+                row
             })
             .collect())
     }
@@ -612,8 +694,27 @@ impl Context {
         params: &LossParams,
         rows: &GlobalRows,
     ) -> Result<Gradients> {
-        let (shape, buffers) = self.shard_setup(inputs, params)?;
-        let result = self.shard_backward_on(&buffers, shape, params, rows);
+        let (shape, mut buffers, local) = self.shard_setup(inputs, params)?;
+        let reuse_dots = buffers.dots_of == Some(inputs_id(inputs));
+        // The backward overwrites the dots with G'.
+        buffers.dots_of = None;
+        let result = self.shard_backward_on(&buffers, shape, params, rows, &local, reuse_dots);
+        let result = result.map(|g| match inputs.sample {
+            // The sampled rows' gradients land on their rows of the shard; the rest are 0.
+            Some(sample) => {
+                let d = shape.dim;
+                let mut classes = vec![0.0; shape.classes * d];
+                for (k, &r) in sample.iter().enumerate() {
+                    classes[r as usize * d..(r as usize + 1) * d]
+                        .copy_from_slice(&g.classes[k * d..(k + 1) * d]);
+                }
+                Gradients {
+                    features: g.features,
+                    classes,
+                }
+            }
+            None => g,
+        });
         self.shard_keep(buffers, result)
     }
 
@@ -623,15 +724,18 @@ impl Context {
         shape: Shape,
         params: &LossParams,
         rows: &GlobalRows,
+        local: &LocalShard<'_>,
+        reuse_dots: bool,
     ) -> Result<Gradients> {
-        if rows.softmax.len() != shape.batch {
+        let b = shape.batch;
+        if rows.softmax.len() != b || rows.output.target_cos.len() != b {
             return Err(Error::LengthMismatch {
                 input: "rows",
-                expected: shape.batch,
-                actual: rows.softmax.len(),
+                expected: b,
+                actual: rows.softmax.len().min(rows.output.target_cos.len()),
             });
         }
-        let (b, d, c) = (shape.batch as u64, shape.dim as u64, shape.classes as u64);
+        let (b, d, c) = (b as u64, shape.dim as u64, local.global.len() as u64);
         let out = |label, size| {
             self.create_buffer(
                 label,
@@ -651,13 +755,39 @@ impl Context {
             (b + c) * d * 4 + summary_bytes,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
+        // The global rows in the shard's local classes, and their target cosines (the
+        // target's gradient is taken at them).
+        let softmax: Vec<RowSoftmax> = rows
+            .softmax
+            .iter()
+            .zip(&local.labels)
+            .map(|(row, &label)| RowSoftmax {
+                label,
+                best_other_class: match row.best_other_class {
+                    NO_CLASS => NO_CLASS,
+                    class => local.local_class(class),
+                },
+                ..*row
+            })
+            .collect();
+        let stats: Vec<RowStats> = rows
+            .output
+            .target_cos
+            .iter()
+            .map(|&target_cos| RowStats {
+                target_cos,
+                ..bytemuck::Zeroable::zeroed()
+            })
+            .collect();
         let submission = self.gpu_scoped(|| {
-            let softmax = buffers
+            let workspace = buffers
                 .plan
                 .workspace_buffer(Binding::RowSoftmax)
                 .ok_or_else(|| Error::Gpu("internal: no row softmax".into()))?;
             self.queue
-                .write_buffer(softmax, 0, bytemuck::cast_slice(&rows.softmax));
+                .write_buffer(workspace, 0, bytemuck::cast_slice(&softmax));
+            self.queue
+                .write_buffer(&buffers.row_stats, 0, bytemuck::cast_slice(&stats));
             let mut summary: Summary = bytemuck::Zeroable::zeroed();
             summary.valid_rows = rows.output.valid_rows;
             self.queue
@@ -672,7 +802,7 @@ impl Context {
                 &mut encoder,
                 Some(grads),
                 params,
-                Phase::ShardBackward,
+                Phase::ShardBackward { reuse_dots },
             )?;
             encoder.copy_buffer_to_buffer(&gx, 0, &readback, 0, b * d * 4);
             encoder.copy_buffer_to_buffer(&gw, 0, &readback, b * d * 4, c * d * 4);

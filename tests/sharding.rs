@@ -169,21 +169,32 @@ fn shards_report_non_finite_inputs_and_overflow() {
     )
     .unwrap_err();
     assert_eq!(err, margin_softmax::Error::NonFinite { input: "features" });
+    // Shards run the chunked plan's GEMMs on x̂ and w: x·w at 1e40 stays finite there
+    // (x̂·w is 1e20), as on one device, and the loss is the reference's.
     let mut p = Problem::random(Shape::new(4, 3, 10), 54);
     p.features
         .iter_mut()
         .chain(p.classes.iter_mut())
         .for_each(|v| *v *= 1e20);
-    let err = sharded_loss(
-        &[ctx, ctx],
-        p.shape,
-        &p.features,
-        &p.classes,
-        &p.labels,
-        &params,
-    )
-    .unwrap_err();
-    assert_eq!(err, margin_softmax::Error::Overflow);
+    let shard = |p: &Problem| {
+        sharded_loss(
+            &[ctx, ctx],
+            p.shape,
+            &p.features,
+            &p.classes,
+            &p.labels,
+            &params,
+        )
+    };
+    let expected = margin_softmax::reference::loss_on(&p, &params).expect("reference");
+    let loss = f64::from(shard(&p).expect("finite dots").loss);
+    assert!(
+        (loss - expected.loss).abs() <= 1e-5 * expected.loss,
+        "{loss}"
+    );
+    // Rows of w near f32's largest value overflow x̂·w too.
+    p.classes.iter_mut().for_each(|v| *v = 3e38);
+    assert_eq!(shard(&p).unwrap_err(), margin_softmax::Error::Overflow);
 }
 
 #[test]
@@ -306,4 +317,38 @@ fn reused_shard_buffers_give_the_fresh_results_bit_for_bit() {
         first_a,
         "a on b's buffers matches a on its own"
     );
+}
+
+/// A shard's backward right after its forward reuses the forward's dots (the plan keeps
+/// them); a second backward computes them again. Both give the same bits.
+#[test]
+fn backward_from_kept_dots_matches_recomputed_dots_bit_for_bit() {
+    let ctx = context();
+    let p = Problem::random(Shape::new(37, 13, 70), 57);
+    let params = LossParams::default();
+    let shard = ClassShard::split(70, 2, 1).expect("shard");
+    let d = p.shape.dim;
+    let inputs = ShardInputs {
+        shard,
+        dim: d,
+        features: &p.features,
+        classes: &p.classes[shard.first * d..(shard.first + shard.count) * d],
+        labels: &p.labels,
+        sample: None,
+    };
+    let partials = ctx.shard_forward(&inputs, &params).expect("forward");
+    let rows = finish_rows(
+        &merge_shards(&[partials]).expect("merge"),
+        &p.labels,
+        70,
+        &params,
+    )
+    .expect("rows");
+    let kept = ctx
+        .shard_backward(&inputs, &params, &rows)
+        .expect("from kept dots");
+    let again = ctx
+        .shard_backward(&inputs, &params, &rows)
+        .expect("recomputed dots");
+    assert_eq!(kept, again);
 }
