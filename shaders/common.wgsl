@@ -12,19 +12,9 @@ struct Params {
     classes: u32,
     /// C: all classes; labels are checked against it.
     total_classes: u32,
-    /// Global index of the chunk's first class (class-indexed buffers are bound from it).
+    /// Index of the chunk's first class (class-indexed buffers are bound from it).
     class_offset: u32,
-    /// Forward splits (merged by `merge_rows`); every chunk uses the same split slots.
-    forward_splits: u32,
-    /// Classes per forward split, a multiple of the class tile.
-    forward_split_classes: u32,
-    /// Feature-gradient splits (summed by `sum_feature_splits`), shared by every chunk.
-    feature_splits: u32,
-    /// Classes per feature-gradient split, a multiple of the class tile.
-    feature_split_classes: u32,
-    /// 1 after the first chunk: partials are merged into, not overwritten.
-    accumulate: u32,
-    /// Rows [row_begin, row_end) that this pass of `grad_classes_tile` sums over.
+    /// Rows [row_begin, row_end) of this row chunk of the logits.
     row_begin: u32,
     row_end: u32,
     /// 0 = mean, 1 = sum, 2 = none (gradients of the sum).
@@ -122,14 +112,10 @@ const NO_CLASS: u32 = 0xffffffffu;
 /// Start value of running maxima: finite, so that exp(NEG_BIG - z) is exactly 0 and never NaN.
 const NEG_BIG: f32 = -3.0e38;
 
-/// Rows of x per invocation in a cosine tile (register block).
-const ROW_BLOCK: u32 = 4u;
-/// Classes per invocation in a cosine tile (register block).
-const CLASS_BLOCK: u32 = 4u;
-
-/// Invocations along the row axis of a cosine-tile workgroup.
+/// Invocations along the row axis of a workgroup of `logit_softmax_rows` (rows) and of
+/// the GEMM (row quads).
 override ROWS_WG: u32 = 8u;
-/// Invocations along the class axis of a cosine-tile workgroup.
+/// Invocations along the class axis of those workgroups (class lanes, column quads).
 override CLASSES_WG: u32 = 8u;
 
 /// Invocations per workgroup of the kernels that give each row (or element) one invocation.
@@ -162,58 +148,6 @@ fn stacked_row(r: u32) -> vec2<u32> {
 }
 /// D rounded up to a multiple of 4: the row length of x and w as the GEMMs read them.
 fn padded_dim() -> u32 { return (params.dim + 3u) & ~3u; }
-
-/// Rows in one cosine tile.
-fn tile_rows() -> u32 { return ROWS_WG * ROW_BLOCK; }
-/// Classes in one cosine tile.
-fn tile_classes() -> u32 { return CLASSES_WG * CLASS_BLOCK; }
-
-/// One invocation's register block: ROW_BLOCK rows × CLASS_BLOCK classes.
-alias Block = array<array<f32, CLASS_BLOCK>, ROW_BLOCK>;
-
-/// acc += x[rows, k] ⊗ w[classes, k], for the rows and classes starting at the given
-/// element offsets.
-fn dot_step(acc: ptr<function, Block>, row_base: array<u32, ROW_BLOCK>,
-            class_base: array<u32, CLASS_BLOCK>, k: u32) {
-    var xv: array<f32, ROW_BLOCK>;
-    var wv: array<f32, CLASS_BLOCK>;
-    for (var r = 0u; r < ROW_BLOCK; r++) { xv[r] = features[row_base[r] + k]; }
-    for (var q = 0u; q < CLASS_BLOCK; q++) { wv[q] = class_vectors[class_base[q] + k]; }
-    for (var r = 0u; r < ROW_BLOCK; r++) {
-        for (var q = 0u; q < CLASS_BLOCK; q++) {
-            (*acc)[r][q] = fma(xv[r], wv[q], (*acc)[r][q]);
-        }
-    }
-}
-
-/// Raw dot products x_i · w_j for the ROW_BLOCK × CLASS_BLOCK outputs of one invocation:
-/// rows row0 + r·ROWS_WG and classes class0 + q·CLASSES_WG. Out-of-range rows and
-/// classes read the last valid row/class; callers mask those outputs. Each sum runs over
-/// k in order; the loop takes four k per iteration because llvmpipe (lavapipe) stops a
-/// shader invocation after 65535 loop iterations in all (see `plan.rs`, LOOP_BUDGET).
-fn dot_block(row0: u32, class0: u32) -> Block {
-    let d = params.dim;
-    var row_base: array<u32, ROW_BLOCK>;
-    var class_base: array<u32, CLASS_BLOCK>;
-    for (var r = 0u; r < ROW_BLOCK; r++) {
-        row_base[r] = min(row0 + r * ROWS_WG, params.batch - 1u) * d;
-    }
-    for (var q = 0u; q < CLASS_BLOCK; q++) {
-        class_base[q] = min(class0 + q * CLASSES_WG, params.classes - 1u) * d;
-    }
-    var acc: Block;
-    var k = 0u;
-    for (; k + 4u <= d; k += 4u) {
-        dot_step(&acc, row_base, class_base, k);
-        dot_step(&acc, row_base, class_base, k + 1u);
-        dot_step(&acc, row_base, class_base, k + 2u);
-        dot_step(&acc, row_base, class_base, k + 3u);
-    }
-    for (; k < d; k++) {
-        dot_step(&acc, row_base, class_base, k);
-    }
-    return acc;
-}
 
 /// The shared bindings: every kernel family reads these.
 /// Shape and loss parameters.

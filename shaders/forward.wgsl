@@ -1,9 +1,7 @@
-// Forward pass: cosine tiles, margin on the target logit, online log-sum-exp per row
-// over a split of the classes (`class_split_partials`), the fixed-order merge of the
-// splits (`merge_rows`), and the per-call totals (`summarize`). The GEMM algorithms'
-// softmax over materialised logits (`logit_softmax_rows`: whole rows, or per class
-// block into the split slots), and the chunked plan's G' (`write_grad_row`,
-// `logit_grad_rows`), share the same per-logit update and row epilogue.
+// Forward pass over the dots of the GEMMs: the margin on the target logit and the online
+// log-sum-exp of each row (`logit_softmax_rows`: whole rows, or class blocks merged in
+// block order into one partial per row, finished by `merge_rows`), the per-call totals
+// (`summarize`), and the chunked plan's G' (`write_grad_row`, `logit_grad_rows`).
 //
 //   c_ij = x̂_i·ŵ_j,  z_ij = s·(c_ij − m·[j = y_i]),  L_i = LSE_j(z_ij) − z_{i,y_i}
 
@@ -13,8 +11,8 @@
 @group(0) @binding(5) var<storage, read> inv_norm_classes: array<f32>;
 /// Non-finite-input flags from norms.wgsl, one word. Workspace.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
-/// One SplitPartial per (split, row), index split·B + row; later chunks merge into the
-/// same slots. Workspace.
+/// One SplitPartial per row over the class blocks so far (chunked plan in blocks).
+/// Workspace.
 @group(0) @binding(7) var<storage, read_write> split_partials: array<SplitPartial>;
 /// Per-row log-sum-exp and dL/ds term, B values. Workspace, read by the backward pass.
 @group(0) @binding(8) var<storage, read_write> row_softmax: array<RowSoftmax>;
@@ -159,12 +157,6 @@ fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> S
     return st;
 }
 
-/// The state after one more class j with cosine c, for a row labelled `label`.
-fn add_logit(state: SplitPartial, c: f32, j: u32, label: u32) -> SplitPartial {
-    if (j == label) { return add_target(state, c); }
-    return add_other(state, c, j);
-}
-
 /// log(1 + x) for x ≥ 0, to a few ulp also where x ≪ 1 (WGSL has no log1p): below 0.5
 /// as 2·atanh(y), y = x/(2 + x), by its series (y ≤ 0.2: the terms past y¹⁵ are below
 /// 1e-12 relative); above, log(1 + x) ≥ 0.4 carries no cancellation.
@@ -229,8 +221,8 @@ fn finish_row(i: u32, acc: SplitPartial) {
     row_stats[i] = stats;
 }
 
-/// Lane partials of one workgroup, index (row in tile)·CLASSES_WG + class lane.
-var<workgroup> lane_partials: array<SplitPartial, ROWS_WG * ROW_BLOCK * CLASSES_WG>;
+/// Lane partials of one workgroup, index (row in workgroup)·CLASSES_WG + class lane.
+var<workgroup> lane_partials: array<SplitPartial, ROWS_WG * CLASSES_WG>;
 
 /// lane_partials[first] ⊕ … ⊕ lane_partials[first + count − 1], in lane order.
 fn fold_lanes(first: u32, count: u32) -> SplitPartial {
@@ -241,70 +233,13 @@ fn fold_lanes(first: u32, count: u32) -> SplitPartial {
     return acc;
 }
 
-/// Workgroup (split k, row tile t): the SplitPartial of each row of the tile over the
-/// classes of split k of this chunk. Class indices in the state are global.
-@compute @workgroup_size(CLASSES_WG, ROWS_WG)
-fn class_split_partials(@builtin(workgroup_id) wid: vec3<u32>,
-                        @builtin(local_invocation_id) lid: vec3<u32>) {
-    let split = wid.x;
-    let row0 = wid.y * tile_rows() + lid.y;
-    let class_begin = split * params.forward_split_classes;
-    let class_end = min(class_begin + params.forward_split_classes, params.classes);
-
-    var state: array<SplitPartial, ROW_BLOCK>;
-    var label: array<u32, ROW_BLOCK>;
-    var inv_x: array<f32, ROW_BLOCK>;
-    for (var r = 0u; r < ROW_BLOCK; r++) {
-        state[r] = empty_partial();
-        let i = row0 + r * ROWS_WG;
-        label[r] = label_of(i);
-        inv_x[r] = inv_norm_features[min(i, params.batch - 1u)];
-    }
-
-    for (var tile = class_begin; tile < class_end; tile += tile_classes()) {
-        let class0 = tile + lid.x;
-        let dots = dot_block(row0, class0);
-        for (var q = 0u; q < CLASS_BLOCK; q++) {
-            let j = class0 + q * CLASSES_WG;
-            if (j >= class_end) { break; }
-            let inv_w = inv_norm_classes[j];
-            for (var r = 0u; r < ROW_BLOCK; r++) {
-                let c = dots[r][q] * inv_x[r] * inv_w;
-                state[r] = add_logit(state[r], c, params.class_offset + j, label[r]);
-            }
-        }
-    }
-
-    for (var r = 0u; r < ROW_BLOCK; r++) {
-        lane_partials[(lid.y + r * ROWS_WG) * CLASSES_WG + lid.x] = state[r];
-    }
-    workgroupBarrier();
-    // Each row of the tile has one invocation that folds its lanes in lane order.
-    for (var row = lid.y * CLASSES_WG + lid.x; row < tile_rows(); row += ROWS_WG * CLASSES_WG) {
-        let i = wid.y * tile_rows() + row;
-        if (i >= params.batch) { break; }
-        let index = split * params.batch + i;
-        let fresh = fold_lanes(row * CLASSES_WG, CLASSES_WG);
-        // Later chunks cover higher classes: merging in chunk order keeps the result fixed.
-        if (params.accumulate == 1u) {
-            split_partials[index] = merge_partials(split_partials[index], fresh);
-        } else {
-            split_partials[index] = fresh;
-        }
-    }
-}
-
-/// One invocation per row: merge the split partials in split order, then finish the row.
+/// One invocation per row: finish the row from its partial over every class block.
 @compute @workgroup_size(ROW_WG)
 fn merge_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = folded_index(wid, nwg, lid);
     if (i >= params.batch) { return; }
-    var acc = split_partials[i];
-    for (var k = 1u; k < params.forward_splits; k++) {
-        acc = merge_partials(acc, split_partials[k * params.batch + i]);
-    }
-    finish_row(i, acc);
+    finish_row(i, split_partials[i]);
 }
 
 /// The columns of the materialised logits a row pass covers: (first global class, classes).
@@ -348,7 +283,7 @@ fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lane
 /// invocations of a workgroup (rows [row_begin, row_end), stored from row_begin, over
 /// logit_columns()). The CLASSES_WG lanes of a row take strided quads of four classes,
 /// then its lane 0 folds them in lane order and finishes the row, or with `blocks`
-/// leaves the block's SplitPartial in slot block_index (merged by `merge_rows`). With
+/// merges the block's SplitPartial into the row's (finished by `merge_rows`). With
 /// `write_grads` the lanes then overwrite the row with G' (`write_grad_row`).
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -383,7 +318,13 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (in_range && lane == 0u) {
         let merged = fold_lanes(lid.y * lanes, lanes);
         if (params.blocks == 1u) {
-            split_partials[params.block_index * params.batch + i] = merged;
+            // Blocks run one after another in class order: the first writes the row's
+            // partial, the later ones merge into it (the same order the host merges in).
+            if (params.block_index == 0u) {
+                split_partials[i] = merged;
+            } else {
+                split_partials[i] = merge_partials(split_partials[i], merged);
+            }
         } else {
             finish_row(i, merged);
         }

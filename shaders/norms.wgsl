@@ -9,9 +9,11 @@
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (0 for a row holding a non-finite value).
 @group(0) @binding(5) var<storage, read_write> inv_norm_classes: array<f32>;
-/// The stacked [x̂; ŵ or w] (or x̂ alone), rows of padded_dim() values, zero past D.
-/// Workspace.
-@group(0) @binding(14) var<storage, read_write> padded_rows: array<f32>;
+/// x̂ in rows of padded_dim() values, zero past D. Workspace.
+@group(0) @binding(14) var<storage, read_write> padded_features: array<f32>;
+/// ŵ or w of this chunk in rows of padded_dim() values, zero past D, where the plan copies
+/// them (else a stand-in that is not written). Workspace, bound per chunk.
+@group(0) @binding(15) var<storage, read_write> padded_classes: array<f32>;
 /// x four values per entry (the same buffer as `features`), for the aligned middle of a row.
 @group(0) @binding(25) var<storage, read> feature_quads: array<vec4<f32>>;
 /// This chunk of w four values per entry (the same binding as `class_vectors`).
@@ -124,8 +126,9 @@ fn row_inv_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 }
 
 /// x̂ = x·inv_norm, and ŵ = w·inv_norm (the unfused baseline) or w as it is
-/// (`raw_classes`, the chunked plan), stacked in rows of padded_dim() with zeros past D.
-/// One invocation per (piece, row) of the `copy_rows` rows to copy (x alone, or x and w).
+/// (`raw_classes`, the chunked plan), in rows of padded_dim() with zeros past D.
+/// One invocation per (piece, row) of the `copy_rows` stacked rows to copy (x alone, or
+/// x and w, or w alone in later chunks).
 @compute @workgroup_size(ROW_WG)
 fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
@@ -136,9 +139,18 @@ fn pad_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let is_features = at.x == 1u;
     var scale = inv_norm_features[min(at.y, params.batch - 1u)];
     if (!is_features) { scale = select(inv_norm_classes[at.y], 1.0, params.raw_classes == 1u); }
-    let dest = (at.y + select(params.batch + params.class_offset, 0u, is_features)) * padded_dim();
+    let dest = at.y * padded_dim();
     let source = at.y * params.dim;
-    for (var k = piece.y; k < piece.z; k++) { padded_rows[dest + k] = input_value(is_features, source + k) * scale; }
-    if (piece.z < params.dim) { return; }
-    for (var k = params.dim; k < padded_dim(); k++) { padded_rows[dest + k] = 0.0; }
+    var end = piece.z;
+    // The last piece also writes the zeros past D.
+    if (piece.z == params.dim) { end = padded_dim(); }
+    for (var k = piece.y; k < end; k++) {
+        var v = 0.0;
+        if (k < params.dim) { v = input_value(is_features, source + k) * scale; }
+        if (is_features) {
+            padded_features[dest + k] = v;
+        } else {
+            padded_classes[dest + k] = v;
+        }
+    }
 }

@@ -244,7 +244,7 @@ impl Context {
     }
 
     /// [`Context::loss`] with a given algorithm, for example [`Algorithm::Unfused`] (the
-    /// baseline that materialises the B×C logits) or [`Algorithm::Fused`] (the
+    /// baseline that materialises the B×C logits) or [`Algorithm::MemoryMinimal`] (the
     /// memory-minimal kernels). Blocking.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_with(

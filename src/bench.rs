@@ -188,7 +188,7 @@ pub struct BenchRow {
     pub shape: Shape,
     /// `gemm`; `fused_forward` and `fused_forward_backward` (the plan `Plan::new` picks,
     /// see `algorithm`); `small_budget_fwd_bwd` (the plan [`Plan::with_budget`] picks for
-    /// an eighth of the logits' bytes); `fused_min_memory_fwd_bwd` (the fused kernels);
+    /// an eighth of the logits' bytes); `fused_min_memory_fwd_bwd` (the memory-minimal plan);
     /// `unfused_forward_backward`; or `slice_api_tiny_call` (per-call host overhead).
     pub op: &'static str,
     /// How it was timed.
@@ -581,7 +581,7 @@ pub fn run(
 
         let chosen = Algorithm::choose(ctx, shape);
         // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
-        // block fits, else the fused kernels.
+        // block fits, else the memory-minimal plan.
         let small_budget = (b * c * 4 / 8) as u64;
         for (op, algorithm, pass, budget) in [
             ("fused_forward", chosen, Pass::Forward, None),
@@ -599,7 +599,7 @@ pub fn run(
             ),
             (
                 "fused_min_memory_fwd_bwd",
-                Algorithm::Fused,
+                Algorithm::MemoryMinimal,
                 Pass::ForwardBackward,
                 None,
             ),

@@ -21,7 +21,7 @@ pub struct ContextOptions {
     /// Case-insensitive substring of the adapter name; `None` honours `WGPU_ADAPTER_NAME`,
     /// else wgpu's default adapter (`WGPU_POWER_PREF` applies).
     pub adapter_name: Option<String>,
-    /// Cosine-tile shape of the kernels.
+    /// Workgroup shape of the GEMM and the softmax rows.
     pub tiles: TileConfig,
     /// Longest wait for the GPU in the slice API; `None` waits without a bound.
     pub timeout: Option<Duration>,
@@ -242,11 +242,8 @@ impl Context {
                 ),
             });
         }
-        // The largest workgroup arrays: the forward lane partials (28 bytes per row lane)
-        // and the backward G tile (4 bytes per tile element).
-        let tile_rows = u64::from(tiles.tile_rows());
-        let storage = (28 * tile_rows * u64::from(classes))
-            .max(4 * tile_rows * u64::from(tiles.tile_classes()));
+        // The largest workgroup array: the softmax rows' lane partials (28 bytes each).
+        let storage = 28 * u64::from(rows) * u64::from(classes);
         if storage > u64::from(limits.max_compute_workgroup_storage_size) {
             return Err(Error::TooLarge {
                 what: "workgroup storage of the tile configuration (use smaller tiles)",
@@ -330,7 +327,7 @@ impl Context {
             .contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
-    /// The cosine-tile shape the pipelines were compiled with.
+    /// The workgroup shape the pipelines were compiled with.
     pub fn tiles(&self) -> TileConfig {
         self.tiles
     }

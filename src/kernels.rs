@@ -18,10 +18,10 @@ pub(crate) enum Binding {
     RowSoftmax = 8,
     RowStats = 9,
     Summary = 10,
-    FeatureGradPartials = 11,
     GradFeatures = 12,
     GradClasses = 13,
-    PaddedRows = 14,
+    PaddedFeatures = 14,
+    PaddedClasses = 15,
     ProjectionPieceDots = 19,
     InvNormClassQuads = 17,
     Logits = 16,
@@ -33,9 +33,11 @@ pub(crate) enum Binding {
     ClassQuads = 26,
 }
 
-/// The cosine-tile workgroup shape, set on the WGSL `override` constants at pipeline creation.
-/// Each invocation computes a 4×4 register block, so a tile is
-/// `4·rows_per_workgroup` rows by `4·classes_per_workgroup` classes.
+/// The workgroup shape of the GEMM and the softmax rows, set on the WGSL `override`
+/// constants at pipeline creation. A GEMM workgroup covers `8·rows_per_workgroup` rows by
+/// `8·classes_per_workgroup` columns (an 8×8 block per invocation); a softmax workgroup
+/// takes `rows_per_workgroup` rows in `classes_per_workgroup` lanes, four classes a lane
+/// at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
     /// Invocations along the row axis (WGSL `ROWS_WG`).
@@ -45,7 +47,7 @@ pub struct TileConfig {
 }
 
 impl Default for TileConfig {
-    /// 8×8 invocations: 32×32 tiles.
+    /// 8×8 invocations: 64×64 GEMM tiles.
     fn default() -> Self {
         TileConfig {
             rows_per_workgroup: 8,
@@ -54,8 +56,8 @@ impl Default for TileConfig {
     }
 }
 
-/// Register block of one invocation (WGSL `ROW_BLOCK`, `CLASS_BLOCK`).
-pub(crate) const REGISTER_BLOCK: u32 = 4;
+/// Classes one softmax lane reads at a time (a vec4).
+const LANE_QUAD: u32 = 4;
 /// Invocations per workgroup of the one-row-per-invocation kernels (WGSL `ROW_WG`).
 pub(crate) const ROW_KERNEL_WORKGROUP: u32 = 64;
 /// Values of a row one invocation of `pad_rows` and the projections covers (WGSL
@@ -63,13 +65,10 @@ pub(crate) const ROW_KERNEL_WORKGROUP: u32 = 64;
 pub(crate) const DIM_PIECE: u32 = 4096;
 
 impl TileConfig {
-    /// Rows of x in one cosine tile.
-    pub fn tile_rows(&self) -> u32 {
-        self.rows_per_workgroup * REGISTER_BLOCK
-    }
-    /// Classes in one cosine tile.
+    /// Classes one softmax workgroup's lanes read in one step (a quad each): class
+    /// chunks start at multiples of it.
     pub fn tile_classes(&self) -> u32 {
-        self.classes_per_workgroup * REGISTER_BLOCK
+        self.classes_per_workgroup * LANE_QUAD
     }
 }
 
@@ -82,11 +81,6 @@ pub(crate) struct GpuParams {
     pub classes: u32,
     pub total_classes: u32,
     pub class_offset: u32,
-    pub forward_splits: u32,
-    pub forward_split_classes: u32,
-    pub feature_splits: u32,
-    pub feature_split_classes: u32,
-    pub accumulate: u32,
     pub row_begin: u32,
     pub row_end: u32,
     pub reduction: u32,
@@ -234,12 +228,8 @@ pub(crate) struct Kernel {
 #[derive(Debug)]
 pub(crate) struct Kernels {
     pub row_inv_norms: Kernel,
-    pub class_split_partials: Kernel,
     pub merge_rows: Kernel,
     pub summarize: Kernel,
-    pub grad_feature_partials: Kernel,
-    pub sum_feature_splits: Kernel,
-    pub grad_classes_tile: Kernel,
     pub pad_rows: Kernel,
     pub logit_softmax_rows: Kernel,
     pub logit_grad_rows: Kernel,
@@ -369,19 +359,6 @@ impl Kernels {
                     InputFlags,
                 ],
             ),
-            class_split_partials: kernel(
-                &forward,
-                "class_split_partials",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    Labels,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    SplitPartials,
-                ],
-            ),
             merge_rows: kernel(
                 &forward,
                 "merge_rows",
@@ -392,39 +369,6 @@ impl Kernels {
                 "summarize",
                 &[Params, Labels, InputFlags, RowSoftmax, RowStats, Summary],
             ),
-            grad_feature_partials: kernel(
-                &backward,
-                "grad_feature_partials",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    RowSoftmax,
-                    Summary,
-                    FeatureGradPartials,
-                ],
-            ),
-            sum_feature_splits: kernel(
-                &backward,
-                "sum_feature_splits",
-                &[Params, FeatureGradPartials, GradFeatures],
-            ),
-            grad_classes_tile: kernel(
-                &backward,
-                "grad_classes_tile",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    RowSoftmax,
-                    Summary,
-                    GradClasses,
-                ],
-            ),
             pad_rows: kernel(
                 &norms,
                 "pad_rows",
@@ -434,7 +378,8 @@ impl Kernels {
                     ClassVectors,
                     InvNormFeatures,
                     InvNormClasses,
-                    PaddedRows,
+                    PaddedFeatures,
+                    PaddedClasses,
                 ],
             ),
             logit_softmax_rows: kernel(

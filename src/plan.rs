@@ -29,9 +29,12 @@ struct Step<'a> {
 /// workspace budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
-    /// The memory-minimal fused kernels: the logits are recomputed per tile, never stored;
-    /// the workspace is O(B·k + C). Costs about 10·B·C·D flops (forward + backward).
-    Fused,
+    /// The memory-minimal plan: the chunked plan's GEMMs on one GEMM tile of rows (64 by
+    /// default) and a narrow block of classes at a time (the block that balances G
+    /// against the per-block uniforms, at least 256 classes), its dots computed twice:
+    /// about 8·B·C·D flops; the workspace is x̂, one row block of G, a partial per row
+    /// and the norms, whatever the workspace budget.
+    MemoryMinimal,
     /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
     /// of the chunk's rows × all classes from one GEMM (w read in place, or copied in
     /// rows of D rounded up to 4 when D is not a multiple of 4; x̂ from a B×D copy), their
@@ -46,44 +49,41 @@ pub enum Algorithm {
     Unfused,
 }
 
-/// One chunk of the class matrix: the classes one binding of w covers, and how the
-/// fused passes split them. Every chunk uses the same partial slots; chunks after the
-/// first merge into them.
+/// One chunk of the class matrix: the classes one binding of w covers, or, for a plan
+/// in blocks, one block of classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Chunk {
     class_offset: u32,
     classes: u32,
-    class_tiles: u32,
-    forward_splits: u32,
-    forward_split_classes: u32,
-    feature_splits: u32,
-    feature_split_classes: u32,
 }
 
-/// How a shape is cut: row tiles, class chunks with their splits, and the row passes
-/// of `grad_classes_tile`.
+/// How a shape is cut: class chunks (or blocks) and row chunks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Geometry {
-    row_tiles: u32,
     chunks: Vec<Chunk>,
-    forward_splits: u32,
-    feature_splits: u32,
-    /// Row ranges [begin, end) of the dL/dw passes, in row order; for the GEMM
-    /// algorithms, the row chunks of the materialised logits.
+    /// Row ranges [begin, end) of the row chunks of the materialised logits, in row order.
     row_passes: Vec<(u32, u32)>,
     /// Chunked plan: the logits hold one class chunk (a block) at a time, not all C; the
-    /// forward leaves a partial per block and the backward recomputes each block's dots.
+    /// forward merges a partial per row over the blocks and the backward recomputes each
+    /// block's dots.
     blocked: bool,
-    /// Elements between rows of the materialised logits (GEMM algorithms).
+    /// Elements between rows of the materialised logits.
     logit_stride: u32,
 }
 
-/// Workgroups the split passes aim for, so that a small batch still fills the device.
-const TARGET_WORKGROUPS: u32 = 512;
-/// Most forward splits: each costs 28 bytes per row of workspace.
-const MAX_FORWARD_SPLITS: u32 = 32;
-/// Most feature-gradient splits: each costs a B×D partial of workspace.
-const MAX_FEATURE_SPLITS: u32 = 8;
+/// How the chunked plan cuts a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// As fast as the budget allows: whole rows where they fit, else the widest blocks.
+    Budget,
+    /// Blocks even where whole rows fit, all rows at once where they fit (a class shard:
+    /// its forward leaves partials, and its dots last until its backward).
+    Shard,
+    /// The smallest workspace at GEMM granularity (the memory-minimal plan): one GEMM tile
+    /// of rows, and the block that balances G against the per-block uniforms.
+    Smallest,
+}
+
 /// Loop iterations one invocation may run, counted over all its loops. llvmpipe, the
 /// software rasteriser behind lavapipe, ends an invocation after 65535 of them
 /// (LP_MAX_TGSI_LOOP_ITERATIONS) and carries on with wrong results; plans keep every
@@ -116,24 +116,6 @@ const FLAGS_BYTES: u64 = 4;
 const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
 
-/// How many splits a split pass aims for: enough workgroups to fill the device.
-fn wanted_splits(row_tiles: u32, max_splits: u32) -> u32 {
-    TARGET_WORKGROUPS.div_ceil(row_tiles).clamp(1, max_splits)
-}
-
-/// Classes per split when `class_tiles` tiles are cut into at most `wanted` contiguous
-/// splits of equal whole tiles (a multiple of the tile).
-fn class_split_width(class_tiles: u32, wanted: u32, tile: u32) -> u32 {
-    class_tiles.div_ceil(wanted.min(class_tiles).max(1)) * tile
-}
-
-/// Loop iterations of one cosine tile plus its gradient product over a tile of `other`
-/// rows or classes (dot: D/4; product: ⌈D/width⌉ column blocks of other/4), with slack
-/// for the short fixed loops and remainders.
-fn tile_iterations(dim: u64, width: u64, other: u64) -> u64 {
-    dim / 4 + dim.div_ceil(width) * (other / 4 + 4) + 16
-}
-
 /// The product of byte counts, saturating: sizes past u64 compare as too large instead of
 /// wrapping.
 fn product(factors: &[u64]) -> u64 {
@@ -158,18 +140,23 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 impl Geometry {
     /// The geometry of `algorithm` for `shape` within `budget` bytes of workspace (the
-    /// chunked plan is held to it; the others do not depend on it).
-    /// With `blocks`, the chunked plan takes the classes in blocks even where whole rows
-    /// fit (a class shard, whose forward leaves partials), all rows at once where they fit.
+    /// chunked plan is held to it; the memory-minimal plan and the unfused baseline do not
+    /// depend on it). With `shard`, the chunked plan cuts as for a class shard.
     fn new(
         ctx: &Context,
         shape: Shape,
         algorithm: Algorithm,
         budget: u64,
-        blocks: bool,
+        shard: bool,
     ) -> Result<Geometry> {
-        if algorithm != Algorithm::Chunked {
-            return Geometry::select(ctx, shape, algorithm, budget, blocks);
+        let cut = match algorithm {
+            Algorithm::MemoryMinimal => Cut::Smallest,
+            _ if shard => Cut::Shard,
+            _ => Cut::Budget,
+        };
+        let engine = algorithm.engine();
+        if engine != Algorithm::Chunked || cut == Cut::Smallest {
+            return Geometry::select(ctx, shape, engine, budget, cut);
         }
         // The chunked plan sizes G from estimates of the rest of its workspace (uniforms
         // above all); it is then held to the budget by its exact bytes, shrinking G's
@@ -177,12 +164,12 @@ impl Geometry {
         let mut target = budget;
         let mut smallest = u64::MAX;
         for _ in 0..16 {
-            let g = match Geometry::select(ctx, shape, algorithm, target, blocks) {
+            let g = match Geometry::select(ctx, shape, engine, target, cut) {
                 Ok(g) => g,
                 Err(e) if target == budget => return Err(e),
                 Err(_) => break,
             };
-            let total = total_bytes(ctx, shape, &g, algorithm);
+            let total = total_bytes(ctx, shape, &g, engine);
             if total <= budget {
                 return Ok(g);
             }
@@ -200,14 +187,14 @@ impl Geometry {
 
     /// The geometry for a budget of `budget` bytes, from estimates of what is not G:
     /// class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
-    /// whose byte offsets meet the storage offset alignment, and small enough that no
-    /// invocation exceeds LOOP_BUDGET; for the chunked plan, its row chunks and blocks.
+    /// whose byte offsets meet the storage offset alignment; for the chunked plan, its row
+    /// chunks and blocks as `cut` asks.
     fn select(
         ctx: &Context,
         shape: Shape,
         algorithm: Algorithm,
         budget: u64,
-        blocks: bool,
+        cut: Cut,
     ) -> Result<Geometry> {
         shape.check_nonempty()?;
         let batch = to_u32("batch", shape.batch)?;
@@ -221,126 +208,54 @@ impl Geometry {
             });
         }
         let tiles = ctx.tiles;
-        let (tile_rows, tile_classes) = (tiles.tile_rows(), tiles.tile_classes());
-        let row_tiles = batch.div_ceil(tile_rows);
-        let limit = ctx.limits.max_compute_workgroups_per_dimension;
-        if row_tiles > limit {
-            return Err(Error::TooLarge {
-                what: "row tiles (batch / tile rows) in one dispatch dimension",
-                size: u64::from(row_tiles),
-                limit: u64::from(limit),
-            });
-        }
         let d = shape.dim as u64;
         let row_bytes = d * 4;
         let b = u64::from(batch);
-        // All chunks share one binding each of forward and feature-gradient partials.
-        let fits = |per_split: u64| ctx.max_binding / per_split.max(1);
-        let forward_wanted = wanted_splits(row_tiles, MAX_FORWARD_SPLITS)
-            .min(fits(SPLIT_PARTIAL_BYTES * b).min(u64::from(u32::MAX)) as u32);
-        let feature_wanted = wanted_splits(row_tiles, MAX_FEATURE_SPLITS)
-            .min(fits(b * row_bytes).min(u64::from(u32::MAX)) as u32);
-        if forward_wanted == 0 || feature_wanted == 0 {
-            return Err(Error::TooLarge {
-                what: "one B×D feature-gradient partial",
-                size: b * row_bytes,
-                limit: ctx.max_binding,
-            });
-        }
         let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
-        let tile = u64::from(tile_classes);
+        let tile = u64::from(tiles.tile_classes());
         // Chunk starts are multiples of `quantum` classes: byte offsets stay aligned for w,
-        // its gradient and the per-class norms, and chunks hold whole tiles.
+        // its gradient and the per-class norms, and chunks hold whole class lanes' quads.
+        let lcm = |a: u64, b: u64| a * b / gcd(a, b);
         let quantum = {
             let by_row = align / gcd(align, row_bytes);
+            let by_padded_row = align / gcd(align, 4 * padded(d));
             let by_norm = align / 4;
-            let q = by_row * by_norm / gcd(by_row, by_norm);
-            q * tile / gcd(q, tile)
+            lcm(lcm(lcm(by_row, by_padded_row), by_norm), tile)
         };
-        let (mut chunk_classes, mut row_passes) = match algorithm {
-            Algorithm::Unfused => {
-                // Its softmax covers whole rows: a quad of classes per loop iteration in
-                // each of CLASSES_WG lanes, within LOOP_BUDGET.
-                let loop_columns = LOOP_BUDGET * 4 * u64::from(tiles.classes_per_workgroup);
-                if u64::from(classes) > loop_columns {
-                    return Err(Error::TooLarge {
-                        what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
-                        size: u64::from(classes),
-                        limit: loop_columns,
-                    });
-                }
-                (classes, vec![(0, batch)])
+        // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes per
+        // loop iteration (twice in the chunked plan: statistics, then G'), within
+        // LOOP_BUDGET: past it the chunked plan takes the classes in blocks.
+        let lanes = u64::from(tiles.classes_per_workgroup);
+        let (mut chunk_classes, mut row_passes) = if algorithm == Algorithm::Unfused {
+            let loop_columns = LOOP_BUDGET * 4 * lanes;
+            if u64::from(classes) > loop_columns {
+                return Err(Error::TooLarge {
+                    what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
+                    size: u64::from(classes),
+                    limit: loop_columns,
+                });
             }
-            Algorithm::Fused | Algorithm::Chunked => {
-                // The tile kernels loop over all of D in one invocation: past the D where
-                // one tile (its dots and its gradient product) fits LOOP_BUDGET, the
-                // memory-minimal plan refuses.
-                let tile_rows_of = u64::from(tile_rows);
-                let one_tile = tile_iterations(d, tile, tile)
-                    .max(tile_iterations(d, tile_rows_of, tile_rows_of))
-                    .max(tile_iterations(d, d.max(1), 0));
-                if algorithm == Algorithm::Fused && one_tile > LOOP_BUDGET {
-                    // The longest D whose tile fits, by bisection (the count grows with D).
-                    let fits = |dim: u64| {
-                        tile_iterations(dim, tile, tile)
-                            .max(tile_iterations(dim, tile_rows_of, tile_rows_of))
-                            .max(tile_iterations(dim, dim.max(1), 0))
-                            <= LOOP_BUDGET
-                    };
-                    let (mut longest, mut past) = (0, d);
-                    while past - longest > 1 {
-                        let mid = longest + (past - longest) / 2;
-                        if fits(mid) {
-                            longest = mid;
-                        } else {
-                            past = mid;
-                        }
-                    }
-                    return Err(Error::TooLarge {
-                        what: "D for the memory-minimal plan (its tile kernels loop over a whole row within llvmpipe's loop budget; the chunked plan, with a workspace budget for at least one block, serves longer rows)",
-                        size: d,
-                        limit: longest,
-                    });
-                }
-                let tiles_per_split = |iterations: u64| (LOOP_BUDGET / iterations).max(1);
-                let forward_fit = u64::from(forward_wanted)
-                    * tiles_per_split(tile_iterations(d, d.max(1), 0))
-                    * tile;
-                let feature_fit = u64::from(feature_wanted)
-                    * tiles_per_split(tile_iterations(d, tile, tile))
-                    * tile;
-                let binding_fit = ctx.max_binding / row_bytes;
-                // The chunked plan runs GEMMs only: the fused passes' loop budgets do not
-                // apply, only one binding of w per chunk.
-                let fit = if algorithm == Algorithm::Chunked {
-                    binding_fit
-                } else {
-                    forward_fit.min(feature_fit).min(binding_fit)
-                } / quantum
-                    * quantum;
-                if fit == 0 {
-                    return Err(Error::TooLarge {
-                        what: "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
-                        size: quantum * row_bytes,
-                        limit: ctx.max_binding,
-                    });
-                }
-                // The dL/dw passes: row tiles per pass within the budget.
-                let per_pass = (LOOP_BUDGET
-                    / tile_iterations(d, u64::from(tile_rows), u64::from(tile_rows)))
-                .max(1) as u32;
-                let rows_per_pass = per_pass.saturating_mul(tile_rows);
-                let passes = (0..batch.div_ceil(rows_per_pass))
-                    .map(|p| (p * rows_per_pass, ((p + 1) * rows_per_pass).min(batch)))
-                    .collect();
-                (fit.min(u64::from(classes)) as u32, passes)
+            (classes, vec![(0, batch)])
+        } else {
+            // The chunked plan runs GEMMs only: one binding of w per chunk.
+            // (the copy of w, where made, has rows of D rounded up to 4).
+            let fit = ctx.max_binding / (4 * padded(d)) / quantum * quantum;
+            if fit == 0 {
+                return Err(Error::TooLarge {
+                    what:
+                        "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
+                    size: quantum * row_bytes,
+                    limit: ctx.max_binding,
+                });
             }
+            (fit.min(u64::from(classes)) as u32, vec![(0, batch)])
         };
         // The padded copies are bound whole: they must fit one binding.
-        let copies = product(&[4, padded_rows(shape, algorithm), padded(d)]);
+        let copies = product(&[4, b, padded(d)]);
         if copies > ctx.max_binding {
             return Err(Error::TooLarge {
-                what: "copies of x̂ and w in rows of D rounded up to 4 (D is not a multiple of 4)",
+                what:
+                    "the copy of x̂ in rows of D rounded up to 4 (B·⌈D/4⌉·16 bytes in one binding)",
                 size: copies,
                 limit: ctx.max_binding,
             });
@@ -349,71 +264,85 @@ impl Geometry {
         if algorithm == Algorithm::Chunked {
             // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
             // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
-            // The rest of the workspace (norms, flags, softmax rows, the padded copies)
-            // comes out of the budget first, and for whole rows 64 KiB for the uniforms.
+            // The rest of the workspace (norms, flags, softmax rows, partials, the padded
+            // copies) comes out of the budget first, and for whole rows 64 KiB for the
+            // uniforms.
             let rest = 4 * (b + u64::from(classes))
-                + product(&[4, padded_rows(shape, algorithm), padded(d)])
+                + product(&[4, b, padded(d)])
+                + padded_classes_bytes(shape, algorithm)
                 + FLAGS_BYTES
-                + product(&[ROW_SOFTMAX_BYTES, b]);
+                + product(&[ROW_SOFTMAX_BYTES + SPLIT_PARTIAL_BYTES, b]);
             // G's rows also fit one storage binding.
             let room = budget
                 .saturating_sub(rest + (64 << 10))
                 .min(ctx.max_binding);
-            let partials = |blocks: u64| product(&[SPLIT_PARTIAL_BYTES, b, blocks]);
-            let rows_within = |room: u64, row_bytes: u64| (room / row_bytes).min(65536).min(b);
-            let whole_rows = rows_within(
-                room.saturating_sub(partials(1)),
-                4 * padded(u64::from(classes)),
-            );
+            let whole_rows = (room / (4 * padded(u64::from(classes)))).min(65536).min(b);
             let mut rows = whole_rows;
-            // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes
-            // per loop iteration, twice (statistics, then G'): past LOOP_BUDGET the rows
-            // are cut into blocks of classes.
-            let loop_columns = LOOP_BUDGET * 4 * u64::from(tiles.classes_per_workgroup) / 2;
+            let loop_columns = LOOP_BUDGET * 4 * lanes / 2;
             let whole_fits_loops = u64::from(classes) <= loop_columns;
-            if blocks || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
-                // Blocks of classes: G for `rows` rows × one block, and a partial per block
-                // and row; the backward recomputes each block's dots (8·B·C·D flops).
-                // The widest block whose G, partials (one per block and row) and uniforms
-                // (one set per block and row chunk) fit; narrower blocks cost more
-                // partials, so it shrinks to a fixed point. Rows halve from BLOCK_ROWS
-                // while no block fits, down to one GEMM tile of rows (64 by default) or
-                // MIN_CHUNK_ROWS if more: thinner GEMMs waste their tiles and lose to the
-                // fused kernels. Where no block fits, thin whole rows, if any fit.
+            if cut != Cut::Budget || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
+                // Blocks of classes: G for `rows` rows × one block; the backward recomputes
+                // each block's dots (8·B·C·D flops). Every block and row chunk costs a set
+                // of uniforms. For the budget, the widest block whose G and uniforms fit
+                // (narrower blocks cost more uniforms, so it shrinks to a fixed point),
+                // rows halving from BLOCK_ROWS while no block fits, down to one GEMM tile
+                // of rows (64 by default) or MIN_CHUNK_ROWS if more: thinner GEMMs waste
+                // their tiles. Where no block fits, thin whole rows, if any fit.
                 let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
                     .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
-                // At least a GEMM tile of rows: thinner chunks waste the tile's rows.
                 let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
                 let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
                 // Uniform entries per block and row chunk: its parameters, and the GEMM
                 // shapes of its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
                 let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
-                let mut block;
-                // A shard keeps all its rows where they fit, so that its dots last from
-                // its forward to its backward.
-                rows = if blocks { b } else { b.min(BLOCK_ROWS) };
                 let block_uniforms =
                     |block: u64, rows: u64| 1 + pieces(d) + pieces(block) + pieces(rows);
-                loop {
-                    let fit = |block: u64| {
-                        let blocks = u64::from(classes).div_ceil(block.max(1));
-                        let overhead = partials(blocks)
-                            + blocks
+                let within_loops = |block: u64| block.min(loop_columns) / quantum * quantum;
+                let mut block;
+                if cut == Cut::Smallest {
+                    // 4·rows·block bytes of G against ⌈C/block⌉·⌈B/rows⌉ sets of uniforms:
+                    // the sum is least near block = √(C·⌈B/rows⌉·U / (4·rows)), taken at
+                    // least MIN_SMALLEST_BLOCK classes (thinner GEMMs waste their tiles).
+                    rows = min_block_rows;
+                    let per_block = b.div_ceil(rows) * block_uniforms(d, rows) * uniform_bytes;
+                    let balance =
+                        ((u64::from(classes) * per_block) as f64 / (4 * rows) as f64).sqrt();
+                    let wanted = (balance as u64)
+                        .max(MIN_SMALLEST_BLOCK)
+                        .next_multiple_of(quantum);
+                    // G's block fits one binding.
+                    let binding = ctx.max_binding / (4 * rows);
+                    block = within_loops(
+                        wanted
+                            .min(u64::from(classes).next_multiple_of(quantum))
+                            .min(binding),
+                    );
+                } else {
+                    rows = if cut == Cut::Shard {
+                        b
+                    } else {
+                        b.min(BLOCK_ROWS)
+                    };
+                    loop {
+                        let fit = |block: u64| {
+                            let blocks = u64::from(classes).div_ceil(block.max(1));
+                            let overhead = blocks
                                 * b.div_ceil(rows)
                                 * block_uniforms(block, rows)
                                 * uniform_bytes;
-                        // G's block fits one binding; the rest of the budget holds all.
-                        let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
-                        (bytes / (4 * rows)).min(loop_columns) / quantum * quantum
-                    };
-                    block = fit(u64::from(classes));
-                    while block >= quantum && fit(block) < block {
-                        block = fit(block);
+                            // G's block fits one binding; the rest of the budget holds all.
+                            let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
+                            within_loops(bytes / (4 * rows))
+                        };
+                        block = fit(u64::from(classes));
+                        while block >= quantum && fit(block) < block {
+                            block = fit(block);
+                        }
+                        if block >= quantum || rows <= min_block_rows {
+                            break;
+                        }
+                        rows = (rows / 2).max(min_block_rows);
                     }
-                    if block >= quantum || rows <= min_block_rows {
-                        break;
-                    }
-                    rows = (rows / 2).max(min_block_rows);
                 }
                 if block >= quantum {
                     chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
@@ -423,10 +352,9 @@ impl Geometry {
                 } else {
                     let blocks = u64::from(classes).div_ceil(quantum);
                     return Err(Error::TooLarge {
-                        what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms, x̂ and its partials (set a larger ContextOptions::workspace_budget)",
+                        what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms and x̂ (set a larger ContextOptions::workspace_budget)",
                         size: rest
                             + 4 * rows * quantum
-                            + partials(blocks)
                             + blocks * b.div_ceil(rows) * block_uniforms(quantum, rows) * uniform_bytes,
                         limit: budget,
                     });
@@ -444,35 +372,15 @@ impl Geometry {
                 .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
                 .collect();
         }
-        // Every chunk uses the first (largest) chunk's split width, so no later chunk has
-        // more splits than the first: the first writes every partial slot fresh and the
-        // later ones merge into a subset of them.
-        let first_tiles = chunk_classes.div_ceil(tile_classes);
-        let forward_split_classes = class_split_width(first_tiles, forward_wanted, tile_classes);
-        let feature_split_classes = class_split_width(first_tiles, feature_wanted, tile_classes);
-        let mut chunks = Vec::new();
-        for class_offset in (0..classes).step_by(chunk_classes as usize) {
-            let classes = chunk_classes.min(classes - class_offset);
-            chunks.push(Chunk {
+        let chunks = (0..classes)
+            .step_by(chunk_classes as usize)
+            .map(|class_offset| Chunk {
                 class_offset,
-                classes,
-                class_tiles: classes.div_ceil(tile_classes),
-                forward_splits: classes.div_ceil(forward_split_classes),
-                forward_split_classes,
-                feature_splits: classes.div_ceil(feature_split_classes),
-                feature_split_classes,
-            });
-        }
+                classes: chunk_classes.min(classes - class_offset),
+            })
+            .collect();
         let logit_stride = padded(u64::from(if blocked { chunk_classes } else { classes })) as u32;
         Ok(Geometry {
-            row_tiles,
-            // The GEMM algorithms use partial slots only per block (one is bound anyway).
-            forward_splits: match algorithm {
-                Algorithm::Fused => chunks.iter().map(|c| c.forward_splits).max().unwrap_or(1),
-                _ if blocked => chunks.len() as u32,
-                _ => 1,
-            },
-            feature_splits: chunks.iter().map(|c| c.feature_splits).max().unwrap_or(1),
             chunks,
             row_passes,
             blocked,
@@ -504,6 +412,10 @@ impl Geometry {
     }
 }
 
+/// The memory-minimal plan's narrowest block of classes: thinner GEMMs waste their tiles
+/// and pay a dispatch per few columns.
+const MIN_SMALLEST_BLOCK: u64 = 256;
+
 /// Smallest row chunk of whole rows of G: below it the chunked plan takes G in blocks of
 /// classes instead.
 const MIN_CHUNK_ROWS: u64 = 32;
@@ -514,24 +426,28 @@ impl Algorithm {
     /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked
     /// (whole rows of G when at least 32 rows, or all of them, fit and a row is within
     /// llvmpipe's loop budget; else blocks of classes for at least one GEMM tile of
-    /// rows), and the fused kernels only where not even one block fits.
+    /// rows), and the memory-minimal plan only where not even one block fits.
     pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
         Algorithm::choose_within(ctx, shape, ctx.workspace_budget)
     }
 
     /// [`Algorithm::choose`] for a budget of `budget` bytes.
     fn choose_within(ctx: &Context, shape: Shape, budget: u64) -> Algorithm {
-        // Thinner whole rows (what is left when not even a block fits) lose to the fused
-        // kernels.
-        // Thin whole rows still serve the rows too long for the fused kernels.
+        // Thinner whole rows (what is left when not even a block fits) lose to the
+        // memory-minimal plan's blocks.
         match Geometry::new(ctx, shape, Algorithm::Chunked, budget, false) {
             Ok(g) if g.blocked || g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
                 Algorithm::Chunked
             }
-            Ok(_) if Geometry::new(ctx, shape, Algorithm::Fused, budget, false).is_err() => {
-                Algorithm::Chunked
-            }
-            _ => Algorithm::Fused,
+            _ => Algorithm::MemoryMinimal,
+        }
+    }
+
+    /// The passes it records: the memory-minimal plan is the chunked plan's.
+    fn engine(self) -> Algorithm {
+        match self {
+            Algorithm::MemoryMinimal => Algorithm::Chunked,
+            other => other,
         }
     }
 }
@@ -540,19 +456,19 @@ impl Algorithm {
 /// always in the unfused baseline (it is ŵ), and in the chunked plan when D is not a
 /// multiple of 4 (the GEMMs load rows as vec4s); otherwise they read the caller's w.
 fn copies_classes(shape: Shape, algorithm: Algorithm) -> bool {
-    match algorithm {
-        Algorithm::Fused => false,
-        Algorithm::Chunked => !shape.dim.is_multiple_of(4),
+    match algorithm.engine() {
         Algorithm::Unfused => true,
+        _ => !shape.dim.is_multiple_of(4),
     }
 }
 
-/// Rows of the padded copies the GEMM algorithms make: x̂, and w or ŵ where copied.
-fn padded_rows(shape: Shape, algorithm: Algorithm) -> u64 {
-    match algorithm {
-        Algorithm::Fused => 0,
-        _ if copies_classes(shape, algorithm) => shape.batch as u64 + shape.classes as u64,
-        _ => shape.batch as u64,
+/// Bytes of the padded copy of w or ŵ: all classes in rows of D rounded up to 4 where
+/// the plan copies them (bound per chunk), else a 4-byte stand-in.
+fn padded_classes_bytes(shape: Shape, algorithm: Algorithm) -> u64 {
+    if copies_classes(shape, algorithm) {
+        product(&[4, shape.classes as u64, padded(shape.dim as u64)])
+    } else {
+        4
     }
 }
 
@@ -575,34 +491,19 @@ fn workspace_layout(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<(Bi
             },
         ),
     ];
-    match algorithm {
-        Algorithm::Fused => layout.extend([
-            (
-                Binding::SplitPartials,
-                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
-            ),
-            (
-                Binding::FeatureGradPartials,
-                product(&[4, b, d, u64::from(g.feature_splits)]),
-            ),
-        ]),
-        Algorithm::Chunked | Algorithm::Unfused => layout.extend([
-            (
-                Binding::Logits,
-                product(&[4, u64::from(g.logit_stride), g.max_pass_rows()]),
-            ),
-            (
-                Binding::SplitPartials,
-                product(&[SPLIT_PARTIAL_BYTES, b, u64::from(g.forward_splits)]),
-            ),
-        ]),
-    }
-    if algorithm != Algorithm::Fused {
-        layout.push((
-            Binding::PaddedRows,
-            product(&[4, padded_rows(shape, algorithm), d4]),
-        ));
-    }
+    layout.extend([
+        (
+            Binding::Logits,
+            product(&[4, u64::from(g.logit_stride), g.max_pass_rows()]),
+        ),
+        // One partial per row, merged over the blocks (bound, and unread, otherwise).
+        (Binding::SplitPartials, product(&[SPLIT_PARTIAL_BYTES, b])),
+        (Binding::PaddedFeatures, product(&[4, b, d4])),
+        (
+            Binding::PaddedClasses,
+            padded_classes_bytes(shape, algorithm),
+        ),
+    ]);
     layout
 }
 
@@ -656,19 +557,16 @@ impl GemmSpec {
 /// `logit_stride`, a class chunk's columns from its first class (from column 0 when the
 /// logits hold one block at a time).
 fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
-    let (b, d) = (shape.batch as u32, shape.dim as u32);
+    let d = shape.dim as u32;
     let (c4, d4) = (g.logit_stride, padded(d.into()) as u32);
     let column = |part: &Chunk| if g.blocked { 0 } else { part.class_offset };
-    let copied = copies_classes(shape, algorithm);
-    // w's binding for a chunk, and the element of it where the chunk's rows start.
-    let classes = |part: &Chunk| {
-        if copied {
-            (Binding::PaddedRows, (b + part.class_offset) * d4)
-        } else {
-            (Binding::ClassVectors, 0)
-        }
+    // w's binding, bound per chunk from the chunk's first class: the caller's, or its copy.
+    let w = if copies_classes(shape, algorithm) {
+        Binding::PaddedClasses
+    } else {
+        Binding::ClassVectors
     };
-    let features = Binding::PaddedRows;
+    let features = Binding::PaddedFeatures;
     let spec = |(pass, chunk), shape, layout, lhs, rhs, product| GemmSpec {
         shape,
         layout,
@@ -678,19 +576,13 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         rhs,
         product,
     };
-    let passes: &[(u32, u32)] = match algorithm {
-        Algorithm::Fused => &[],
-        _ => &g.row_passes,
-    };
     let mut specs = Vec::new();
-    for (pass, &(r0, r1)) in passes.iter().enumerate() {
+    for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
         let rows = r1 - r0;
         // x̂·wᵀ into the chunk's columns of the logits.
         for (k, part) in g.chunks.iter().enumerate() {
-            let (w, w_at) = classes(part);
             let mut dots = GemmShape::new((rows, part.classes, d), d4, d4, c4);
             dots.lhs_offset = r0 * d4;
-            dots.rhs_offset = w_at;
             dots.product_offset = column(part);
             let dots = spec(
                 (pass, k),
@@ -704,10 +596,8 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         }
         // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
         for (k, part) in g.chunks.iter().enumerate() {
-            let (w, w_at) = classes(part);
             let mut gx = GemmShape::new((rows, d, part.classes), c4, d4, d);
             gx.lhs_offset = column(part);
-            gx.rhs_offset = w_at;
             gx.product_offset = r0 * d;
             gx.accumulate = u32::from(k > 0);
             let gx = spec(
@@ -743,8 +633,9 @@ fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 }
 
 /// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
-/// the caller's inputs and outputs. Fused: O(B·(splits + D·feature_splits) + C), with at
-/// most 32 and 8 splits, whatever C is. Unfused: it holds the B×C logits.
+/// the caller's inputs and outputs. Memory-minimal: x̂ (B·D), 64 rows of one block of G,
+/// the norms and a partial per row, and uniforms per block and row chunk. Unfused: it
+/// holds the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
     let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
@@ -845,10 +736,12 @@ impl Plan {
                 product(&[biggest_chunk, d, 4]),
             ),
         ];
-        for (what, size) in bound
-            .into_iter()
-            .chain(layout.iter().map(|&(bind, s)| (binding_name(bind), s)))
-        {
+        for (what, size) in bound.into_iter().chain(
+            layout
+                .iter()
+                .filter(|&&(bind, _)| bind != Binding::PaddedClasses)
+                .map(|&(bind, s)| (binding_name(bind), s)),
+        ) {
             if size > max_binding {
                 return Err(Error::TooLarge {
                     what,
@@ -856,6 +749,15 @@ impl Plan {
                     limit: max_binding,
                 });
             }
+        }
+        // The copy of w is bound chunk by chunk, like w: it must fit one buffer.
+        let copy = padded_classes_bytes(shape, algorithm);
+        if copy > ctx.limits.max_buffer_size {
+            return Err(Error::TooLarge {
+                what: "the copy of w in rows of D rounded up to 4 (C·⌈D/4⌉·16 bytes in one buffer)",
+                size: copy,
+                limit: ctx.limits.max_buffer_size,
+            });
         }
         if product(&[c, d, 4]) > ctx.limits.max_buffer_size {
             return Err(Error::TooLarge {
@@ -989,11 +891,6 @@ impl Plan {
             .map(|(_, buffer)| &**buffer)
     }
 
-    /// The forward splits whose partials `Phase::ShardForward` leaves per row.
-    pub(crate) fn forward_splits(&self) -> u32 {
-        self.geometry.forward_splits
-    }
-
     /// Records `phase`, with the timestamps asked for; returns the kernels' names in
     /// dispatch order.
     #[allow(clippy::too_many_arguments)]
@@ -1074,6 +971,7 @@ impl Plan {
             (if k == 0 { b as u32 } else { 0 }) + if copied { g.chunks[k].classes } else { 0 }
         };
         let mut uniforms = vec![0u8; (stride * g.uniforms() as u64) as usize];
+        let chunked = self.algorithm.engine() == Algorithm::Chunked;
         for (k, chunk) in g.chunks.iter().enumerate() {
             for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
                 let mut gpu = GpuParams {
@@ -1082,11 +980,6 @@ impl Plan {
                     classes: chunk.classes,
                     total_classes: self.total_classes,
                     class_offset: chunk.class_offset,
-                    forward_splits: g.forward_splits,
-                    forward_split_classes: chunk.forward_split_classes,
-                    feature_splits: g.feature_splits,
-                    feature_split_classes: chunk.feature_split_classes,
-                    accumulate: u32::from(k > 0),
                     row_begin,
                     row_end,
                     reduction: 0,
@@ -1094,19 +987,15 @@ impl Plan {
                     scale: 0.0,
                     margin: 0.0,
                     scale_grad_gate: 0.0,
-                    raw_classes: u32::from(self.algorithm == Algorithm::Chunked),
-                    defer_norm: u32::from(self.algorithm == Algorithm::Chunked),
+                    raw_classes: u32::from(chunked),
+                    defer_norm: u32::from(chunked),
                     multiplicative_margin: 1,
                     angular_margin: 0.0,
                     cos_m2: 1.0,
                     sin_m2: 0.0,
                     objective: 0,
                     straight_through: 0,
-                    write_grads: u32::from(
-                        self.algorithm == Algorithm::Chunked
-                            && outputs.grads.is_some()
-                            && !g.blocked,
-                    ),
+                    write_grads: u32::from(chunked && outputs.grads.is_some() && !g.blocked),
                     logit_stride: g.logit_stride,
                     blocks: u32::from(g.blocked),
                     block_index: k as u32,
@@ -1148,17 +1037,6 @@ impl Plan {
             pass: 0,
             gemm: None,
         };
-        // One step per class chunk, with that chunk's grid.
-        let per_chunk = |kernel, grid: &dyn Fn(&Chunk) -> (u32, u32)| -> Vec<Step<'_>> {
-            g.chunks
-                .iter()
-                .enumerate()
-                .map(|(chunk, part)| Step {
-                    chunk,
-                    ..once(kernel, grid(part))
-                })
-                .collect()
-        };
         let mut steps: Vec<Step<'_>> = Vec::new();
         for chunk in 0..g.chunks.len() {
             steps.push(Step {
@@ -1174,33 +1052,14 @@ impl Plan {
                 ..once(k.matmul(self.gemms[index].layout), grid)
             })
         };
-        // The memory-minimal backward: dL/dx partials per chunk and their sum, then dL/dw
-        // per chunk and row pass.
         let pieces = dim_pieces(d);
-        let fused_backward = || -> Result<Vec<Step<'_>>> {
-            let mut steps = per_chunk(&k.grad_feature_partials, &|part| {
-                (part.feature_splits, g.row_tiles)
-            });
-            steps.push(once(&k.sum_feature_splits, per_row(b * d)?));
-            for (chunk, part) in g.chunks.iter().enumerate() {
-                let grid = fold_grid(u64::from(part.class_tiles), max)?;
-                for pass in 0..passes {
-                    steps.push(Step {
-                        chunk,
-                        pass,
-                        ..once(&k.grad_classes_tile, grid)
-                    });
-                }
-            }
-            Ok(steps)
-        };
-        let chunked_backward = backward && self.algorithm == Algorithm::Chunked;
+        let chunked_backward = backward && chunked;
         // A shard's backward from the dots its forward left (Plan::keeps_dots).
         let reuse_dots = phase == (Phase::ShardBackward { reuse_dots: true });
         // The blocked chunked plan's backward, which runs after the summary.
         let mut blocked_backward = Vec::new();
-        if self.algorithm != Algorithm::Fused {
-            // The GEMM algorithms: x̂ (and w's copy), then per row chunk the dots and their
+        {
+            // x̂ (and w's copy), then per row chunk the dots and their
             // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
             // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
             // x̂ with the first chunk; w's copy, where made, chunk by chunk.
@@ -1294,19 +1153,12 @@ impl Plan {
                     .collect::<Result<Vec<_>>>()?
                     .concat();
             }
-        } else {
-            steps.extend(per_chunk(&k.class_split_partials, &|part| {
-                (part.forward_splits, g.row_tiles)
-            }));
-            steps.push(once(&k.merge_rows, per_row(b)?));
         }
         if phase == Phase::Whole {
             steps.push(once(&k.summarize, (1, 1)));
         }
         if backward {
-            match self.algorithm {
-                Algorithm::Fused => steps.extend(fused_backward()?),
-                Algorithm::Chunked => steps.append(&mut blocked_backward),
+            match self.algorithm.engine() {
                 Algorithm::Unfused => {
                     steps.push(once(&k.logit_grads, per_row(b * c)?));
                     // The gradient GEMMs: every one but the dots' k-pieces.
@@ -1316,6 +1168,7 @@ impl Plan {
                         }
                     }
                 }
+                _ => steps.append(&mut blocked_backward),
             }
         }
         // Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
@@ -1445,6 +1298,10 @@ impl Plan {
             Binding::GradFeatures => caller("grad_features", None),
             Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
             Binding::InvNormClasses => own(binding, Some(class_range(4))),
+            Binding::PaddedClasses if copies_classes(self.shape, self.algorithm) => own(
+                binding,
+                Some(class_range(4 * padded(self.shape.dim as u64))),
+            ),
             // One chunk (the GEMM algorithms): all of it, padding included.
             Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
             Binding::GemmShape => {
@@ -1489,13 +1346,13 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::RowSoftmax => "row_softmax",
         Binding::RowStats => "row_stats",
         Binding::Summary => "summary",
-        Binding::FeatureGradPartials => "feature_grad_partials",
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
         Binding::InvNormClassQuads => "inv_norm_class_quads",
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
-        Binding::PaddedRows => "padded_rows (x̂ and w, rows of D rounded up to 4)",
+        Binding::PaddedFeatures => "padded_features (x̂ in rows of D rounded up to 4)",
+        Binding::PaddedClasses => "padded_classes (w in rows of D rounded up to 4)",
         Binding::ProjectionPieceDots => "projection_piece_dots",
         Binding::Logits => "logits (rows of a chunk × C, or × a class block)",
         Binding::GemmShape => "gemm",

@@ -641,8 +641,8 @@ impl Context {
         params: &LossParams,
         local: &LocalShard<'_>,
     ) -> Result<Vec<RowPartial>> {
-        let blocks = buffers.plan.forward_splits() as usize;
-        let bytes = (blocks * shape.batch * std::mem::size_of::<RowPartial>()) as u64;
+        // One partial per row, merged over the shard's blocks in block order.
+        let bytes = (shape.batch * std::mem::size_of::<RowPartial>()) as u64;
         // The partials, then the non-finite-input flags word.
         let readback = self.create_buffer(
             "partials",
@@ -669,20 +669,14 @@ impl Context {
         let split = bytes as usize;
         let flags: u32 = bytemuck::pod_read_unaligned(&raw[split..split + 4]);
         check_flags(flags, shape)?;
-        let partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(&raw[..split]);
-        let b = shape.batch;
-        // The blocks' partials merged in block order; the best other class made global.
-        Ok((0..b)
-            .map(|i| {
-                let mut row = (0..blocks)
-                    .map(|k| partials[k * b + i])
-                    .fold(RowPartial::empty(), RowPartial::merge);
-                if let Some(&class) = local.global.get(row.best_other_class as usize) {
-                    row.best_other_class = class;
-                }
-                row
-            })
-            .collect())
+        let mut partials: Vec<RowPartial> = bytemuck::pod_collect_to_vec(&raw[..split]);
+        // The best other class made global.
+        for row in &mut partials {
+            if let Some(&class) = local.global.get(row.best_other_class as usize) {
+                row.best_other_class = class;
+            }
+        }
+        Ok(partials)
     }
 
     /// One shard's backward pass from the global rows: the exact dL/dw of its classes

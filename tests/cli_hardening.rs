@@ -320,7 +320,7 @@ fn the_readme_links_documents_that_exist() {
 }
 
 /// The long rows: `check` passes its own check at D = 20 000 and 70 001, where it
-/// used to fail (20 000) or could not run the memory-minimal plan's report (70 001).
+/// used to fail.
 #[test]
 fn check_passes_on_long_feature_vectors() {
     for dim in ["20000", "70001"] {

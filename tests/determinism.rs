@@ -41,7 +41,11 @@ fn repeated_calls_are_bitwise_identical() {
         for _ in 0..3 {
             assert_eq!(bits(&run()), first, "{shape:?}");
         }
-        for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
+        for algorithm in [
+            Algorithm::MemoryMinimal,
+            Algorithm::Chunked,
+            Algorithm::Unfused,
+        ] {
             let run = || {
                 common::loss_with(
                     ctx,

@@ -44,7 +44,8 @@ fn dimensions_of_one() {
 
 #[test]
 fn many_classes_split_across_workgroups() {
-    // A small batch spreads the classes over many forward and feature splits.
+    // A small batch over many classes: the memory-minimal plan's blocks of 256 classes,
+    // merged in block order, off the block grid.
     let problem = Problem::random(Shape::new(3, 16, 3001), 4);
     check_against_reference(context(), &problem, &params(64.0, 0.35), "splits");
 }

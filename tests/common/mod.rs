@@ -52,7 +52,11 @@ pub fn check_against_reference(
     let expected =
         reference::loss_on(p, params).unwrap_or_else(|e| panic!("{what}: reference failed: {e}"));
     let pass = Pass::ForwardBackward;
-    for algorithm in [Algorithm::Fused, Algorithm::Chunked, Algorithm::Unfused] {
+    for algorithm in [
+        Algorithm::MemoryMinimal,
+        Algorithm::Chunked,
+        Algorithm::Unfused,
+    ] {
         let out = loss_with(ctx, algorithm, p, params, pass)
             .unwrap_or_else(|e| panic!("{what} ({algorithm:?}): GPU call failed: {e}"));
         check_output(
