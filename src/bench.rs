@@ -835,8 +835,8 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         "adapter: {} | backend: {:?} | driver: {} {}\ntiming: {timing}; median (min-max) per run\n\n",
         info.name, info.backend, info.driver, info.driver_info
     );
-    out += "|    B |   D |      C | operation                | plan    | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
-    out += "|------|-----|--------|--------------------------|---------|--------------------------|---------|--------|----------------|------------|--------------|\n";
+    out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
+    out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|\n";
     for r in rows {
         let Shape {
             batch: b,
@@ -860,7 +860,7 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         }
         let [med, min, max] = r.seconds.map(|s| s * 1e3);
         out += &format!(
-            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<7} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
             r.op,
             r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
             med,
