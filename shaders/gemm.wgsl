@@ -141,6 +141,14 @@ fn gemm_step(acc: ptr<function, GemmBlock>, a: array<mat4x4<f32>, ROW_QUADS>, at
     for (var h = 0u; h < COL_QUADS; h++) {
         b[h] = operand_quad(false, RHS_ALONG_K, at.rhs[h], at.rhs_k_stride, kv, k_valid);
     }
+    block_product(acc, a, b);
+}
+
+/// acc += a · b for one quad of k: the one arithmetic step of every candidate, so that
+/// each output element is the same sum of the same products in the same order whichever
+/// candidate runs.
+fn block_product(acc: ptr<function, GemmBlock>, a: array<mat4x4<f32>, ROW_QUADS>,
+                 b: array<mat4x4<f32>, COL_QUADS>) {
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
@@ -202,6 +210,78 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
                 store_quad(quad_rows[g] + t, quad_cols[h], acc[g][t][h]);
+            }
+        }
+    }
+}
+
+/// Quads of k one staged step covers (a K tile of 16).
+const K_QUADS: u32 = 4u;
+/// The lhs of a K tile of the workgroup's rows: (row quad, k quad) → the quad as
+/// `operand_quad` loads it, index row_quad·K_QUADS + k_quad.
+var<workgroup> lhs_stage: array<mat4x4<f32>, ROWS_WG * ROW_QUADS * K_QUADS>;
+/// The rhs of a K tile of the workgroup's columns, index column_quad·K_QUADS + k_quad.
+var<workgroup> rhs_stage: array<mat4x4<f32>, CLASSES_WG * COL_QUADS * K_QUADS>;
+
+/// The operand bases of quad `quad` of the workgroup's tile (rows for lhs, columns for rhs).
+fn tile_quad_bases(from_lhs: bool, tile0: u32, quad: u32) -> vec4<u32> {
+    if (from_lhs) {
+        return quad_bases(tile0 + quad * 4u, gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
+    }
+    return quad_bases(tile0 + quad * 4u, gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
+}
+
+/// `matmul` with the operands staged in workgroup memory a K tile at a time: each quad is
+/// loaded once per workgroup instead of once per invocation that uses it, then every
+/// invocation runs the same `block_product` steps over k, in the same order, as `matmul`.
+/// For adapters whose storage loads are slow against workgroup memory (discrete GPUs).
+@compute @workgroup_size(CLASSES_WG, ROWS_WG)
+fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(local_invocation_index) flat: u32) {
+    let tiles_n = (gemm.n + gemm_tile_cols() - 1u) / gemm_tile_cols();
+    let tile = wid.x + wid.y * nwg.x;
+    let tile_m = tile / tiles_n;
+    if (tile_m * gemm_tile_rows() >= gemm.m) { return; }
+    let tile_n = tile - tile_m * tiles_n;
+    let row0 = tile_m * gemm_tile_rows();
+    let col0 = tile_n * gemm_tile_cols();
+    let invocations = ROWS_WG * CLASSES_WG;
+    let steps = (gemm.k + 3u) / 4u;
+    var acc: GemmBlock;
+    for (var k0 = 0u; k0 < steps; k0 += K_QUADS) {
+        for (var e = flat; e < ROWS_WG * ROW_QUADS * K_QUADS; e += invocations) {
+            let kv = k0 + e % K_QUADS;
+            if (kv < steps) {
+                let bases = tile_quad_bases(true, row0, e / K_QUADS);
+                lhs_stage[e] = operand_quad(true, LHS_ALONG_K, bases, gemm.lhs_stride / 4u, kv,
+                                            min(gemm.k - 4u * kv, 4u));
+            }
+        }
+        for (var e = flat; e < CLASSES_WG * COL_QUADS * K_QUADS; e += invocations) {
+            let kv = k0 + e % K_QUADS;
+            if (kv < steps) {
+                let bases = tile_quad_bases(false, col0, e / K_QUADS);
+                rhs_stage[e] = operand_quad(false, RHS_ALONG_K, bases, gemm.rhs_stride / 4u, kv,
+                                            min(gemm.k - 4u * kv, 4u));
+            }
+        }
+        workgroupBarrier();
+        for (var q = 0u; q < K_QUADS; q++) {
+            if (k0 + q >= steps) { break; }
+            var a: array<mat4x4<f32>, ROW_QUADS>;
+            var b: array<mat4x4<f32>, COL_QUADS>;
+            for (var g = 0u; g < ROW_QUADS; g++) { a[g] = lhs_stage[(g * ROWS_WG + lid.y) * K_QUADS + q]; }
+            for (var h = 0u; h < COL_QUADS; h++) { b[h] = rhs_stage[(h * CLASSES_WG + lid.x) * K_QUADS + q]; }
+            block_product(&acc, a, b);
+        }
+        workgroupBarrier();
+    }
+    for (var g = 0u; g < ROW_QUADS; g++) {
+        for (var t = 0u; t < 4u; t++) {
+            for (var h = 0u; h < COL_QUADS; h++) {
+                store_quad(row0 + (g * ROWS_WG + lid.y) * 4u + t, col0 + (h * CLASSES_WG + lid.x) * 4u,
+                           acc[g][t][h]);
             }
         }
     }

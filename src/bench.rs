@@ -529,7 +529,7 @@ pub fn run(
                         usage: wgpu::BufferUsages::UNIFORM,
                     });
                 let grid = fold_grid(
-                    gemm.workgroups(ctx.tiles),
+                    gemm.workgroups(&ctx.kernels.candidates[ctx.gemm_candidate]),
                     ctx.limits.max_compute_workgroups_per_dimension,
                 )?;
                 Ok((uniform, grid))
@@ -545,7 +545,7 @@ pub fn run(
                 .iter()
                 .zip(&uniforms)
                 .map(|(&(n0, n), (uniform, grid))| Dispatch {
-                    kernel: ctx.kernels.matmul(GemmLayout::Dots),
+                    kernel: ctx.kernels.matmul(GemmLayout::Dots, ctx.gemm_candidate),
                     grid: *grid,
                     resources: vec![
                         whole(uniform),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::api::SliceState;
 use crate::error::{Error, Result};
-use crate::kernels::{Kernels, TileConfig};
+use crate::kernels::{GemmCandidate, Kernels, TileConfig};
 use crate::shard::ShardBuffers;
 
 /// The default workspace budget: 256 MiB.
@@ -32,6 +32,10 @@ pub struct ContextOptions {
     /// Binds at most this many bytes of one buffer at a time (default: the device's
     /// `max_storage_buffer_binding_size`). Larger class matrices are bound in chunks.
     pub max_binding_bytes: Option<u64>,
+    /// The GEMM candidate every product runs, by name (see
+    /// [`Context::gemm_candidates`]); `None` honours `MARGIN_SOFTMAX_GEMM`, else the
+    /// register-only kernel. Every candidate gives the same bits.
+    pub gemm_candidate: Option<String>,
 }
 
 /// A device, its queue and the compiled pipelines. Cheap to share: `Send + Sync`.
@@ -54,6 +58,8 @@ pub struct Context {
     pub(crate) shard_cache: Mutex<Vec<ShardBuffers>>,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
+    /// The GEMM candidate the plans run, an index into `kernels.candidates`.
+    pub(crate) gemm_candidate: usize,
     /// 16 bytes bound as the vec4 view of an input region under 16 bytes: then D < 4, no
     /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
     /// element of an array).
@@ -190,6 +196,14 @@ impl Context {
         if let Some(bytes) = options.max_binding_bytes {
             context.max_binding = context.max_binding.min(bytes.max(1));
         }
+        let pinned = options
+            .gemm_candidate
+            .clone()
+            .or_else(|| std::env::var("MARGIN_SOFTMAX_GEMM").ok())
+            .filter(|n| !n.is_empty());
+        if let Some(name) = pinned {
+            context.gemm_candidate = context.pin_gemm_candidate(&name)?;
+        }
         Ok(context)
     }
 
@@ -291,6 +305,7 @@ impl Context {
             slice_pool: Mutex::new(Vec::new()),
             shard_cache: Mutex::new(Vec::new()),
             allocated: Arc::new(AtomicU64::new(0)),
+            gemm_candidate: 0,
             quad_stand_in,
             region_probe,
             serial: {
@@ -298,6 +313,35 @@ impl Context {
                 SERIALS.fetch_add(1, Ordering::Relaxed)
             },
         })
+    }
+
+    /// The GEMM candidates this adapter allows (the first is the default).
+    pub fn gemm_candidates(&self) -> &[GemmCandidate] {
+        &self.kernels.candidates
+    }
+
+    /// The GEMM candidate the plans of this context run.
+    pub fn gemm_candidate(&self) -> &GemmCandidate {
+        &self.kernels.candidates[self.gemm_candidate]
+    }
+
+    /// The index of the candidate named `name`, or [`Error::InvalidParameter`] naming the
+    /// candidates there are.
+    fn pin_gemm_candidate(&self, name: &str) -> Result<usize> {
+        self.kernels
+            .candidates
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or(Error::UnknownCandidate {
+                name: name.to_string(),
+                known: self
+                    .kernels
+                    .candidates
+                    .iter()
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// The device.

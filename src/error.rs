@@ -82,6 +82,14 @@ pub enum Error {
     Gpu(String),
     /// The device was lost or a wait failed; later calls on this context also fail.
     DeviceLost(String),
+    /// No GEMM candidate has this name (`ContextOptions::gemm_candidate`,
+    /// `MARGIN_SOFTMAX_GEMM`).
+    UnknownCandidate {
+        /// The name asked for.
+        name: String,
+        /// The candidates this adapter allows.
+        known: String,
+    },
     /// The GPU did not finish within the context's timeout.
     Timeout {
         /// The timeout that expired.
@@ -141,6 +149,10 @@ impl fmt::Display for Error {
             Error::DeviceLost(m) => {
                 write!(f, "the GPU device is lost ({m}); create a new context")
             }
+            Error::UnknownCandidate { name, known } => write!(
+                f,
+                "no GEMM candidate is named {name:?}; pick one of: {known} (ContextOptions::gemm_candidate or MARGIN_SOFTMAX_GEMM)"
+            ),
             Error::Timeout { timeout } => write!(
                 f,
                 "the GPU did not finish within {timeout:?}; raise the timeout with Context::set_timeout or use a smaller problem"

@@ -207,12 +207,84 @@ impl GemmShape {
         }
     }
 
-    /// Workgroups of `matmul` for this product.
-    pub(crate) fn workgroups(&self, tiles: TileConfig) -> u64 {
-        let quad_rows = tiles.rows_per_workgroup * 4 * GEMM_QUADS;
-        let quad_cols = tiles.classes_per_workgroup * 4 * GEMM_QUADS;
-        u64::from(self.m.div_ceil(quad_rows)) * u64::from(self.n.div_ceil(quad_cols))
+    /// Workgroups of `candidate` for this product.
+    pub(crate) fn workgroups(&self, candidate: &GemmCandidate) -> u64 {
+        let (rows, cols) = candidate.tile();
+        u64::from(self.m.div_ceil(rows)) * u64::from(self.n.div_ceil(cols))
     }
+}
+
+/// One way to run the GEMM (`shaders/gemm.wgsl`): a workgroup shape, and whether the
+/// operands are staged in workgroup memory. Every candidate computes each element of the
+/// product with the same operations in the same order (`block_product`, over k in
+/// order), so that the choice of candidate never changes a bit of the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmCandidate {
+    /// Its name, for `ContextOptions::gemm_candidate`, the tuner and the benchmark.
+    pub name: &'static str,
+    /// Invocations along the product's rows; each owns 8 rows.
+    pub rows_per_workgroup: u32,
+    /// Invocations along the product's columns; each owns 8 columns.
+    pub cols_per_workgroup: u32,
+    /// True: the operands of a K tile of 16 are loaded once per workgroup into workgroup
+    /// memory; false: each invocation loads its own from storage (registers only).
+    pub staged: bool,
+}
+
+impl GemmCandidate {
+    /// Rows and columns of the product one workgroup covers.
+    pub fn tile(&self) -> (u32, u32) {
+        (
+            self.rows_per_workgroup * 4 * GEMM_QUADS,
+            self.cols_per_workgroup * 4 * GEMM_QUADS,
+        )
+    }
+
+    /// Bytes of workgroup memory it uses: a K tile of 16 of both operands (a 4×4 matrix
+    /// of f32 per quad of rows or columns and quad of k).
+    pub fn workgroup_bytes(&self) -> u32 {
+        if self.staged {
+            64 * 4 * GEMM_QUADS * (self.rows_per_workgroup + self.cols_per_workgroup)
+        } else {
+            0
+        }
+    }
+
+    /// Whether the adapter's limits allow it.
+    fn fits(&self, limits: &wgpu::Limits) -> bool {
+        self.rows_per_workgroup * self.cols_per_workgroup
+            <= limits.max_compute_invocations_per_workgroup
+            && self.rows_per_workgroup <= limits.max_compute_workgroup_size_y
+            && self.cols_per_workgroup <= limits.max_compute_workgroup_size_x
+            && self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+    }
+}
+
+/// The GEMM candidates of a context whose tiles are `tiles`: first the register-only
+/// kernel on the tiles' workgroup shape (the default), then tiles staged in workgroup
+/// memory: 64×64 (8 KiB), 128×128 (16 KiB) and 32×32 (4 KiB), those the limits allow.
+pub(crate) fn gemm_candidates(tiles: TileConfig, limits: &wgpu::Limits) -> Vec<GemmCandidate> {
+    let staged = |name, invocations| GemmCandidate {
+        name,
+        rows_per_workgroup: invocations,
+        cols_per_workgroup: invocations,
+        staged: true,
+    };
+    let register = GemmCandidate {
+        name: "register",
+        rows_per_workgroup: tiles.rows_per_workgroup,
+        cols_per_workgroup: tiles.classes_per_workgroup,
+        staged: false,
+    };
+    [
+        register,
+        staged("staged-64", 8),
+        staged("staged-128", 16),
+        staged("staged-32", 4),
+    ]
+    .into_iter()
+    .filter(|c| !c.staged || c.fits(limits))
+    .collect()
 }
 
 /// One compute pipeline and the bindings its entry point uses, in binding order.
@@ -236,8 +308,11 @@ pub(crate) struct Kernels {
     pub logit_grads: Kernel,
     pub projection_dots: Kernel,
     pub normalize_backward: Kernel,
-    /// `matmul` per GemmLayout, in its declaration order (see [`Kernels::matmul`]).
-    matmul: [Kernel; 3],
+    /// `matmul` per GemmLayout, in its declaration order, and per candidate (see
+    /// [`Kernels::matmul`]).
+    matmul: [Vec<Kernel>; 3],
+    /// The GEMM candidates this device allows; the first is the default.
+    pub candidates: Vec<GemmCandidate>,
 }
 
 const NORMS_WGSL: &str = concat!(
@@ -332,14 +407,24 @@ impl Kernels {
         };
         let kernel =
             |module, entry, bindings| pipeline(module, (entry, entry), bindings, &tile_constants);
-        let matmul = |layout: GemmLayout| {
+        let candidates = gemm_candidates(tiles, &device.limits());
+        let matmul = |layout: GemmLayout, candidate: &GemmCandidate| {
             let (lhs, rhs) = layout.along_k();
-            let mut constants = tile_constants.to_vec();
-            constants.push(("LHS_ALONG_K", f64::from(u8::from(lhs))));
-            constants.push(("RHS_ALONG_K", f64::from(u8::from(rhs))));
+            let constants = [
+                ("ROWS_WG", f64::from(candidate.rows_per_workgroup)),
+                ("CLASSES_WG", f64::from(candidate.cols_per_workgroup)),
+                ("DIM_PIECE", f64::from(DIM_PIECE)),
+                ("LHS_ALONG_K", f64::from(u8::from(lhs))),
+                ("RHS_ALONG_K", f64::from(u8::from(rhs))),
+            ];
+            let entry = if candidate.staged {
+                "matmul_staged"
+            } else {
+                "matmul"
+            };
             pipeline(
                 &gemm,
-                ("matmul", layout.name()),
+                (entry, layout.name()),
                 &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
                 &constants,
             )
@@ -442,18 +527,21 @@ impl Kernels {
                 ],
             ),
             matmul: [
-                matmul(GemmLayout::Dots),
-                matmul(GemmLayout::FeatureGrad),
-                matmul(GemmLayout::ClassGrad),
-            ],
+                GemmLayout::Dots,
+                GemmLayout::FeatureGrad,
+                GemmLayout::ClassGrad,
+            ]
+            .map(|layout| candidates.iter().map(|c| matmul(layout, c)).collect()),
+            candidates,
         }
     }
 }
 
 impl Kernels {
-    /// The `matmul` pipeline of `layout`.
-    pub(crate) fn matmul(&self, layout: GemmLayout) -> &Kernel {
-        &self.matmul[layout as usize]
+    /// The `matmul` pipeline of `layout` for candidate `candidate` (an index into
+    /// [`Kernels::candidates`]).
+    pub(crate) fn matmul(&self, layout: GemmLayout, candidate: usize) -> &Kernel {
+        &self.matmul[layout as usize][candidate]
     }
 }
 

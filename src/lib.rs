@@ -54,7 +54,7 @@ pub use error::{Error, Result};
 pub use io::{
     flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
 };
-pub use kernels::TileConfig;
+pub use kernels::{GemmCandidate, TileConfig};
 pub use params::{
     cosface_scale_floor, LearnableScale, LossParams, Objective, Reduction, TargetGradient,
     MAX_MARGIN, MAX_MULTIPLICATIVE_MARGIN, MAX_SCALE, SIN_GUARD,

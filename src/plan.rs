@@ -1045,11 +1045,12 @@ impl Plan {
             });
         }
         let matmul = |index: usize| -> Result<Step<'_>> {
-            let grid = fold_grid(self.gemms[index].shape.workgroups(ctx.tiles), max)?;
+            let candidate = &ctx.kernels.candidates[ctx.gemm_candidate];
+            let grid = fold_grid(self.gemms[index].shape.workgroups(candidate), max)?;
             Ok(Step {
                 gemm: Some(index),
                 chunk: self.gemms[index].chunk,
-                ..once(k.matmul(self.gemms[index].layout), grid)
+                ..once(k.matmul(self.gemms[index].layout, ctx.gemm_candidate), grid)
             })
         };
         let pieces = dim_pieces(d);
