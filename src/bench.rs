@@ -87,12 +87,14 @@ options:
   --profile             also time each kernel of the loss operations (needs GPU timestamps)
   --ops NAME,...        operations besides the GEMM (default all): fused_forward,
                         fused_forward_backward, small_budget_fwd_bwd, fused_min_memory_fwd_bwd,
-                        unfused_forward_backward, sharded_fwd_bwd, slice_api_tiny_call
+                        unfused_forward_backward, sharded_fwd_bwd, slice_api_tiny_call,
+                        gemm_candidates (the GEMM on every candidate)
   --wall-clock          time by host wall clock around submit and wait, not GPU timestamps
 ";
 
 /// The operations besides the GEMM, in the order they run.
-const OPS: [&str; 7] = [
+const OPS: [&str; 8] = [
+    "gemm_candidates",
     "fused_forward",
     "fused_forward_backward",
     "small_budget_fwd_bwd",
@@ -211,6 +213,9 @@ pub struct BenchRow {
     pub skipped: Option<String>,
     /// With `--profile`: the operation's kernels, in order of first dispatch.
     pub profile: Vec<KernelTime>,
+    /// The GEMM candidate each product ran (`dots register, G·w staged-64, …`), or the
+    /// candidate of a `gemm` row.
+    pub gemms: String,
 }
 
 /// One kernel's share of a profiled operation.
@@ -512,7 +517,10 @@ pub fn run(
             .step_by(piece)
             .map(|n0| (n0, piece.min(c - n0)))
             .collect();
-        let uniforms: Vec<(wgpu::Buffer, (u32, u32))> = pieces
+        // The candidate the plans' dots tuned to for this shape: the floor.
+        let tuned = ctx.gemm_choice(GemmLayout::Dots, b as u32, piece as u32, d as u32)?;
+        // Each piece's shape uniform, and its grid for every candidate.
+        let uniforms: Vec<(wgpu::Buffer, Vec<(u32, u32)>)> = pieces
             .iter()
             .map(|&(_, n)| {
                 let gemm = GemmShape::new(
@@ -528,11 +536,18 @@ pub fn run(
                         contents: bytemuck::bytes_of(&gemm),
                         usage: wgpu::BufferUsages::UNIFORM,
                     });
-                let grid = fold_grid(
-                    gemm.workgroups(&ctx.kernels.candidates[ctx.gemm_candidate]),
-                    ctx.limits.max_compute_workgroups_per_dimension,
-                )?;
-                Ok((uniform, grid))
+                let grids = ctx
+                    .kernels
+                    .candidates
+                    .iter()
+                    .map(|candidate| {
+                        fold_grid(
+                            gemm.workgroups(candidate),
+                            ctx.limits.max_compute_workgroups_per_dimension,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                Ok((uniform, grids))
             })
             .collect::<Result<_>>()?;
         let whole = |buffer| wgpu::BufferBinding {
@@ -540,44 +555,63 @@ pub fn run(
             offset: 0,
             size: None,
         };
-        let gemm_result = time_op(ctx, options, &|encoder, writes| {
-            let dispatches: Vec<Dispatch<'_>> = pieces
-                .iter()
-                .zip(&uniforms)
-                .map(|(&(n0, n), (uniform, grid))| Dispatch {
-                    kernel: ctx.kernels.matmul(GemmLayout::Dots, ctx.gemm_candidate),
-                    grid: *grid,
-                    resources: vec![
-                        whole(uniform),
-                        whole(lhs),
-                        wgpu::BufferBinding {
-                            buffer: rhs,
-                            offset: (n0 * d4 * 4) as u64,
-                            size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
-                        },
-                        whole(&product),
-                    ],
-                })
-                .collect();
-            encode(&ctx.device, encoder, &dispatches, writes)
-        });
+        let time_gemm = |candidate: usize| {
+            time_op(ctx, options, &|encoder, writes| {
+                let dispatches: Vec<Dispatch<'_>> = pieces
+                    .iter()
+                    .zip(&uniforms)
+                    .map(|(&(n0, n), (uniform, grids))| Dispatch {
+                        kernel: ctx.kernels.matmul(GemmLayout::Dots, candidate),
+                        grid: grids[candidate],
+                        resources: vec![
+                            whole(uniform),
+                            whole(lhs),
+                            wgpu::BufferBinding {
+                                buffer: rhs,
+                                offset: (n0 * d4 * 4) as u64,
+                                size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
+                            },
+                            whole(&product),
+                        ],
+                    })
+                    .collect();
+                encode(&ctx.device, encoder, &dispatches, writes)
+            })
+        };
         let gemm_bytes = lhs.size() + rhs.size() + product.size();
+        let gemm_row =
+            |op, candidate: usize, (timing, seconds): (Timing, [f64; 3]), floor: f64| BenchRow {
+                shape,
+                op,
+                timing,
+                algorithm: None,
+                seconds,
+                flops: gemm_flops,
+                vs_gemm: seconds[0] / floor,
+                fused_speedup: None,
+                workspace_bytes: 0,
+                device_bytes: gemm_bytes,
+                skipped: None,
+                profile: Vec::new(),
+                gemms: ctx.kernels.candidates[candidate].name.to_string(),
+            };
+        let (timing, gemm_seconds) = time_gemm(tuned)?;
+        shape_rows.push(gemm_row(
+            "gemm",
+            tuned,
+            (timing, gemm_seconds),
+            gemm_seconds[0],
+        ));
+        // Every candidate on the same product, in this run: the tuned choice against the
+        // fastest.
+        if options.runs("gemm_candidates") {
+            for index in 0..ctx.kernels.candidates.len() {
+                note("gemm_candidates");
+                let timed = time_gemm(index)?;
+                shape_rows.push(gemm_row("gemm_candidate", index, timed, gemm_seconds[0]));
+            }
+        }
         drop(product);
-        let (timing, gemm_seconds) = gemm_result?;
-        shape_rows.push(BenchRow {
-            shape,
-            op: "gemm",
-            timing,
-            algorithm: None,
-            seconds: gemm_seconds,
-            flops: gemm_flops,
-            vs_gemm: 1.0,
-            fused_speedup: None,
-            workspace_bytes: 0,
-            device_bytes: gemm_bytes,
-            skipped: None,
-            profile: Vec::new(),
-        });
 
         let chosen = Algorithm::choose(ctx, shape);
         // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
@@ -656,10 +690,15 @@ pub fn run(
                 } else {
                     Vec::new()
                 };
-                Ok((timed, plan.workspace_bytes(), profile))
+                Ok((
+                    timed,
+                    plan.workspace_bytes(),
+                    profile,
+                    plan.gemm_summary(ctx),
+                ))
             });
             shape_rows.push(match measured {
-                Ok(((timing, seconds), workspace_bytes, profile)) => BenchRow {
+                Ok(((timing, seconds), workspace_bytes, profile, gemms)) => BenchRow {
                     shape,
                     op,
                     timing,
@@ -672,6 +711,7 @@ pub fn run(
                     device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
                     skipped: None,
                     profile,
+                    gemms,
                 },
                 Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
                     shape,
@@ -686,6 +726,7 @@ pub fn run(
                     device_bytes: 0,
                     skipped: Some(e.to_string()),
                     profile: Vec::new(),
+                    gemms: String::new(),
                 },
                 Err(e) => return Err(e),
             });
@@ -781,6 +822,7 @@ fn sharded_row(
         device_bytes: workspace_bytes + io_bytes,
         skipped: None,
         profile: Vec::new(),
+        gemms: String::new(),
     })
 }
 
@@ -817,6 +859,7 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         device_bytes: 0,
         skipped: None,
         profile: Vec::new(),
+        gemms: String::new(),
     })
 }
 
@@ -835,8 +878,8 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         "adapter: {} | backend: {:?} | driver: {} {}\ntiming: {timing}; median (min-max) per run\n\n",
         info.name, info.backend, info.driver, info.driver_info
     );
-    out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes |\n";
-    out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|\n";
+    out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes | GEMM candidates |\n";
+    out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|-----------------|\n";
     for r in rows {
         let Shape {
             batch: b,
@@ -860,7 +903,7 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         }
         let [med, min, max] = r.seconds.map(|s| s * 1e3);
         out += &format!(
-            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} |\n",
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} | {} |\n",
             r.op,
             r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
             med,
@@ -871,8 +914,53 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
             r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
             megabytes(r.workspace_bytes),
             megabytes(r.device_bytes),
+            r.gemms,
         );
     }
+    // With --profile, the tuner's per-candidate times for every bucket it knows.
+    if rows.iter().any(|r| !r.profile.is_empty()) {
+        out += "\ntuner: median ms per candidate on each bucket's tuning slice\n";
+        for t in ctx.tuned() {
+            let times: Vec<String> = t
+                .seconds
+                .iter()
+                .map(|(name, s)| format!("{name} {:.3}", s * 1e3))
+                .collect();
+            out += &format!(
+                "  {} {}×{}×{}: {} ({})\n",
+                t.bucket.layout,
+                t.bucket.m,
+                t.bucket.n,
+                t.bucket.k,
+                t.candidate,
+                times.join(", ")
+            );
+        }
+    }
+    // The tuned choice of each shape's GEMM against the fastest candidate of this run.
+    for tuned in rows.iter().filter(|r| r.op == "gemm") {
+        let same_shape = |r: &&BenchRow| r.op == "gemm_candidate" && r.shape == tuned.shape;
+        if let Some(fastest) = rows
+            .iter()
+            .filter(same_shape)
+            .min_by(|a, b| a.seconds[0].total_cmp(&b.seconds[0]))
+        {
+            let Shape {
+                batch: b,
+                dim: d,
+                classes: c,
+            } = tuned.shape;
+            out += &format!(
+                "\ntuned GEMM at {b}×{d}×{c}: {} ({:.3} ms), fastest this run {} ({:.3} ms): {:.2}× the fastest",
+                tuned.gemms,
+                tuned.seconds[0] * 1e3,
+                fastest.gemms,
+                fastest.seconds[0] * 1e3,
+                tuned.seconds[0] / fastest.seconds[0]
+            );
+        }
+    }
+    out += "\n";
     if rows.iter().any(|r| r.op == "sharded_fwd_bwd") {
         out += &format!(
             "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
@@ -922,7 +1010,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
             format!(
                 "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"batch\":{},\"dim\":{},\"classes\":{},\"op\":{},\
                  \"timing\":{},\"plan\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
-                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{}}}\n",
+                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{},\"gemms\":{}}}\n",
                 text(&info.name),
                 text(&format!("{:?}", info.backend)),
                 text(&format!("{} {}", info.driver, info.driver_info)),
@@ -944,6 +1032,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
                 r.workspace_bytes,
                 r.device_bytes,
                 r.skipped.as_deref().map_or("null".into(), text),
+                text(&r.gemms),
             )
         })
         .collect()

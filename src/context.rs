@@ -2,13 +2,14 @@
 //! compiled once for that device.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::api::SliceState;
 use crate::error::{Error, Result};
 use crate::kernels::{GemmCandidate, Kernels, TileConfig};
 use crate::shard::ShardBuffers;
+use crate::tune::{Tuner, Tuning};
 
 /// The default workspace budget: 256 MiB.
 pub const DEFAULT_WORKSPACE_BUDGET: u64 = 256 << 20;
@@ -36,6 +37,9 @@ pub struct ContextOptions {
     /// [`Context::gemm_candidates`]); `None` honours `MARGIN_SOFTMAX_GEMM`, else the
     /// register-only kernel. Every candidate gives the same bits.
     pub gemm_candidate: Option<String>,
+    /// How the GEMM candidates are tuned (see [`Tuning`]); `MARGIN_SOFTMAX_TUNE` (`off`,
+    /// `memory` or a directory) applies where this is `Auto`.
+    pub tuning: Tuning,
 }
 
 /// A device, its queue and the compiled pipelines. Cheap to share: `Send + Sync`.
@@ -58,8 +62,13 @@ pub struct Context {
     pub(crate) shard_cache: Mutex<Vec<ShardBuffers>>,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
-    /// The GEMM candidate the plans run, an index into `kernels.candidates`.
+    /// The GEMM candidate the plans run where nothing is tuned, an index into
+    /// `kernels.candidates`.
     pub(crate) gemm_candidate: usize,
+    /// Whether `gemm_candidate` was pinned (no tuning then).
+    pub(crate) gemm_pinned: bool,
+    /// The GEMM autotuner's findings.
+    pub(crate) tuner: Tuner,
     /// 16 bytes bound as the vec4 view of an input region under 16 bytes: then D < 4, no
     /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
     /// element of an array).
@@ -128,8 +137,17 @@ fn shared_instance(backends: wgpu::Backends) -> wgpu::Instance {
     instance
 }
 
+/// Contexts are created, and adapters enumerated, one at a time in a process: some
+/// drivers race when threads do it at once (Mesa's EGL behind wgpu's GL backend fails
+/// with BadAccess, and wgpu-hal unwraps it).
+fn creation_lock() -> &'static futures_intrusive::sync::Mutex<()> {
+    static LOCK: OnceLock<futures_intrusive::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| futures_intrusive::sync::Mutex::new((), true))
+}
+
 /// Every adapter wgpu can see on the given backends (`None`: `WGPU_BACKEND`, else all).
 pub async fn enumerate_adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::Adapter> {
+    let _one_at_a_time = creation_lock().lock().await;
     let backends = backends.unwrap_or_else(|| wgpu::Backends::all().with_env());
     shared_instance(backends).enumerate_adapters(backends).await
 }
@@ -139,6 +157,7 @@ impl Context {
     /// (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`), requesting the
     /// adapter's own limits.
     pub async fn new(options: ContextOptions) -> Result<Context> {
+        let _one_at_a_time = creation_lock().lock().await;
         let backends = options
             .backends
             .unwrap_or_else(|| wgpu::Backends::all().with_env());
@@ -203,7 +222,9 @@ impl Context {
             .filter(|n| !n.is_empty());
         if let Some(name) = pinned {
             context.gemm_candidate = context.pin_gemm_candidate(&name)?;
+            context.gemm_pinned = true;
         }
+        context.tuner = Tuner::new(options.tuning.with_env(), &context.info);
         Ok(context)
     }
 
@@ -289,12 +310,13 @@ impl Context {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(e.to_string()));
         }
+        let info = device.adapter_info();
         Ok(Context {
             max_binding: limits
                 .max_storage_buffer_binding_size
                 .min(limits.max_buffer_size),
             workspace_budget: DEFAULT_WORKSPACE_BUDGET,
-            info: device.adapter_info(),
+            info: info.clone(),
             device,
             queue,
             limits,
@@ -306,6 +328,8 @@ impl Context {
             shard_cache: Mutex::new(Vec::new()),
             allocated: Arc::new(AtomicU64::new(0)),
             gemm_candidate: 0,
+            gemm_pinned: false,
+            tuner: Tuner::new(Tuning::Auto.with_env(), &info),
             quad_stand_in,
             region_probe,
             serial: {

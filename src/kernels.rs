@@ -145,6 +145,22 @@ pub(crate) enum GemmLayout {
 }
 
 impl GemmLayout {
+    /// Every layout, in declaration order.
+    pub(crate) const ALL: [GemmLayout; 3] = [
+        GemmLayout::Dots,
+        GemmLayout::FeatureGrad,
+        GemmLayout::ClassGrad,
+    ];
+
+    /// Its name in the tuner's cache: `dots`, `feature_grad`, `class_grad`.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            GemmLayout::Dots => "dots",
+            GemmLayout::FeatureGrad => "feature_grad",
+            GemmLayout::ClassGrad => "class_grad",
+        }
+    }
+
     /// The kernel's name in the benchmark's profile.
     fn name(self) -> &'static str {
         match self {
@@ -526,12 +542,8 @@ impl Kernels {
                     ProjectionPieceDots,
                 ],
             ),
-            matmul: [
-                GemmLayout::Dots,
-                GemmLayout::FeatureGrad,
-                GemmLayout::ClassGrad,
-            ]
-            .map(|layout| candidates.iter().map(|c| matmul(layout, c)).collect()),
+            matmul: GemmLayout::ALL
+                .map(|layout| candidates.iter().map(|c| matmul(layout, c)).collect()),
             candidates,
         }
     }

@@ -45,6 +45,7 @@ pub mod reference;
 pub mod shard;
 pub mod sphere;
 pub mod tensors;
+mod tune;
 
 pub use api::{Gradients, LossOutput, Pass, IGNORE};
 pub use context::{
@@ -61,6 +62,7 @@ pub use params::{
 };
 pub use plan::{workspace_bytes, Algorithm, Plan};
 pub use problem::{Problem, SplitMix64};
+pub use tune::{Bucket, Tuned, Tuning};
 
 /// The README's examples, compiled as doctests so that they stay true.
 #[doc = include_str!("../README.md")]

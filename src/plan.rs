@@ -519,6 +519,9 @@ struct GemmSpec {
     lhs: Binding,
     rhs: Binding,
     product: Binding,
+    /// The GEMM candidate it runs (an index into the context's candidates); every
+    /// candidate gives the same bits.
+    candidate: usize,
 }
 
 /// The longest k one matmul dispatch runs, a multiple of 4 so that every piece starts
@@ -575,6 +578,7 @@ fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec>
         lhs,
         rhs,
         product,
+        candidate: 0,
     };
     let mut specs = Vec::new();
     for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
@@ -793,7 +797,12 @@ impl Plan {
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             )
         };
-        let gemms = gemm_specs(shape, &geometry, algorithm);
+        // Each GEMM runs the candidate its bucket tuned to (timed now, if new).
+        let mut gemms = gemm_specs(shape, &geometry, algorithm);
+        for spec in &mut gemms {
+            let s = spec.shape;
+            spec.candidate = ctx.gemm_choice(spec.layout, s.m, s.n, s.k)?;
+        }
         let gemm_shapes = (!gemms.is_empty()).then(|| {
             let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
             let buffer = uniform("gemm_shapes", gemms.len() as u64 * stride);
@@ -829,6 +838,20 @@ impl Plan {
     /// The algorithm this plan runs.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// The GEMM candidate each of its products runs, as `dots register, G·w staged-64, …`
+    /// (the first of a product's pieces where they differ).
+    pub fn gemm_summary(&self, ctx: &Context) -> String {
+        GemmLayout::ALL
+            .iter()
+            .filter_map(|&layout| {
+                let spec = self.gemms.iter().find(|g| g.layout == layout)?;
+                let name = ctx.kernels.candidates.get(spec.candidate)?.name;
+                Some(format!("{} {name}", layout.key()))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Bytes this plan allocated (its whole workspace).
@@ -1045,12 +1068,13 @@ impl Plan {
             });
         }
         let matmul = |index: usize| -> Result<Step<'_>> {
-            let candidate = &ctx.kernels.candidates[ctx.gemm_candidate];
-            let grid = fold_grid(self.gemms[index].shape.workgroups(candidate), max)?;
+            let spec = &self.gemms[index];
+            let candidate = &ctx.kernels.candidates[spec.candidate];
+            let grid = fold_grid(spec.shape.workgroups(candidate), max)?;
             Ok(Step {
                 gemm: Some(index),
                 chunk: self.gemms[index].chunk,
-                ..once(k.matmul(self.gemms[index].layout, ctx.gemm_candidate), grid)
+                ..once(k.matmul(spec.layout, spec.candidate), grid)
             })
         };
         let pieces = dim_pieces(d);

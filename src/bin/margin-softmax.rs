@@ -39,6 +39,15 @@ struct AdapterArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct TuneArgs {
+    #[command(flatten)]
+    adapter: AdapterArgs,
+    /// Shapes whose products to tune first, as BxDxC,... (default: none, only show).
+    #[arg(long, value_name = "BxDxC,...")]
+    shapes: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the loss and its gradients on tensors from a safetensors file.
@@ -47,6 +56,9 @@ enum Command {
     Check(CheckArgs),
     /// List every adapter wgpu can see, with the features and limits that matter here.
     Adapters(AdapterArgs),
+    /// The GEMM autotuner: tune the products of the given shapes, then show the cache file
+    /// and every bucket's per-candidate times.
+    Tune(TuneArgs),
     /// Render the sphere map of the highest class probability as a PNG (the article's figure).
     Sphere(SphereArgs),
     /// The portable benchmark (same as `cargo bench`); run with `bench -- --help` for its options.
@@ -510,6 +522,54 @@ fn run_sphere(args: &SphereArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn run_tune(args: &TuneArgs) -> Result<(), Failure> {
+    let ctx = context(&args.adapter)?;
+    for text in args.shapes.iter().flat_map(|s| s.split(',')) {
+        let dims: Vec<usize> = text
+            .split('x')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad_input(format!("--shapes {text:?}: write shapes as BxDxC")))?;
+        let [b, d, c] = dims[..] else {
+            return Err(bad_input(format!(
+                "--shapes {text:?}: write shapes as BxDxC"
+            )));
+        };
+        // A plan tunes every product it runs.
+        margin_softmax::Plan::new(&ctx, Shape::new(b, d, c)).map_err(failure)?;
+    }
+    println!("adapter     {}", ctx.describe());
+    match ctx.tuning_file() {
+        Some(file) => println!("cache file  {}", file.display()),
+        None => println!("cache file  none (tuning in memory, or off)"),
+    }
+    let tuned = ctx.tuned();
+    if tuned.is_empty() {
+        println!("no bucket tuned yet; give --shapes BxDxC to tune a shape's products");
+        return Ok(());
+    }
+    println!("\n| product      |      m |      n |      k | chosen     | median ms per candidate on the tuning slice");
+    println!("|--------------|--------|--------|--------|------------|--------------------------------------------");
+    for t in tuned {
+        let b = t.bucket;
+        let times: Vec<String> = t
+            .seconds
+            .iter()
+            .map(|(name, s)| format!("{name} {:.3}", s * 1e3))
+            .collect();
+        println!(
+            "| {:<12} | {:>6} | {:>6} | {:>6} | {:<10} | {}",
+            b.layout,
+            b.m,
+            b.n,
+            b.k,
+            t.candidate,
+            times.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn run_adapters(args: &AdapterArgs) -> Result<(), Failure> {
     let backends = match &args.backend {
         Some(name) => Some(parse_backends(name).ok_or_else(|| {
@@ -562,6 +622,7 @@ fn main() -> ExitCode {
         Command::Loss(args) => run_loss(args),
         Command::Check(args) => run_check(args),
         Command::Adapters(args) => run_adapters(args),
+        Command::Tune(args) => run_tune(args),
         Command::Sphere(args) => run_sphere(args),
         Command::Bench { adapter, options } => {
             let mut all = options.clone();

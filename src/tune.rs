@@ -1,0 +1,372 @@
+//! The GEMM autotuner. The first time a context meets a product layout and a shape
+//! bucket (m, n and k rounded up to powers of two), it times every candidate the adapter
+//! allows on a bounded slice of the product and keeps the fastest, in memory and in a
+//! cache file keyed by the adapter (vendor, device id, driver) and the crate's version.
+//! Every candidate gives the same bits (`shaders/gemm.wgsl`), so the choice changes
+//! speed only.
+//!
+//! The slice is at most 256 × 512 × 2048 (0.54 GFLOP): one warm-up and three timed runs
+//! of each of four candidates cost at most about 0.5 s per bucket on lavapipe (about
+//! 20 GFLOP/s), far less on a GPU.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use wgpu::util::DeviceExt;
+
+use crate::context::Context;
+use crate::error::Result;
+use crate::kernels::{encode, fold_grid, Dispatch, GemmLayout, GemmShape, Timestamps};
+
+/// The largest slice of a product the tuner times: rows, columns and k.
+const SLICE: (u32, u32, u32) = (256, 512, 2048);
+/// Timed runs per candidate, after one warm-up; the median counts.
+const RUNS: usize = 3;
+
+/// A product layout and shape bucket: m, n and k rounded up to powers of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Bucket {
+    /// Which product of the loss.
+    pub layout: &'static str,
+    /// Rows of the product, rounded up to a power of two.
+    pub m: u32,
+    /// Columns of the product, rounded up to a power of two.
+    pub n: u32,
+    /// Length of the dot products, rounded up to a power of two.
+    pub k: u32,
+}
+
+impl Bucket {
+    pub(crate) fn of(layout: GemmLayout, m: u32, n: u32, k: u32) -> Bucket {
+        let up = |v: u32| v.max(1).checked_next_power_of_two().unwrap_or(1 << 31);
+        Bucket {
+            layout: layout.key(),
+            m: up(m),
+            n: up(n),
+            k: up(k),
+        }
+    }
+}
+
+/// The tuner's finding for one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuned {
+    /// The bucket.
+    pub bucket: Bucket,
+    /// The fastest candidate's name.
+    pub candidate: String,
+    /// Each candidate's median time on the slice, in seconds, in candidate order.
+    pub seconds: Vec<(String, f64)>,
+}
+
+/// How a context picks its GEMM candidates (`ContextOptions::tuning`, or the
+/// `MARGIN_SOFTMAX_TUNE` variable: `off`, or a directory for the cache file).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tuning {
+    /// Tune each bucket once; the cache file lives in the user's cache directory
+    /// (`$XDG_CACHE_HOME`, else `~/.cache`, or `%LOCALAPPDATA%`, under `margin-softmax`).
+    #[default]
+    Auto,
+    /// Tune each bucket once, keeping the cache file in this directory.
+    CacheIn(PathBuf),
+    /// Tune each bucket once, in memory only (as on wasm, which has no file system).
+    InMemory,
+    /// Time nothing: every product runs the default candidate.
+    Off,
+}
+
+impl Tuning {
+    /// The tuning the environment asks for, where the options leave it at `Auto`.
+    pub(crate) fn with_env(self) -> Tuning {
+        match (self, std::env::var("MARGIN_SOFTMAX_TUNE").ok().as_deref()) {
+            (Tuning::Auto, Some("off")) => Tuning::Off,
+            (Tuning::Auto, Some("memory")) => Tuning::InMemory,
+            (Tuning::Auto, Some(dir)) if !dir.is_empty() => Tuning::CacheIn(dir.into()),
+            (tuning, _) => tuning,
+        }
+    }
+}
+
+/// The user's cache directory for the crate, if the platform has one.
+fn default_cache_dir() -> Option<PathBuf> {
+    if cfg!(target_arch = "wasm32") {
+        return None;
+    }
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    let base = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("LOCALAPPDATA").map(PathBuf::from))
+        .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("margin-softmax"))
+}
+
+/// The findings of one context, and where they persist.
+#[derive(Debug)]
+pub(crate) struct Tuner {
+    enabled: bool,
+    file: Option<PathBuf>,
+    found: Mutex<HashMap<Bucket, Tuned>>,
+}
+
+impl Tuner {
+    /// The tuner for an adapter; it reads the adapter's cache file, if any.
+    pub(crate) fn new(tuning: Tuning, info: &wgpu::AdapterInfo) -> Tuner {
+        let dir = match &tuning {
+            Tuning::Auto => default_cache_dir(),
+            Tuning::CacheIn(dir) => Some(dir.clone()),
+            Tuning::InMemory | Tuning::Off => None,
+        };
+        // The key: vendor and device id, and a hash of the driver and the crate version.
+        let key = fnv1a(
+            format!(
+                "{} {} {} {}",
+                info.driver,
+                info.driver_info,
+                info.name,
+                env!("CARGO_PKG_VERSION")
+            )
+            .as_bytes(),
+        );
+        let file = dir.map(|d| {
+            d.join(format!(
+                "gemm-{:04x}-{:04x}-{key:016x}.tsv",
+                info.vendor, info.device
+            ))
+        });
+        let found = file.as_deref().map(read_cache).unwrap_or_default();
+        Tuner {
+            enabled: tuning != Tuning::Off,
+            file,
+            found: Mutex::new(found),
+        }
+    }
+
+    /// The cache file, if the findings persist.
+    pub(crate) fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// Every finding so far, sorted by bucket.
+    pub(crate) fn findings(&self) -> Vec<Tuned> {
+        let mut all: Vec<Tuned> = self
+            .found
+            .lock()
+            .map(|f| f.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by_key(|t| (t.bucket.layout, t.bucket.m, t.bucket.n, t.bucket.k));
+        all
+    }
+}
+
+impl Context {
+    /// The candidate (an index into [`Context::gemm_candidates`]) that runs `layout` at
+    /// m × n × k: the pinned one, the default where tuning is off, else the bucket's
+    /// fastest, timed now if the bucket is new.
+    pub(crate) fn gemm_choice(&self, layout: GemmLayout, m: u32, n: u32, k: u32) -> Result<usize> {
+        if self.gemm_pinned || !self.tuner.enabled || self.kernels.candidates.len() < 2 {
+            return Ok(self.gemm_candidate);
+        }
+        let bucket = Bucket::of(layout, m, n, k);
+        let known = self
+            .tuner
+            .found
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&bucket).map(|t| t.candidate.clone()));
+        let name = match known {
+            Some(name) => name,
+            None => {
+                let tuned = self.tune_bucket(layout, bucket)?;
+                let name = tuned.candidate.clone();
+                if let Ok(mut found) = self.tuner.found.lock() {
+                    found.insert(bucket, tuned);
+                    if let Some(file) = &self.tuner.file {
+                        write_cache(file, &found);
+                    }
+                }
+                name
+            }
+        };
+        // A cache from another set of candidates names one this context lacks: default.
+        Ok(self
+            .kernels
+            .candidates
+            .iter()
+            .position(|c| c.name == name)
+            .unwrap_or(self.gemm_candidate))
+    }
+
+    /// Times every candidate on the bucket's slice (one warm-up, the median of RUNS).
+    fn tune_bucket(&self, layout: GemmLayout, bucket: Bucket) -> Result<Tuned> {
+        let (m, n, k) = (
+            bucket.m.min(SLICE.0),
+            bucket.n.min(SLICE.1),
+            bucket.k.min(SLICE.2),
+        );
+        let (lhs_along_k, rhs_along_k) = layout.along_k();
+        let pad = |v: u32| v.next_multiple_of(4);
+        let lhs_stride = if lhs_along_k { pad(k) } else { pad(m) };
+        let rhs_stride = if rhs_along_k { pad(k) } else { pad(n) };
+        let lhs_len = if lhs_along_k {
+            m * lhs_stride
+        } else {
+            k * lhs_stride
+        };
+        let rhs_len = if rhs_along_k {
+            n * rhs_stride
+        } else {
+            k * rhs_stride
+        };
+        let gemm = GemmShape::new((m, n, k), lhs_stride, rhs_stride, n);
+        let storage = |len: u32| {
+            self.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("tuning operand"),
+                    contents: bytemuck::cast_slice(&vec![0.5f32; len as usize]),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let (lhs, rhs, product) = (storage(lhs_len), storage(rhs_len), storage(m * n));
+        let uniform = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("tuning shape"),
+                contents: bytemuck::bytes_of(&gemm),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let whole = |buffer| wgpu::BufferBinding {
+            buffer,
+            offset: 0,
+            size: None,
+        };
+        let mut seconds = Vec::new();
+        for (index, candidate) in self.kernels.candidates.iter().enumerate() {
+            let grid = fold_grid(
+                gemm.workgroups(candidate),
+                self.limits.max_compute_workgroups_per_dimension,
+            )?;
+            let dispatch = [Dispatch {
+                kernel: self.kernels.matmul(layout, index),
+                grid,
+                resources: vec![whole(&uniform), whole(&lhs), whole(&rhs), whole(&product)],
+            }];
+            let mut runs = Vec::with_capacity(RUNS);
+            for run in 0..=RUNS {
+                let mut encoder = self.device.create_command_encoder(&Default::default());
+                self.gpu_scoped(|| encode(&self.device, &mut encoder, &dispatch, Timestamps::Off))?;
+                let start = Instant::now();
+                let submission = self.queue.submit([encoder.finish()]);
+                self.wait(submission)?;
+                if run > 0 {
+                    runs.push(start.elapsed().as_secs_f64());
+                }
+            }
+            runs.sort_by(f64::total_cmp);
+            seconds.push((candidate.name.to_string(), runs[RUNS / 2]));
+        }
+        let fastest = seconds
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(name, _)| name.clone())
+            .unwrap_or_default();
+        Ok(Tuned {
+            bucket,
+            candidate: fastest,
+            seconds,
+        })
+    }
+
+    /// Every bucket this context has tuned or read from its cache file.
+    pub fn tuned(&self) -> Vec<Tuned> {
+        self.tuner.findings()
+    }
+
+    /// The tuner's cache file, if its findings persist.
+    pub fn tuning_file(&self) -> Option<&Path> {
+        self.tuner.file()
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash for the cache file's name.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The findings in a cache file: one line per bucket,
+/// `layout m n k candidate name=seconds …`; unreadable lines are skipped.
+fn read_cache(file: &Path) -> HashMap<Bucket, Tuned> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(parse_line)
+        .map(|t| (t.bucket, t))
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Tuned> {
+    let mut fields = line.split('\t');
+    let layout = GemmLayout::ALL
+        .iter()
+        .map(|l| l.key())
+        .find(|&key| Some(key) == fields.clone().next())?;
+    fields.next();
+    let mut dim = || fields.next()?.parse::<u32>().ok();
+    let bucket = Bucket {
+        layout,
+        m: dim()?,
+        n: dim()?,
+        k: dim()?,
+    };
+    let candidate = fields.next()?.to_string();
+    let seconds = fields
+        .map(|f| {
+            let (name, s) = f.split_once('=')?;
+            Some((name.to_string(), s.parse::<f64>().ok()?))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Tuned {
+        bucket,
+        candidate,
+        seconds,
+    })
+}
+
+/// Writes the findings to `file` through a temporary file and a rename, so that a reader
+/// never sees half a file. A cache that cannot be written is left as it is: the
+/// findings still hold in memory.
+fn write_cache(file: &Path, found: &HashMap<Bucket, Tuned>) {
+    let mut lines: Vec<String> = found
+        .values()
+        .map(|t| {
+            let b = t.bucket;
+            let times: Vec<String> = t
+                .seconds
+                .iter()
+                .map(|(n, s)| format!("{n}={s:e}"))
+                .collect();
+            format!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                b.layout,
+                b.m,
+                b.n,
+                b.k,
+                t.candidate,
+                times.join("\t")
+            )
+        })
+        .collect();
+    lines.sort();
+    let Some(dir) = file.parent() else { return };
+    let temp = file.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&temp, lines.join("\n") + "\n"))
+        .and_then(|()| std::fs::rename(&temp, file));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+}

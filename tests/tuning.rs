@@ -1,0 +1,77 @@
+//! The GEMM autotuner: it times each new bucket once, keeps the fastest candidate, and
+//! persists its findings in the cache file that the next context reads; `Tuning::Off`
+//! times nothing.
+
+use margin_softmax::{Context, ContextOptions, LossParams, Pass, Plan, Problem, Shape, Tuning};
+
+fn context_with(tuning: Tuning) -> Context {
+    Context::new_blocking(ContextOptions {
+        tuning,
+        ..ContextOptions::default()
+    })
+    .expect("context")
+}
+
+#[test]
+fn buckets_are_tuned_once_and_persist_in_the_cache_file() {
+    let dir = std::env::temp_dir().join(format!("margin-softmax-tune-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctx = context_with(Tuning::CacheIn(dir.clone()));
+    assert!(ctx.tuned().is_empty(), "a new cache starts empty");
+    let shape = Shape::new(40, 24, 300);
+    Plan::new(&ctx, shape).expect("plan");
+    let tuned = ctx.tuned();
+    // The chunked plan's three products, each in its bucket.
+    assert_eq!(tuned.len(), 3, "{tuned:?}");
+    for t in &tuned {
+        assert_eq!(t.seconds.len(), ctx.gemm_candidates().len(), "{t:?}");
+        let fastest = t
+            .seconds
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("times");
+        assert_eq!(t.candidate, fastest.0, "{t:?}");
+        assert!(t.bucket.m.is_power_of_two() && t.bucket.n.is_power_of_two());
+    }
+    let file = ctx.tuning_file().expect("a cache file").to_path_buf();
+    assert!(
+        file.starts_with(&dir) && file.exists(),
+        "{}",
+        file.display()
+    );
+    // A second context on the same adapter reads the findings: nothing to time again.
+    let again = context_with(Tuning::CacheIn(dir.clone()));
+    assert_eq!(again.tuned(), tuned);
+    // Whatever the tuner picked, the loss is the default candidate's, bit for bit.
+    let p = Problem::random(shape, 9);
+    let params = LossParams::default();
+    let off = context_with(Tuning::Off);
+    let a = again
+        .loss_on(&p, &params, Pass::ForwardBackward)
+        .expect("tuned");
+    let b = off
+        .loss_on(&p, &params, Pass::ForwardBackward)
+        .expect("untuned");
+    assert_eq!(a, b);
+    assert!(off.tuned().is_empty(), "tuning off times nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_cache_file_is_ignored_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("margin-softmax-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctx = context_with(Tuning::CacheIn(dir.clone()));
+    let file = ctx.tuning_file().expect("file").to_path_buf();
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        &file,
+        "dots\tnot a number\n\u{0}garbage\nfeature_grad\t1\t2\n",
+    )
+    .expect("write");
+    let ctx = context_with(Tuning::CacheIn(dir.clone()));
+    assert!(ctx.tuned().is_empty());
+    Plan::new(&ctx, Shape::new(3, 8, 5)).expect("plan on a damaged cache");
+    assert_eq!(ctx.tuned().len(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
