@@ -29,11 +29,11 @@ struct Step<'a> {
 /// workspace budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
-    /// The memory-minimal plan: the chunked plan's GEMMs on one GEMM tile of rows (64 by
-    /// default) and a narrow block of classes at a time (the block that balances G
-    /// against the per-block uniforms, at least 256 classes), its dots computed twice:
-    /// about 8·B·C·D flops; the workspace is x̂, one row block of G, a partial per row
-    /// and the norms, whatever the workspace budget.
+    /// The memory-minimal plan: the chunked plan's GEMMs on at most 256 rows and a narrow
+    /// block of classes at a time (the block that balances G against the per-block
+    /// uniforms, at least 256 classes), its dots computed twice: about 8·B·C·D flops;
+    /// the workspace is x̂, one block of G, a partial per row, the norms and the uniforms,
+    /// whatever the workspace budget.
     MemoryMinimal,
     /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
     /// of the chunk's rows × all classes from one GEMM (w read in place, or copied in
@@ -79,8 +79,8 @@ enum Cut {
     /// Blocks even where whole rows fit, all rows at once where they fit (a class shard:
     /// its forward leaves partials, and its dots last until its backward).
     Shard,
-    /// The smallest workspace at GEMM granularity (the memory-minimal plan): one GEMM tile
-    /// of rows, and the block that balances G against the per-block uniforms.
+    /// The smallest workspace at GEMM granularity (the memory-minimal plan): at most
+    /// BLOCK_ROWS rows, and the block that balances G against the per-block uniforms.
     Smallest,
 }
 
@@ -303,7 +303,7 @@ impl Geometry {
                     // 4·rows·block bytes of G against ⌈C/block⌉·⌈B/rows⌉ sets of uniforms:
                     // the sum is least near block = √(C·⌈B/rows⌉·U / (4·rows)), taken at
                     // least MIN_SMALLEST_BLOCK classes (thinner GEMMs waste their tiles).
-                    rows = min_block_rows;
+                    rows = b.min(BLOCK_ROWS).max(min_block_rows);
                     let per_block = b.div_ceil(rows) * block_uniforms(d, rows) * uniform_bytes;
                     let balance =
                         ((u64::from(classes) * per_block) as f64 / (4 * rows) as f64).sqrt();
@@ -637,9 +637,9 @@ fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 }
 
 /// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
-/// the caller's inputs and outputs. Memory-minimal: x̂ (B·D), 64 rows of one block of G,
-/// the norms and a partial per row, and uniforms per block and row chunk. Unfused: it
-/// holds the B×C logits.
+/// the caller's inputs and outputs. Memory-minimal: x̂ (B·D), up to 256 rows of one block
+/// of G, the norms and a partial per row, and uniforms per block and row chunk. Unfused:
+/// it holds the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
     let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
