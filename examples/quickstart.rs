@@ -48,7 +48,7 @@ fn main() -> Result<(), margin_softmax::Error> {
     println!(
         "workspace  {} bytes ({chosen:?} plan, used here); memory-minimal plan {} bytes; the B×C logits alone {} bytes",
         workspace_bytes(&ctx, shape, chosen)?,
-        workspace_bytes(&ctx, shape, Algorithm::Fused)?,
+        workspace_bytes(&ctx, shape, Algorithm::MemoryMinimal)?,
         shape.batch * shape.classes * 4
     );
     println!(

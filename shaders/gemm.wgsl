@@ -159,6 +159,24 @@ fn block_product(acc: ptr<function, GemmBlock>, a: array<mat4x4<f32>, ROW_QUADS>
     }
 }
 
+/// Quads of k summed in one run before the run is added to the total: the long sums are
+/// summed in runs of 256 values, then run by run, which bounds their rounding (a sequence
+/// of 64 additions, then one per run, instead of one per quad of k).
+const RUN_QUADS: u32 = 64u;
+
+/// total += run, then run = 0, where the quad just summed (`kv`) ends a run or `last`.
+fn end_run(total: ptr<function, GemmBlock>, run: ptr<function, GemmBlock>, kv: u32, last: bool) {
+    if ((kv + 1u) % RUN_QUADS != 0u && !last) { return; }
+    for (var g = 0u; g < ROW_QUADS; g++) {
+        for (var t = 0u; t < 4u; t++) {
+            for (var h = 0u; h < COL_QUADS; h++) {
+                (*total)[g][t][h] += (*run)[g][t][h];
+                (*run)[g][t][h] = vec4<f32>();
+            }
+        }
+    }
+}
+
 /// Stores (or adds) `sums` at columns first_col .. first_col + 3 of `row`, those inside
 /// the product.
 fn store_quad(row: u32, first_col: u32, sums: vec4<f32>) {
@@ -197,14 +215,18 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         at.rhs[h] = quad_bases(quad_cols[h], gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
     }
     var acc: GemmBlock;
+    var run: GemmBlock;
     // k/4 iterations: llvmpipe stops an invocation after 65535 loop iterations in all;
     // plans cut longer k ranges (MAX_GEMM_K) into accumulated pieces.
     let full_steps = gemm.k / 4u;
+    let steps = (gemm.k + 3u) / 4u;
     for (var kv = 0u; kv < full_steps; kv++) {
-        gemm_step(&acc, lhs_tile(at, lid.x, kv, 4u), at, kv, 4u);
+        gemm_step(&run, lhs_tile(at, lid.x, kv, 4u), at, kv, 4u);
+        end_run(&acc, &run, kv, kv + 1u == steps);
     }
     if (gemm.k % 4u != 0u) {
-        gemm_step(&acc, lhs_tile(at, lid.x, full_steps, gemm.k % 4u), at, full_steps, gemm.k % 4u);
+        gemm_step(&run, lhs_tile(at, lid.x, full_steps, gemm.k % 4u), at, full_steps, gemm.k % 4u);
+        end_run(&acc, &run, full_steps, true);
     }
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
@@ -249,6 +271,7 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let invocations = ROWS_WG * CLASSES_WG;
     let steps = (gemm.k + 3u) / 4u;
     var acc: GemmBlock;
+    var run: GemmBlock;
     for (var k0 = 0u; k0 < steps; k0 += K_QUADS) {
         for (var e = flat; e < ROWS_WG * ROW_QUADS * K_QUADS; e += invocations) {
             let kv = k0 + e % K_QUADS;
@@ -273,7 +296,8 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
             var b: array<mat4x4<f32>, COL_QUADS>;
             for (var g = 0u; g < ROW_QUADS; g++) { a[g] = lhs_stage[(g * ROWS_WG + lid.y) * K_QUADS + q]; }
             for (var h = 0u; h < COL_QUADS; h++) { b[h] = rhs_stage[(h * CLASSES_WG + lid.x) * K_QUADS + q]; }
-            block_product(&acc, a, b);
+            block_product(&run, a, b);
+            end_run(&acc, &run, k0 + q, k0 + q + 1u == steps);
         }
         workgroupBarrier();
     }

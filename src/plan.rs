@@ -525,9 +525,12 @@ struct GemmSpec {
 }
 
 /// The longest k one matmul dispatch runs, a multiple of 4 so that every piece starts
-/// on a vec4. It keeps each invocation's k/4 loop iterations within LOOP_BUDGET, and a
-/// workgroup's slice of the streamed operand (4096 rows of a tile) within a CPU core's
-/// cache: on llvmpipe G·w over k = 16384 runs 10–20% faster in pieces of 4096.
+/// on a vec4: a product's k is cut into pieces of it by the shape alone, each piece
+/// adding onto the last; within a piece the GEMM sums runs of 256 values, then run by run
+/// (`RUN_QUADS` in shaders/gemm.wgsl), which bounds the rounding of the long sums. It
+/// keeps each invocation's k/4 loop iterations within LOOP_BUDGET, and a workgroup's
+/// slice of the streamed operand (4096 rows of a tile) within a CPU core's cache: on
+/// llvmpipe G·w over k = 16384 runs 10–20% faster in pieces of 4096.
 const MAX_GEMM_K: u32 = 4096;
 
 impl GemmSpec {

@@ -22,6 +22,12 @@ fn buckets_are_tuned_once_and_persist_in_the_cache_file() {
     Plan::new(&ctx, shape).expect("plan");
     let tuned = ctx.tuned();
     // The chunked plan's three products, each in its bucket.
+    for layout in ["dots", "feature_grad", "class_grad"] {
+        assert!(
+            tuned.iter().any(|t| t.bucket.layout == layout),
+            "{layout}: {tuned:?}"
+        );
+    }
     assert_eq!(tuned.len(), 3, "{tuned:?}");
     for t in &tuned {
         assert_eq!(t.seconds.len(), ctx.gemm_candidates().len(), "{t:?}");
@@ -72,6 +78,6 @@ fn a_damaged_cache_file_is_ignored_not_fatal() {
     let ctx = context_with(Tuning::CacheIn(dir.clone()));
     assert!(ctx.tuned().is_empty());
     Plan::new(&ctx, Shape::new(3, 8, 5)).expect("plan on a damaged cache");
-    assert_eq!(ctx.tuned().len(), 3);
+    assert_eq!(ctx.tuned().len(), 3, "the three products of a small shape");
     let _ = std::fs::remove_dir_all(&dir);
 }
