@@ -86,15 +86,45 @@ enum Cut {
 
 /// Loop iterations one invocation may run, counted over all its loops. llvmpipe, the
 /// software rasteriser behind lavapipe, ends an invocation after 65535 of them
-/// (LP_MAX_TGSI_LOOP_ITERATIONS) and carries on with wrong results; plans keep every
-/// invocation under half of that by cutting classes into chunks and rows into passes.
-/// Other drivers have no such limit; the cuts only add dispatches.
+/// (LP_MAX_TGSI_LOOP_ITERATIONS) and carries on with wrong results; on llvmpipe, plans
+/// keep every invocation under half of that by cutting the classes of a row into blocks
+/// (the softmax rows) and refusing D past the norms pass. Other drivers have no such
+/// limit, and there these cuts do not apply ([`LoopLimits::of`], the one place that
+/// decides). The GEMM's k-pieces and the rows' D-pieces apply everywhere: they also bound
+/// each dispatch's work and the long sums' rounding.
 const LOOP_BUDGET: u64 = 32768;
 /// llvmpipe's own limit, for the one pass whose iterations are counted exactly rather
 /// than estimated: the norms, D/4 vec4 steps for the largest magnitude, D/4 for the sum of
 /// squares and at most 12 scalar steps at the ends, in no branch (so not doubled by
 /// divergence), with 1024 of slack.
 const LOOP_LIMIT: u64 = 65535 - 1024;
+
+/// The loop limits a context's plans keep to: llvmpipe's, or none.
+#[derive(Debug, Clone, Copy)]
+struct LoopLimits {
+    /// Estimated iterations per invocation (LOOP_BUDGET).
+    budget: u64,
+    /// Exactly counted iterations per invocation (LOOP_LIMIT).
+    exact: u64,
+}
+
+impl LoopLimits {
+    /// llvmpipe's limits where the adapter is llvmpipe (by its name or driver), else none.
+    fn of(ctx: &Context) -> LoopLimits {
+        let info = &ctx.info;
+        if info.name.contains("llvmpipe") || info.driver.contains("llvmpipe") {
+            LoopLimits {
+                budget: LOOP_BUDGET,
+                exact: LOOP_LIMIT,
+            }
+        } else {
+            LoopLimits {
+                budget: u64::MAX,
+                exact: u64::MAX,
+            }
+        }
+    }
+}
 
 /// Loop iterations of one invocation of `row_inv_norms` for rows of `dim` values.
 fn norm_iterations(dim: u64) -> u64 {
@@ -200,11 +230,12 @@ impl Geometry {
         let batch = to_u32("batch", shape.batch)?;
         let classes = to_u32("classes", shape.classes)?;
         to_u32("dim", shape.dim)?;
-        if norm_iterations(shape.dim as u64) > LOOP_LIMIT {
+        let loops = LoopLimits::of(ctx);
+        if norm_iterations(shape.dim as u64) > loops.exact {
             return Err(Error::TooLarge {
                 what: "D, the values of one row (the norms pass of one invocation per row stays within llvmpipe's loop budget up to this D)",
                 size: shape.dim as u64,
-                limit: (LOOP_LIMIT - 12) * 2,
+                limit: (loops.exact - 12) * 2,
             });
         }
         let tiles = ctx.tiles;
@@ -227,7 +258,7 @@ impl Geometry {
         // LOOP_BUDGET: past it the chunked plan takes the classes in blocks.
         let lanes = u64::from(tiles.classes_per_workgroup);
         let (mut chunk_classes, mut row_passes) = if algorithm == Algorithm::Unfused {
-            let loop_columns = LOOP_BUDGET * 4 * lanes;
+            let loop_columns = loops.budget.saturating_mul(4 * lanes);
             if u64::from(classes) > loop_columns {
                 return Err(Error::TooLarge {
                     what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
@@ -278,7 +309,7 @@ impl Geometry {
                 .min(ctx.max_binding);
             let whole_rows = (room / (4 * padded(u64::from(classes)))).min(65536).min(b);
             let mut rows = whole_rows;
-            let loop_columns = LOOP_BUDGET * 4 * lanes / 2;
+            let loop_columns = loops.budget.saturating_mul(4 * lanes) / 2;
             let whole_fits_loops = u64::from(classes) <= loop_columns;
             if cut != Cut::Budget || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
                 // Blocks of classes: G for `rows` rows × one block; the backward recomputes
