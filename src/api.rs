@@ -4,14 +4,12 @@
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
-    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
+    check_slices, flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Gradients,
+    LossOutput, RowStats, Shape, Summary,
 };
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Plan};
 use crate::problem::Problem;
-
-/// Label value meaning "ignore this row" (`-1i32 as u32`).
-pub const IGNORE: u32 = u32::MAX;
 
 /// Which passes to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,49 +20,9 @@ pub enum Pass {
     ForwardBackward,
 }
 
-/// Everything one call of the slice API returns.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LossOutput {
-    /// The reduced loss (mean or sum over non-ignored rows; the sum for `Reduction::None`).
-    pub loss: f32,
-    /// L_i per row (0 for ignored rows).
-    pub row_loss: Vec<f32>,
-    /// dL/ds of the reduced loss (0 when s < s_min).
-    pub grad_scale: f32,
-    /// argmax_j c_ij per row.
-    pub pred: Vec<u32>,
-    /// c_iy per row (0 for ignored rows).
-    pub target_cos: Vec<f32>,
-    /// The largest non-target cosine per row (-1 when C = 1).
-    pub best_other_cos: Vec<f32>,
-    /// c_iy − max_{j≠y} c_ij per row (0 for ignored rows).
-    pub achieved_margin: Vec<f32>,
-    /// p_iy per row: the margin softmax's probability of the label (0 for ignored rows).
-    pub target_prob: Vec<f32>,
-    /// Mean achieved margin over the rows not ignored.
-    pub mean_achieved_margin: f32,
-    /// Rows not ignored whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
-    pub margin_satisfied_rows: u32,
-    /// N, the rows not ignored.
-    pub valid_rows: u32,
-    /// Rows not ignored whose prediction is the label.
-    pub correct_rows: u32,
-    /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`].
-    pub grads: Option<Gradients>,
-}
-
-/// The gradients of the reduced loss.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gradients {
-    /// dL/dx, B×D row-major.
-    pub features: Vec<f32>,
-    /// dL/dw, C×D row-major.
-    pub classes: Vec<f32>,
-}
-
 /// Buffers of one shape, kept by the context for reuse.
 #[derive(Debug)]
-pub(crate) struct SliceState {
+struct SliceState {
     plan: Plan,
     features: DeviceBuffer,
     classes: DeviceBuffer,
@@ -142,62 +100,6 @@ impl SliceState {
         .iter()
         .all(|(buffer, needed)| buffer.size() >= *needed)
     }
-}
-
-/// Checks lengths and labels on the host, before anything reaches the GPU.
-pub(crate) fn check_slices(
-    shape: Shape,
-    features: &[f32],
-    classes: &[f32],
-    labels: &[u32],
-) -> Result<()> {
-    shape.check_nonempty()?;
-    let classes_len = (
-        "classes",
-        shape.classes.saturating_mul(shape.dim),
-        classes.len(),
-    );
-    check_batch(shape, features, Some(classes_len), labels, shape.classes)
-}
-
-/// Checks the lengths of x, (optionally) w and the labels, then that every label is in
-/// 0..`total_classes` or IGNORE.
-pub(crate) fn check_batch(
-    shape: Shape,
-    features: &[f32],
-    classes: Option<(&'static str, usize, usize)>,
-    labels: &[u32],
-    total_classes: usize,
-) -> Result<()> {
-    let lengths = [(
-        "features",
-        shape.batch.saturating_mul(shape.dim),
-        features.len(),
-    )]
-    .into_iter()
-    .chain(classes)
-    .chain([("labels", shape.batch, labels.len())]);
-    for (input, expected, actual) in lengths {
-        if expected != actual {
-            return Err(Error::LengthMismatch {
-                input,
-                expected,
-                actual,
-            });
-        }
-    }
-    if let Some((row, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l != IGNORE && l as usize >= total_classes)
-    {
-        return Err(Error::LabelOutOfRange {
-            row: Some(row),
-            label: Some(label),
-            classes: total_classes,
-        });
-    }
-    Ok(())
 }
 
 impl Context {
@@ -293,7 +195,7 @@ impl Context {
     /// A pooled state for `shape`: one of the same shape; else, when the pool is full,
     /// one whose buffers are large enough (its plan is remade for the shape); else a new one.
     fn take_state(&self, shape: Shape, algorithm: Algorithm) -> Result<SliceState> {
-        let reused = self.slice_pool.lock().ok().and_then(|mut pool| {
+        let reused = self.with_cache(Vec::<SliceState>::new, |pool| {
             let exact = pool
                 .iter()
                 .position(|s| s.plan.shape() == shape && s.plan.algorithm() == algorithm);
@@ -319,12 +221,12 @@ impl Context {
     }
 
     fn return_state(&self, state: SliceState) {
-        if let Ok(mut pool) = self.slice_pool.lock() {
+        self.with_cache(Vec::<SliceState>::new, |pool| {
             if pool.len() >= POOL_SIZE {
                 pool.remove(0);
             }
             pool.push(state);
-        }
+        });
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes; a captured error

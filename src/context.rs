@@ -1,15 +1,43 @@
 //! The context: a wgpu device and queue, the adapter's facts, and the pipelines
 //! compiled once for that device.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::api::SliceState;
 use crate::error::{Error, Result};
 use crate::kernels::{GemmCandidate, Kernels, TileConfig};
-use crate::shard::ShardBuffers;
-use crate::tune::{Tuner, Tuning};
+
+/// How a context picks its GEMM candidates (`ContextOptions::tuning`, or the
+/// `MARGIN_SOFTMAX_TUNE` variable: `off`, or a directory for the cache file).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Tuning {
+    /// Tune each bucket once; the cache file lives in the user's cache directory
+    /// (`$XDG_CACHE_HOME`, else `~/.cache`, or `%LOCALAPPDATA%`, under `margin-softmax`).
+    #[default]
+    Auto,
+    /// Tune each bucket once, keeping the cache file in this directory.
+    CacheIn(PathBuf),
+    /// Tune each bucket once, in memory only (as on wasm, which has no file system).
+    InMemory,
+    /// Time nothing: every product runs the default candidate.
+    Off,
+}
+
+impl Tuning {
+    /// The tuning the environment asks for, where the options leave it at `Auto`.
+    pub(crate) fn with_env(self) -> Tuning {
+        match (self, std::env::var("MARGIN_SOFTMAX_TUNE").ok().as_deref()) {
+            (Tuning::Auto, Some("off")) => Tuning::Off,
+            (Tuning::Auto, Some("memory")) => Tuning::InMemory,
+            (Tuning::Auto, Some(dir)) if !dir.is_empty() => Tuning::CacheIn(dir.into()),
+            (tuning, _) => tuning,
+        }
+    }
+}
 
 /// The default workspace budget: 256 MiB.
 pub const DEFAULT_WORKSPACE_BUDGET: u64 = 256 << 20;
@@ -57,9 +85,9 @@ pub struct Context {
     pub(crate) tiles: TileConfig,
     pub(crate) timeout: Option<Duration>,
     pub(crate) lost: Arc<AtomicBool>,
-    pub(crate) slice_pool: Mutex<Vec<SliceState>>,
-    /// The last shard call's plan and buffers, reused by the next call on the same shard.
-    pub(crate) shard_cache: Mutex<Vec<ShardBuffers>>,
+    /// What the modules above keep per context (the slice API's buffers, the shards'
+    /// buffers, the tuner's findings), each under its own type.
+    caches: Caches,
     /// Bytes of every live buffer the crate allocated on this context.
     allocated: Arc<AtomicU64>,
     /// The GEMM candidate the plans run where nothing is tuned, an index into
@@ -67,8 +95,8 @@ pub struct Context {
     pub(crate) gemm_candidate: usize,
     /// Whether `gemm_candidate` was pinned (no tuning then).
     pub(crate) gemm_pinned: bool,
-    /// The GEMM autotuner's findings.
-    pub(crate) tuner: Tuner,
+    /// How the GEMM candidates are tuned.
+    pub(crate) tuning: Tuning,
     /// 16 bytes bound as the vec4 view of an input region under 16 bytes: then D < 4, no
     /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
     /// element of an array).
@@ -80,6 +108,37 @@ pub struct Context {
     /// This context's serial number in the process: a plan records only with the context
     /// that made it (devices of different wgpu instances can compare equal).
     pub(crate) serial: u64,
+}
+
+/// Per-context state of the modules above the context, one value per type, made on
+/// first use: the context holds it without knowing what it is.
+#[derive(Default)]
+struct Caches(Mutex<HashMap<TypeId, Box<dyn Any + Send>>>);
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Caches")
+    }
+}
+
+impl Context {
+    /// Runs `f` on this context's value of type `T`, made by `make` the first time. The
+    /// caches' lock is held while `f` runs: `f` must not reach another cache.
+    pub(crate) fn with_cache<T: Any + Send, R>(
+        &self,
+        make: impl Fn() -> T,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> R {
+        let mut caches = self.caches.0.lock().unwrap_or_else(|e| e.into_inner());
+        let value = caches
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(make()));
+        match value.downcast_mut::<T>() {
+            Some(value) => f(value),
+            // Each type is kept under its own TypeId, so the downcast holds.
+            None => f(&mut make()),
+        }
+    }
 }
 
 /// A buffer the crate allocated, counted in [`Context::allocated_bytes`] while it lives.
@@ -224,7 +283,7 @@ impl Context {
             context.gemm_candidate = context.pin_gemm_candidate(&name)?;
             context.gemm_pinned = true;
         }
-        context.tuner = Tuner::new(options.tuning.with_env(), &context.info);
+        context.tuning = options.tuning.with_env();
         Ok(context)
     }
 
@@ -324,12 +383,11 @@ impl Context {
             tiles,
             timeout: None,
             lost: Arc::new(AtomicBool::new(false)),
-            slice_pool: Mutex::new(Vec::new()),
-            shard_cache: Mutex::new(Vec::new()),
+            caches: Caches::default(),
             allocated: Arc::new(AtomicU64::new(0)),
             gemm_candidate: 0,
             gemm_pinned: false,
-            tuner: Tuner::new(Tuning::Auto.with_env(), &info),
+            tuning: Tuning::Auto.with_env(),
             quad_stand_in,
             region_probe,
             serial: {

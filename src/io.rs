@@ -1,7 +1,6 @@
 //! The device API's data: shapes, the caller's buffer regions, and the layouts of the
 //! per-row statistics and the per-call summary.
 
-use crate::context::Context;
 use crate::error::{Error, Result};
 
 /// The problem's dimensions: B rows of x, D values per vector, C classes.
@@ -179,77 +178,101 @@ pub(crate) fn check_aliasing(regions: &[Region<'_>]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
-    let bad = |reason: String| {
-        Err(Error::BadBuffer {
-            role: r.role,
-            reason,
-        })
-    };
-    let buffer = r.region.buffer;
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return bad("it lacks BufferUsages::STORAGE; create it with STORAGE usage".into());
-    }
-    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
-    if !r.region.offset.is_multiple_of(align) {
-        return bad(format!(
-            "offset {} is not a multiple of {align} (min_storage_buffer_offset_alignment)",
-            r.region.offset
-        ));
-    }
-    let end = r.region.offset.checked_add(r.bytes);
-    if end.is_none_or(|end| end > buffer.size()) {
-        return bad(format!(
-            "it holds {} bytes but offset {} + {} bytes are needed; make it larger",
-            buffer.size(),
-            r.region.offset,
-            r.bytes
-        ));
-    }
-    probe_region(ctx, r)
+/// Label value meaning "ignore this row" (`-1i32 as u32`).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Everything one call of the slice API returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossOutput {
+    /// The reduced loss (mean or sum over non-ignored rows; the sum for `Reduction::None`).
+    pub loss: f32,
+    /// L_i per row (0 for ignored rows).
+    pub row_loss: Vec<f32>,
+    /// dL/ds of the reduced loss (0 when s < s_min).
+    pub grad_scale: f32,
+    /// argmax_j c_ij per row.
+    pub pred: Vec<u32>,
+    /// c_iy per row (0 for ignored rows).
+    pub target_cos: Vec<f32>,
+    /// The largest non-target cosine per row (-1 when C = 1).
+    pub best_other_cos: Vec<f32>,
+    /// c_iy − max_{j≠y} c_ij per row (0 for ignored rows).
+    pub achieved_margin: Vec<f32>,
+    /// p_iy per row: the margin softmax's probability of the label (0 for ignored rows).
+    pub target_prob: Vec<f32>,
+    /// Mean achieved margin over the rows not ignored.
+    pub mean_achieved_margin: f32,
+    /// Rows not ignored whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
+    pub margin_satisfied_rows: u32,
+    /// N, the rows not ignored.
+    pub valid_rows: u32,
+    /// Rows not ignored whose prediction is the label.
+    pub correct_rows: u32,
+    /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`].
+    pub grads: Option<Gradients>,
 }
 
-/// Binds four bytes of the region, alone, inside an error scope: a buffer of another device
-/// of the same wgpu instance is refused there (wgpu's validation error), and becomes
-/// [`Error::BadBuffer`] before the caller's encoder is touched. A buffer of another wgpu
-/// instance makes wgpu-core panic where its id is unknown here (caught, and the same
-/// error); where its id happens to name one of this instance's buffers, wgpu cannot tell.
-fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
-    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("region probe"),
-            layout: &ctx.region_probe,
-            entries: &[wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: r.region.buffer,
-                    offset: r.region.offset,
-                    // Four bytes tell the device; the range was checked above.
-                    size: std::num::NonZeroU64::new(4),
-                }),
-            }],
-        })
-    }));
-    let refused = pollster::block_on(scope.pop());
-    match (bound, refused) {
-        (Ok(_), None) => Ok(()),
-        (_, Some(e)) => Err(Error::BadBuffer {
-            role: r.role,
-            reason: format!(
-                "wgpu refused to bind it ({}); pass a buffer of this context's device \
-                 (Context::from_device wraps an engine's own)",
-                e.to_string()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-        }),
-        (Err(_), None) => Err(Error::BadBuffer {
-            role: r.role,
-            reason: "it belongs to another wgpu instance; pass a buffer of this context's \
-                     device (Context::from_device wraps an engine's own)"
-                .into(),
-        }),
+/// The gradients of the reduced loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients {
+    /// dL/dx, B×D row-major.
+    pub features: Vec<f32>,
+    /// dL/dw, C×D row-major.
+    pub classes: Vec<f32>,
+}
+
+/// Checks lengths and labels on the host, before anything reaches the GPU.
+pub(crate) fn check_slices(
+    shape: Shape,
+    features: &[f32],
+    classes: &[f32],
+    labels: &[u32],
+) -> Result<()> {
+    shape.check_nonempty()?;
+    let classes_len = (
+        "classes",
+        shape.classes.saturating_mul(shape.dim),
+        classes.len(),
+    );
+    check_batch(shape, features, Some(classes_len), labels, shape.classes)
+}
+
+/// Checks the lengths of x, (optionally) w and the labels, then that every label is in
+/// 0..`total_classes` or IGNORE.
+pub(crate) fn check_batch(
+    shape: Shape,
+    features: &[f32],
+    classes: Option<(&'static str, usize, usize)>,
+    labels: &[u32],
+    total_classes: usize,
+) -> Result<()> {
+    let lengths = [(
+        "features",
+        shape.batch.saturating_mul(shape.dim),
+        features.len(),
+    )]
+    .into_iter()
+    .chain(classes)
+    .chain([("labels", shape.batch, labels.len())]);
+    for (input, expected, actual) in lengths {
+        if expected != actual {
+            return Err(Error::LengthMismatch {
+                input,
+                expected,
+                actual,
+            });
+        }
     }
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l != IGNORE && l as usize >= total_classes)
+    {
+        return Err(Error::LabelOutOfRange {
+            row: Some(row),
+            label: Some(label),
+            classes: total_classes,
+        });
+    }
+    Ok(())
 }

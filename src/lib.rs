@@ -47,13 +47,14 @@ pub mod sphere;
 pub mod tensors;
 mod tune;
 
-pub use api::{Gradients, LossOutput, Pass, IGNORE};
+pub use api::Pass;
 pub use context::{
-    enumerate_adapters, parse_backends, Context, ContextOptions, DEFAULT_WORKSPACE_BUDGET,
+    enumerate_adapters, parse_backends, Context, ContextOptions, Tuning, DEFAULT_WORKSPACE_BUDGET,
 };
 pub use error::{Error, Result};
 pub use io::{
-    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary,
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Gradients, LossOutput, RowStats,
+    Shape, Summary, IGNORE,
 };
 pub use kernels::{GemmCandidate, TileConfig};
 pub use params::{
@@ -62,7 +63,7 @@ pub use params::{
 };
 pub use plan::{workspace_bytes, Algorithm, Plan};
 pub use problem::{Problem, SplitMix64};
-pub use tune::{Bucket, Tuned, Tuning};
+pub use tune::{Bucket, Tuned};
 
 /// The README's examples, compiled as doctests so that they stay true.
 #[doc = include_str!("../README.md")]

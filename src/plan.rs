@@ -3,9 +3,7 @@
 
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::io::{
-    check_aliasing, check_region, DeviceInputs, DeviceOutputs, Region, RowStats, Shape, Summary,
-};
+use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Shape, Summary};
 use crate::kernels::{
     encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GemmShape, GpuParams, Kernel,
     Timestamps, DIM_PIECE, GEMM_QUADS, ROW_KERNEL_WORKGROUP,
@@ -1418,5 +1416,80 @@ fn binding_name(binding: Binding) -> &'static str {
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
+    }
+}
+
+pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
+    let bad = |reason: String| {
+        Err(Error::BadBuffer {
+            role: r.role,
+            reason,
+        })
+    };
+    let buffer = r.region.buffer;
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return bad("it lacks BufferUsages::STORAGE; create it with STORAGE usage".into());
+    }
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+    if !r.region.offset.is_multiple_of(align) {
+        return bad(format!(
+            "offset {} is not a multiple of {align} (min_storage_buffer_offset_alignment)",
+            r.region.offset
+        ));
+    }
+    let end = r.region.offset.checked_add(r.bytes);
+    if end.is_none_or(|end| end > buffer.size()) {
+        return bad(format!(
+            "it holds {} bytes but offset {} + {} bytes are needed; make it larger",
+            buffer.size(),
+            r.region.offset,
+            r.bytes
+        ));
+    }
+    probe_region(ctx, r)
+}
+
+/// Binds four bytes of the region, alone, inside an error scope: a buffer of another device
+/// of the same wgpu instance is refused there (wgpu's validation error), and becomes
+/// [`Error::BadBuffer`] before the caller's encoder is touched. A buffer of another wgpu
+/// instance makes wgpu-core panic where its id is unknown here (caught, and the same
+/// error); where its id happens to name one of this instance's buffers, wgpu cannot tell.
+fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("region probe"),
+            layout: &ctx.region_probe,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.region.buffer,
+                    offset: r.region.offset,
+                    // Four bytes tell the device; the range was checked above.
+                    size: std::num::NonZeroU64::new(4),
+                }),
+            }],
+        })
+    }));
+    let refused = pollster::block_on(scope.pop());
+    match (bound, refused) {
+        (Ok(_), None) => Ok(()),
+        (_, Some(e)) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: format!(
+                "wgpu refused to bind it ({}); pass a buffer of this context's device \
+                 (Context::from_device wraps an engine's own)",
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        }),
+        (Err(_), None) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: "it belongs to another wgpu instance; pass a buffer of this context's \
+                     device (Context::from_device wraps an engine's own)"
+                .into(),
+        }),
     }
 }

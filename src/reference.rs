@@ -1,9 +1,9 @@
 //! The f64 CPU twin of every kernel family: norms, forward (LSE, loss, statistics) and
 //! backward (G, projections, dL/ds). Plain loops, no wgpu; use it to check an adapter.
 
-use crate::api::{LossOutput, IGNORE};
 use crate::error::Result;
 use crate::io::Shape;
+use crate::io::{LossOutput, IGNORE};
 use crate::params::{LossParams, Objective, Reduction, TargetGradient};
 use crate::problem::Problem;
 
@@ -92,7 +92,7 @@ pub fn loss(
     params: &LossParams,
 ) -> Result<ReferenceOutput> {
     params.validate()?;
-    crate::api::check_slices(shape, features, classes, labels)?;
+    crate::io::check_slices(shape, features, classes, labels)?;
     let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
     Ok(loss_f64(
         shape,

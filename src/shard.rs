@@ -7,9 +7,10 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::api::{check_batch, check_flags, check_slices, Gradients, LossOutput, IGNORE};
+use crate::api::check_flags;
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::io::{check_batch, check_slices, Gradients, LossOutput, IGNORE};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{Binding, Timestamps};
 use crate::params::{LossParams, Objective, Reduction};
@@ -382,7 +383,7 @@ impl<'a> LocalShard<'a> {
 /// it served, so that a step's forward and backward calls on each shard (and the next
 /// step's) reuse them, and a backward finds its forward's dots where the plan keeps them.
 #[derive(Debug)]
-pub(crate) struct ShardBuffers {
+struct ShardBuffers {
     shard: ClassShard,
     sample: Option<Vec<u32>>,
     plan: Plan,
@@ -592,7 +593,7 @@ impl Context {
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
         let local = LocalShard::new(inputs);
-        let cached = self.shard_cache.lock().ok().and_then(|mut kept| {
+        let cached = self.with_cache(Vec::<ShardBuffers>::new, |kept| {
             let at = kept.iter().position(|b| b.serves(inputs))?;
             Some(kept.remove(at))
         });
@@ -610,10 +611,10 @@ impl Context {
     /// shards); a call that failed drops them.
     fn shard_keep<T>(&self, buffers: ShardBuffers, result: Result<T>) -> Result<T> {
         if result.is_ok() {
-            if let Ok(mut kept) = self.shard_cache.lock() {
+            self.with_cache(Vec::<ShardBuffers>::new, |kept| {
                 kept.insert(0, buffers);
                 kept.truncate(CACHED_SHARDS);
-            }
+            });
         }
         result
     }

@@ -9,10 +9,11 @@
 
 use std::path::Path;
 
-use crate::api::{Pass, IGNORE};
+use crate::api::Pass;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Shape;
+use crate::io::IGNORE;
 use crate::params::LossParams;
 use crate::problem::host_vec;
 

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::api::{LossOutput, IGNORE};
 use crate::io::Shape;
+use crate::io::{LossOutput, IGNORE};
 use crate::problem::Problem;
 
 /// A problem read from a safetensors file.

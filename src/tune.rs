@@ -11,12 +11,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use wgpu::util::DeviceExt;
 
-use crate::context::Context;
+use crate::context::{Context, Tuning};
 use crate::error::Result;
 use crate::kernels::{encode, fold_grid, Dispatch, GemmLayout, GemmShape, Timestamps};
 
@@ -61,34 +60,6 @@ pub struct Tuned {
     pub seconds: Vec<(String, f64)>,
 }
 
-/// How a context picks its GEMM candidates (`ContextOptions::tuning`, or the
-/// `MARGIN_SOFTMAX_TUNE` variable: `off`, or a directory for the cache file).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Tuning {
-    /// Tune each bucket once; the cache file lives in the user's cache directory
-    /// (`$XDG_CACHE_HOME`, else `~/.cache`, or `%LOCALAPPDATA%`, under `margin-softmax`).
-    #[default]
-    Auto,
-    /// Tune each bucket once, keeping the cache file in this directory.
-    CacheIn(PathBuf),
-    /// Tune each bucket once, in memory only (as on wasm, which has no file system).
-    InMemory,
-    /// Time nothing: every product runs the default candidate.
-    Off,
-}
-
-impl Tuning {
-    /// The tuning the environment asks for, where the options leave it at `Auto`.
-    pub(crate) fn with_env(self) -> Tuning {
-        match (self, std::env::var("MARGIN_SOFTMAX_TUNE").ok().as_deref()) {
-            (Tuning::Auto, Some("off")) => Tuning::Off,
-            (Tuning::Auto, Some("memory")) => Tuning::InMemory,
-            (Tuning::Auto, Some(dir)) if !dir.is_empty() => Tuning::CacheIn(dir.into()),
-            (tuning, _) => tuning,
-        }
-    }
-}
-
 /// The user's cache directory for the crate, if the platform has one.
 fn default_cache_dir() -> Option<PathBuf> {
     if cfg!(target_arch = "wasm32") {
@@ -102,18 +73,17 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("margin-softmax"))
 }
 
-/// The findings of one context, and where they persist.
+/// The findings of one context, and where they persist (kept in the context's caches).
 #[derive(Debug)]
-pub(crate) struct Tuner {
-    enabled: bool,
+struct Tuner {
     file: Option<PathBuf>,
-    found: Mutex<HashMap<Bucket, Tuned>>,
+    found: HashMap<Bucket, Tuned>,
 }
 
 impl Tuner {
     /// The tuner for an adapter; it reads the adapter's cache file, if any.
-    pub(crate) fn new(tuning: Tuning, info: &wgpu::AdapterInfo) -> Tuner {
-        let dir = match &tuning {
+    fn new(tuning: &Tuning, info: &wgpu::AdapterInfo) -> Tuner {
+        let dir = match tuning {
             Tuning::Auto => default_cache_dir(),
             Tuning::CacheIn(dir) => Some(dir.clone()),
             Tuning::InMemory | Tuning::Off => None,
@@ -136,25 +106,12 @@ impl Tuner {
             ))
         });
         let found = file.as_deref().map(read_cache).unwrap_or_default();
-        Tuner {
-            enabled: tuning != Tuning::Off,
-            file,
-            found: Mutex::new(found),
-        }
-    }
-
-    /// The cache file, if the findings persist.
-    pub(crate) fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
+        Tuner { file, found }
     }
 
     /// Every finding so far, sorted by bucket.
-    pub(crate) fn findings(&self) -> Vec<Tuned> {
-        let mut all: Vec<Tuned> = self
-            .found
-            .lock()
-            .map(|f| f.values().cloned().collect())
-            .unwrap_or_default();
+    fn findings(&self) -> Vec<Tuned> {
+        let mut all: Vec<Tuned> = self.found.values().cloned().collect();
         all.sort_by_key(|t| (t.bucket.layout, t.bucket.m, t.bucket.n, t.bucket.k));
         all
     }
@@ -165,27 +122,24 @@ impl Context {
     /// m × n × k: the pinned one, the default where tuning is off, else the bucket's
     /// fastest, timed now if the bucket is new.
     pub(crate) fn gemm_choice(&self, layout: GemmLayout, m: u32, n: u32, k: u32) -> Result<usize> {
-        if self.gemm_pinned || !self.tuner.enabled || self.kernels.candidates.len() < 2 {
+        if self.gemm_pinned || self.tuning == Tuning::Off || self.kernels.candidates.len() < 2 {
             return Ok(self.gemm_candidate);
         }
         let bucket = Bucket::of(layout, m, n, k);
-        let known = self
-            .tuner
-            .found
-            .lock()
-            .ok()
-            .and_then(|f| f.get(&bucket).map(|t| t.candidate.clone()));
+        let known = self.tuner(|t| t.found.get(&bucket).map(|t| t.candidate.clone()));
         let name = match known {
             Some(name) => name,
             None => {
+                // Timed outside the caches' lock; a bucket two threads time at once is
+                // kept as the last one found it.
                 let tuned = self.tune_bucket(layout, bucket)?;
                 let name = tuned.candidate.clone();
-                if let Ok(mut found) = self.tuner.found.lock() {
-                    found.insert(bucket, tuned);
-                    if let Some(file) = &self.tuner.file {
-                        write_cache(file, &found);
+                self.tuner(|t| {
+                    t.found.insert(bucket, tuned);
+                    if let Some(file) = &t.file {
+                        write_cache(file, &t.found);
                     }
-                }
+                });
                 name
             }
         };
@@ -278,14 +232,19 @@ impl Context {
         })
     }
 
+    /// Runs `f` on this context's tuner (made, and its cache file read, on first use).
+    fn tuner<R>(&self, f: impl FnOnce(&mut Tuner) -> R) -> R {
+        self.with_cache(|| Tuner::new(&self.tuning, &self.info), f)
+    }
+
     /// Every bucket this context has tuned or read from its cache file.
     pub fn tuned(&self) -> Vec<Tuned> {
-        self.tuner.findings()
+        self.tuner(|t| t.findings())
     }
 
     /// The tuner's cache file, if its findings persist.
-    pub fn tuning_file(&self) -> Option<&Path> {
-        self.tuner.file()
+    pub fn tuning_file(&self) -> Option<PathBuf> {
+        self.tuner(|t| t.file.clone())
     }
 }
 
