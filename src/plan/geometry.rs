@@ -1,0 +1,650 @@
+//! How a plan cuts a shape: class chunks or blocks, row chunks, the GEMMs and their
+//! k-pieces, the workspace each needs, and the limits (llvmpipe's loop budget among them)
+//! that bound them.
+
+use super::Algorithm;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::io::Shape;
+use crate::kernels::{padded, Binding, GemmLayout, GemmShape, GpuParams, DIM_PIECE, GEMM_QUADS};
+/// One chunk of the class matrix: the classes one binding of w covers, or, for a plan
+/// in blocks, one block of classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Chunk {
+    pub(super) class_offset: u32,
+    pub(super) classes: u32,
+}
+
+/// How a shape is cut: class chunks (or blocks) and row chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Geometry {
+    pub(super) chunks: Vec<Chunk>,
+    /// Row ranges [begin, end) of the row chunks of the materialised logits, in row order.
+    pub(super) row_passes: Vec<(u32, u32)>,
+    /// Chunked plan: the logits hold one class chunk (a block) at a time, not all C; the
+    /// forward merges a partial per row over the blocks and the backward recomputes each
+    /// block's dots.
+    pub(super) blocked: bool,
+    /// Elements between rows of the materialised logits.
+    pub(super) logit_stride: u32,
+}
+
+/// How the chunked plan cuts a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// As fast as the budget allows: whole rows where they fit, else the widest blocks.
+    Budget,
+    /// Blocks even where whole rows fit, all rows at once where they fit (a class shard:
+    /// its forward leaves partials, and its dots last until its backward).
+    Shard,
+    /// The smallest workspace at GEMM granularity (the memory-minimal plan): at most
+    /// BLOCK_ROWS rows, and the block that balances G against the per-block uniforms.
+    Smallest,
+}
+
+/// Loop iterations one invocation may run, counted over all its loops. llvmpipe, the
+/// software rasteriser behind lavapipe, ends an invocation after 65535 of them
+/// (LP_MAX_TGSI_LOOP_ITERATIONS) and carries on with wrong results; on llvmpipe, plans
+/// keep every invocation under half of that by cutting the classes of a row into blocks
+/// (the softmax rows) and refusing D past the norms pass. Other drivers have no such
+/// limit, and there these cuts do not apply ([`LoopLimits::of`], the one place that
+/// decides). The GEMM's k-pieces and the rows' D-pieces apply everywhere: they also bound
+/// each dispatch's work and the long sums' rounding.
+pub(super) const LOOP_BUDGET: u64 = 32768;
+/// llvmpipe's own limit, for the one pass whose iterations are counted exactly rather
+/// than estimated: the norms, D/4 vec4 steps for the largest magnitude, D/4 for the sum of
+/// squares and at most 12 scalar steps at the ends, in no branch (so not doubled by
+/// divergence), with 1024 of slack.
+pub(super) const LOOP_LIMIT: u64 = 65535 - 1024;
+
+/// The loop limits a context's plans keep to: llvmpipe's, or none.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LoopLimits {
+    /// Estimated iterations per invocation (LOOP_BUDGET).
+    pub(super) budget: u64,
+    /// Exactly counted iterations per invocation (LOOP_LIMIT).
+    pub(super) exact: u64,
+}
+
+impl LoopLimits {
+    /// llvmpipe's limits where the adapter is llvmpipe (by its name or driver), else none.
+    pub(super) fn of(ctx: &Context) -> LoopLimits {
+        let info = &ctx.info;
+        if info.name.contains("llvmpipe") || info.driver.contains("llvmpipe") {
+            LoopLimits {
+                budget: LOOP_BUDGET,
+                exact: LOOP_LIMIT,
+            }
+        } else {
+            LoopLimits {
+                budget: u64::MAX,
+                exact: u64::MAX,
+            }
+        }
+    }
+}
+
+/// Loop iterations of one invocation of `row_inv_norms` for rows of `dim` values.
+pub(super) fn norm_iterations(dim: u64) -> u64 {
+    dim.div_ceil(2) + 12
+}
+
+/// Pieces of DIM_PIECE values in a row of `dim`: one invocation each in `pad_rows` and
+/// the projections, whose loops then stay within LOOP_BUDGET for any D (at most
+/// 4·DIM_PIECE steps: a piece's dot and its write, over both of the projection's
+/// branches, plus one per piece to merge the dots).
+pub(super) fn dim_pieces(dim: u64) -> u64 {
+    dim.div_ceil(u64::from(DIM_PIECE)).max(1)
+}
+/// Bytes of one `SplitPartial` in `shaders/forward.wgsl`.
+pub(super) const SPLIT_PARTIAL_BYTES: u64 = 28;
+/// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
+pub(super) const ROW_SOFTMAX_BYTES: u64 = 20;
+pub(super) const FLAGS_BYTES: u64 = 4;
+pub(super) const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
+pub(super) const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
+
+/// The product of byte counts, saturating: sizes past u64 compare as too large instead of
+/// wrapping.
+pub(super) fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |acc, &f| acc.saturating_mul(f))
+}
+
+pub(super) fn to_u32(what: &'static str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::TooLarge {
+        what,
+        size: n as u64,
+        limit: u64::from(u32::MAX),
+    })
+}
+
+pub(super) fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Geometry {
+    /// The geometry of `algorithm` for `shape` within `budget` bytes of workspace (the
+    /// chunked plan is held to it; the memory-minimal plan and the unfused baseline do not
+    /// depend on it). With `shard`, the chunked plan cuts as for a class shard.
+    pub(super) fn new(
+        ctx: &Context,
+        shape: Shape,
+        algorithm: Algorithm,
+        budget: u64,
+        shard: bool,
+    ) -> Result<Geometry> {
+        let cut = match algorithm {
+            Algorithm::MemoryMinimal => Cut::Smallest,
+            _ if shard => Cut::Shard,
+            _ => Cut::Budget,
+        };
+        let engine = algorithm.engine();
+        if engine != Algorithm::Chunked || cut == Cut::Smallest {
+            return Geometry::select(ctx, shape, engine, budget, cut);
+        }
+        // The chunked plan sizes G from estimates of the rest of its workspace (uniforms
+        // above all); it is then held to the budget by its exact bytes, shrinking G's
+        // share until they fit.
+        let mut target = budget;
+        let mut smallest = u64::MAX;
+        for _ in 0..16 {
+            let g = match Geometry::select(ctx, shape, engine, target, cut) {
+                Ok(g) => g,
+                Err(e) if target == budget => return Err(e),
+                Err(_) => break,
+            };
+            let total = total_bytes(ctx, shape, &g, engine);
+            if total <= budget {
+                return Ok(g);
+            }
+            smallest = smallest.min(total);
+            // At least one row of G (or of a block) less, so that each try changes G.
+            target =
+                target.saturating_sub((total - budget + 4096).max(4 * u64::from(g.logit_stride)));
+        }
+        Err(Error::TooLarge {
+            what: "the chunked plan's workspace (set a larger ContextOptions::workspace_budget)",
+            size: smallest,
+            limit: budget,
+        })
+    }
+
+    /// The geometry for a budget of `budget` bytes, from estimates of what is not G:
+    /// class chunks of at most `ctx.max_binding` bytes of w, each starting at a class
+    /// whose byte offsets meet the storage offset alignment; for the chunked plan, its row
+    /// chunks and blocks as `cut` asks.
+    pub(super) fn select(
+        ctx: &Context,
+        shape: Shape,
+        algorithm: Algorithm,
+        budget: u64,
+        cut: Cut,
+    ) -> Result<Geometry> {
+        shape.check_nonempty()?;
+        let batch = to_u32("batch", shape.batch)?;
+        let classes = to_u32("classes", shape.classes)?;
+        to_u32("dim", shape.dim)?;
+        let loops = LoopLimits::of(ctx);
+        if norm_iterations(shape.dim as u64) > loops.exact {
+            return Err(Error::TooLarge {
+                what: "D, the values of one row (the norms pass of one invocation per row stays within llvmpipe's loop budget up to this D)",
+                size: shape.dim as u64,
+                limit: (loops.exact - 12) * 2,
+            });
+        }
+        let tiles = ctx.tiles;
+        let d = shape.dim as u64;
+        let row_bytes = d * 4;
+        let b = u64::from(batch);
+        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
+        let tile = u64::from(tiles.tile_classes());
+        // Chunk starts are multiples of `quantum` classes: byte offsets stay aligned for w,
+        // its gradient and the per-class norms, and chunks hold whole class lanes' quads.
+        let lcm = |a: u64, b: u64| a * b / gcd(a, b);
+        let quantum = {
+            let by_row = align / gcd(align, row_bytes);
+            let by_padded_row = align / gcd(align, 4 * padded(d));
+            let by_norm = align / 4;
+            lcm(lcm(lcm(by_row, by_padded_row), by_norm), tile)
+        };
+        // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes per
+        // loop iteration (twice in the chunked plan: statistics, then G'), within
+        // LOOP_BUDGET: past it the chunked plan takes the classes in blocks.
+        let lanes = u64::from(tiles.classes_per_workgroup);
+        let (mut chunk_classes, mut row_passes) = if algorithm == Algorithm::Unfused {
+            let loop_columns = loops.budget.saturating_mul(4 * lanes);
+            if u64::from(classes) > loop_columns {
+                return Err(Error::TooLarge {
+                    what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
+                    size: u64::from(classes),
+                    limit: loop_columns,
+                });
+            }
+            (classes, vec![(0, batch)])
+        } else {
+            // The chunked plan runs GEMMs only: one binding of w per chunk.
+            // (the copy of w, where made, has rows of D rounded up to 4).
+            let fit = ctx.max_binding / (4 * padded(d)) / quantum * quantum;
+            if fit == 0 {
+                return Err(Error::TooLarge {
+                    what:
+                        "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
+                    size: quantum * row_bytes,
+                    limit: ctx.max_binding,
+                });
+            }
+            (fit.min(u64::from(classes)) as u32, vec![(0, batch)])
+        };
+        // The padded copies are bound whole: they must fit one binding.
+        let copies = product(&[4, b, padded(d)]);
+        if copies > ctx.max_binding {
+            return Err(Error::TooLarge {
+                what:
+                    "the copy of x̂ in rows of D rounded up to 4 (B·⌈D/4⌉·16 bytes in one binding)",
+                size: copies,
+                limit: ctx.max_binding,
+            });
+        }
+        let mut blocked = false;
+        if algorithm == Algorithm::Chunked {
+            // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
+            // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
+            // The rest of the workspace (norms, flags, softmax rows, partials, the padded
+            // copies) comes out of the budget first, and for whole rows 64 KiB for the
+            // uniforms.
+            let rest = 4 * (b + u64::from(classes))
+                + product(&[4, b, padded(d)])
+                + padded_classes_bytes(shape, algorithm)
+                + FLAGS_BYTES
+                + product(&[ROW_SOFTMAX_BYTES + SPLIT_PARTIAL_BYTES, b]);
+            // G's rows also fit one storage binding.
+            let room = budget
+                .saturating_sub(rest + (64 << 10))
+                .min(ctx.max_binding);
+            let whole_rows = (room / (4 * padded(u64::from(classes)))).min(65536).min(b);
+            let mut rows = whole_rows;
+            let loop_columns = loops.budget.saturating_mul(4 * lanes) / 2;
+            let whole_fits_loops = u64::from(classes) <= loop_columns;
+            if cut != Cut::Budget || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
+                // Blocks of classes: G for `rows` rows × one block; the backward recomputes
+                // each block's dots (8·B·C·D flops). Every block and row chunk costs a set
+                // of uniforms. For the budget, the widest block whose G and uniforms fit
+                // (narrower blocks cost more uniforms, so it shrinks to a fixed point),
+                // rows halving from BLOCK_ROWS while no block fits, down to one GEMM tile
+                // of rows (64 by default) or MIN_CHUNK_ROWS if more: thinner GEMMs waste
+                // their tiles. Where no block fits, thin whole rows, if any fit.
+                let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
+                    .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
+                let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
+                let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
+                // Uniform entries per block and row chunk: its parameters, and the GEMM
+                // shapes of its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
+                let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
+                let block_uniforms =
+                    |block: u64, rows: u64| 1 + pieces(d) + pieces(block) + pieces(rows);
+                let within_loops = |block: u64| block.min(loop_columns) / quantum * quantum;
+                let mut block;
+                if cut == Cut::Smallest {
+                    // 4·rows·block bytes of G against ⌈C/block⌉·⌈B/rows⌉ sets of uniforms:
+                    // the sum is least near block = √(C·⌈B/rows⌉·U / (4·rows)), taken at
+                    // least MIN_SMALLEST_BLOCK classes (thinner GEMMs waste their tiles).
+                    rows = b.min(BLOCK_ROWS).max(min_block_rows);
+                    let per_block = b.div_ceil(rows) * block_uniforms(d, rows) * uniform_bytes;
+                    let balance =
+                        ((u64::from(classes) * per_block) as f64 / (4 * rows) as f64).sqrt();
+                    let wanted = (balance as u64)
+                        .max(MIN_SMALLEST_BLOCK)
+                        .next_multiple_of(quantum);
+                    // G's block fits one binding.
+                    let binding = ctx.max_binding / (4 * rows);
+                    block = within_loops(
+                        wanted
+                            .min(u64::from(classes).next_multiple_of(quantum))
+                            .min(binding),
+                    );
+                } else {
+                    rows = if cut == Cut::Shard {
+                        b
+                    } else {
+                        b.min(BLOCK_ROWS)
+                    };
+                    loop {
+                        let fit = |block: u64| {
+                            let blocks = u64::from(classes).div_ceil(block.max(1));
+                            let overhead = blocks
+                                * b.div_ceil(rows)
+                                * block_uniforms(block, rows)
+                                * uniform_bytes;
+                            // G's block fits one binding; the rest of the budget holds all.
+                            let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
+                            within_loops(bytes / (4 * rows))
+                        };
+                        block = fit(u64::from(classes));
+                        while block >= quantum && fit(block) < block {
+                            block = fit(block);
+                        }
+                        if block >= quantum || rows <= min_block_rows {
+                            break;
+                        }
+                        rows = (rows / 2).max(min_block_rows);
+                    }
+                }
+                if block >= quantum {
+                    chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
+                    blocked = true;
+                } else if whole_fits_loops && whole_rows > 0 {
+                    rows = whole_rows;
+                } else {
+                    let blocks = u64::from(classes).div_ceil(quantum);
+                    return Err(Error::TooLarge {
+                        what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms and x̂ (set a larger ContextOptions::workspace_budget)",
+                        size: rest
+                            + 4 * rows * quantum
+                            + blocks * b.div_ceil(rows) * block_uniforms(quantum, rows) * uniform_bytes,
+                        limit: budget,
+                    });
+                }
+            }
+            if rows == 0 {
+                return Err(Error::TooLarge {
+                    what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
+                    size: 4 * padded(u64::from(classes)),
+                    limit: budget,
+                });
+            }
+            let rows = rows as u32;
+            row_passes = (0..batch.div_ceil(rows))
+                .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
+                .collect();
+        }
+        let chunks = (0..classes)
+            .step_by(chunk_classes as usize)
+            .map(|class_offset| Chunk {
+                class_offset,
+                classes: chunk_classes.min(classes - class_offset),
+            })
+            .collect();
+        let logit_stride = padded(u64::from(if blocked { chunk_classes } else { classes })) as u32;
+        Ok(Geometry {
+            chunks,
+            row_passes,
+            blocked,
+            logit_stride,
+        })
+    }
+
+    /// Classes of the largest class chunk (the first).
+    pub(super) fn largest_chunk(&self) -> u64 {
+        self.chunks
+            .iter()
+            .map(|k| u64::from(k.classes))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Uniform entries: one per (chunk, row pass), chunk-major.
+    pub(super) fn uniforms(&self) -> usize {
+        self.chunks.len() * self.row_passes.len()
+    }
+
+    /// Rows of the largest row pass.
+    pub(super) fn max_pass_rows(&self) -> u64 {
+        self.row_passes
+            .iter()
+            .map(|&(a, b)| u64::from(b - a))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The memory-minimal plan's narrowest block of classes: thinner GEMMs waste their tiles
+/// and pay a dispatch per few columns.
+pub(super) const MIN_SMALLEST_BLOCK: u64 = 256;
+
+/// Smallest row chunk of whole rows of G: below it the chunked plan takes G in blocks of
+/// classes instead.
+pub(super) const MIN_CHUNK_ROWS: u64 = 32;
+/// Rows of a chunk of blocks of G (fewer where the budget asks).
+pub(super) const BLOCK_ROWS: u64 = 256;
+
+impl Algorithm {
+    /// The fastest algorithm whose workspace fits `ctx`'s budget for `shape`: chunked
+    /// (whole rows of G when at least 32 rows, or all of them, fit and a row is within
+    /// llvmpipe's loop budget; else blocks of classes for at least one GEMM tile of
+    /// rows), and the memory-minimal plan only where not even one block fits.
+    pub fn choose(ctx: &Context, shape: Shape) -> Algorithm {
+        Algorithm::choose_within(ctx, shape, ctx.workspace_budget)
+    }
+
+    /// [`Algorithm::choose`] for a budget of `budget` bytes.
+    pub(super) fn choose_within(ctx: &Context, shape: Shape, budget: u64) -> Algorithm {
+        // Thinner whole rows (what is left when not even a block fits) lose to the
+        // memory-minimal plan's blocks.
+        match Geometry::new(ctx, shape, Algorithm::Chunked, budget, false) {
+            Ok(g) if g.blocked || g.max_pass_rows() >= MIN_CHUNK_ROWS.min(shape.batch as u64) => {
+                Algorithm::Chunked
+            }
+            _ => Algorithm::MemoryMinimal,
+        }
+    }
+
+    /// The passes it records: the memory-minimal plan is the chunked plan's.
+    pub(super) fn engine(self) -> Algorithm {
+        match self {
+            Algorithm::MemoryMinimal => Algorithm::Chunked,
+            other => other,
+        }
+    }
+}
+
+/// Whether the GEMMs read a copy of w in rows padded to a multiple of 4 (after x̂'s):
+/// always in the unfused baseline (it is ŵ), and in the chunked plan when D is not a
+/// multiple of 4 (the GEMMs load rows as vec4s); otherwise they read the caller's w.
+pub(super) fn copies_classes(shape: Shape, algorithm: Algorithm) -> bool {
+    match algorithm.engine() {
+        Algorithm::Unfused => true,
+        _ => !shape.dim.is_multiple_of(4),
+    }
+}
+
+/// Bytes of the padded copy of w or ŵ: all classes in rows of D rounded up to 4 where
+/// the plan copies them (bound per chunk), else a 4-byte stand-in.
+pub(super) fn padded_classes_bytes(shape: Shape, algorithm: Algorithm) -> u64 {
+    if copies_classes(shape, algorithm) {
+        product(&[4, shape.classes as u64, padded(shape.dim as u64)])
+    } else {
+        4
+    }
+}
+
+/// The workspace buffers of one algorithm, with their sizes in bytes.
+pub(super) fn workspace_layout(
+    shape: Shape,
+    g: &Geometry,
+    algorithm: Algorithm,
+) -> Vec<(Binding, u64)> {
+    let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    let d4 = padded(d);
+    let mut layout = vec![
+        (Binding::InvNormFeatures, 4 * b),
+        // C rounded up to 4: also read four classes at a time.
+        (Binding::InvNormClasses, 4 * padded(c)),
+        (Binding::InputFlags, FLAGS_BYTES),
+        (Binding::RowSoftmax, product(&[ROW_SOFTMAX_BYTES, b])),
+        // One v̂·g per piece of each row of [x; w chunk], for rows of more than one piece.
+        (
+            Binding::ProjectionPieceDots,
+            match dim_pieces(d) {
+                1 => 4,
+                pieces => product(&[4, pieces, b + g.largest_chunk()]),
+            },
+        ),
+    ];
+    layout.extend([
+        (
+            Binding::Logits,
+            product(&[4, u64::from(g.logit_stride), g.max_pass_rows()]),
+        ),
+        // One partial per row, merged over the blocks (bound, and unread, otherwise).
+        (Binding::SplitPartials, product(&[SPLIT_PARTIAL_BYTES, b])),
+        (Binding::PaddedFeatures, product(&[4, b, d4])),
+        (
+            Binding::PaddedClasses,
+            padded_classes_bytes(shape, algorithm),
+        ),
+    ]);
+    layout
+}
+
+/// One GEMM of a plan: its shape, layout and the bindings of its operands.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GemmSpec {
+    pub(super) shape: GemmShape,
+    pub(super) layout: GemmLayout,
+    /// The row chunk (pass) it serves.
+    pub(super) pass: usize,
+    /// The class chunk whose bindings of w and dL/dw it reads and writes.
+    pub(super) chunk: usize,
+    pub(super) lhs: Binding,
+    pub(super) rhs: Binding,
+    pub(super) product: Binding,
+    /// The GEMM candidate it runs (an index into the context's candidates); every
+    /// candidate gives the same bits.
+    pub(super) candidate: usize,
+}
+
+/// The longest k one matmul dispatch runs, a multiple of 4 so that every piece starts
+/// on a vec4: a product's k is cut into pieces of it by the shape alone, each piece
+/// adding onto the last; within a piece the GEMM sums runs of 256 values, then run by run
+/// (`RUN_QUADS` in shaders/gemm.wgsl), which bounds the rounding of the long sums. It
+/// keeps each invocation's k/4 loop iterations within LOOP_BUDGET, and a workgroup's
+/// slice of the streamed operand (4096 rows of a tile) within a CPU core's cache: on
+/// llvmpipe G·w over k = 16384 runs 10–20% faster in pieces of 4096.
+pub(super) const MAX_GEMM_K: u32 = 4096;
+
+impl GemmSpec {
+    /// The spec cut along k into pieces of at most MAX_GEMM_K, each accumulating onto
+    /// the previous ones, with its operand offsets advanced to the piece's first k.
+    pub(super) fn k_pieces(self) -> Vec<GemmSpec> {
+        let gemm = self.shape;
+        let (lhs_along_k, rhs_along_k) = self.layout.along_k();
+        let step = |along_k: bool, stride: u32, k0: u32| if along_k { k0 } else { k0 * stride };
+        (0..gemm.k)
+            .step_by(MAX_GEMM_K as usize)
+            .map(|k0| GemmSpec {
+                shape: GemmShape {
+                    k: MAX_GEMM_K.min(gemm.k - k0),
+                    lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
+                    rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
+                    accumulate: gemm.accumulate | u32::from(k0 > 0),
+                    ..gemm
+                },
+                ..self
+            })
+            .collect()
+    }
+}
+
+/// The GEMMs of a plan: per row chunk and class chunk, the dots and (for gradients) gx̂
+/// and gw; steps find them by [`GemmSpec::pass`], `chunk` and `layout`. They read x̂ from
+/// its padded copy, w from the caller's buffer (bound per class chunk) or its copy after
+/// x̂ ([`copies_classes`]), in rows of D rounded up to 4; the logits and G in rows of
+/// `logit_stride`, a class chunk's columns from its first class (from column 0 when the
+/// logits hold one block at a time).
+pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
+    let d = shape.dim as u32;
+    let (c4, d4) = (g.logit_stride, padded(d.into()) as u32);
+    let column = |part: &Chunk| if g.blocked { 0 } else { part.class_offset };
+    // w's binding, bound per chunk from the chunk's first class: the caller's, or its copy.
+    let w = if copies_classes(shape, algorithm) {
+        Binding::PaddedClasses
+    } else {
+        Binding::ClassVectors
+    };
+    let features = Binding::PaddedFeatures;
+    let spec = |(pass, chunk), shape, layout, lhs, rhs, product| GemmSpec {
+        shape,
+        layout,
+        pass,
+        chunk,
+        lhs,
+        rhs,
+        product,
+        candidate: 0,
+    };
+    let mut specs = Vec::new();
+    for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {
+        let rows = r1 - r0;
+        // x̂·wᵀ into the chunk's columns of the logits.
+        for (k, part) in g.chunks.iter().enumerate() {
+            let mut dots = GemmShape::new((rows, part.classes, d), d4, d4, c4);
+            dots.lhs_offset = r0 * d4;
+            dots.product_offset = column(part);
+            let dots = spec(
+                (pass, k),
+                dots,
+                GemmLayout::Dots,
+                features,
+                w,
+                Binding::Logits,
+            );
+            specs.extend(dots.k_pieces());
+        }
+        // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
+        for (k, part) in g.chunks.iter().enumerate() {
+            let mut gx = GemmShape::new((rows, d, part.classes), c4, d4, d);
+            gx.lhs_offset = column(part);
+            gx.product_offset = r0 * d;
+            gx.accumulate = u32::from(k > 0);
+            let gx = spec(
+                (pass, k),
+                gx,
+                GemmLayout::FeatureGrad,
+                Binding::Logits,
+                w,
+                Binding::GradFeatures,
+            );
+            specs.extend(gx.k_pieces());
+            let mut gw = GemmShape::new((part.classes, d, rows), c4, d4, d);
+            gw.lhs_offset = column(part);
+            gw.rhs_offset = r0 * d4;
+            gw.accumulate = u32::from(pass > 0);
+            let gw = spec(
+                (pass, k),
+                gw,
+                GemmLayout::ClassGrad,
+                Binding::Logits,
+                features,
+                Binding::GradClasses,
+            );
+            specs.extend(gw.k_pieces());
+        }
+    }
+    specs
+}
+
+/// Byte stride of consecutive uniform structs of `bytes` in one buffer.
+pub(super) fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
+    bytes.next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment))
+}
+
+/// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
+/// the caller's inputs and outputs. Memory-minimal: x̂ (B·D), up to 256 rows of one block
+/// of G, the norms and a partial per row, and uniforms per block and row chunk. Unfused:
+/// it holds the B×C logits.
+pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
+    let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
+    Ok(total_bytes(ctx, shape, &g, algorithm))
+}
+
+pub(super) fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: Algorithm) -> u64 {
+    let buffers = workspace_layout(shape, g, algorithm)
+        .iter()
+        .fold(0u64, |acc, (_, s)| acc.saturating_add(*s));
+    let gemm = gemm_specs(shape, g, algorithm).len() as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES);
+    buffers + g.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES) + gemm
+}

@@ -1,0 +1,620 @@
+//! The recording of a plan: its uniforms, its steps in dispatch order (norms, copies,
+//! dots, softmax rows, gradient GEMMs, projections) and the buffers each binds.
+
+use super::geometry::{
+    copies_classes, dim_pieces, product, uniform_stride, GemmSpec, GEMM_SHAPE_BYTES, PARAMS_BYTES,
+};
+use super::{Algorithm, Phase, Plan};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Summary};
+use crate::kernels::{
+    encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GpuParams, Kernel, Timestamps,
+    ROW_KERNEL_WORKGROUP,
+};
+use crate::params::LossParams;
+/// One dispatch of a recording.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    kernel: &'a Kernel,
+    grid: (u32, u32),
+    /// The class chunk it covers.
+    chunk: usize,
+    /// The dL/dw row pass it covers.
+    pass: usize,
+    /// The GEMM it runs (matmul steps), an index into the plan's GEMMs.
+    gemm: Option<usize>,
+}
+
+impl Plan {
+    /// Records `phase`, with the timestamps asked for; returns the kernels' names in
+    /// dispatch order.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn record_phase(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &DeviceInputs<'_>,
+        outputs: &DeviceOutputs<'_>,
+        params: &LossParams,
+        timestamps: Timestamps<'_>,
+        phase: Phase,
+    ) -> Result<Vec<&'static str>> {
+        ctx.check_alive()?;
+        if self.context != ctx.serial {
+            return Err(Error::BadBuffer {
+                role: "plan",
+                reason: "it was made on another context; make a plan with Plan::new on the \
+                         context you record with"
+                    .into(),
+            });
+        }
+        params.validate()?;
+        let regions = self.regions(inputs, outputs);
+        for r in &regions {
+            check_region(ctx, r)?;
+        }
+        check_aliasing(&regions)?;
+        self.upload_params(ctx, encoder, params, outputs.grads.is_some());
+        let steps = self.steps(ctx, outputs.grads.is_some(), phase)?;
+        let dispatches = steps
+            .iter()
+            .map(|step| {
+                let resources = step
+                    .kernel
+                    .bindings
+                    .iter()
+                    .map(|&binding| self.resource(ctx, binding, step, &regions))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Dispatch {
+                    kernel: step.kernel,
+                    grid: step.grid,
+                    resources,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        encode(&ctx.device, encoder, &dispatches, timestamps)
+    }
+
+    /// The caller's regions this recording binds, with the bytes each must hold.
+    fn regions<'r>(
+        &self,
+        inputs: &DeviceInputs<'r>,
+        outputs: &DeviceOutputs<'r>,
+    ) -> Vec<Region<'r>> {
+        let (b, c, d) = (
+            self.shape.batch as u64,
+            self.shape.classes as u64,
+            self.shape.dim as u64,
+        );
+        let mut regions = vec![
+            Region {
+                role: "features",
+                region: inputs.features,
+                bytes: product(&[b, d, 4]),
+            },
+            Region {
+                role: "classes",
+                region: inputs.classes,
+                bytes: product(&[c, d, 4]),
+            },
+            Region {
+                role: "labels",
+                region: inputs.labels,
+                bytes: b * 4,
+            },
+            Region {
+                role: "row_stats",
+                region: outputs.row_stats,
+                bytes: b * std::mem::size_of::<RowStats>() as u64,
+            },
+            Region {
+                role: "summary",
+                region: outputs.summary,
+                bytes: std::mem::size_of::<Summary>() as u64,
+            },
+        ];
+        if let Some(grads) = &outputs.grads {
+            regions.push(Region {
+                role: "grad_features",
+                region: grads.features,
+                bytes: product(&[b, d, 4]),
+            });
+            regions.push(Region {
+                role: "grad_classes",
+                region: grads.classes,
+                bytes: product(&[c, d, 4]),
+            });
+        }
+        regions
+    }
+
+    /// Rows `pad_rows` copies in chunk `k`: x̂ with the first, w's rows where copied.
+    fn copy_rows(&self, k: usize) -> u32 {
+        let copied = copies_classes(self.shape, self.algorithm);
+        (if k == 0 { self.shape.batch as u32 } else { 0 })
+            + if copied {
+                self.geometry.chunks[k].classes
+            } else {
+                0
+            }
+    }
+
+    /// The uniforms of every (chunk, row pass), copied into the plan's uniform buffer
+    /// through the encoder, and the input flags cleared.
+    fn upload_params(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &LossParams,
+        with_grads: bool,
+    ) {
+        let (b, d) = (self.shape.batch as u64, self.shape.dim as u64);
+        let g = &self.geometry;
+        let stride = uniform_stride(ctx, PARAMS_BYTES);
+        let passes = g.row_passes.len();
+        let mut uniforms = vec![0u8; (stride * g.uniforms() as u64) as usize];
+        let chunked = self.algorithm.engine() == Algorithm::Chunked;
+        for (k, chunk) in g.chunks.iter().enumerate() {
+            for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
+                let mut gpu = GpuParams {
+                    batch: b as u32,
+                    dim: d as u32,
+                    classes: chunk.classes,
+                    total_classes: self.total_classes,
+                    class_offset: chunk.class_offset,
+                    row_begin,
+                    row_end,
+                    reduction: 0,
+                    norm_feature_rows: if k == 0 { b as u32 } else { 0 },
+                    scale: 0.0,
+                    margin: 0.0,
+                    scale_grad_gate: 0.0,
+                    raw_classes: u32::from(chunked),
+                    defer_norm: u32::from(chunked),
+                    multiplicative_margin: 1,
+                    angular_margin: 0.0,
+                    cos_m2: 1.0,
+                    sin_m2: 0.0,
+                    objective: 0,
+                    straight_through: 0,
+                    write_grads: u32::from(chunked && with_grads && !g.blocked),
+                    logit_stride: g.logit_stride,
+                    blocks: u32::from(g.blocked),
+                    block_index: k as u32,
+                    copy_rows: self.copy_rows(k),
+                };
+                gpu.set_loss(params);
+                let at = (k * passes + pass) * stride as usize;
+                uniforms[at..at + PARAMS_BYTES as usize].copy_from_slice(bytemuck::bytes_of(&gpu));
+            }
+        }
+        // Through the encoder, not the queue: each recording's copy runs just before its
+        // own dispatches, so recordings made before a submit keep their own parameters.
+        // The upload buffer is this recording's alone: the queue fills it at the next
+        // submit, before any command of that submit runs.
+        let upload = ctx.create_buffer(
+            "params upload",
+            uniforms.len() as u64,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        );
+        ctx.queue.write_buffer(&upload, 0, &uniforms);
+        encoder.copy_buffer_to_buffer(&upload, 0, &self.params, 0, uniforms.len() as u64);
+        if let Some((_, flags)) = self
+            .workspace
+            .iter()
+            .find(|(b, _)| *b == Binding::InputFlags)
+        {
+            encoder.clear_buffer(flags, 0, None);
+        }
+    }
+
+    /// The dispatches of `phase`, in order.
+    fn steps<'a>(
+        &'a self,
+        ctx: &'a Context,
+        backward: bool,
+        phase: Phase,
+    ) -> Result<Vec<Step<'a>>> {
+        let (b, c, d) = (
+            self.shape.batch as u64,
+            self.shape.classes as u64,
+            self.shape.dim as u64,
+        );
+        let g = &self.geometry;
+        let k = &ctx.kernels;
+        let max = ctx.limits.max_compute_workgroups_per_dimension;
+        let per_row = |rows: u64| fold_grid(rows.div_ceil(u64::from(ROW_KERNEL_WORKGROUP)), max);
+        let rows_of = |k: usize| u64::from(g.chunks[k].classes) + if k == 0 { b } else { 0 };
+        let once = |kernel, grid| Step {
+            kernel,
+            grid,
+            chunk: 0,
+            pass: 0,
+            gemm: None,
+        };
+        let mut steps: Vec<Step<'_>> = Vec::new();
+        for chunk in 0..g.chunks.len() {
+            steps.push(Step {
+                chunk,
+                ..once(&k.row_inv_norms, per_row(rows_of(chunk))?)
+            });
+        }
+        let matmul = |index: usize| -> Result<Step<'_>> {
+            let spec = &self.gemms[index];
+            let candidate = &ctx.kernels.candidates[spec.candidate];
+            let grid = fold_grid(spec.shape.workgroups(candidate), max)?;
+            Ok(Step {
+                gemm: Some(index),
+                chunk: self.gemms[index].chunk,
+                ..once(k.matmul(spec.layout, spec.candidate), grid)
+            })
+        };
+        let pieces = dim_pieces(d);
+        let chunked_backward = backward && self.algorithm.engine() == Algorithm::Chunked;
+        // A shard's backward from the dots its forward left (Plan::keeps_dots).
+        let reuse_dots = phase == (Phase::ShardBackward { reuse_dots: true });
+        // The blocked chunked plan's backward, which runs after the summary.
+        let mut blocked_backward = Vec::new();
+        {
+            // x̂ (and w's copy), then per row chunk the dots and their
+            // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
+            // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
+            // x̂ with the first chunk; w's copy, where made, chunk by chunk.
+            for chunk in 0..g.chunks.len() {
+                let rows = u64::from(self.copy_rows(chunk));
+                if rows > 0 && !reuse_dots {
+                    steps.push(Step {
+                        chunk,
+                        ..once(&k.pad_rows, per_row(rows * pieces)?)
+                    });
+                }
+            }
+            // The GEMMs of each (pass, chunk), indexed once: its dots, and its gradient
+            // products, in spec order.
+            let mut by_block =
+                vec![vec![(Vec::new(), Vec::new()); g.chunks.len()]; g.row_passes.len()];
+            for (index, spec) in self.gemms.iter().enumerate() {
+                let (dots, grads) = &mut by_block[spec.pass][spec.chunk];
+                if spec.layout == GemmLayout::Dots {
+                    dots.push(index);
+                } else {
+                    grads.push(index);
+                }
+            }
+            let gemms = |pass: usize, chunk: usize, dots: bool| -> Result<Vec<Step<'_>>> {
+                let (dot_specs, grad_specs) = &by_block[pass][chunk];
+                let indices = if dots { dot_specs } else { grad_specs };
+                indices.iter().map(|&index| matmul(index)).collect()
+            };
+            let row_grid = |(r0, r1): (u32, u32)| {
+                fold_grid(
+                    u64::from(r1 - r0).div_ceil(u64::from(ctx.tiles.rows_per_workgroup)),
+                    max,
+                )
+            };
+            let forward = matches!(phase, Phase::Whole | Phase::ShardForward);
+            for (pass, &rows) in g.row_passes.iter().enumerate().filter(|_| forward) {
+                if g.blocked {
+                    // Each block's dots and its partial per row.
+                    for chunk in 0..g.chunks.len() {
+                        steps.extend(gemms(pass, chunk, true)?);
+                        steps.push(Step {
+                            pass,
+                            chunk,
+                            ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                        });
+                    }
+                } else {
+                    // Whole rows: every chunk's dots, the softmax (and G') of the rows,
+                    // then the gradient GEMMs.
+                    for chunk in 0..g.chunks.len() {
+                        steps.extend(gemms(pass, chunk, true)?);
+                    }
+                    steps.push(Step {
+                        pass,
+                        ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                    });
+                    if chunked_backward {
+                        for chunk in 0..g.chunks.len() {
+                            steps.extend(gemms(pass, chunk, false)?);
+                        }
+                    }
+                }
+            }
+            // A shard's forward leaves the blocks' partials to the caller.
+            if g.blocked && phase == Phase::Whole {
+                steps.push(once(&k.merge_rows, per_row(b)?));
+            }
+            if g.blocked && chunked_backward {
+                // After the forward: each block's dots again (unless a shard's forward
+                // left them), its G', its gradient GEMMs.
+                blocked_backward = g
+                    .row_passes
+                    .iter()
+                    .enumerate()
+                    .map(|(pass, &rows)| -> Result<Vec<Step<'_>>> {
+                        let mut steps = Vec::new();
+                        for chunk in 0..g.chunks.len() {
+                            if !reuse_dots {
+                                steps.extend(gemms(pass, chunk, true)?);
+                            }
+                            steps.push(Step {
+                                pass,
+                                chunk,
+                                ..once(&k.logit_grad_rows, row_grid(rows)?)
+                            });
+                            steps.extend(gemms(pass, chunk, false)?);
+                        }
+                        Ok(steps)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+                    .concat();
+            }
+        }
+        if phase == Phase::Whole {
+            steps.push(once(&k.summarize, (1, 1)));
+        }
+        if backward {
+            match self.algorithm.engine() {
+                Algorithm::Unfused => {
+                    steps.push(once(&k.logit_grads, per_row(b * c)?));
+                    // The gradient GEMMs: every one but the dots' k-pieces.
+                    for index in 0..self.gemms.len() {
+                        if self.gemms[index].layout != GemmLayout::Dots {
+                            steps.push(matmul(index)?);
+                        }
+                    }
+                }
+                _ => steps.append(&mut blocked_backward),
+            }
+        }
+        // Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
+        if backward {
+            for chunk in 0..g.chunks.len() {
+                let grid = per_row(rows_of(chunk) * pieces)?;
+                if pieces > 1 {
+                    steps.push(Step {
+                        chunk,
+                        ..once(&k.projection_dots, grid)
+                    });
+                }
+                steps.push(Step {
+                    chunk,
+                    ..once(&k.normalize_backward, grid)
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    /// The buffer bound at `binding` for `step`: the plan's workspace, or a
+    /// caller's region. Class-indexed buffers are bound from the chunk's first class; for
+    /// a matmul step, the GEMM bindings resolve through that GEMM's operands.
+    fn resource<'b>(
+        &'b self,
+        ctx: &'b Context,
+        binding: Binding,
+        step: &Step<'_>,
+        regions: &'b [Region<'b>],
+    ) -> Result<wgpu::BufferBinding<'b>> {
+        let internal = |what: &str| Error::Gpu(format!("internal: no buffer for {what}"));
+        let part = self
+            .geometry
+            .chunks
+            .get(step.chunk)
+            .ok_or_else(|| internal("a chunk"))?;
+        let gemm = step.gemm;
+        let row_bytes = self.shape.dim as u64 * 4;
+        // (first byte, bytes) of this chunk in a class-indexed buffer of `per_class` bytes a
+        // class.
+        let class_range = |per_class: u64| {
+            (
+                u64::from(part.class_offset) * per_class,
+                u64::from(part.classes) * per_class,
+            )
+        };
+        let caller = |role: &'static str, range: Option<(u64, u64)>| {
+            let r = regions
+                .iter()
+                .find(|r| r.role == role)
+                .ok_or(Error::BadBuffer {
+                    role,
+                    reason: "this pass needs it but none was given".into(),
+                })?;
+            let (skip, bytes) = range.unwrap_or((0, r.bytes));
+            Ok(wgpu::BufferBinding {
+                buffer: r.region.buffer,
+                offset: r.region.offset + skip,
+                size: std::num::NonZeroU64::new(bytes),
+            })
+        };
+        let own = |binding: Binding, range: Option<(u64, u64)>| {
+            let (_, buffer) = self
+                .workspace
+                .iter()
+                .find(|(b, _)| *b == binding)
+                .ok_or_else(|| internal(binding_name(binding)))?;
+            Ok(match range {
+                Some((offset, bytes)) => wgpu::BufferBinding {
+                    buffer,
+                    offset,
+                    size: std::num::NonZeroU64::new(bytes),
+                },
+                None => whole(buffer),
+            })
+        };
+        let operand = |pick: fn(&GemmSpec) -> Binding| {
+            let spec = gemm
+                .and_then(|index| self.gemms.get(index))
+                .ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
+            let operand_step = Step {
+                gemm: None,
+                ..*step
+            };
+            self.resource(ctx, pick(spec), &operand_step, regions)
+        };
+        match binding {
+            Binding::Params => Ok(wgpu::BufferBinding {
+                buffer: &self.params,
+                offset: (step.chunk * self.geometry.row_passes.len() + step.pass) as u64
+                    * uniform_stride(ctx, PARAMS_BYTES),
+                size: std::num::NonZeroU64::new(PARAMS_BYTES),
+            }),
+            Binding::Features => caller("features", None),
+            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),
+            Binding::FeatureQuads | Binding::ClassQuads => {
+                let scalars = if binding == Binding::FeatureQuads {
+                    caller("features", None)?
+                } else {
+                    caller("classes", Some(class_range(row_bytes)))?
+                };
+                Ok(match scalars.size {
+                    Some(size) if size.get() < 16 => whole(&ctx.quad_stand_in),
+                    _ => scalars,
+                })
+            }
+            Binding::Labels => caller("labels", None),
+            Binding::RowStats => caller("row_stats", None),
+            Binding::Summary => caller("summary", None),
+            Binding::GradFeatures => caller("grad_features", None),
+            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
+            Binding::InvNormClasses => own(binding, Some(class_range(4))),
+            Binding::PaddedClasses if copies_classes(self.shape, self.algorithm) => own(
+                binding,
+                Some(class_range(4 * padded(self.shape.dim as u64))),
+            ),
+            // One chunk (the GEMM algorithms): all of it, padding included.
+            Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
+            Binding::GemmShape => {
+                let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
+                let buffer = self
+                    .gemm_shapes
+                    .as_ref()
+                    .ok_or_else(|| internal("GEMM shapes"))?;
+                Ok(wgpu::BufferBinding {
+                    buffer,
+                    offset: index as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
+                    size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
+                })
+            }
+            Binding::GemmLhs => operand(|g| g.lhs),
+            Binding::GemmRhs => operand(|g| g.rhs),
+            Binding::GemmProduct => operand(|g| g.product),
+            other => own(other, None),
+        }
+    }
+}
+
+fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer,
+        offset: 0,
+        size: None,
+    }
+}
+
+/// The WGSL name of a binding, for labels and messages.
+pub(super) fn binding_name(binding: Binding) -> &'static str {
+    match binding {
+        Binding::Params => "params",
+        Binding::Features => "features",
+        Binding::ClassVectors => "class_vectors",
+        Binding::Labels => "labels",
+        Binding::InvNormFeatures => "inv_norm_features",
+        Binding::InvNormClasses => "inv_norm_classes",
+        Binding::InputFlags => "input_flags",
+        Binding::SplitPartials => "split_partials",
+        Binding::RowSoftmax => "row_softmax",
+        Binding::RowStats => "row_stats",
+        Binding::Summary => "summary",
+        Binding::GradFeatures => "grad_features",
+        Binding::GradClasses => "grad_classes",
+        Binding::InvNormClassQuads => "inv_norm_class_quads",
+        Binding::FeatureQuads => "feature_quads",
+        Binding::ClassQuads => "class_quads",
+        Binding::PaddedFeatures => "padded_features (x̂ in rows of D rounded up to 4)",
+        Binding::PaddedClasses => "padded_classes (w in rows of D rounded up to 4)",
+        Binding::ProjectionPieceDots => "projection_piece_dots",
+        Binding::Logits => "logits (rows of a chunk × C, or × a class block)",
+        Binding::GemmShape => "gemm",
+        Binding::GemmLhs => "lhs",
+        Binding::GemmRhs => "rhs",
+        Binding::GemmProduct => "product",
+    }
+}
+
+pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
+    let bad = |reason: String| {
+        Err(Error::BadBuffer {
+            role: r.role,
+            reason,
+        })
+    };
+    let buffer = r.region.buffer;
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return bad("it lacks BufferUsages::STORAGE; create it with STORAGE usage".into());
+    }
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+    if !r.region.offset.is_multiple_of(align) {
+        return bad(format!(
+            "offset {} is not a multiple of {align} (min_storage_buffer_offset_alignment)",
+            r.region.offset
+        ));
+    }
+    let end = r.region.offset.checked_add(r.bytes);
+    if end.is_none_or(|end| end > buffer.size()) {
+        return bad(format!(
+            "it holds {} bytes but offset {} + {} bytes are needed; make it larger",
+            buffer.size(),
+            r.region.offset,
+            r.bytes
+        ));
+    }
+    probe_region(ctx, r)
+}
+
+/// Binds four bytes of the region, alone, inside an error scope: a buffer of another device
+/// of the same wgpu instance is refused there (wgpu's validation error), and becomes
+/// [`Error::BadBuffer`] before the caller's encoder is touched. A buffer of another wgpu
+/// instance makes wgpu-core panic where its id is unknown here (caught, and the same
+/// error); where its id happens to name one of this instance's buffers, wgpu cannot tell.
+fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("region probe"),
+            layout: &ctx.region_probe,
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: r.region.buffer,
+                    offset: r.region.offset,
+                    // Four bytes tell the device; the range was checked above.
+                    size: std::num::NonZeroU64::new(4),
+                }),
+            }],
+        })
+    }));
+    let refused = pollster::block_on(scope.pop());
+    match (bound, refused) {
+        (Ok(_), None) => Ok(()),
+        (_, Some(e)) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: format!(
+                "wgpu refused to bind it ({}); pass a buffer of this context's device \
+                 (Context::from_device wraps an engine's own)",
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        }),
+        (Err(_), None) => Err(Error::BadBuffer {
+            role: r.role,
+            reason: "it belongs to another wgpu instance; pass a buffer of this context's \
+                     device (Context::from_device wraps an engine's own)"
+                .into(),
+        }),
+    }
+}
