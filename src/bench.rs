@@ -556,12 +556,13 @@ pub fn run(
             size: None,
         };
         let time_gemm = |candidate: usize| {
+            let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
             time_op(ctx, options, &|encoder, writes| {
                 let dispatches: Vec<Dispatch<'_>> = pieces
                     .iter()
                     .zip(&uniforms)
                     .map(|(&(n0, n), (uniform, grids))| Dispatch {
-                        kernel: ctx.kernels.matmul(GemmLayout::Dots, candidate),
+                        kernel,
                         grid: grids[candidate],
                         resources: vec![
                             whole(uniform),

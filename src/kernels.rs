@@ -324,11 +324,14 @@ pub(crate) struct Kernels {
     pub logit_grads: Kernel,
     pub projection_dots: Kernel,
     pub normalize_backward: Kernel,
-    /// `matmul` per GemmLayout, in its declaration order, and per candidate (see
-    /// [`Kernels::matmul`]).
-    matmul: [Vec<Kernel>; 3],
+    /// `matmul` per GemmLayout, in its declaration order, and per candidate, each
+    /// compiled the first time it runs (see [`Kernels::matmul`]).
+    matmul: [Vec<std::sync::OnceLock<Kernel>>; 3],
     /// The GEMM candidates this device allows; the first is the default.
     pub candidates: Vec<GemmCandidate>,
+    /// The GEMM module and its device, for the pipelines compiled on first use.
+    gemm: wgpu::ShaderModule,
+    device: wgpu::Device,
 }
 
 const NORMS_WGSL: &str = concat!(
@@ -424,27 +427,6 @@ impl Kernels {
         let kernel =
             |module, entry, bindings| pipeline(module, (entry, entry), bindings, &tile_constants);
         let candidates = gemm_candidates(tiles, &device.limits());
-        let matmul = |layout: GemmLayout, candidate: &GemmCandidate| {
-            let (lhs, rhs) = layout.along_k();
-            let constants = [
-                ("ROWS_WG", f64::from(candidate.rows_per_workgroup)),
-                ("CLASSES_WG", f64::from(candidate.cols_per_workgroup)),
-                ("DIM_PIECE", f64::from(DIM_PIECE)),
-                ("LHS_ALONG_K", f64::from(u8::from(lhs))),
-                ("RHS_ALONG_K", f64::from(u8::from(rhs))),
-            ];
-            let entry = if candidate.staged {
-                "matmul_staged"
-            } else {
-                "matmul"
-            };
-            pipeline(
-                &gemm,
-                (entry, layout.name()),
-                &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
-                &constants,
-            )
-        };
         Kernels {
             row_inv_norms: kernel(
                 &norms,
@@ -543,17 +525,59 @@ impl Kernels {
                 ],
             ),
             matmul: GemmLayout::ALL
-                .map(|layout| candidates.iter().map(|c| matmul(layout, c)).collect()),
+                .map(|_| candidates.iter().map(|_| Default::default()).collect()),
             candidates,
+            gemm,
+            device: device.clone(),
         }
     }
 }
 
 impl Kernels {
     /// The `matmul` pipeline of `layout` for candidate `candidate` (an index into
-    /// [`Kernels::candidates`]).
-    pub(crate) fn matmul(&self, layout: GemmLayout, candidate: usize) -> &Kernel {
-        &self.matmul[layout as usize][candidate]
+    /// [`Kernels::candidates`]), compiled on first use inside an error scope, so that more
+    /// candidates add no start-up time and a refused pipeline is an error, not a panic.
+    pub(crate) fn matmul(&self, layout: GemmLayout, candidate: usize) -> crate::Result<&Kernel> {
+        let cell = &self.matmul[layout as usize][candidate];
+        if let Some(kernel) = cell.get() {
+            return Ok(kernel);
+        }
+        let c = &self.candidates[candidate];
+        let (lhs, rhs) = layout.along_k();
+        let constants = [
+            ("ROWS_WG", f64::from(c.rows_per_workgroup)),
+            ("CLASSES_WG", f64::from(c.cols_per_workgroup)),
+            ("DIM_PIECE", f64::from(DIM_PIECE)),
+            ("LHS_ALONG_K", f64::from(u8::from(lhs))),
+            ("RHS_ALONG_K", f64::from(u8::from(rhs))),
+        ];
+        let entry = if c.staged { "matmul_staged" } else { "matmul" };
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &self.gemm,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(crate::Error::Gpu(e.to_string()));
+        }
+        use Binding::*;
+        // Two threads may compile it at once: the first kept serves both.
+        let _ = cell.set(Kernel {
+            pipeline,
+            bindings: &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
+            name: layout.name(),
+        });
+        cell.get()
+            .ok_or_else(|| crate::Error::Gpu("internal: a GEMM pipeline was not kept".into()))
     }
 }
 

@@ -202,7 +202,7 @@ impl Context {
                 self.limits.max_compute_workgroups_per_dimension,
             )?;
             let dispatch = [Dispatch {
-                kernel: self.kernels.matmul(layout, index),
+                kernel: self.kernels.matmul(layout, index)?,
                 grid,
                 resources: vec![whole(&uniform), whole(&lhs), whole(&rhs), whole(&product)],
             }];

@@ -247,7 +247,7 @@ impl Plan {
             Ok(Step {
                 gemm: Some(index),
                 chunk: self.gemms[index].chunk,
-                ..once(k.matmul(spec.layout, spec.candidate), grid)
+                ..once(k.matmul(spec.layout, spec.candidate)?, grid)
             })
         };
         let pieces = dim_pieces(d);
