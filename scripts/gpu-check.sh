@@ -36,6 +36,14 @@ for shape in "100 64 1000" "257 129 4099" "1024 512 20000" "33 4097 513" "2 7000
   fi
 done
 
+# Every GEMM candidate must give the same bits on this adapter too: the candidates test,
+# where its prebuilt binary is carried (cargo test --release --test gemm_candidates
+# --no-run prints its path; set CANDIDATES_TEST to it).
+if [ -n "${CANDIDATES_TEST:-}" ] && [ -x "$CANDIDATES_TEST" ]; then
+  echo "== GEMM candidates, bit for bit"
+  "$CANDIDATES_TEST" --test-threads 1 2>&1 | tee "$OUT/candidates.txt" || status=1
+fi
+
 echo "== benchmark"
 "$BIN" bench "${ADAPTER_ARGS[@]}" -- --quick --json "$OUT/bench-quick.jsonl" | tee "$OUT/bench-quick.txt" || status=1
 "$BIN" bench "${ADAPTER_ARGS[@]}" -- --shapes 512x256x16384,1024x512x100000 --reps 10 \

@@ -29,7 +29,11 @@ pub enum Tuning {
 
 impl Tuning {
     /// The tuning the environment asks for, where the options leave it at `Auto`.
+    /// On wasm, where there is no clock to time with, tuning is off.
     pub(crate) fn with_env(self) -> Tuning {
+        if cfg!(target_arch = "wasm32") {
+            return Tuning::Off;
+        }
         match (self, std::env::var("MARGIN_SOFTMAX_TUNE").ok().as_deref()) {
             (Tuning::Auto, Some("off")) => Tuning::Off,
             (Tuning::Auto, Some("memory")) => Tuning::InMemory,

@@ -552,6 +552,7 @@ impl Kernels {
             ("RHS_ALONG_K", f64::from(u8::from(rhs))),
         ];
         let entry = if c.staged { "matmul_staged" } else { "matmul" };
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self
             .device
@@ -566,7 +567,8 @@ impl Kernels {
                 },
                 cache: None,
             });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let refused = pollster::block_on(scope.pop());
+        if let Some(e) = pollster::block_on(internal.pop()).or(refused) {
             return Err(crate::Error::Gpu(e.to_string()));
         }
         use Binding::*;

@@ -682,7 +682,9 @@ impl Context {
 
     /// One shard's backward pass from the global rows: the exact dL/dw of its classes
     /// (shard.count × D; with a sample, only the sampled rows are non-zero) and its share
-    /// of dL/dx (B×D; the shares sum to dL/dx).
+    /// of dL/dx (B×D; the shares sum to dL/dx). Give it the inputs of the step's
+    /// [`Context::shard_forward`], unchanged: where that forward's dots are still held
+    /// (the same slices, by address and length), they are used again, not recomputed.
     pub fn shard_backward(
         &self,
         inputs: &ShardInputs<'_>,

@@ -352,3 +352,32 @@ fn backward_from_kept_dots_matches_recomputed_dots_bit_for_bit() {
         .expect("recomputed dots");
     assert_eq!(kept, again);
 }
+
+/// Where not even one block of a shard fits one binding, the shard is refused: it never
+/// runs as whole rows, which leave no partials (and gave zeros).
+#[test]
+fn a_shard_without_room_for_a_block_is_refused_not_wrong() {
+    let ctx = margin_softmax::Context::new_blocking(margin_softmax::ContextOptions {
+        max_binding_bytes: Some(4096),
+        ..margin_softmax::ContextOptions::default()
+    })
+    .expect("context");
+    let p = Problem::random(Shape::new(64, 16, 200), 58);
+    let params = LossParams::default();
+    match sharded_loss(
+        &[&ctx, &ctx],
+        p.shape,
+        &p.features,
+        &p.classes,
+        &p.labels,
+        &params,
+    ) {
+        Err(margin_softmax::Error::TooLarge { .. }) => {}
+        Ok(out) => {
+            let expected = margin_softmax::reference::loss_on(&p, &params).expect("reference");
+            let check = margin_softmax::reference::compare(16, &params, &out, &expected);
+            assert!(check.passes(), "{check:?}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}

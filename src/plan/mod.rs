@@ -13,7 +13,7 @@ use crate::params::LossParams;
 
 pub use geometry::workspace_bytes;
 use geometry::{
-    gemm_specs, padded_classes_bytes, product, to_u32, total_bytes, uniform_stride,
+    copies_classes, gemm_specs, padded_classes_bytes, product, to_u32, total_bytes, uniform_stride,
     workspace_layout, GemmSpec, Geometry, GEMM_SHAPE_BYTES, PARAMS_BYTES,
 };
 use record::binding_name;
@@ -26,7 +26,8 @@ pub enum Algorithm {
     /// block of classes at a time (the block that balances G against the per-block
     /// uniforms, at least 256 classes), its dots computed twice: about 8·B·C·D flops;
     /// the workspace is x̂, one block of G, a partial per row, the norms and the uniforms,
-    /// whatever the workspace budget.
+    /// whatever the workspace budget (and where D is not a multiple of 4, a copy of w in
+    /// rows of D rounded up to 4, which the GEMMs read as vec4s).
     MemoryMinimal,
     /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
     /// of the chunk's rows × all classes from one GEMM (w read in place, or copied in
@@ -122,11 +123,21 @@ impl Plan {
             .map(|k| u64::from(k.classes))
             .max()
             .unwrap_or(0);
+        // w's copy (where made) is bound chunk by chunk too.
+        let copied_chunk = if copies_classes(shape, algorithm) {
+            product(&[biggest_chunk, padded(d), 4])
+        } else {
+            0
+        };
         let bound = [
             ("features (B·D·4 bytes)", product(&[b, d, 4])),
             (
                 "class vectors of one chunk (classes·D·4 bytes)",
                 product(&[biggest_chunk, d, 4]),
+            ),
+            (
+                "the copy of one chunk of w in rows of D rounded up to 4 (classes·⌈D/4⌉·16 bytes)",
+                copied_chunk,
             ),
         ];
         for (what, size) in bound.into_iter().chain(
@@ -283,6 +294,15 @@ impl Plan {
     /// the shard, or `shape.classes` for a row whose class is in another shard.
     pub(crate) fn for_shard(ctx: &Context, shape: Shape) -> Result<Plan> {
         let mut plan = Plan::build(ctx, shape, Algorithm::Chunked, ctx.workspace_budget, true)?;
+        // Only blocks leave the partials a shard's forward hands over: where not even one
+        // block fits, the shard is refused rather than run as whole rows.
+        if !plan.geometry.blocked {
+            return Err(Error::TooLarge {
+                what: "a class shard's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) within the workspace budget and one binding (set a larger ContextOptions::workspace_budget or max_binding_bytes)",
+                size: plan.workspace_bytes,
+                limit: ctx.workspace_budget.min(ctx.max_binding),
+            });
+        }
         plan.total_classes = to_u32("classes", shape.classes + 1)?;
         Ok(plan)
     }
