@@ -199,8 +199,7 @@ impl Context {
             offset: 0,
             size: None,
         };
-        let mut seconds = Vec::new();
-        for (index, candidate) in self.kernels.candidates.iter().enumerate() {
+        let time = |index: usize, candidate: &crate::kernels::GemmCandidate| -> Result<f64> {
             let grid = fold_grid(
                 gemm.workgroups(candidate),
                 self.limits.max_compute_workgroups_per_dimension,
@@ -222,7 +221,20 @@ impl Context {
                 }
             }
             runs.sort_by(f64::total_cmp);
-            seconds.push((candidate.name.to_string(), runs[RUNS / 2]));
+            Ok(runs[RUNS / 2])
+        };
+        // A candidate that fails to run is left out of the findings.
+        let seconds: Vec<(String, f64)> = self
+            .kernels
+            .candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(index, c)| Some((c.name.to_string(), time(index, c).ok()?)))
+            .collect();
+        if seconds.is_empty() {
+            return Err(crate::Error::Gpu(
+                "no GEMM candidate ran on the tuning slice".into(),
+            ));
         }
         let fastest = seconds
             .iter()
