@@ -256,11 +256,17 @@ impl Geometry {
             // The rest of the workspace (norms, flags, softmax rows, partials, the padded
             // copies) comes out of the budget first, and for whole rows 64 KiB for the
             // uniforms.
-            let rest = 4 * (b + u64::from(classes))
+            // w's copy, where made, holds all classes for whole rows, one block for blocks.
+            let copy_per_class = if copies_classes(shape, algorithm) {
+                4 * padded(d)
+            } else {
+                0
+            };
+            let rest_base = 4 * (b + u64::from(classes))
                 + product(&[4, b, padded(d)])
-                + padded_classes_bytes(shape, algorithm)
                 + FLAGS_BYTES
                 + product(&[ROW_SOFTMAX_BYTES + SPLIT_PARTIAL_BYTES, b]);
+            let rest = rest_base + copy_per_class * u64::from(classes);
             // G's rows also fit one storage binding.
             let room = budget
                 .saturating_sub(rest + (64 << 10))
@@ -319,9 +325,13 @@ impl Geometry {
                                 * b.div_ceil(rows)
                                 * block_uniforms(block, rows)
                                 * uniform_bytes;
-                            // G's block fits one binding; the rest of the budget holds all.
-                            let bytes = budget.saturating_sub(rest + overhead).min(ctx.max_binding);
-                            within_loops(bytes / (4 * rows))
+                            // G's block fits one binding; the rest of the budget holds all,
+                            // the block's copy of w included.
+                            let bytes = budget.saturating_sub(rest_base + overhead);
+                            within_loops(
+                                (bytes / (4 * rows + copy_per_class))
+                                    .min(ctx.max_binding / (4 * rows)),
+                            )
                         };
                         block = fit(u64::from(classes));
                         while block >= quantum && fit(block) < block {
@@ -451,14 +461,19 @@ pub(super) fn copies_classes(shape: Shape, algorithm: Algorithm) -> bool {
     }
 }
 
-/// Bytes of the padded copy of w or ŵ: all classes in rows of D rounded up to 4 where
-/// the plan copies them (bound per chunk), else a 4-byte stand-in.
-pub(super) fn padded_classes_bytes(shape: Shape, algorithm: Algorithm) -> u64 {
-    if copies_classes(shape, algorithm) {
-        product(&[4, shape.classes as u64, padded(shape.dim as u64)])
-    } else {
-        4
+/// Bytes of the padded copy of w or ŵ in rows of D rounded up to 4, where the plan copies
+/// them: all classes (bound per chunk), or for a plan in blocks one block at a time (each
+/// block copied before its GEMMs); else a 4-byte stand-in.
+pub(super) fn padded_classes_bytes(shape: Shape, g: &Geometry, algorithm: Algorithm) -> u64 {
+    if !copies_classes(shape, algorithm) {
+        return 4;
     }
+    let held = if g.blocked {
+        g.largest_chunk()
+    } else {
+        shape.classes as u64
+    };
+    product(&[4, held, padded(shape.dim as u64)])
 }
 
 /// The workspace buffers of one algorithm, with their sizes in bytes.
@@ -494,7 +509,7 @@ pub(super) fn workspace_layout(
         (Binding::PaddedFeatures, product(&[4, b, d4])),
         (
             Binding::PaddedClasses,
-            padded_classes_bytes(shape, algorithm),
+            padded_classes_bytes(shape, g, algorithm),
         ),
     ]);
     layout

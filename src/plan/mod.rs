@@ -26,8 +26,8 @@ pub enum Algorithm {
     /// block of classes at a time (the block that balances G against the per-block
     /// uniforms, at least 256 classes), its dots computed twice: about 8·B·C·D flops;
     /// the workspace is x̂, one block of G, a partial per row, the norms and the uniforms,
-    /// whatever the workspace budget (and where D is not a multiple of 4, a copy of w in
-    /// rows of D rounded up to 4, which the GEMMs read as vec4s).
+    /// whatever the workspace budget (and where D is not a multiple of 4, a copy of the
+    /// block of w in hand in rows of D rounded up to 4, which the GEMMs read as vec4s).
     MemoryMinimal,
     /// A chunk of rows at a time (as many as the workspace budget holds): the dots x̂·wᵀ
     /// of the chunk's rows × all classes from one GEMM (w read in place, or copied in
@@ -155,7 +155,7 @@ impl Plan {
             }
         }
         // The copy of w is bound chunk by chunk, like w: it must fit one buffer.
-        let copy = padded_classes_bytes(shape, algorithm);
+        let copy = padded_classes_bytes(shape, &geometry, algorithm);
         if copy > ctx.limits.max_buffer_size {
             return Err(Error::TooLarge {
                 what: "the copy of w in rows of D rounded up to 4 (C·⌈D/4⌉·16 bytes in one buffer)",

@@ -261,13 +261,19 @@ impl Plan {
             // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
             // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
             // x̂ with the first chunk; w's copy, where made, chunk by chunk.
-            for chunk in 0..g.chunks.len() {
+            // In blocks, each block's copy of w (and x̂ with the first) is made just before
+            // the block's GEMMs, in the forward and again in the backward.
+            let copy_blocks = g.blocked && copies_classes(self.shape, self.algorithm);
+            let pad = |chunk: usize| -> Result<Option<Step<'_>>> {
                 let rows = u64::from(self.copy_rows(chunk));
-                if rows > 0 && !reuse_dots {
-                    steps.push(Step {
-                        chunk,
-                        ..once(&k.pad_rows, per_row(rows * pieces)?)
-                    });
+                Ok((rows > 0 && !reuse_dots).then_some(Step {
+                    chunk,
+                    ..once(&k.pad_rows, per_row(rows * pieces)?)
+                }))
+            };
+            for chunk in 0..g.chunks.len() {
+                if !copy_blocks {
+                    steps.extend(pad(chunk)?);
                 }
             }
             // The GEMMs of each (pass, chunk), indexed once: its dots, and its gradient
@@ -298,6 +304,9 @@ impl Plan {
                 if g.blocked {
                     // Each block's dots and its partial per row.
                     for chunk in 0..g.chunks.len() {
+                        if copy_blocks {
+                            steps.extend(pad(chunk)?);
+                        }
                         steps.extend(gemms(pass, chunk, true)?);
                         steps.push(Step {
                             pass,
@@ -336,6 +345,9 @@ impl Plan {
                     .map(|(pass, &rows)| -> Result<Vec<Step<'_>>> {
                         let mut steps = Vec::new();
                         for chunk in 0..g.chunks.len() {
+                            if copy_blocks {
+                                steps.extend(pad(chunk)?);
+                            }
                             if !reuse_dots {
                                 steps.extend(gemms(pass, chunk, true)?);
                             }
@@ -480,10 +492,15 @@ impl Plan {
             Binding::GradFeatures => caller("grad_features", None),
             Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
             Binding::InvNormClasses => own(binding, Some(class_range(4))),
-            Binding::PaddedClasses if copies_classes(self.shape, self.algorithm) => own(
-                binding,
-                Some(class_range(4 * padded(self.shape.dim as u64))),
-            ),
+            // In blocks, the copy holds the block in hand, from its start.
+            Binding::PaddedClasses
+                if copies_classes(self.shape, self.algorithm) && !self.geometry.blocked =>
+            {
+                own(
+                    binding,
+                    Some(class_range(4 * padded(self.shape.dim as u64))),
+                )
+            }
             // One chunk (the GEMM algorithms): all of it, padding included.
             Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
             Binding::GemmShape => {
