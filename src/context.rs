@@ -105,9 +105,8 @@ pub struct Context {
     /// row holds an aligned vec4, and the view is never read (WebGPU binds at least one
     /// element of an array).
     pub(crate) quad_stand_in: wgpu::Buffer,
-    /// One read-only storage binding: a caller's region is bound to it once before a
-    /// recording, so that a buffer wgpu refuses (another device's) is a typed error before
-    /// anything reaches the caller's encoder.
+    /// One read-only storage binding: where wgpu refuses a recording's bind groups, each
+    /// caller region is bound to it alone to name the buffer it refused.
     pub(crate) region_probe: wgpu::BindGroupLayout,
     /// This context's serial number in the process: a plan records only with the context
     /// that made it (devices of different wgpu instances can compare equal).

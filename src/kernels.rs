@@ -616,7 +616,16 @@ pub(crate) fn encode(
     dispatches: &[Dispatch<'_>],
     timestamps: Timestamps<'_>,
 ) -> crate::Result<Vec<&'static str>> {
-    let groups: Vec<wgpu::BindGroup> = dispatches
+    let groups = bind_groups(device, dispatches);
+    encode_bound(encoder, dispatches, &groups, timestamps)
+}
+
+/// The bind group of every dispatch, in order.
+pub(crate) fn bind_groups(
+    device: &wgpu::Device,
+    dispatches: &[Dispatch<'_>],
+) -> Vec<wgpu::BindGroup> {
+    dispatches
         .iter()
         .map(|d| {
             let entries: Vec<wgpu::BindGroupEntry<'_>> = d
@@ -635,7 +644,16 @@ pub(crate) fn encode(
                 entries: &entries,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Records `dispatches` with their bind groups `groups` into `encoder`.
+pub(crate) fn encode_bound(
+    encoder: &mut wgpu::CommandEncoder,
+    dispatches: &[Dispatch<'_>],
+    groups: &[wgpu::BindGroup],
+    timestamps: Timestamps<'_>,
+) -> crate::Result<Vec<&'static str>> {
     let writes = |query_set, first: u32| wgpu::ComputePassTimestampWrites {
         query_set,
         beginning_of_pass_write_index: Some(first),
@@ -664,7 +682,7 @@ pub(crate) fn encode(
             None
         }
     };
-    for (index, (d, group)) in dispatches.iter().zip(&groups).enumerate() {
+    for (index, (d, group)) in dispatches.iter().zip(groups).enumerate() {
         if let Timestamps::PerDispatch { set, .. } = timestamps {
             // The previous pass ends before the next begins.
             drop(pass.take());

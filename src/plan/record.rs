@@ -9,8 +9,8 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Summary};
 use crate::kernels::{
-    encode, fold_grid, padded, Binding, Dispatch, GemmLayout, GpuParams, Kernel, Timestamps,
-    ROW_KERNEL_WORKGROUP,
+    bind_groups, encode_bound, fold_grid, padded, Binding, Dispatch, GemmLayout, GpuParams, Kernel,
+    Timestamps, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 /// One dispatch of a recording.
@@ -55,7 +55,6 @@ impl Plan {
             check_region(ctx, r)?;
         }
         check_aliasing(&regions)?;
-        self.upload_params(ctx, encoder, params, outputs.grads.is_some());
         let steps = self.steps(ctx, outputs.grads.is_some(), phase)?;
         let dispatches = steps
             .iter()
@@ -73,7 +72,11 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        encode(&ctx.device, encoder, &dispatches, timestamps)
+        // Every bind group first, in an error scope, before anything reaches the caller's
+        // encoder: a buffer wgpu refuses (another device's) is a typed error naming it.
+        let groups = bind_checked(ctx, &dispatches, &regions)?;
+        self.upload_params(ctx, encoder, params, outputs.grads.is_some());
+        encode_bound(encoder, &dispatches, &groups, timestamps)
     }
 
     /// The caller's regions this recording binds, with the bytes each must hold.
@@ -561,6 +564,7 @@ pub(super) fn binding_name(binding: Binding) -> &'static str {
     }
 }
 
+/// A caller's region on the host: STORAGE usage, an aligned offset, room for its bytes.
 pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
     let bad = |reason: String| {
         Err(Error::BadBuffer {
@@ -588,14 +592,40 @@ pub(crate) fn check_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
             r.bytes
         ));
     }
-    probe_region(ctx, r)
+    Ok(())
 }
 
-/// Binds four bytes of the region, alone, inside an error scope: a buffer of another device
-/// of the same wgpu instance is refused there (wgpu's validation error), and becomes
-/// [`Error::BadBuffer`] before the caller's encoder is touched. A buffer of another wgpu
-/// instance makes wgpu-core panic where its id is unknown here (caught, and the same
-/// error); where its id happens to name one of this instance's buffers, wgpu cannot tell.
+/// The bind groups of `dispatches`, made inside an error scope. Where wgpu refuses one (a
+/// buffer of another device of the same wgpu instance: a validation error; of another
+/// instance whose id is unknown here: a panic of wgpu-core, caught), each caller region
+/// is bound alone to find which, and the error names it. Where a foreign buffer's id
+/// happens to name one of this instance's buffers, wgpu cannot tell.
+fn bind_checked(
+    ctx: &Context,
+    dispatches: &[Dispatch<'_>],
+    regions: &[Region<'_>],
+) -> Result<Vec<wgpu::BindGroup>> {
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        bind_groups(&ctx.device, dispatches)
+    }));
+    let refused = pollster::block_on(scope.pop());
+    match (bound, refused) {
+        (Ok(groups), None) => Ok(groups),
+        (_, refused) => {
+            for r in regions {
+                probe_region(ctx, r)?;
+            }
+            Err(Error::Gpu(refused.map_or_else(
+                || "internal: wgpu-core refused a bind group".into(),
+                |e| e.to_string(),
+            )))
+        }
+    }
+}
+
+/// Binds four bytes of the region, alone, inside an error scope: [`Error::BadBuffer`]
+/// where wgpu refuses it (see [`bind_checked`]).
 fn probe_region(ctx: &Context, r: &Region<'_>) -> Result<()> {
     let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let bound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
