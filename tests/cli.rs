@@ -1,27 +1,14 @@
 //! The real `margin-softmax` binary: a safetensors round trip, every bad-input case with
 //! its exit code and message, `check`, `adapters` and `--help`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use margin_softmax::{reference, LossParams, Problem, Reduction, Shape, IGNORE};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_margin-softmax"));
-    cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
-    cmd
-}
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run margin-softmax")
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("margin-softmax-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
+use common::{run_cli as run, test_dir as dir};
 
 /// One tensor for a test file: name, dtype, shape, bytes.
 type Entry = (&'static str, Dtype, Vec<usize>, Vec<u8>);

@@ -3,31 +3,15 @@
 //! refuses a safetensors header that names a tensor twice (the last entry won and the
 //! first was never checked).
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use margin_softmax::tensors::parse_inputs;
 use margin_softmax::{sphere, Error, Problem, Shape};
 use safetensors::{tensor::TensorView, Dtype};
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_margin-softmax"));
-    cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
-    cmd
-}
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run margin-softmax")
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "margin-softmax-hardening-{}-{name}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
+use common::{run_cli as run, test_dir as dir};
 
 /// The binary under `ulimit -v kib` (the shell sets the limit, then execs it).
 fn run_under_memory_limit(kib: u64, args: &[&str]) -> Output {

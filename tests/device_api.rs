@@ -44,33 +44,15 @@ fn arena(ctx: &margin_softmax::Context, sizes: &[u64]) -> Arena {
     }
 }
 
+/// Submits `encoder`, then the first `len` bytes of `buffer`.
 fn read(
     ctx: &margin_softmax::Context,
     buffer: &wgpu::Buffer,
     len: u64,
     encoder: wgpu::CommandEncoder,
 ) -> Vec<u8> {
-    let mut encoder = encoder;
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: len,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, len);
     ctx.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
-    ctx.device()
-        .poll(wgpu::PollType::wait_indefinitely())
-        .expect("poll");
-    let bytes = staging
-        .slice(..)
-        .get_mapped_range()
-        .expect("mapped")
-        .to_vec();
-    bytes
+    common::read_back(ctx, buffer)[..len as usize].to_vec()
 }
 
 #[test]

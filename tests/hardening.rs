@@ -3,12 +3,12 @@
 
 mod common;
 
+use common::{read_back, storage};
 use margin_softmax::reference::{self, ReferenceOutput};
 use margin_softmax::{
     Algorithm, Context, DeviceInputs, DeviceOutputs, Error, GradOutputs, Gradients, LossOutput,
     LossParams, Pass, Plan, Problem, RowStats, Shape, Summary,
 };
-use wgpu::util::DeviceExt;
 
 /// The reference's own result as a GPU output would hold it (every value rounded to f32).
 fn as_gpu_output(r: &ReferenceOutput) -> LossOutput {
@@ -129,43 +129,6 @@ fn huge_class_rows_get_finite_gradients() {
     p.classes[2] = 7.0e37;
     p.classes[3] = -7.0e37;
     assert_every_plan_matches(&p, &LossParams::default(), "a row of w of norm 1e38");
-}
-
-/// A storage buffer holding `data` (copyable both ways).
-fn storage<T: bytemuck::Pod>(ctx: &Context, data: &[T]) -> wgpu::Buffer {
-    ctx.device()
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(data),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
-}
-
-/// The bytes of `buffer` after everything submitted so far.
-fn read_back(ctx: &Context, buffer: &wgpu::Buffer) -> Vec<u8> {
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue().submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
-    ctx.device()
-        .poll(wgpu::PollType::wait_indefinitely())
-        .expect("poll");
-    let bytes = staging
-        .slice(..)
-        .get_mapped_range()
-        .expect("mapped")
-        .to_vec();
-    bytes
 }
 
 /// The outputs of one recording: row statistics, summary and both gradients.

@@ -159,23 +159,6 @@ fn shards_report_non_finite_inputs_and_overflow() {
     let mut p = Problem::random(Shape::new(4, 3, 10), 53);
     p.features[5] = f32::NAN;
     let params = LossParams::default();
-    let err = sharded_loss(
-        &[ctx, ctx],
-        p.shape,
-        &p.features,
-        &p.classes,
-        &p.labels,
-        &params,
-    )
-    .unwrap_err();
-    assert_eq!(err, margin_softmax::Error::NonFinite { input: "features" });
-    // Shards run the chunked plan's GEMMs on x̂ and w: x·w at 1e40 stays finite there
-    // (x̂·w is 1e20), as on one device, and the loss is the reference's.
-    let mut p = Problem::random(Shape::new(4, 3, 10), 54);
-    p.features
-        .iter_mut()
-        .chain(p.classes.iter_mut())
-        .for_each(|v| *v *= 1e20);
     let shard = |p: &Problem| {
         sharded_loss(
             &[ctx, ctx],
@@ -186,6 +169,15 @@ fn shards_report_non_finite_inputs_and_overflow() {
             &params,
         )
     };
+    let err = shard(&p).unwrap_err();
+    assert_eq!(err, margin_softmax::Error::NonFinite { input: "features" });
+    // Shards run the chunked plan's GEMMs on x̂ and w: x·w at 1e40 stays finite there
+    // (x̂·w is 1e20), as on one device, and the loss is the reference's.
+    let mut p = Problem::random(Shape::new(4, 3, 10), 54);
+    p.features
+        .iter_mut()
+        .chain(p.classes.iter_mut())
+        .for_each(|v| *v *= 1e20);
     let expected = margin_softmax::reference::loss_on(&p, &params).expect("reference");
     let loss = f64::from(shard(&p).expect("finite dots").loss);
     assert!(

@@ -2,7 +2,11 @@
 //! f64 reference.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use wgpu::util::DeviceExt;
 
 use margin_softmax::reference::{self, ReferenceOutput};
 use margin_softmax::{Algorithm, Context, LossOutput, LossParams, Pass, Problem};
@@ -95,4 +99,60 @@ pub fn check_output(
     for v in [&out.row_loss, &out.target_cos, &out.best_other_cos] {
         assert!(v.iter().all(|a| a.is_finite()), "{what}: non-finite output");
     }
+}
+
+/// A storage buffer holding `data` (copyable both ways).
+pub fn storage<T: bytemuck::Pod>(ctx: &Context, data: &[T]) -> wgpu::Buffer {
+    ctx.device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(data),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// The bytes of `buffer` after everything submitted so far.
+pub fn read_back(ctx: &Context, buffer: &wgpu::Buffer) -> Vec<u8> {
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    ctx.queue().submit([encoder.finish()]);
+    staging
+        .slice(..)
+        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    ctx.device()
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let bytes = staging
+        .slice(..)
+        .get_mapped_range()
+        .expect("mapped")
+        .to_vec();
+    bytes
+}
+
+/// The `margin-softmax` binary, with the runtime directory lavapipe wants.
+pub fn cli() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_margin-softmax"));
+    cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    cmd
+}
+
+/// The binary run with `args` to its end.
+pub fn run_cli(args: &[&str]) -> Output {
+    cli().args(args).output().expect("run margin-softmax")
+}
+
+/// A temporary directory of this test process, named `name`.
+pub fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("margin-softmax-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
 }
