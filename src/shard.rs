@@ -878,3 +878,44 @@ pub fn sharded_loss(
     out.grads = Some(Gradients { features, classes });
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward leaves its dots for the backward with the same slices (where the plan
+    /// keeps them), and that backward takes them: the reuse the sharding tests check for
+    /// bitwise agreement really happens.
+    #[test]
+    fn a_backward_after_its_forward_reuses_the_dots() {
+        let ctx = Context::new_default().expect("a context");
+        let p = crate::Problem::random(Shape::new(37, 13, 35), 57);
+        let params = LossParams::default();
+        let inputs = ShardInputs {
+            shard: ClassShard::split(35, 1, 0).expect("shard"),
+            dim: 13,
+            features: &p.features,
+            classes: &p.classes,
+            labels: &p.labels,
+            sample: None,
+        };
+        let held = |ctx: &Context| {
+            ctx.with_cache(Vec::<ShardBuffers>::new, |kept| {
+                kept.iter()
+                    .any(|b| b.plan.keeps_dots() && b.dots_of == Some(inputs_id(&inputs)))
+            })
+        };
+        let partials = ctx.shard_forward(&inputs, &params).expect("forward");
+        assert!(held(&ctx), "the forward's dots are held for its backward");
+        let rows = finish_rows(
+            &merge_shards(&[partials]).expect("merge"),
+            &p.labels,
+            35,
+            &params,
+        )
+        .expect("rows");
+        ctx.shard_backward(&inputs, &params, &rows)
+            .expect("backward");
+        assert!(!held(&ctx), "the backward took them (G' overwrote them)");
+    }
+}
