@@ -245,12 +245,18 @@ var<workgroup> lhs_stage: array<mat4x4<f32>, ROWS_WG * ROW_QUADS * K_QUADS>;
 /// The rhs of a K tile of the workgroup's columns, index column_quad·K_QUADS + k_quad.
 var<workgroup> rhs_stage: array<mat4x4<f32>, CLASSES_WG * COL_QUADS * K_QUADS>;
 
-/// The operand bases of quad `quad` of the workgroup's tile (rows for lhs, columns for rhs).
-fn tile_quad_bases(from_lhs: bool, tile0: u32, quad: u32) -> vec4<u32> {
+/// Entry e of a K tile's stage from k quad k0 (quad e / K_QUADS of the workgroup's rows
+/// for lhs or columns for rhs, k quad k0 + e % K_QUADS), as `operand_quad` loads it.
+fn staged_quad(from_lhs: bool, tile0: u32, e: u32, k0: u32) -> mat4x4<f32> {
+    let first = tile0 + (e / K_QUADS) * 4u;
+    let kv = k0 + e % K_QUADS;
+    let k_valid = min(gemm.k - 4u * kv, 4u);
     if (from_lhs) {
-        return quad_bases(tile0 + quad * 4u, gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
+        let bases = quad_bases(first, gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
+        return operand_quad(true, LHS_ALONG_K, bases, gemm.lhs_stride / 4u, kv, k_valid);
     }
-    return quad_bases(tile0 + quad * 4u, gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
+    let bases = quad_bases(first, gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
+    return operand_quad(false, RHS_ALONG_K, bases, gemm.rhs_stride / 4u, kv, k_valid);
 }
 
 /// `matmul` with the operands staged in workgroup memory a K tile at a time: each quad is
@@ -274,20 +280,10 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var run: GemmBlock;
     for (var k0 = 0u; k0 < steps; k0 += K_QUADS) {
         for (var e = flat; e < ROWS_WG * ROW_QUADS * K_QUADS; e += invocations) {
-            let kv = k0 + e % K_QUADS;
-            if (kv < steps) {
-                let bases = tile_quad_bases(true, row0, e / K_QUADS);
-                lhs_stage[e] = operand_quad(true, LHS_ALONG_K, bases, gemm.lhs_stride / 4u, kv,
-                                            min(gemm.k - 4u * kv, 4u));
-            }
+            if (k0 + e % K_QUADS < steps) { lhs_stage[e] = staged_quad(true, row0, e, k0); }
         }
         for (var e = flat; e < CLASSES_WG * COL_QUADS * K_QUADS; e += invocations) {
-            let kv = k0 + e % K_QUADS;
-            if (kv < steps) {
-                let bases = tile_quad_bases(false, col0, e / K_QUADS);
-                rhs_stage[e] = operand_quad(false, RHS_ALONG_K, bases, gemm.rhs_stride / 4u, kv,
-                                            min(gemm.k - 4u * kv, 4u));
-            }
+            if (k0 + e % K_QUADS < steps) { rhs_stage[e] = staged_quad(false, col0, e, k0); }
         }
         workgroupBarrier();
         for (var q = 0u; q < K_QUADS; q++) {
