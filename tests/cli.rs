@@ -8,7 +8,7 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 mod common;
 
-use common::{run_cli as run, test_dir as dir};
+use common::{run_cli as run, run_loss, test_dir as dir};
 
 /// One tensor for a test file: name, dtype, shape, bytes.
 type Entry = (&'static str, Dtype, Vec<usize>, Vec<u8>);
@@ -199,14 +199,7 @@ fn assert_bad_input(name: &str, file: Result<Vec<Entry>, Vec<u8>>, needle: &str)
         Ok(entries) => write(&input, &entries),
         Err(bytes) => std::fs::write(&input, bytes).expect("write"),
     }
-    let out = run(&[
-        "loss",
-        "--quiet",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let out = run_loss(&input, &output);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
     assert!(
@@ -308,14 +301,10 @@ fn every_bad_input_is_exit_2_naming_the_tensor() {
         "not a readable safetensors file",
     );
 
-    let out = run(&[
-        "loss",
-        "--quiet",
-        "--input",
-        "/nonexistent/in.safetensors",
-        "--output",
-        "/tmp/never.safetensors",
-    ]);
+    let out = run_loss(
+        std::path::Path::new("/nonexistent/in.safetensors"),
+        std::path::Path::new("/tmp/never.safetensors"),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/in.safetensors")

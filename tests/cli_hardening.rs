@@ -11,7 +11,7 @@ use safetensors::{tensor::TensorView, Dtype};
 
 mod common;
 
-use common::{run_cli as run, test_dir as dir};
+use common::{run_cli as run, run_loss, test_dir as dir};
 
 /// The binary under `ulimit -v kib` (the shell sets the limit, then execs it).
 fn run_under_memory_limit(kib: u64, args: &[&str]) -> Output {
@@ -208,14 +208,7 @@ fn a_tensor_named_twice_in_the_header_exits_2() {
         with_extra_entry(r#""weights":{"dtype":"F64","shape":[99,99],"data_offsets":[0,78408]}"#),
     )
     .expect("write");
-    let out = run(&[
-        "loss",
-        "--quiet",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let out = run_loss(&input, &output);
     assert_bad_input(&out, &["tensor `weights`", "more than once"]);
     assert!(!output.exists());
     let png = d.join("map.png");

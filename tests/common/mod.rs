@@ -150,6 +150,13 @@ pub fn run_cli(args: &[&str]) -> Output {
     cli().args(args).output().expect("run margin-softmax")
 }
 
+/// `loss --quiet --input IN --output OUT`, to its end.
+pub fn run_loss(input: &std::path::Path, output: &std::path::Path) -> Output {
+    let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_string();
+    let (input, output) = (path(input), path(output));
+    run_cli(&["loss", "--quiet", "--input", &input, "--output", &output])
+}
+
 /// A temporary directory of this test process, named `name`.
 pub fn test_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("margin-softmax-test-{}-{name}", std::process::id()));
