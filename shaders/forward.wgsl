@@ -300,14 +300,24 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let first_quad = columns.x / 4u;
     let raw = params.raw_classes == 1u;
     var st = empty_partial();
+    // Each lane sums its quads in runs of about √(its quads), merged run by run: S, T and
+    // the non-target sum, whose rounding reaches every p_ij of the row through the LSE,
+    // are chains of about 2√n additions instead of one of n (n up to C/(4·lanes)).
+    let run_quads = 1u << ((firstLeadingBit(max(quads / lanes, 1u)) + 1u) / 2u);
+    var run = empty_partial();
     // The target, whose logit takes the margin, joins after the other classes, in the
     // lane that holds it: the loop over the other classes stays free of the margin.
     for (var q = lane; q < quads; q += lanes) {
         let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[first_quad + q], raw);
         let local = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
         let take = local < vec4<u32>(columns.y) & local + columns.x != vec4<u32>(y);
-        st = add_others(st, c, columns.x + 4u * q, take);
+        run = add_others(run, c, columns.x + 4u * q, take);
+        if (((q / lanes + 1u) & (run_quads - 1u)) == 0u) {
+            st = merge_partials(st, run);
+            run = empty_partial();
+        }
     }
+    st = merge_partials(st, run);
     let target_local = y - columns.x;
     if (y != IGNORE && y >= columns.x && target_local < columns.y && (target_local / 4u) % lanes == lane) {
         let c = logits[base + target_local / 4u][target_local % 4u];

@@ -41,8 +41,18 @@ struct GemmShape {
     product_offset: u32,
     /// 1: add into the product (a later k-piece or row chunk); 0: overwrite it.
     accumulate: u32,
+    /// Quads of k summed in one run before the run is added to the total (a power of
+    /// two near √(k/4), fixed by the shape: see `end_run`).
+    run_quads: u32,
+    /// Length of each split of k (a multiple of 4; the last split may be shorter).
+    split_k: u32,
+    /// Splits of k: 1, or a split-K product whose splits store their partial products in
+    /// `product` (bound to the workspace's split products, split s at s·m·n, rows n
+    /// apart) for `sum_splits` to add up in order.
+    splits: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 /// Sizes, strides and offsets of this GEMM.
@@ -52,8 +62,10 @@ struct GemmShape {
 /// Right operand, four consecutive elements of its contiguous axis per entry.
 @group(0) @binding(22) var<storage, read> rhs: array<vec4<f32>>;
 /// The m×n product, rows product_stride apart from product_offset; every element of it
-/// is written and nothing else.
+/// is written and nothing else. Of a split-K product: the splits' partial products.
 @group(0) @binding(23) var<storage, read_write> product: array<f32>;
+/// The splits' partial products, read by `sum_splits` (whose `product` is the product).
+@group(0) @binding(24) var<storage, read> split_products: array<f32>;
 
 /// true: lhs is contiguous along k (rows of x̂, or of G' for gx̂); false: along m (G'
 /// read as G'ᵀ for gw').
@@ -76,6 +88,35 @@ fn gemm_tile_cols() -> u32 { return CLASSES_WG * 4u * COL_QUADS; }
 
 /// One invocation's accumulators: [row quad][row in quad][column quad], four columns each.
 alias GemmBlock = array<array<array<vec4<f32>, COL_QUADS>, 4>, ROW_QUADS>;
+
+/// The k range one split sums: its length and its operands' offsets, in elements.
+struct KSlice {
+    k: u32,
+    lhs_offset: u32,
+    rhs_offset: u32,
+}
+
+/// Split `split`'s k range: k from split·split_k, at most split_k of them.
+fn k_slice(split: u32) -> KSlice {
+    let k0 = split * gemm.split_k;
+    var lhs = gemm.lhs_offset + k0;
+    if (!LHS_ALONG_K) { lhs = gemm.lhs_offset + k0 * gemm.lhs_stride; }
+    var rhs = gemm.rhs_offset + k0;
+    if (!RHS_ALONG_K) { rhs = gemm.rhs_offset + k0 * gemm.rhs_stride; }
+    return KSlice(min(gemm.split_k, gemm.k - k0), lhs, rhs);
+}
+
+/// The tile a workgroup covers: (split, tile row, tile column, 1), or w = 0 past the
+/// end. Tiles are walked along n first, then m, then the splits.
+fn workgroup_tile(wid: vec3<u32>, nwg: vec3<u32>) -> vec4<u32> {
+    let tiles_n = (gemm.n + gemm_tile_cols() - 1u) / gemm_tile_cols();
+    let tiles_m = (gemm.m + gemm_tile_rows() - 1u) / gemm_tile_rows();
+    let tile = wid.x + wid.y * nwg.x;
+    let split = tile / (tiles_m * tiles_n);
+    let rest = tile - split * tiles_m * tiles_n;
+    let tile_m = rest / tiles_n;
+    return vec4<u32>(split, tile_m, rest - tile_m * tiles_n, u32(split < gemm.splits));
+}
 
 /// Where one invocation reads its operands, in vec4 entries: per row quad, the entry of
 /// each of its four rows at k = 0 (lhs along k) or of the quad at k = 0 (along m, all
@@ -159,14 +200,12 @@ fn block_product(acc: ptr<function, GemmBlock>, a: array<mat4x4<f32>, ROW_QUADS>
     }
 }
 
-/// Quads of k summed in one run before the run is added to the total: the long sums are
-/// summed in runs of 256 values, then run by run, which bounds their rounding (a sequence
-/// of 64 additions, then one per run, instead of one per quad of k).
-const RUN_QUADS: u32 = 64u;
-
-/// total += run, then run = 0, where the quad just summed (`kv`) ends a run or `last`.
+/// total += run, then run = 0, where the quad just summed (`kv`) ends a run of
+/// `gemm.run_quads` quads or is the `last`. A sum of n quads of k is then one chain of
+/// about √n additions per run and one of √n runs, instead of one chain of n: this bounds
+/// the rounding of the long sums (and of the cosines, each a sum of D products).
 fn end_run(total: ptr<function, GemmBlock>, run: ptr<function, GemmBlock>, kv: u32, last: bool) {
-    if ((kv + 1u) % RUN_QUADS != 0u && !last) { return; }
+    if (((kv + 1u) & (gemm.run_quads - 1u)) != 0u && !last) { return; }
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
@@ -178,29 +217,33 @@ fn end_run(total: ptr<function, GemmBlock>, run: ptr<function, GemmBlock>, kv: u
 }
 
 /// Stores (or adds) `sums` at columns first_col .. first_col + 3 of `row`, those inside
-/// the product.
-fn store_quad(row: u32, first_col: u32, sums: vec4<f32>) {
+/// the product; of a split-K product, stores them in split `split`'s partial product.
+fn store_quad(split: u32, row: u32, first_col: u32, sums: vec4<f32>) {
     if (row >= gemm.m) { return; }
-    let at = gemm.product_offset + row * gemm.product_stride + first_col;
+    var at = gemm.product_offset + row * gemm.product_stride + first_col;
+    var add = gemm.accumulate == 1u;
+    if (gemm.splits > 1u) {
+        at = (split * gemm.m + row) * gemm.n + first_col;
+        add = false;
+    }
     let inside = vec4<u32>(first_col) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(gemm.n);
-    let add = gemm.accumulate == 1u;
     if (inside.x) { product[at] = select(sums.x, product[at] + sums.x, add); }
     if (inside.y) { product[at + 1u] = select(sums.y, product[at + 1u] + sums.y, add); }
     if (inside.z) { product[at + 2u] = select(sums.z, product[at + 2u] + sums.z, add); }
     if (inside.w) { product[at + 3u] = select(sums.w, product[at + 3u] + sums.w, add); }
 }
 
-/// Workgroup per gemm_tile_rows() × gemm_tile_cols() tile of the product, the tile index
-/// folded into (x, y) and walked along n first. Invocation (x, y) owns row quads
-/// y, y + ROWS_WG, … and column quads x, x + CLASSES_WG, … of the tile.
+/// Workgroup per gemm_tile_rows() × gemm_tile_cols() tile of the product (per split of
+/// k), the tile index folded into (x, y) as `workgroup_tile` walks it. Invocation (x, y)
+/// owns row quads y, y + ROWS_WG, … and column quads x, x + CLASSES_WG, … of the tile.
 @compute @workgroup_size(CLASSES_WG, ROWS_WG)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
-    let tiles_n = (gemm.n + gemm_tile_cols() - 1u) / gemm_tile_cols();
-    let tile = wid.x + wid.y * nwg.x;
-    let tile_m = tile / tiles_n;
-    if (tile_m * gemm_tile_rows() >= gemm.m) { return; }
-    let tile_n = tile - tile_m * tiles_n;
+    let tile = workgroup_tile(wid, nwg);
+    if (tile.w == 0u) { return; }
+    let slice = k_slice(tile.x);
+    let tile_m = tile.y;
+    let tile_n = tile.z;
     var quad_rows: array<u32, ROW_QUADS>;
     var quad_cols: array<u32, COL_QUADS>;
     var at: OperandBases;
@@ -208,30 +251,30 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     at.rhs_k_stride = gemm.rhs_stride / 4u;
     for (var g = 0u; g < ROW_QUADS; g++) {
         quad_rows[g] = tile_m * gemm_tile_rows() + (g * ROWS_WG + lid.y) * 4u;
-        at.lhs[g] = quad_bases(quad_rows[g], gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
+        at.lhs[g] = quad_bases(quad_rows[g], gemm.m, slice.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
     }
     for (var h = 0u; h < COL_QUADS; h++) {
         quad_cols[h] = tile_n * gemm_tile_cols() + (h * CLASSES_WG + lid.x) * 4u;
-        at.rhs[h] = quad_bases(quad_cols[h], gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
+        at.rhs[h] = quad_bases(quad_cols[h], gemm.n, slice.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
     }
     var acc: GemmBlock;
     var run: GemmBlock;
     // k/4 iterations: llvmpipe stops an invocation after 65535 loop iterations in all;
-    // plans cut longer k ranges (MAX_GEMM_K) into accumulated pieces.
-    let full_steps = gemm.k / 4u;
-    let steps = (gemm.k + 3u) / 4u;
+    // plans cut longer k ranges into splits of at most MAX_GEMM_K.
+    let full_steps = slice.k / 4u;
+    let steps = (slice.k + 3u) / 4u;
     for (var kv = 0u; kv < full_steps; kv++) {
         gemm_step(&run, lhs_tile(at, lid.x, kv, 4u), at, kv, 4u);
         end_run(&acc, &run, kv, kv + 1u == steps);
     }
-    if (gemm.k % 4u != 0u) {
-        gemm_step(&run, lhs_tile(at, lid.x, full_steps, gemm.k % 4u), at, full_steps, gemm.k % 4u);
+    if (slice.k % 4u != 0u) {
+        gemm_step(&run, lhs_tile(at, lid.x, full_steps, slice.k % 4u), at, full_steps, slice.k % 4u);
         end_run(&acc, &run, full_steps, true);
     }
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
-                store_quad(quad_rows[g] + t, quad_cols[h], acc[g][t][h]);
+                store_quad(tile.x, quad_rows[g] + t, quad_cols[h], acc[g][t][h]);
             }
         }
     }
@@ -245,17 +288,18 @@ var<workgroup> lhs_stage: array<mat4x4<f32>, ROWS_WG * ROW_QUADS * K_QUADS>;
 /// The rhs of a K tile of the workgroup's columns, index column_quad·K_QUADS + k_quad.
 var<workgroup> rhs_stage: array<mat4x4<f32>, CLASSES_WG * COL_QUADS * K_QUADS>;
 
-/// Entry e of a K tile's stage from k quad k0 (quad e / K_QUADS of the workgroup's rows
-/// for lhs or columns for rhs, k quad k0 + e % K_QUADS), as `operand_quad` loads it.
-fn staged_quad(from_lhs: bool, tile0: u32, e: u32, k0: u32) -> mat4x4<f32> {
+/// Entry e of a K tile's stage from k quad k0 of `slice` (quad e / K_QUADS of the
+/// workgroup's rows for lhs or columns for rhs, k quad k0 + e % K_QUADS), as
+/// `operand_quad` loads it.
+fn staged_quad(from_lhs: bool, slice: KSlice, tile0: u32, e: u32, k0: u32) -> mat4x4<f32> {
     let first = tile0 + (e / K_QUADS) * 4u;
     let kv = k0 + e % K_QUADS;
-    let k_valid = min(gemm.k - 4u * kv, 4u);
+    let k_valid = min(slice.k - 4u * kv, 4u);
     if (from_lhs) {
-        let bases = quad_bases(first, gemm.m, gemm.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
+        let bases = quad_bases(first, gemm.m, slice.lhs_offset, gemm.lhs_stride, LHS_ALONG_K);
         return operand_quad(true, LHS_ALONG_K, bases, gemm.lhs_stride / 4u, kv, k_valid);
     }
-    let bases = quad_bases(first, gemm.n, gemm.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
+    let bases = quad_bases(first, gemm.n, slice.rhs_offset, gemm.rhs_stride, RHS_ALONG_K);
     return operand_quad(false, RHS_ALONG_K, bases, gemm.rhs_stride / 4u, kv, k_valid);
 }
 
@@ -267,23 +311,21 @@ fn staged_quad(from_lhs: bool, tile0: u32, e: u32, k0: u32) -> mat4x4<f32> {
 fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>,
                  @builtin(local_invocation_index) flat: u32) {
-    let tiles_n = (gemm.n + gemm_tile_cols() - 1u) / gemm_tile_cols();
-    let tile = wid.x + wid.y * nwg.x;
-    let tile_m = tile / tiles_n;
-    if (tile_m * gemm_tile_rows() >= gemm.m) { return; }
-    let tile_n = tile - tile_m * tiles_n;
-    let row0 = tile_m * gemm_tile_rows();
-    let col0 = tile_n * gemm_tile_cols();
+    let tile = workgroup_tile(wid, nwg);
+    if (tile.w == 0u) { return; }
+    let slice = k_slice(tile.x);
+    let row0 = tile.y * gemm_tile_rows();
+    let col0 = tile.z * gemm_tile_cols();
     let invocations = ROWS_WG * CLASSES_WG;
-    let steps = (gemm.k + 3u) / 4u;
+    let steps = (slice.k + 3u) / 4u;
     var acc: GemmBlock;
     var run: GemmBlock;
     for (var k0 = 0u; k0 < steps; k0 += K_QUADS) {
         for (var e = flat; e < ROWS_WG * ROW_QUADS * K_QUADS; e += invocations) {
-            if (k0 + e % K_QUADS < steps) { lhs_stage[e] = staged_quad(true, row0, e, k0); }
+            if (k0 + e % K_QUADS < steps) { lhs_stage[e] = staged_quad(true, slice, row0, e, k0); }
         }
         for (var e = flat; e < CLASSES_WG * COL_QUADS * K_QUADS; e += invocations) {
-            if (k0 + e % K_QUADS < steps) { rhs_stage[e] = staged_quad(false, col0, e, k0); }
+            if (k0 + e % K_QUADS < steps) { rhs_stage[e] = staged_quad(false, slice, col0, e, k0); }
         }
         workgroupBarrier();
         for (var q = 0u; q < K_QUADS; q++) {
@@ -300,9 +342,30 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     for (var g = 0u; g < ROW_QUADS; g++) {
         for (var t = 0u; t < 4u; t++) {
             for (var h = 0u; h < COL_QUADS; h++) {
-                store_quad(row0 + (g * ROWS_WG + lid.y) * 4u + t, col0 + (h * CLASSES_WG + lid.x) * 4u,
-                           acc[g][t][h]);
+                store_quad(tile.x, row0 + (g * ROWS_WG + lid.y) * 4u + t,
+                           col0 + (h * CLASSES_WG + lid.x) * 4u, acc[g][t][h]);
             }
         }
     }
+}
+
+/// The second pass of a split-K product: each element of the product is its splits'
+/// partial products added in split order onto the product (with `accumulate`) or onto
+/// the first split's: the same additions in the same order as running the splits one
+/// after another into the product, so that splitting changes no bit. One invocation per
+/// element, the element index folded into (x, y).
+@compute @workgroup_size(ROW_WG)
+fn sum_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let e = folded_index(wid, nwg, lid);
+    let elements = gemm.m * gemm.n;
+    if (e >= elements) { return; }
+    let row = e / gemm.n;
+    let at = gemm.product_offset + row * gemm.product_stride + (e - row * gemm.n);
+    var sum = split_products[e];
+    if (gemm.accumulate == 1u) { sum = product[at] + sum; }
+    for (var split = 1u; split < gemm.splits; split++) {
+        sum += split_products[split * elements + e];
+    }
+    product[at] = sum;
 }

@@ -67,23 +67,35 @@ fn row_abs_max(is_features: bool, base: u32) -> f32 {
     return select(amax, -1.0, non_finite);
 }
 
-/// Σ (v·scale)² over the D values from `base`.
+/// Squares summed in one run, per lane, before the run is added to the lane's total.
+const SQUARE_RUN_QUADS: u32 = 8u;
+
+/// Σ (v·scale)² over the D values from `base`: four lanes (one per element of a vec4),
+/// each summed in runs of SQUARE_RUN_QUADS squares, then run by run, then the lanes in
+/// pairs. Every inverse norm's rounding reaches every cosine of its row, so the sum is
+/// kept short: chains of about 8 additions instead of one of D/4.
 fn row_sum_squares(is_features: bool, base: u32, scale: f32) -> f32 {
     let span = row_span(base);
-    var sum_sq = 0.0;
+    var total = vec4<f32>();
+    var run = vec4<f32>();
     for (var k = base; k < span.x; k++) {
         let u = input_value(is_features, k) * scale;
-        sum_sq = fma(u, u, sum_sq);
+        run.x = fma(u, u, run.x);
     }
     for (var k = span.x; k < span.y; k += 4u) {
         let u = input_quad(is_features, k) * scale;
-        sum_sq += dot(u, u);
+        run = fma(u, u, run);
+        if (((k - span.x) / 4u) % SQUARE_RUN_QUADS == SQUARE_RUN_QUADS - 1u) {
+            total += run;
+            run = vec4<f32>();
+        }
     }
     for (var k = span.y; k < span.z; k++) {
         let u = input_value(is_features, k) * scale;
-        sum_sq = fma(u, u, sum_sq);
+        run.y = fma(u, u, run.y);
     }
-    return sum_sq;
+    total += run;
+    return (total.x + total.y) + (total.z + total.w);
 }
 
 /// 1/max(‖v‖, ε) of the D values starting at `base`, or -1 if one is not finite.

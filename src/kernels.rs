@@ -29,6 +29,7 @@ pub(crate) enum Binding {
     GemmLhs = 21,
     GemmRhs = 22,
     GemmProduct = 23,
+    SplitProducts = 24,
     FeatureQuads = 25,
     ClassQuads = 26,
 }
@@ -195,13 +196,16 @@ pub(crate) struct GemmShape {
     pub rhs_offset: u32,
     pub product_offset: u32,
     pub accumulate: u32,
-    pub _pad: [u32; 2],
+    pub run_quads: u32,
+    pub split_k: u32,
+    pub splits: u32,
+    pub _pad: [u32; 3],
 }
 
 impl GemmShape {
     /// product (m×n, rows `product_stride` apart) = lhs (m×k) · rhs (k×n), with rows of
     /// lhs and rhs `lhs_stride` and `rhs_stride` apart along their non-contiguous axis;
-    /// no offsets or accumulation.
+    /// no offsets, accumulation or split, and the runs of its k ([`run_quads`]).
     pub(crate) fn new(
         (m, n, k): (u32, u32, u32),
         lhs_stride: u32,
@@ -219,15 +223,33 @@ impl GemmShape {
             rhs_offset: 0,
             product_offset: 0,
             accumulate: 0,
-            _pad: [0; 2],
+            run_quads: run_quads(k),
+            split_k: k,
+            splits: 1,
+            _pad: [0; 3],
         }
     }
 
-    /// Workgroups of `candidate` for this product.
+    /// Workgroups of `candidate` for this product: one per tile of the product and split.
     pub(crate) fn workgroups(&self, candidate: &GemmCandidate) -> u64 {
         let (rows, cols) = candidate.tile();
-        u64::from(self.m.div_ceil(rows)) * u64::from(self.n.div_ceil(cols))
+        u64::from(self.m.div_ceil(rows))
+            * u64::from(self.n.div_ceil(cols))
+            * u64::from(self.splits.max(1))
     }
+}
+
+/// Quads of k a GEMM sums in one run before adding the run to its total (WGSL
+/// `end_run`), for sums of k values: the power of two r with r² ≥ k/4 > (r/2)², at most
+/// 64, so that a sum of n quads is a chain of about √n additions per run and one of √n
+/// runs. A function of k alone, so that every candidate sums the same way.
+pub(crate) fn run_quads(k: u32) -> u32 {
+    let quads = k.div_ceil(4).max(1);
+    let mut run = 1u32;
+    while run * run < quads && run < 64 {
+        run *= 2;
+    }
+    run
 }
 
 /// One way to run the GEMM (`shaders/gemm.wgsl`): a workgroup shape, and whether the
@@ -312,25 +334,158 @@ pub(crate) struct Kernel {
     pub name: &'static str,
 }
 
-/// Every pipeline of the fused loss.
+/// The shader families, one module each: `shaders/common.wgsl` and the family's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Norms,
+    Forward,
+    Backward,
+    Gemm,
+}
+
+/// The entry points of the loss other than the GEMM's `matmul` (see [`Kernels::matmul`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    RowInvNorms,
+    PadRows,
+    LogitSoftmaxRows,
+    LogitGradRows,
+    MergeRows,
+    Summarize,
+    LogitGrads,
+    ProjectionDots,
+    NormalizeBackward,
+    SumSplits,
+}
+
+impl Entry {
+    const COUNT: usize = 10;
+
+    /// Its WGSL name, its module, and the bindings it uses.
+    fn spec(self) -> (&'static str, Family, &'static [Binding]) {
+        use Binding::*;
+        match self {
+            Entry::RowInvNorms => (
+                "row_inv_norms",
+                Family::Norms,
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    FeatureQuads,
+                    ClassQuads,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    InputFlags,
+                ],
+            ),
+            Entry::PadRows => (
+                "pad_rows",
+                Family::Norms,
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    PaddedFeatures,
+                    PaddedClasses,
+                ],
+            ),
+            Entry::LogitSoftmaxRows => (
+                "logit_softmax_rows",
+                Family::Forward,
+                &[
+                    Params,
+                    Labels,
+                    InvNormClassQuads,
+                    SplitPartials,
+                    RowSoftmax,
+                    RowStats,
+                    Logits,
+                ],
+            ),
+            Entry::LogitGradRows => (
+                "logit_grad_rows",
+                Family::Forward,
+                &[
+                    Params,
+                    Labels,
+                    InvNormClassQuads,
+                    RowSoftmax,
+                    RowStats,
+                    Logits,
+                ],
+            ),
+            Entry::MergeRows => (
+                "merge_rows",
+                Family::Forward,
+                &[Params, Labels, SplitPartials, RowSoftmax, RowStats],
+            ),
+            Entry::Summarize => (
+                "summarize",
+                Family::Forward,
+                &[Params, Labels, InputFlags, RowSoftmax, RowStats, Summary],
+            ),
+            Entry::LogitGrads => (
+                "logit_grads",
+                Family::Backward,
+                &[Params, Labels, RowSoftmax, Summary, Logits],
+            ),
+            Entry::ProjectionDots => (
+                "projection_dots",
+                Family::Backward,
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    GradFeatures,
+                    GradClasses,
+                    ProjectionPieceDots,
+                ],
+            ),
+            Entry::NormalizeBackward => (
+                "normalize_backward",
+                Family::Backward,
+                &[
+                    Params,
+                    Features,
+                    ClassVectors,
+                    InvNormFeatures,
+                    InvNormClasses,
+                    Summary,
+                    GradFeatures,
+                    GradClasses,
+                    ProjectionPieceDots,
+                ],
+            ),
+            Entry::SumSplits => (
+                "sum_splits",
+                Family::Gemm,
+                &[GemmShape, GemmProduct, SplitProducts],
+            ),
+        }
+    }
+}
+
+/// Every pipeline of the fused loss, each compiled the first time a recording uses it
+/// (as is its module), so that a call compiles only what its plan runs and more GEMM
+/// candidates add no start-up time.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    pub row_inv_norms: Kernel,
-    pub merge_rows: Kernel,
-    pub summarize: Kernel,
-    pub pad_rows: Kernel,
-    pub logit_softmax_rows: Kernel,
-    pub logit_grad_rows: Kernel,
-    pub logit_grads: Kernel,
-    pub projection_dots: Kernel,
-    pub normalize_backward: Kernel,
-    /// `matmul` per GemmLayout, in its declaration order, and per candidate, each
-    /// compiled the first time it runs (see [`Kernels::matmul`]).
+    /// Per [`Entry`], in its declaration order.
+    entries: [std::sync::OnceLock<Kernel>; Entry::COUNT],
+    /// `matmul` per GemmLayout, in its declaration order, and per candidate.
     matmul: [Vec<std::sync::OnceLock<Kernel>>; 3],
     /// The GEMM candidates this device allows; the first is the default.
     pub candidates: Vec<GemmCandidate>,
-    /// The GEMM module and its device, for the pipelines compiled on first use.
-    gemm: wgpu::ShaderModule,
+    /// Per [`Family`], in its declaration order.
+    modules: [std::sync::OnceLock<wgpu::ShaderModule>; 4],
+    /// The GEMM module's lhs loader (gemm_lhs_loads.wgsl or gemm_lhs_subgroup.wgsl).
+    lhs_loader: &'static str,
+    tiles: TileConfig,
     device: wgpu::Device,
 }
 
@@ -376,172 +531,35 @@ impl Kernels {
         } else {
             GEMM_LHS_LOADS_WGSL
         };
-        use Binding::*;
-        // Every check stays on. The GEMM module alone drops naga's forced loop bound:
-        // its extra counter hides the trip counts of the register-block loops from the
-        // driver, which then cannot unroll them and keeps the 8×8 block in memory (half
-        // the GEMM speed on llvmpipe). The other modules keep it: unrolling their loops
-        // gains nothing there and multiplies their compile time.
-        let module = |label, source: &str, bounded: bool| {
-            let mut checks = wgpu::ShaderRuntimeChecks::checked();
-            checks.force_loop_bounding = bounded;
-            let descriptor = wgpu::ShaderModuleDescriptor {
-                label: Some(label),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            };
-            // SAFETY: the only check ever turned off is the forced loop bound, which the
-            // caller may drop when no shader loop can run forever. Every loop of the GEMM
-            // module (gemm.wgsl, its lhs loaders, and common.wgsl's functions, which the
-            // GEMM never calls) counts a u32 up by 1 or 4 to a bound fixed before the
-            // loop: a constant, k/4 of a uniform GemmShape (at most 2³⁰), or D, below
-            // 2³² − 4 as every size fits one binding; none wraps around.
-            unsafe { device.create_shader_module_trusted(descriptor, checks) }
-        };
-        let norms = module("norms.wgsl", NORMS_WGSL, true);
-        let forward = module("forward.wgsl", FORWARD_WGSL, true);
-        let backward = module("backward.wgsl", BACKWARD_WGSL, true);
-        let gemm = module("gemm.wgsl", &format!("{GEMM_WGSL}{lhs_loader}"), false);
-        let tile_constants = [
-            ("ROWS_WG", f64::from(tiles.rows_per_workgroup)),
-            ("CLASSES_WG", f64::from(tiles.classes_per_workgroup)),
-            ("DIM_PIECE", f64::from(DIM_PIECE)),
-        ];
-        let pipeline = |module: &wgpu::ShaderModule,
-                        (entry, name): (&'static str, &'static str),
-                        bindings,
-                        constants: &[(&str, f64)]| Kernel {
-            pipeline: device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(entry),
-                layout: None,
-                module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            }),
-            bindings,
-            name,
-        };
-        let kernel =
-            |module, entry, bindings| pipeline(module, (entry, entry), bindings, &tile_constants);
         let candidates = gemm_candidates(tiles, &device.limits());
         Kernels {
-            row_inv_norms: kernel(
-                &norms,
-                "row_inv_norms",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    FeatureQuads,
-                    ClassQuads,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    InputFlags,
-                ],
-            ),
-            merge_rows: kernel(
-                &forward,
-                "merge_rows",
-                &[Params, Labels, SplitPartials, RowSoftmax, RowStats],
-            ),
-            summarize: kernel(
-                &forward,
-                "summarize",
-                &[Params, Labels, InputFlags, RowSoftmax, RowStats, Summary],
-            ),
-            pad_rows: kernel(
-                &norms,
-                "pad_rows",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    PaddedFeatures,
-                    PaddedClasses,
-                ],
-            ),
-            logit_softmax_rows: kernel(
-                &forward,
-                "logit_softmax_rows",
-                &[
-                    Params,
-                    Labels,
-                    InvNormClassQuads,
-                    SplitPartials,
-                    RowSoftmax,
-                    RowStats,
-                    Logits,
-                ],
-            ),
-            logit_grad_rows: kernel(
-                &forward,
-                "logit_grad_rows",
-                &[
-                    Params,
-                    Labels,
-                    InvNormClassQuads,
-                    RowSoftmax,
-                    RowStats,
-                    Logits,
-                ],
-            ),
-            logit_grads: kernel(
-                &backward,
-                "logit_grads",
-                &[Params, Labels, RowSoftmax, Summary, Logits],
-            ),
-            projection_dots: kernel(
-                &backward,
-                "projection_dots",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    GradFeatures,
-                    GradClasses,
-                    ProjectionPieceDots,
-                ],
-            ),
-            normalize_backward: kernel(
-                &backward,
-                "normalize_backward",
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    Summary,
-                    GradFeatures,
-                    GradClasses,
-                    ProjectionPieceDots,
-                ],
-            ),
+            entries: Default::default(),
             matmul: GemmLayout::ALL
                 .map(|_| candidates.iter().map(|_| Default::default()).collect()),
             candidates,
-            gemm,
+            modules: Default::default(),
+            lhs_loader,
+            tiles,
             device: device.clone(),
         }
     }
-}
 
-impl Kernels {
+    /// The pipeline of `entry`, compiled on first use.
+    pub(crate) fn kernel(&self, entry: Entry) -> crate::Result<&Kernel> {
+        let (name, family, bindings) = entry.spec();
+        let constants = [
+            ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
+            ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
+            ("DIM_PIECE", f64::from(DIM_PIECE)),
+        ];
+        self.compiled(&self.entries[entry as usize], || {
+            self.compile(family, name, &constants, bindings, name)
+        })
+    }
+
     /// The `matmul` pipeline of `layout` for candidate `candidate` (an index into
-    /// [`Kernels::candidates`]), compiled on first use inside an error scope, so that more
-    /// candidates add no start-up time and a refused pipeline is an error, not a panic.
+    /// [`Kernels::candidates`]), compiled on first use.
     pub(crate) fn matmul(&self, layout: GemmLayout, candidate: usize) -> crate::Result<&Kernel> {
-        let cell = &self.matmul[layout as usize][candidate];
-        if let Some(kernel) = cell.get() {
-            return Ok(kernel);
-        }
         let c = &self.candidates[candidate];
         let (lhs, rhs) = layout.along_k();
         let constants = [
@@ -552,17 +570,55 @@ impl Kernels {
             ("RHS_ALONG_K", f64::from(u8::from(rhs))),
         ];
         let entry = if c.staged { "matmul_staged" } else { "matmul" };
+        use Binding::*;
+        self.compiled(&self.matmul[layout as usize][candidate], || {
+            self.compile(
+                Family::Gemm,
+                entry,
+                &constants,
+                &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
+                layout.name(),
+            )
+        })
+    }
+
+    /// The kernel in `cell`, made by `make` the first time. Two threads may compile it
+    /// at once: the first kept serves both.
+    fn compiled<'k>(
+        &'k self,
+        cell: &'k std::sync::OnceLock<Kernel>,
+        make: impl FnOnce() -> crate::Result<Kernel>,
+    ) -> crate::Result<&'k Kernel> {
+        if let Some(kernel) = cell.get() {
+            return Ok(kernel);
+        }
+        let _ = cell.set(make()?);
+        cell.get()
+            .ok_or_else(|| crate::Error::Gpu("internal: a pipeline was not kept".into()))
+    }
+
+    /// One pipeline of `family`'s module (made first if need be), inside error scopes,
+    /// so that a module or pipeline the device refuses is an error, not a panic.
+    fn compile(
+        &self,
+        family: Family,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+        bindings: &'static [Binding],
+        name: &'static str,
+    ) -> crate::Result<Kernel> {
         let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.modules[family as usize].get_or_init(|| self.module(family));
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: None,
-                module: &self.gemm,
+                module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
+                    constants,
                     zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
@@ -571,15 +627,42 @@ impl Kernels {
         if let Some(e) = pollster::block_on(internal.pop()).or(refused) {
             return Err(crate::Error::Gpu(e.to_string()));
         }
-        use Binding::*;
-        // Two threads may compile it at once: the first kept serves both.
-        let _ = cell.set(Kernel {
+        Ok(Kernel {
             pipeline,
-            bindings: &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
-            name: layout.name(),
-        });
-        cell.get()
-            .ok_or_else(|| crate::Error::Gpu("internal: a GEMM pipeline was not kept".into()))
+            bindings,
+            name,
+        })
+    }
+
+    /// The shader module of `family`. Every check stays on. The GEMM module alone drops
+    /// naga's forced loop bound: its extra counter hides the trip counts of the
+    /// register-block loops from the driver, which then cannot unroll them and keeps the
+    /// 8×8 block in memory (half the GEMM speed on llvmpipe). The other modules keep it:
+    /// unrolling their loops gains nothing there and multiplies their compile time.
+    fn module(&self, family: Family) -> wgpu::ShaderModule {
+        let gemm_source;
+        let (label, source) = match family {
+            Family::Norms => ("norms.wgsl", NORMS_WGSL),
+            Family::Forward => ("forward.wgsl", FORWARD_WGSL),
+            Family::Backward => ("backward.wgsl", BACKWARD_WGSL),
+            Family::Gemm => {
+                gemm_source = format!("{GEMM_WGSL}{}", self.lhs_loader);
+                ("gemm.wgsl", gemm_source.as_str())
+            }
+        };
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = family != Family::Gemm;
+        let descriptor = wgpu::ShaderModuleDescriptor {
+            label: Some(label),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        // SAFETY: the only check ever turned off is the forced loop bound, which the
+        // caller may drop when no shader loop can run forever. Every loop of the GEMM
+        // module (gemm.wgsl, its lhs loaders, and common.wgsl's functions, which the GEMM
+        // never calls) counts a u32 up by 1 or 4 to a bound fixed before the loop: a
+        // constant, k/4 of a uniform GemmShape (at most 2³⁰), its split count, or D,
+        // below 2³² − 4 as every size fits one binding; none wraps around.
+        unsafe { self.device.create_shader_module_trusted(descriptor, checks) }
     }
 }
 

@@ -86,9 +86,15 @@ fn class_matrix_just_over_128_mib() {
 fn long_class_ranges_and_large_batches_stay_exact() {
     // Before plans respected llvmpipe's 65535-iteration limit, each of these lost whole
     // class splits of dL/dx (long splits) or rows of dL/dw (a large batch) on lavapipe;
-    // (1000, 2048, 40) takes two dL/dw row passes.
+    // (1000, 2048, 40) takes two dL/dw row passes; (4101, 12, 7) sums dL/dw over
+    // k = B in two splits of a split-K GEMM, the last one ragged.
     let ctx = context();
-    for (b, d, c) in [(8, 768, 12_000), (8, 64, 200_000), (1000, 2048, 40)] {
+    for (b, d, c) in [
+        (8, 768, 12_000),
+        (8, 64, 200_000),
+        (1000, 2048, 40),
+        (4101, 12, 7),
+    ] {
         let p = Problem::random(Shape::new(b, d, c), 11);
         let params = LossParams::default();
         let out = ctx

@@ -6,7 +6,9 @@ use super::Algorithm;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Shape;
-use crate::kernels::{padded, Binding, GemmLayout, GemmShape, GpuParams, DIM_PIECE, GEMM_QUADS};
+use crate::kernels::{
+    padded, run_quads, Binding, GemmLayout, GemmShape, GpuParams, DIM_PIECE, GEMM_QUADS,
+};
 /// One chunk of the class matrix: the classes one binding of w covers, or, for a plan
 /// in blocks, one block of classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,6 +509,14 @@ pub(super) fn workspace_layout(
         // One partial per row, merged over the blocks (bound, and unread, otherwise).
         (Binding::SplitPartials, product(&[SPLIT_PARTIAL_BYTES, b])),
         (Binding::PaddedFeatures, product(&[4, b, d4])),
+        // The partial products of the split-K GEMMs (bound, and unused, without one).
+        (
+            Binding::SplitProducts,
+            gemm_specs(shape, g, algorithm)
+                .iter()
+                .map(GemmSpec::split_bytes)
+                .fold(4, u64::max),
+        ),
         (
             Binding::PaddedClasses,
             padded_classes_bytes(shape, g, algorithm),
@@ -532,35 +542,73 @@ pub(super) struct GemmSpec {
     pub(super) candidate: usize,
 }
 
-/// The longest k one matmul dispatch runs, a multiple of 4 so that every piece starts
-/// on a vec4: a product's k is cut into pieces of it by the shape alone, each piece
-/// adding onto the last; within a piece the GEMM sums runs of 256 values, then run by run
-/// (`RUN_QUADS` in shaders/gemm.wgsl), which bounds the rounding of the long sums. It
-/// keeps each invocation's k/4 loop iterations within LOOP_BUDGET, and a workgroup's
-/// slice of the streamed operand (4096 rows of a tile) within a CPU core's cache: on
-/// llvmpipe G·w over k = 16384 runs 10–20% faster in pieces of 4096.
+/// The longest k one invocation of a matmul sums, a multiple of 4 so that every piece
+/// starts on a vec4: a product's k is cut into pieces of it by the shape alone. The
+/// gradient products (k = classes for gx̂, rows for gw) run their pieces as the splits of
+/// one split-K dispatch, whose partial products `sum_splits` adds in order; the dots
+/// (k = D, past 4096 only for very long rows, whose partials would outweigh the logits)
+/// run them one after another, each adding onto the last. Both add the same values in the
+/// same order, and within a piece the GEMM sums runs of about √(k/4) quads, then run by
+/// run ([`run_quads`]): this bounds the rounding of the long sums. It keeps each
+/// invocation's k/4 loop iterations within LOOP_BUDGET, and a workgroup's slice of the
+/// streamed operand (4096 rows of a tile) within a CPU core's cache: on llvmpipe G·w over
+/// k = 16384 runs 10–20% faster in pieces of 4096.
 pub(super) const MAX_GEMM_K: u32 = 4096;
 
 impl GemmSpec {
-    /// The spec cut along k into pieces of at most MAX_GEMM_K, each accumulating onto
-    /// the previous ones, with its operand offsets advanced to the piece's first k.
+    /// The spec cut along k into pieces of at most MAX_GEMM_K: one split-K spec for the
+    /// gradient products, pieces that each accumulate onto the previous ones for the dots.
     pub(super) fn k_pieces(self) -> Vec<GemmSpec> {
-        let gemm = self.shape;
+        let gemm = GemmShape {
+            run_quads: run_quads(self.shape.k.min(MAX_GEMM_K)),
+            split_k: MAX_GEMM_K,
+            ..self.shape
+        };
+        if gemm.k <= MAX_GEMM_K {
+            return vec![GemmSpec {
+                shape: GemmShape {
+                    split_k: gemm.k,
+                    ..gemm
+                },
+                ..self
+            }];
+        }
+        if self.layout != GemmLayout::Dots {
+            let splits = gemm.k.div_ceil(MAX_GEMM_K);
+            return vec![GemmSpec {
+                shape: GemmShape { splits, ..gemm },
+                ..self
+            }];
+        }
         let (lhs_along_k, rhs_along_k) = self.layout.along_k();
         let step = |along_k: bool, stride: u32, k0: u32| if along_k { k0 } else { k0 * stride };
         (0..gemm.k)
             .step_by(MAX_GEMM_K as usize)
-            .map(|k0| GemmSpec {
-                shape: GemmShape {
-                    k: MAX_GEMM_K.min(gemm.k - k0),
-                    lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
-                    rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
-                    accumulate: gemm.accumulate | u32::from(k0 > 0),
-                    ..gemm
-                },
-                ..self
+            .map(|k0| {
+                let k = MAX_GEMM_K.min(gemm.k - k0);
+                GemmSpec {
+                    shape: GemmShape {
+                        k,
+                        split_k: k,
+                        lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
+                        rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
+                        accumulate: gemm.accumulate | u32::from(k0 > 0),
+                        ..gemm
+                    },
+                    ..self
+                }
             })
             .collect()
+    }
+
+    /// Bytes of the splits' partial products it needs (0 without a split).
+    pub(super) fn split_bytes(&self) -> u64 {
+        let g = &self.shape;
+        if g.splits > 1 {
+            product(&[4, g.splits.into(), g.m.into(), g.n.into()])
+        } else {
+            0
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Summary};
 use crate::kernels::{
-    bind_groups, encode_bound, fold_grid, padded, Binding, Dispatch, GemmLayout, GpuParams, Kernel,
-    Timestamps, ROW_KERNEL_WORKGROUP,
+    bind_groups, encode_bound, fold_grid, padded, Binding, Dispatch, Entry, GemmLayout, GpuParams,
+    Kernel, Timestamps, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::LossParams;
 /// One dispatch of a recording.
@@ -240,18 +240,29 @@ impl Plan {
         for chunk in 0..g.chunks.len() {
             steps.push(Step {
                 chunk,
-                ..once(&k.row_inv_norms, per_row(rows_of(chunk))?)
+                ..once(k.kernel(Entry::RowInvNorms)?, per_row(rows_of(chunk))?)
             });
         }
-        let matmul = |index: usize| -> Result<Step<'_>> {
+        // A GEMM's dispatch, and for a split-K GEMM the sum of its splits.
+        let matmul = |index: usize| -> Result<Vec<Step<'_>>> {
             let spec = &self.gemms[index];
             let candidate = &ctx.kernels.candidates[spec.candidate];
             let grid = fold_grid(spec.shape.workgroups(candidate), max)?;
-            Ok(Step {
+            let product = Step {
                 gemm: Some(index),
-                chunk: self.gemms[index].chunk,
+                chunk: spec.chunk,
                 ..once(k.matmul(spec.layout, spec.candidate)?, grid)
-            })
+            };
+            let mut steps = vec![product];
+            if spec.shape.splits > 1 {
+                let elements = u64::from(spec.shape.m) * u64::from(spec.shape.n);
+                steps.push(Step {
+                    kernel: k.kernel(Entry::SumSplits)?,
+                    grid: per_row(elements)?,
+                    ..product
+                });
+            }
+            Ok(steps)
         };
         let pieces = dim_pieces(d);
         let chunked_backward = backward && self.algorithm.engine() == Algorithm::Chunked;
@@ -271,7 +282,7 @@ impl Plan {
                 let rows = u64::from(self.copy_rows(chunk));
                 Ok((rows > 0 && !reuse_dots).then_some(Step {
                     chunk,
-                    ..once(&k.pad_rows, per_row(rows * pieces)?)
+                    ..once(k.kernel(Entry::PadRows)?, per_row(rows * pieces)?)
                 }))
             };
             for chunk in 0..g.chunks.len() {
@@ -294,7 +305,11 @@ impl Plan {
             let gemms = |pass: usize, chunk: usize, dots: bool| -> Result<Vec<Step<'_>>> {
                 let (dot_specs, grad_specs) = &by_block[pass][chunk];
                 let indices = if dots { dot_specs } else { grad_specs };
-                indices.iter().map(|&index| matmul(index)).collect()
+                Ok(indices
+                    .iter()
+                    .map(|&index| matmul(index))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat())
             };
             let row_grid = |(r0, r1): (u32, u32)| {
                 fold_grid(
@@ -314,7 +329,7 @@ impl Plan {
                         steps.push(Step {
                             pass,
                             chunk,
-                            ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                            ..once(k.kernel(Entry::LogitSoftmaxRows)?, row_grid(rows)?)
                         });
                     }
                 } else {
@@ -325,7 +340,7 @@ impl Plan {
                     }
                     steps.push(Step {
                         pass,
-                        ..once(&k.logit_softmax_rows, row_grid(rows)?)
+                        ..once(k.kernel(Entry::LogitSoftmaxRows)?, row_grid(rows)?)
                     });
                     if chunked_backward {
                         for chunk in 0..g.chunks.len() {
@@ -336,7 +351,7 @@ impl Plan {
             }
             // A shard's forward leaves the blocks' partials to the caller.
             if g.blocked && phase == Phase::Whole {
-                steps.push(once(&k.merge_rows, per_row(b)?));
+                steps.push(once(k.kernel(Entry::MergeRows)?, per_row(b)?));
             }
             if g.blocked && chunked_backward {
                 // After the forward: each block's dots again (unless a shard's forward
@@ -357,7 +372,7 @@ impl Plan {
                             steps.push(Step {
                                 pass,
                                 chunk,
-                                ..once(&k.logit_grad_rows, row_grid(rows)?)
+                                ..once(k.kernel(Entry::LogitGradRows)?, row_grid(rows)?)
                             });
                             steps.extend(gemms(pass, chunk, false)?);
                         }
@@ -368,16 +383,16 @@ impl Plan {
             }
         }
         if phase == Phase::Whole {
-            steps.push(once(&k.summarize, (1, 1)));
+            steps.push(once(k.kernel(Entry::Summarize)?, (1, 1)));
         }
         if backward {
             match self.algorithm.engine() {
                 Algorithm::Unfused => {
-                    steps.push(once(&k.logit_grads, per_row(b * c)?));
+                    steps.push(once(k.kernel(Entry::LogitGrads)?, per_row(b * c)?));
                     // The gradient GEMMs: every one but the dots' k-pieces.
                     for index in 0..self.gemms.len() {
                         if self.gemms[index].layout != GemmLayout::Dots {
-                            steps.push(matmul(index)?);
+                            steps.extend(matmul(index)?);
                         }
                     }
                 }
@@ -391,12 +406,12 @@ impl Plan {
                 if pieces > 1 {
                     steps.push(Step {
                         chunk,
-                        ..once(&k.projection_dots, grid)
+                        ..once(k.kernel(Entry::ProjectionDots)?, grid)
                     });
                 }
                 steps.push(Step {
                     chunk,
-                    ..once(&k.normalize_backward, grid)
+                    ..once(k.kernel(Entry::NormalizeBackward)?, grid)
                 });
             }
         }
@@ -520,6 +535,16 @@ impl Plan {
             }
             Binding::GemmLhs => operand(|g| g.lhs),
             Binding::GemmRhs => operand(|g| g.rhs),
+            // A split-K GEMM's splits store their partial products in the workspace, which
+            // the sum of its splits (the step that binds them) reads.
+            Binding::GemmProduct
+                if gemm
+                    .and_then(|index| self.gemms.get(index))
+                    .is_some_and(|spec| spec.shape.splits > 1)
+                    && !step.kernel.bindings.contains(&Binding::SplitProducts) =>
+            {
+                own(Binding::SplitProducts, None)
+            }
             Binding::GemmProduct => operand(|g| g.product),
             other => own(other, None),
         }
@@ -561,6 +586,7 @@ pub(super) fn binding_name(binding: Binding) -> &'static str {
         Binding::GemmLhs => "lhs",
         Binding::GemmRhs => "rhs",
         Binding::GemmProduct => "product",
+        Binding::SplitProducts => "split_products",
     }
 }
 
