@@ -12,6 +12,41 @@
 // 1/‖w_j‖. Both then project gx̂ and gŵ (or gw') in place (`projection_dots`,
 // `normalize_backward`), in pieces of DIM_PIECE values per row.
 
+/// The uniform of the backward family (`logit_grads`, the projections), one per class
+/// chunk. Mirrors `BackwardParams` in `src/kernels.rs` (a test compares their sizes).
+struct BackwardParams {
+    /// s and the margin function (shaders/margin.wgsl).
+    loss: LossTerms,
+    /// B: rows of x.
+    batch: u32,
+    /// D: length of every feature and class vector.
+    dim: u32,
+    /// Classes in this dispatch's chunk of w (all C unless w is bound in chunks).
+    classes: u32,
+    /// C: all classes; labels are checked against it.
+    total_classes: u32,
+    /// Rows of x the pass covers before w's (the stacked rows): B in the first chunk, 0 in
+    /// later ones.
+    norm_feature_rows: u32,
+    /// 0 = mean, 1 = sum, 2 = none (gradients of the sum).
+    reduction: u32,
+    /// 1 (the chunked plan): w enters the GEMMs as it is, not normalised: `logits` holds
+    /// x̂_i·w_j, to be scaled by 1/‖w_j‖, and G carries the factor 1/‖w_j‖ of its column;
+    /// 0 (the unfused baseline): `logits` holds cosines (and `pad_rows` copies ŵ).
+    raw_classes: u32,
+    /// 1: G leaves out the reduction's 1/N, applied once by `normalize_backward` (the
+    /// chunked plan computes G before N is known); 0: G includes it.
+    defer_norm: u32,
+    /// Elements between rows of the materialised logits (a multiple of 4).
+    logit_stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+/// This dispatch's uniform.
+@group(0) @binding(0) var<uniform> params: BackwardParams;
+
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (from norms.wgsl).
@@ -55,9 +90,9 @@ const INV_EPS: f32 = 1e12;
 /// G_ij / (p_ij − [j = y_i]): s/N for the mean (0 when N = 0), s for sum and none, and
 /// s when the 1/N is deferred to `normalize_backward`.
 fn grad_coef() -> f32 {
-    if (params.reduction != 0u || params.defer_norm == 1u) { return params.scale; }
+    if (params.reduction != 0u || params.defer_norm == 1u) { return params.loss.scale; }
     let n = summary.valid_rows;
-    return select(params.scale / f32(max(n, 1u)), 0.0, n == 0u);
+    return select(params.loss.scale / f32(max(n, 1u)), 0.0, n == 0u);
 }
 
 /// The projection's component along v̂ = v·inv, from v̂·g: dL/dv = (g − v̂·along)·inv.

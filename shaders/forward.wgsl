@@ -5,6 +5,49 @@
 //
 //   c_ij = x̂_i·ŵ_j,  z_ij = s·(c_ij − m·[j = y_i]),  L_i = LSE_j(z_ij) − z_{i,y_i}
 
+/// The uniform of the forward family (the softmax rows, `merge_rows`, `summarize`), one
+/// per class chunk and row pass. Mirrors `ForwardParams` in `src/kernels.rs` (a test
+/// compares their sizes).
+struct ForwardParams {
+    /// s and the margin function (shaders/margin.wgsl).
+    loss: LossTerms,
+    /// B: rows of x.
+    batch: u32,
+    /// Classes in this dispatch's chunk of w (all C unless w is bound in chunks).
+    classes: u32,
+    /// C: all classes; labels are checked against it.
+    total_classes: u32,
+    /// Index of the chunk's first class (class-indexed buffers are bound from it).
+    class_offset: u32,
+    /// Rows [row_begin, row_end) of this row chunk of the logits.
+    row_begin: u32,
+    row_end: u32,
+    /// Elements between rows of the materialised logits (a multiple of 4).
+    logit_stride: u32,
+    /// 1: the logits hold one class block (this chunk's classes), not all C; the forward
+    /// leaves per-block partials and the backward recomputes each block's dots.
+    blocks: u32,
+    /// This chunk's partial slot with `blocks`.
+    block_index: u32,
+    /// 1 (the chunked plan's backward): `logit_softmax_rows` overwrites each row of dots
+    /// with G'_ij = G_ij/‖w_j‖ once the row's softmax is known, without the 1/N.
+    write_grads: u32,
+    /// 1 (the chunked plan): w enters the GEMMs as it is, not normalised: `logits` holds
+    /// x̂_i·w_j, to be scaled by 1/‖w_j‖, and G carries the factor 1/‖w_j‖ of its column;
+    /// 0 (the unfused baseline): `logits` holds cosines (and `pad_rows` copies ŵ).
+    raw_classes: u32,
+    /// 0 = mean, 1 = sum, 2 = none (gradients of the sum).
+    reduction: u32,
+    /// 1.0 when s >= s_min (the scale receives a gradient), else 0.0.
+    scale_grad_gate: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+/// This dispatch's uniform.
+@group(0) @binding(0) var<uniform> params: ForwardParams;
+
 /// 1/max(‖x_i‖, ε), B values (from norms.wgsl).
 @group(0) @binding(4) var<storage, read> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (from norms.wgsl).
@@ -93,7 +136,7 @@ fn merge_partials(a: SplitPartial, b: SplitPartial) -> SplitPartial {
 /// Adds one more logit z = s·zc to the online (M, S, T) of `st`; returns its
 /// exp(z − M) under the new M.
 fn add_exp(st: ptr<function, SplitPartial>, zc: f32) -> f32 {
-    let z = params.scale * zc;
+    let z = params.loss.scale * zc;
     if (z > (*st).max_logit) {
         let f = exp((*st).max_logit - z);
         (*st).sum_exp *= f;
@@ -133,7 +176,7 @@ fn add_other(state: SplitPartial, c: f32, j: u32) -> SplitPartial {
 /// where `take` holds: one rescale for the four, and the lowest index kept on ties.
 fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> SplitPartial {
     var st = state;
-    let z = params.scale * c;
+    let z = params.loss.scale * c;
     let top = max(max(select(NEG_BIG, z.x, take.x), select(NEG_BIG, z.y, take.y)),
                   max(select(NEG_BIG, z.z, take.z), select(NEG_BIG, z.w, take.w)));
     if (top > st.max_logit) {
@@ -186,7 +229,7 @@ fn finish_row(i: u32, acc: SplitPartial) {
     var softmax = RowSoftmax(lse, 0.0, 0.0, acc.best_other_class, y);
     if (y != IGNORE) {
         let zc_target = target_margin(acc.target_cos).x;
-        let z_target = params.scale * zc_target;
+        let z_target = params.loss.scale * zc_target;
         // t = M − z_y ≥ 0. With X = Σ_{j≠y} exp(z_j − z_y), L_i = log(1 + X),
         // p_iy = 1/(1 + X) and 1 − p_iy = X/(1 + X): all stay exact relative to
         // themselves as X → 0, where lse − z_y and 1 − exp(z_y − lse) would cancel. For
@@ -203,11 +246,11 @@ fn finish_row(i: u32, acc: SplitPartial) {
             softmax.target_complement = other / (1.0 + other);
         }
         softmax.scale_grad = acc.sum_exp_logit / acc.sum_exp - zc_target;
-        if (params.objective == 1u) {
+        if (params.loss.objective == 1u) {
             // Hard margin: a hinge on the best non-target against the margined target.
             let gap = best_other - zc_target;
             let hinge_on = has_other && gap > 0.0;
-            stats.loss = select(0.0, params.scale * gap, hinge_on);
+            stats.loss = select(0.0, params.loss.scale * gap, hinge_on);
             softmax.scale_grad = select(0.0, gap, hinge_on);
             softmax.target_complement = select(0.0, 1.0, hinge_on);
         }
@@ -257,23 +300,23 @@ fn logit_columns() -> vec2<u32> {
 /// class, overwrite theirs.
 fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lanes: u32) {
     let row = row_softmax[i];
-    let soft = y != IGNORE && params.objective == 0u;
+    let soft = y != IGNORE && params.loss.objective == 0u;
     let first_quad = columns.x / 4u;
     for (var q = lane; q < (columns.y + 3u) / 4u; q += lanes) {
         let inv_w = inv_norm_class_quads[first_quad + q];
-        let p = exp(params.scale * logits[base + q] * inv_w - row.lse);
+        let p = exp(params.loss.scale * logits[base + q] * inv_w - row.lse);
         let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(columns.y);
-        let g = flush_subnormal(params.scale * p) * inv_w;
+        let g = flush_subnormal(params.loss.scale * p) * inv_w;
         logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
     }
     if (y == IGNORE) { return; }
     var special = array<u32, 2>(y, NO_CLASS);
-    if (params.objective == 1u) { special[1] = row.best_other_class; }
+    if (params.loss.objective == 1u) { special[1] = row.best_other_class; }
     for (var k = 0u; k < 2u; k++) {
         let j = special[k];
         let local = j - columns.x;
         if (j != NO_CLASS && j >= columns.x && local < columns.y && (local / 4u) % lanes == lane) {
-            let g = grad_logit(row_stats[i].target_cos, row, j, y, params.scale);
+            let g = grad_logit(row_stats[i].target_cos, row, j, y, params.loss.scale);
             logits[base + local / 4u][local % 4u] = g * inv_norm_class_quads[j / 4u][j % 4u];
         }
     }

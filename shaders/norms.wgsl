@@ -5,6 +5,32 @@
 // Rows 0..B are features, rows B..B+C class vectors: one invocation per row for the
 // norms, one per piece of DIM_PIECE values of a row for the copies.
 
+/// The uniform of the norms pass (`row_inv_norms`, `pad_rows`), one per class chunk.
+/// Mirrors `NormsParams` in `src/kernels.rs` (a test compares their sizes).
+struct NormsParams {
+    /// B: rows of x.
+    batch: u32,
+    /// D: length of every feature and class vector.
+    dim: u32,
+    /// Classes in this dispatch's chunk of w (all C unless w is bound in chunks).
+    classes: u32,
+    /// Rows of x the pass covers before w's (the stacked rows): B in the first chunk, 0 in
+    /// later ones.
+    norm_feature_rows: u32,
+    /// Rows `pad_rows` copies in this chunk: x̂ (B, first chunk only), then the chunk's
+    /// rows of w where the plan copies them.
+    copy_rows: u32,
+    /// 1 (the chunked plan): w enters the GEMMs as it is, not normalised: `logits` holds
+    /// x̂_i·w_j, to be scaled by 1/‖w_j‖, and G carries the factor 1/‖w_j‖ of its column;
+    /// 0 (the unfused baseline): `logits` holds cosines (and `pad_rows` copies ŵ).
+    raw_classes: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// This dispatch's uniform.
+@group(0) @binding(0) var<uniform> params: NormsParams;
+
 /// 1/max(‖x_i‖, ε), B values (0 for a row holding a non-finite value).
 @group(0) @binding(4) var<storage, read_write> inv_norm_features: array<f32>;
 /// 1/max(‖w_j‖, ε), this chunk's classes (0 for a row holding a non-finite value).

@@ -2,7 +2,7 @@
 //! bindings each one reads. Every shader module is `shaders/common.wgsl` followed by
 //! its family's file.
 
-use crate::params::{LossParams, Objective, Reduction, TargetGradient};
+use crate::params::{LossParams, Objective, TargetGradient};
 
 /// Binding numbers shared by every shader module (see the declarations in `shaders/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,56 +73,107 @@ impl TileConfig {
     }
 }
 
-/// The uniform of every dispatch. Mirrors `struct Params` in `shaders/common.wgsl`.
+/// s and the margin function, the first member of the forward and backward uniforms.
+/// Mirrors `struct LossTerms` in `shaders/margin.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct GpuParams {
-    pub batch: u32,
-    pub dim: u32,
-    pub classes: u32,
-    pub total_classes: u32,
-    pub class_offset: u32,
-    pub row_begin: u32,
-    pub row_end: u32,
-    pub reduction: u32,
-    pub norm_feature_rows: u32,
+pub(crate) struct LossTerms {
     pub scale: f32,
     pub margin: f32,
-    pub scale_grad_gate: f32,
-    pub raw_classes: u32,
-    pub defer_norm: u32,
     pub multiplicative_margin: u32,
     pub angular_margin: f32,
     pub cos_m2: f32,
     pub sin_m2: f32,
     pub objective: u32,
     pub straight_through: u32,
-    pub write_grads: u32,
+}
+
+impl LossTerms {
+    pub(crate) fn of(params: &LossParams) -> LossTerms {
+        LossTerms {
+            scale: params.effective_scale(),
+            margin: params.margin,
+            multiplicative_margin: params.multiplicative_margin,
+            angular_margin: params.angular_margin,
+            cos_m2: params.angular_margin.cos(),
+            sin_m2: params.angular_margin.sin(),
+            objective: u32::from(params.objective == Objective::HardMargin),
+            straight_through: u32::from(params.target_gradient == TargetGradient::StraightThrough),
+        }
+    }
+}
+
+/// The uniform of the norms pass, one per class chunk. Mirrors `struct NormsParams` in
+/// `shaders/norms.wgsl`, whose comments say what each field means.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct NormsParams {
+    pub batch: u32,
+    pub dim: u32,
+    pub classes: u32,
+    pub norm_feature_rows: u32,
+    pub copy_rows: u32,
+    pub raw_classes: u32,
+    pub _pad: [u32; 2],
+}
+
+/// The uniform of the forward family, one per class chunk and row pass. Mirrors `struct
+/// ForwardParams` in `shaders/forward.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct ForwardParams {
+    pub loss: LossTerms,
+    pub batch: u32,
+    pub classes: u32,
+    pub total_classes: u32,
+    pub class_offset: u32,
+    pub row_begin: u32,
+    pub row_end: u32,
     pub logit_stride: u32,
     pub blocks: u32,
     pub block_index: u32,
-    pub copy_rows: u32,
+    pub write_grads: u32,
+    pub raw_classes: u32,
+    pub reduction: u32,
+    pub scale_grad_gate: f32,
+    pub _pad: [u32; 3],
 }
 
-impl GpuParams {
-    pub(crate) fn set_loss(&mut self, params: &LossParams) {
-        self.scale = params.effective_scale();
-        self.margin = params.margin;
-        self.scale_grad_gate = if params.scale_receives_grad() {
-            1.0
-        } else {
-            0.0
-        };
-        self.reduction = Reduction::code(params.reduction);
-        self.multiplicative_margin = params.multiplicative_margin;
-        self.angular_margin = params.angular_margin;
-        self.cos_m2 = params.angular_margin.cos();
-        self.sin_m2 = params.angular_margin.sin();
-        self.objective = u32::from(params.objective == Objective::HardMargin);
-        self.straight_through =
-            u32::from(params.target_gradient == TargetGradient::StraightThrough);
-    }
+/// The uniform of the backward family, one per class chunk. Mirrors `struct
+/// BackwardParams` in `shaders/backward.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct BackwardParams {
+    pub loss: LossTerms,
+    pub batch: u32,
+    pub dim: u32,
+    pub classes: u32,
+    pub total_classes: u32,
+    pub norm_feature_rows: u32,
+    pub reduction: u32,
+    pub raw_classes: u32,
+    pub defer_norm: u32,
+    pub logit_stride: u32,
+    pub _pad: [u32; 3],
 }
+
+/// Bytes of the largest family uniform: the stride of the plan's uniform slots.
+pub(crate) const FAMILY_UNIFORM_BYTES: u64 = {
+    let sizes = [
+        std::mem::size_of::<NormsParams>(),
+        std::mem::size_of::<ForwardParams>(),
+        std::mem::size_of::<BackwardParams>(),
+    ];
+    let mut max = 0;
+    let mut i = 0;
+    while i < sizes.len() {
+        if sizes[i] > max {
+            max = sizes[i];
+        }
+        i += 1;
+    }
+    max as u64
+};
 
 /// Rows (and columns) of the product one `matmul` invocation owns, in quads of four
 /// (WGSL `ROW_QUADS`, `COL_QUADS` in `shaders/gemm.wgsl`): an 8×8 register block.
@@ -332,11 +383,15 @@ pub(crate) struct Kernel {
     pub bindings: &'static [Binding],
     /// The entry point, with the product for `matmul`: the benchmark's profile rows.
     pub name: &'static str,
+    /// Its family, whose uniform it reads.
+    pub family: Family,
 }
 
-/// The shader families, one module each: `shaders/common.wgsl` and the family's file.
+/// The shader families, one module each: `shaders/common.wgsl`, the shared pieces it
+/// needs (`rows.wgsl`, `margin.wgsl`) and the family's file. Each but the GEMM reads its
+/// own uniform at binding 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
+pub(crate) enum Family {
     Norms,
     Forward,
     Backward,
@@ -489,16 +544,20 @@ pub(crate) struct Kernels {
     device: wgpu::Device,
 }
 
-const NORMS_WGSL: &str = concat!(
+pub(crate) const NORMS_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
+    include_str!("../shaders/rows.wgsl"),
     include_str!("../shaders/norms.wgsl")
 );
-const FORWARD_WGSL: &str = concat!(
+pub(crate) const FORWARD_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
+    include_str!("../shaders/margin.wgsl"),
     include_str!("../shaders/forward.wgsl")
 );
-const BACKWARD_WGSL: &str = concat!(
+pub(crate) const BACKWARD_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
+    include_str!("../shaders/margin.wgsl"),
+    include_str!("../shaders/rows.wgsl"),
     include_str!("../shaders/backward.wgsl")
 );
 const GEMM_WGSL: &str = concat!(
@@ -547,11 +606,14 @@ impl Kernels {
     /// The pipeline of `entry`, compiled on first use.
     pub(crate) fn kernel(&self, entry: Entry) -> crate::Result<&Kernel> {
         let (name, family, bindings) = entry.spec();
-        let constants = [
+        let mut constants = vec![
             ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
-            ("DIM_PIECE", f64::from(DIM_PIECE)),
         ];
+        // rows.wgsl's piece length, in the modules that include it.
+        if matches!(family, Family::Norms | Family::Backward) {
+            constants.push(("DIM_PIECE", f64::from(DIM_PIECE)));
+        }
         self.compiled(&self.entries[entry as usize], || {
             self.compile(family, name, &constants, bindings, name)
         })
@@ -565,7 +627,6 @@ impl Kernels {
         let constants = [
             ("ROWS_WG", f64::from(c.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(c.cols_per_workgroup)),
-            ("DIM_PIECE", f64::from(DIM_PIECE)),
             ("LHS_ALONG_K", f64::from(u8::from(lhs))),
             ("RHS_ALONG_K", f64::from(u8::from(rhs))),
         ];
@@ -631,6 +692,7 @@ impl Kernels {
             pipeline,
             bindings,
             name,
+            family,
         })
     }
 
@@ -792,4 +854,79 @@ pub(crate) fn fold_grid(n: u64, max: u32) -> crate::Result<(u32, u32)> {
         });
     }
     Ok((n.div_ceil(y) as u32, y as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wgpu::naga;
+
+    /// Size and member count of the uniform at @group(0) @binding(`binding`) of `source`.
+    fn wgsl_uniform(source: &str, binding: u32) -> (u32, usize) {
+        let module = naga::front::wgsl::parse_str(source).expect("the WGSL parses");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter
+            .update(module.to_ctx())
+            .expect("the WGSL types lay out");
+        let (_, global) = module
+            .global_variables
+            .iter()
+            .find(|(_, g)| {
+                g.space == naga::AddressSpace::Uniform
+                    && g.binding.as_ref().map(|b| (b.group, b.binding)) == Some((0, binding))
+            })
+            .expect("a uniform at the binding");
+        let members = match &module.types[global.ty].inner {
+            naga::TypeInner::Struct { members, .. } => members.len(),
+            other => panic!("the uniform is not a struct: {other:?}"),
+        };
+        (layouter[global.ty].size, members)
+    }
+
+    /// Each family's uniform struct in WGSL has the size of its Rust mirror, and as many
+    /// members (Rust's fields, an array of padding counting once per element).
+    #[test]
+    fn every_uniform_struct_matches_its_rust_mirror() {
+        let gemm_source = format!("{GEMM_WGSL}{GEMM_LHS_LOADS_WGSL}");
+        let cases = [
+            ("norms", NORMS_WGSL, 0, size_of::<NormsParams>(), 6 + 2),
+            (
+                "forward",
+                FORWARD_WGSL,
+                0,
+                size_of::<ForwardParams>(),
+                1 + 13 + 3,
+            ),
+            (
+                "backward",
+                BACKWARD_WGSL,
+                0,
+                size_of::<BackwardParams>(),
+                1 + 9 + 3,
+            ),
+            (
+                "gemm",
+                gemm_source.as_str(),
+                20,
+                size_of::<GemmShape>(),
+                13 + 3,
+            ),
+        ];
+        for (family, source, binding, rust_size, rust_members) in cases {
+            let (size, members) = wgsl_uniform(source, binding);
+            assert_eq!(
+                size as usize, rust_size,
+                "{family}: WGSL size against Rust's"
+            );
+            assert_eq!(
+                members, rust_members,
+                "{family}: WGSL members against Rust's"
+            );
+        }
+        assert_eq!(
+            size_of::<LossTerms>(),
+            32,
+            "LossTerms: eight 4-byte members, 16-byte aligned within the uniforms"
+        );
+    }
 }

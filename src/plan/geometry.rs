@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::Shape;
 use crate::kernels::{
-    padded, run_quads, Binding, GemmLayout, GemmShape, GpuParams, DIM_PIECE, GEMM_QUADS,
+    padded, run_quads, Binding, GemmLayout, GemmShape, DIM_PIECE, FAMILY_UNIFORM_BYTES, GEMM_QUADS,
 };
 /// One chunk of the class matrix: the classes one binding of w covers, or, for a plan
 /// in blocks, one block of classes.
@@ -103,7 +103,6 @@ pub(super) const SPLIT_PARTIAL_BYTES: u64 = 28;
 /// Bytes of one `RowSoftmax` in `shaders/common.wgsl`.
 pub(super) const ROW_SOFTMAX_BYTES: u64 = 20;
 pub(super) const FLAGS_BYTES: u64 = 4;
-pub(super) const PARAMS_BYTES: u64 = std::mem::size_of::<GpuParams>() as u64;
 pub(super) const GEMM_SHAPE_BYTES: u64 = std::mem::size_of::<GemmShape>() as u64;
 
 /// The product of byte counts, saturating: sizes past u64 compare as too large instead of
@@ -286,7 +285,7 @@ impl Geometry {
                 // of rows (64 by default) or MIN_CHUNK_ROWS if more: thinner GEMMs waste
                 // their tiles. Where no block fits, thin whole rows, if any fit.
                 let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
-                    .max(GEMM_SHAPE_BYTES.max(PARAMS_BYTES));
+                    .max(GEMM_SHAPE_BYTES.max(FAMILY_UNIFORM_BYTES));
                 let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
                 let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
                 // Uniform entries per block and row chunk: its parameters, and the GEMM
@@ -398,9 +397,10 @@ impl Geometry {
             .unwrap_or(0)
     }
 
-    /// Uniform entries: one per (chunk, row pass), chunk-major.
+    /// Family uniform slots: the norms' and the backward's per chunk, the forward's per
+    /// (chunk, row pass).
     pub(super) fn uniforms(&self) -> usize {
-        self.chunks.len() * self.row_passes.len()
+        self.chunks.len() * (2 + self.row_passes.len())
     }
 
     /// Rows of the largest row pass.
@@ -709,5 +709,5 @@ pub(super) fn total_bytes(ctx: &Context, shape: Shape, g: &Geometry, algorithm: 
         .iter()
         .fold(0u64, |acc, (_, s)| acc.saturating_add(*s));
     let gemm = gemm_specs(shape, g, algorithm).len() as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES);
-    buffers + g.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES) + gemm
+    buffers + g.uniforms() as u64 * uniform_stride(ctx, FAMILY_UNIFORM_BYTES) + gemm
 }

@@ -8,13 +8,13 @@ mod record;
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{DeviceInputs, DeviceOutputs, Shape};
-use crate::kernels::{padded, Binding, GemmLayout, Timestamps};
+use crate::kernels::{padded, Binding, GemmLayout, Timestamps, FAMILY_UNIFORM_BYTES};
 use crate::params::LossParams;
 
 pub use geometry::workspace_bytes;
 use geometry::{
     copies_classes, gemm_specs, padded_classes_bytes, product, to_u32, total_bytes, uniform_stride,
-    workspace_layout, GemmSpec, Geometry, GEMM_SHAPE_BYTES, PARAMS_BYTES,
+    workspace_layout, GemmSpec, Geometry, GEMM_SHAPE_BYTES,
 };
 use record::binding_name;
 
@@ -51,7 +51,7 @@ pub struct Plan {
     algorithm: Algorithm,
     geometry: Geometry,
     workspace_bytes: u64,
-    /// One GpuParams per (chunk, row pass), `uniform_stride` apart.
+    /// The family uniforms, `uniform_stride` apart (see `Plan::uniform_slot`).
     params: DeviceBuffer,
     workspace: Vec<(Binding, DeviceBuffer)>,
     /// The GEMMs of the unfused and chunked algorithms.
@@ -215,7 +215,7 @@ impl Plan {
             ctx.queue.write_buffer(&buffer, 0, &bytes);
             buffer
         });
-        let params_bytes = geometry.uniforms() as u64 * uniform_stride(ctx, PARAMS_BYTES);
+        let params_bytes = geometry.uniforms() as u64 * uniform_stride(ctx, FAMILY_UNIFORM_BYTES);
         Ok(Plan {
             shape,
             algorithm,

@@ -2,17 +2,18 @@
 //! dots, softmax rows, gradient GEMMs, projections) and the buffers each binds.
 
 use super::geometry::{
-    copies_classes, dim_pieces, product, uniform_stride, GemmSpec, GEMM_SHAPE_BYTES, PARAMS_BYTES,
+    copies_classes, dim_pieces, product, uniform_stride, GemmSpec, GEMM_SHAPE_BYTES,
 };
 use super::{Algorithm, Phase, Plan};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Summary};
 use crate::kernels::{
-    bind_groups, encode_bound, fold_grid, padded, Binding, Dispatch, Entry, GemmLayout, GpuParams,
-    Kernel, Timestamps, ROW_KERNEL_WORKGROUP,
+    bind_groups, encode_bound, fold_grid, padded, BackwardParams, Binding, Dispatch, Entry, Family,
+    ForwardParams, GemmLayout, Kernel, LossTerms, NormsParams, Timestamps, FAMILY_UNIFORM_BYTES,
+    ROW_KERNEL_WORKGROUP,
 };
-use crate::params::LossParams;
+use crate::params::{LossParams, Reduction};
 /// One dispatch of a recording.
 #[derive(Clone, Copy)]
 struct Step<'a> {
@@ -143,8 +144,9 @@ impl Plan {
             }
     }
 
-    /// The uniforms of every (chunk, row pass), copied into the plan's uniform buffer
-    /// through the encoder, and the input flags cleared.
+    /// The family uniforms of every chunk (and, for the forward, row pass), in their slots
+    /// ([`Plan::uniform_slot`]), copied into the plan's uniform buffer through the
+    /// encoder, and the input flags cleared.
     fn upload_params(
         &self,
         ctx: &Context,
@@ -152,45 +154,75 @@ impl Plan {
         params: &LossParams,
         with_grads: bool,
     ) {
-        let (b, d) = (self.shape.batch as u64, self.shape.dim as u64);
+        let (b, d) = (self.shape.batch as u32, self.shape.dim as u32);
         let g = &self.geometry;
-        let stride = uniform_stride(ctx, PARAMS_BYTES);
-        let passes = g.row_passes.len();
-        let mut uniforms = vec![0u8; (stride * g.uniforms() as u64) as usize];
-        let chunked = self.algorithm.engine() == Algorithm::Chunked;
+        let stride = uniform_stride(ctx, FAMILY_UNIFORM_BYTES) as usize;
+        let mut uniforms = vec![0u8; stride * g.uniforms()];
+        let mut put = |slot: usize, bytes: &[u8]| {
+            uniforms[slot * stride..slot * stride + bytes.len()].copy_from_slice(bytes)
+        };
+        let chunked = u32::from(self.algorithm.engine() == Algorithm::Chunked);
+        let loss = LossTerms::of(params);
+        let reduction = Reduction::code(params.reduction);
         for (k, chunk) in g.chunks.iter().enumerate() {
+            let norm_feature_rows = if k == 0 { b } else { 0 };
+            let norms = NormsParams {
+                batch: b,
+                dim: d,
+                classes: chunk.classes,
+                norm_feature_rows,
+                copy_rows: self.copy_rows(k),
+                raw_classes: chunked,
+                _pad: [0; 2],
+            };
+            put(
+                self.uniform_slot(Family::Norms, k, 0),
+                bytemuck::bytes_of(&norms),
+            );
             for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
-                let mut gpu = GpuParams {
-                    batch: b as u32,
-                    dim: d as u32,
+                let forward = ForwardParams {
+                    loss,
+                    batch: b,
                     classes: chunk.classes,
                     total_classes: self.total_classes,
                     class_offset: chunk.class_offset,
                     row_begin,
                     row_end,
-                    reduction: 0,
-                    norm_feature_rows: if k == 0 { b as u32 } else { 0 },
-                    scale: 0.0,
-                    margin: 0.0,
-                    scale_grad_gate: 0.0,
-                    raw_classes: u32::from(chunked),
-                    defer_norm: u32::from(chunked),
-                    multiplicative_margin: 1,
-                    angular_margin: 0.0,
-                    cos_m2: 1.0,
-                    sin_m2: 0.0,
-                    objective: 0,
-                    straight_through: 0,
-                    write_grads: u32::from(chunked && with_grads && !g.blocked),
                     logit_stride: g.logit_stride,
                     blocks: u32::from(g.blocked),
                     block_index: k as u32,
-                    copy_rows: self.copy_rows(k),
+                    write_grads: u32::from(chunked == 1 && with_grads && !g.blocked),
+                    raw_classes: chunked,
+                    reduction,
+                    scale_grad_gate: if params.scale_receives_grad() {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                    _pad: [0; 3],
                 };
-                gpu.set_loss(params);
-                let at = (k * passes + pass) * stride as usize;
-                uniforms[at..at + PARAMS_BYTES as usize].copy_from_slice(bytemuck::bytes_of(&gpu));
+                put(
+                    self.uniform_slot(Family::Forward, k, pass),
+                    bytemuck::bytes_of(&forward),
+                );
             }
+            let backward = BackwardParams {
+                loss,
+                batch: b,
+                dim: d,
+                classes: chunk.classes,
+                total_classes: self.total_classes,
+                norm_feature_rows,
+                reduction,
+                raw_classes: chunked,
+                defer_norm: chunked,
+                logit_stride: g.logit_stride,
+                _pad: [0; 3],
+            };
+            put(
+                self.uniform_slot(Family::Backward, k, 0),
+                bytemuck::bytes_of(&backward),
+            );
         }
         // Through the encoder, not the queue: each recording's copy runs just before its
         // own dispatches, so recordings made before a submit keep their own parameters.
@@ -418,6 +450,18 @@ impl Plan {
         Ok(steps)
     }
 
+    /// The slot of `family`'s uniform for class chunk `chunk` (and row pass `pass`, for the
+    /// forward) in the plan's uniform buffer: the norms' per chunk, then the forward's per
+    /// chunk and row pass, then the backward's per chunk.
+    fn uniform_slot(&self, family: Family, chunk: usize, pass: usize) -> usize {
+        let (chunks, passes) = (self.geometry.chunks.len(), self.geometry.row_passes.len());
+        match family {
+            Family::Norms | Family::Gemm => chunk,
+            Family::Forward => chunks + chunk * passes + pass,
+            Family::Backward => chunks * (1 + passes) + chunk,
+        }
+    }
+
     /// The buffer bound at `binding` for `step`: the plan's workspace, or a
     /// caller's region. Class-indexed buffers are bound from the chunk's first class; for
     /// a matmul step, the GEMM bindings resolve through that GEMM's operands.
@@ -487,9 +531,9 @@ impl Plan {
         match binding {
             Binding::Params => Ok(wgpu::BufferBinding {
                 buffer: &self.params,
-                offset: (step.chunk * self.geometry.row_passes.len() + step.pass) as u64
-                    * uniform_stride(ctx, PARAMS_BYTES),
-                size: std::num::NonZeroU64::new(PARAMS_BYTES),
+                offset: self.uniform_slot(step.kernel.family, step.chunk, step.pass) as u64
+                    * uniform_stride(ctx, FAMILY_UNIFORM_BYTES),
+                size: std::num::NonZeroU64::new(FAMILY_UNIFORM_BYTES),
             }),
             Binding::Features => caller("features", None),
             Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),

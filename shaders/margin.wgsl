@@ -1,0 +1,97 @@
+// The margin function ψ and the logit gradient G, shared by the forward and backward
+// families (prepended to forward.wgsl and backward.wgsl, after common.wgsl). Reads
+// `params.loss`, `params.batch` and `params.total_classes` of the family's uniform.
+
+/// s and the margin function: what turns a cosine into a logit. Mirrors `LossTerms` in
+/// `src/kernels.rs`; the first member of the forward and backward uniforms.
+struct LossTerms {
+    /// s, already max(s, s_min).
+    scale: f32,
+    /// m, subtracted from the target cosine.
+    margin: f32,
+    /// m1, the multiplicative (SphereFace) margin, a whole number ≥ 1.
+    multiplicative_margin: u32,
+    /// m2, the additive angular (ArcFace) margin in radians, and its cosine and sine.
+    angular_margin: f32,
+    cos_m2: f32,
+    sin_m2: f32,
+    /// 0 = margin softmax, 1 = hard margin max(0, s·(max_{j≠y} c_j − ψ(c_y))).
+    objective: u32,
+    /// 1: the margin passes no gradient of its own (dψ/dc taken as 1); 0: exact dψ/dc.
+    straight_through: u32,
+}
+
+const PI: f32 = 3.14159265358979;
+/// sin θ is clamped to at least this in the exact gradient of an angular margin (see
+/// `SIN_GUARD` in `src/params.rs`).
+const SIN_GUARD: f32 = 1e-3;
+
+/// (T_m(c), U_{m−1}(c)) = (cos mθ, sin mθ / sin θ) for c = cos θ, m ≥ 1, by the
+/// Chebyshev recurrences: exact polynomials, no acos and no division.
+fn chebyshev(m: u32, c: f32) -> vec2<f32> {
+    var t_prev = 1.0;
+    var t = c;
+    var u_prev = 0.0;
+    var u = 1.0;
+    for (var n = 1u; n < m; n++) {
+        let t_next = 2.0 * c * t - t_prev;
+        t_prev = t;
+        t = t_next;
+        let u_next = 2.0 * c * u - u_prev;
+        u_prev = u;
+        u = u_next;
+    }
+    return vec2<f32>(t, u);
+}
+
+/// The target's margin function and its slope: (ψ(c), dψ/dc) with
+/// ψ(c) = cos(m1·θ + m2) − m3, θ = acos(c), made monotonic as in the spec: ArcFace's
+/// fallback c − m2·sin m2 where θ + m2 > π, SphereFace's (−1)^k·cos(m1θ) − 2k on
+/// θ ∈ [kπ/m1, (k+1)π/m1]. The slope is 1 with `straight_through`.
+fn target_margin(c: f32) -> vec2<f32> {
+    if (params.loss.multiplicative_margin == 1u && params.loss.angular_margin == 0.0) {
+        return vec2<f32>(c - params.loss.margin, 1.0);
+    }
+    let cc = clamp(c, -1.0, 1.0);
+    var psi: f32;
+    var slope: f32;
+    if (params.loss.angular_margin > 0.0) {
+        // cos(θ + m2) = c·cos m2 − sin θ·sin m2, with sin θ from (1 − c)(1 + c).
+        let sin_t = sqrt(max(0.0, (1.0 - cc) * (1.0 + cc)));
+        if (cc > -params.loss.cos_m2) {
+            psi = cc * params.loss.cos_m2 - sin_t * params.loss.sin_m2;
+            slope = params.loss.cos_m2 + cc * params.loss.sin_m2 / max(sin_t, SIN_GUARD);
+        } else {
+            psi = cc - params.loss.angular_margin * params.loss.sin_m2;
+            slope = 1.0;
+        }
+    } else {
+        let m = params.loss.multiplicative_margin;
+        // k only picks the branch; ψ is continuous where acos's rounding could move it.
+        let k = min(floor(f32(m) * acos(cc) / PI), f32(m - 1u));
+        let sign = select(1.0, -1.0, (u32(k) & 1u) == 1u);
+        let cheb = chebyshev(m, cc);
+        psi = sign * cheb.x - 2.0 * k;
+        slope = sign * f32(m) * cheb.y;
+    }
+    return vec2<f32>(psi - params.loss.margin, select(slope, 1.0, params.loss.straight_through == 1u));
+}
+
+/// G_ij = dL/dc_ij from the cosine c_ij, for a row with label y ≠ IGNORE, its softmax
+/// results `row` and a global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the
+/// forward pass's cancellation-free 1 − p_iy; the hard objective's touches only the
+/// target and the best non-target class, where its hinge is active.
+fn grad_logit(c: f32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32 {
+    if (j == y) { return -coef * row.target_complement * target_margin(c).y; }
+    if (params.loss.objective == 1u) {
+        return select(0.0, coef * row.target_complement, j == row.best_other_class);
+    }
+    return flush_subnormal(vec4<f32>(coef * exp(params.loss.scale * c - row.lse))).x;
+}
+
+/// The (global) label of row i, or IGNORE if i is past B or the label is not a class.
+fn label_of(i: u32) -> u32 {
+    if (i >= params.batch) { return IGNORE; }
+    let y = labels[i];
+    return select(IGNORE, y, y < params.total_classes);
+}
