@@ -58,6 +58,37 @@ impl ReadbackLayout {
             end: grad_classes + c * d * 4,
         }
     }
+
+    /// The loss output from the read-back bytes: the summary (whose flags are checked),
+    /// the row stats and, where computed, the gradients.
+    fn read_output(&self, bytes: &[u8], shape: Shape, with_grads: bool) -> Result<LossOutput> {
+        let summary: Summary = bytemuck::pod_read_unaligned(&bytes[..self.row_stats as usize]);
+        check_flags(summary.flags, shape)?;
+        let rows: Vec<RowStats> = bytemuck::pod_collect_to_vec(
+            &bytes[self.row_stats as usize..self.grad_features as usize],
+        );
+        let grads = with_grads.then(|| Gradients {
+            features: bytemuck::pod_collect_to_vec(
+                &bytes[self.grad_features as usize..self.grad_classes as usize],
+            ),
+            classes: bytemuck::pod_collect_to_vec(&bytes[self.grad_classes as usize..]),
+        });
+        Ok(LossOutput {
+            loss: summary.loss,
+            row_loss: rows.iter().map(|r| r.loss).collect(),
+            grad_scale: summary.scale_grad,
+            pred: rows.iter().map(|r| r.pred).collect(),
+            target_cos: rows.iter().map(|r| r.target_cos).collect(),
+            best_other_cos: rows.iter().map(|r| r.best_other_cos).collect(),
+            achieved_margin: rows.iter().map(|r| r.achieved_margin).collect(),
+            target_prob: rows.iter().map(|r| r.target_prob).collect(),
+            mean_achieved_margin: summary.mean_achieved_margin,
+            margin_satisfied_rows: summary.margin_satisfied_rows,
+            valid_rows: summary.valid_rows,
+            correct_rows: summary.correct_rows,
+            grads,
+        })
+    }
 }
 
 impl SliceState {
@@ -99,6 +130,40 @@ impl SliceState {
         ]
         .iter()
         .all(|(buffer, needed)| buffer.size() >= *needed)
+    }
+
+    /// Records the copies of the summary, the row stats and, with gradients, dL/dx and
+    /// dL/dw into the read-back buffer; returns the bytes to read back.
+    fn copy_to_readback(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        layout: &ReadbackLayout,
+        with_grads: bool,
+    ) -> u64 {
+        let mut copy = |src: &wgpu::Buffer, at: u64, size: u64| {
+            encoder.copy_buffer_to_buffer(src, 0, &self.readback, at, size)
+        };
+        copy(&self.summary, 0, layout.row_stats);
+        copy(
+            &self.row_stats,
+            layout.row_stats,
+            layout.grad_features - layout.row_stats,
+        );
+        if with_grads {
+            copy(
+                &self.grad_features,
+                layout.grad_features,
+                layout.grad_classes - layout.grad_features,
+            );
+            copy(
+                &self.grad_classes,
+                layout.grad_classes,
+                layout.end - layout.grad_classes,
+            );
+            layout.end
+        } else {
+            layout.grad_features
+        }
     }
 }
 
@@ -281,60 +346,12 @@ impl Context {
             state
                 .plan
                 .record(self, &mut encoder, &inputs, &outputs, params)?;
-            let mut copy = |src: &wgpu::Buffer, at: u64, size: u64| {
-                encoder.copy_buffer_to_buffer(src, 0, &state.readback, at, size)
-            };
-            copy(&state.summary, 0, layout.row_stats);
-            copy(
-                &state.row_stats,
-                layout.row_stats,
-                layout.grad_features - layout.row_stats,
-            );
-            let end = if with_grads {
-                copy(
-                    &state.grad_features,
-                    layout.grad_features,
-                    layout.grad_classes - layout.grad_features,
-                );
-                copy(
-                    &state.grad_classes,
-                    layout.grad_classes,
-                    layout.end - layout.grad_classes,
-                );
-                layout.end
-            } else {
-                layout.grad_features
-            };
+            let end = state.copy_to_readback(&mut encoder, &layout, with_grads);
             Ok((self.queue.submit([encoder.finish()]), end))
         })?;
         let (submission, end) = submission;
         let bytes = self.read_back(&state.readback, end, submission).await?;
-        let summary: Summary = bytemuck::pod_read_unaligned(&bytes[..layout.row_stats as usize]);
-        check_flags(summary.flags, shape)?;
-        let rows: Vec<RowStats> = bytemuck::pod_collect_to_vec(
-            &bytes[layout.row_stats as usize..layout.grad_features as usize],
-        );
-        let grads = with_grads.then(|| Gradients {
-            features: bytemuck::pod_collect_to_vec(
-                &bytes[layout.grad_features as usize..layout.grad_classes as usize],
-            ),
-            classes: bytemuck::pod_collect_to_vec(&bytes[layout.grad_classes as usize..]),
-        });
-        Ok(LossOutput {
-            loss: summary.loss,
-            row_loss: rows.iter().map(|r| r.loss).collect(),
-            grad_scale: summary.scale_grad,
-            pred: rows.iter().map(|r| r.pred).collect(),
-            target_cos: rows.iter().map(|r| r.target_cos).collect(),
-            best_other_cos: rows.iter().map(|r| r.best_other_cos).collect(),
-            achieved_margin: rows.iter().map(|r| r.achieved_margin).collect(),
-            target_prob: rows.iter().map(|r| r.target_prob).collect(),
-            mean_achieved_margin: summary.mean_achieved_margin,
-            margin_satisfied_rows: summary.margin_satisfied_rows,
-            valid_rows: summary.valid_rows,
-            correct_rows: summary.correct_rows,
-            grads,
-        })
+        layout.read_output(&bytes, shape, with_grads)
     }
 
     /// Maps `buffer[..size]` once the submission is done and copies it out.

@@ -467,9 +467,6 @@ pub fn run(
         } = shape;
         let problem = Problem::try_random(shape, index as u64 + 1)?;
         let buffers = ShapeBuffers::new(ctx, &problem);
-        let gemm_flops = 2.0 * (b * c * d) as f64;
-        let params = LossParams::default();
-        let mut shape_rows: Vec<BenchRow> = Vec::new();
         let mut note = |op: &str| {
             progress(&format!(
                 "[{}/{}] B={b} D={d} C={c}: {op}",
@@ -477,10 +474,67 @@ pub fn run(
                 options.shapes.len()
             ))
         };
-
         note("gemm");
-        // x·wᵀ as the plans' dots read it: rows of D rounded up to 4 (copies with zero
-        // padding when D is not a multiple of 4).
+        let (mut shape_rows, gemm) = gemm_rows(ctx, options, &problem, &buffers, &mut note)?;
+        shape_rows.extend(loss_rows(ctx, options, &buffers, shape, gemm, &mut note)?);
+        if options.runs("sharded_fwd_bwd") {
+            note("sharded_fwd_bwd");
+            let io_bytes = buffers.io_bytes(true);
+            shape_rows.push(sharded_row(
+                ctx,
+                options,
+                &problem,
+                (3.0 * gemm_flops(shape), gemm.1),
+                io_bytes,
+            )?);
+        }
+        set_fused_speedup(&mut shape_rows);
+        rows.extend(shape_rows);
+    }
+    if options.runs("slice_api_tiny_call") {
+        progress("slice API host overhead: B=1 D=1 C=2");
+        rows.push(tiny_call_row(ctx, options)?);
+    }
+    Ok(rows)
+}
+
+/// Flops of one plain GEMM x·wᵀ of `shape`: 2·B·C·D.
+fn gemm_flops(shape: Shape) -> f64 {
+    2.0 * (shape.batch * shape.classes * shape.dim) as f64
+}
+
+/// How an operation was timed, and its [median, min, max] seconds.
+type Timed = (Timing, [f64; 3]);
+
+/// A piece's shape uniform, and its grid for every candidate.
+type PieceUniform = (wgpu::Buffer, Vec<(u32, u32)>);
+
+/// The plain product x·wᵀ of one shape as the plans' dots read it, ready to time on
+/// every candidate: rows of D rounded up to 4 (copies with zero padding when D is not a
+/// multiple of 4), and where w or the product exceeds one binding, the classes in pieces
+/// (multiples of 64, so offsets stay aligned), each bound at its offset and writing a
+/// product of its own columns into the same buffer.
+struct GemmFloor<'a> {
+    shape: Shape,
+    buffers: &'a ShapeBuffers,
+    /// Zero-padded copies of x and w, where D is not a multiple of 4.
+    padded_copies: (Option<wgpu::Buffer>, Option<wgpu::Buffer>),
+    d4: usize,
+    product: wgpu::Buffer,
+    /// Each piece's first class and number of classes.
+    pieces: Vec<(usize, usize)>,
+    uniforms: Vec<PieceUniform>,
+    /// The candidate the plans' dots tuned to for this shape: the floor.
+    tuned: usize,
+}
+
+impl<'a> GemmFloor<'a> {
+    fn new(ctx: &Context, problem: &Problem, buffers: &'a ShapeBuffers) -> Result<GemmFloor<'a>> {
+        let Shape {
+            batch: b,
+            dim: d,
+            classes: c,
+        } = problem.shape;
         let d4 = padded(d as u64) as usize;
         let padded_rows = |data: &[f32]| -> Option<wgpu::Buffer> {
             (d4 != d).then(|| {
@@ -496,15 +550,10 @@ pub fn run(
                     })
             })
         };
-        let (lhs_copy, rhs_copy) = (
+        let padded_copies = (
             padded_rows(&problem.features),
             padded_rows(&problem.classes),
         );
-        let lhs = lhs_copy.as_ref().unwrap_or(&buffers.features);
-        let rhs = rhs_copy.as_ref().unwrap_or(&buffers.classes);
-        // Where w or the product exceeds one binding, the classes go in pieces (multiples
-        // of 64, so offsets stay aligned), each bound at its offset and writing a product
-        // of its own columns into the same buffer.
         let fit = ctx.max_binding / (4 * d4.max(b) as u64);
         let piece = (fit / 64 * 64).max(64).min(c as u64) as usize;
         let product = ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -517,250 +566,338 @@ pub fn run(
             .step_by(piece)
             .map(|n0| (n0, piece.min(c - n0)))
             .collect();
-        // The candidate the plans' dots tuned to for this shape: the floor.
         let tuned = ctx.gemm_choice(GemmLayout::Dots, b as u32, piece as u32, d as u32)?;
-        // Each piece's shape uniform, and its grid for every candidate.
-        let uniforms: Vec<(wgpu::Buffer, Vec<(u32, u32)>)> = pieces
-            .iter()
-            .map(|&(_, n)| {
-                let gemm = GemmShape::new(
-                    (b as u32, n as u32, d as u32),
-                    d4 as u32,
-                    d4 as u32,
-                    n as u32,
-                );
-                let uniform = ctx
-                    .device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("gemm shape"),
-                        contents: bytemuck::bytes_of(&gemm),
-                        usage: wgpu::BufferUsages::UNIFORM,
-                    });
-                let grids = ctx
-                    .kernels
-                    .candidates
-                    .iter()
-                    .map(|candidate| {
-                        fold_grid(
-                            gemm.workgroups(candidate),
-                            ctx.limits.max_compute_workgroups_per_dimension,
-                        )
-                    })
-                    .collect::<Result<_>>()?;
-                Ok((uniform, grids))
-            })
-            .collect::<Result<_>>()?;
-        let whole = |buffer| wgpu::BufferBinding {
-            buffer,
-            offset: 0,
-            size: None,
+        let uniforms = piece_uniforms(ctx, &pieces, (b, d, d4))?;
+        Ok(GemmFloor {
+            shape: problem.shape,
+            buffers,
+            padded_copies,
+            d4,
+            product,
+            pieces,
+            uniforms,
+            tuned,
+        })
+    }
+
+    /// x as the product reads it.
+    fn lhs(&self) -> &wgpu::Buffer {
+        self.padded_copies
+            .0
+            .as_ref()
+            .unwrap_or(&self.buffers.features)
+    }
+
+    /// w as the product reads it.
+    fn rhs(&self) -> &wgpu::Buffer {
+        self.padded_copies
+            .1
+            .as_ref()
+            .unwrap_or(&self.buffers.classes)
+    }
+
+    /// Times the product, every piece, on `candidate`.
+    fn time(&self, ctx: &Context, options: &BenchOptions, candidate: usize) -> Result<Timed> {
+        let (lhs, rhs, d4) = (self.lhs(), self.rhs(), self.d4);
+        let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
+        time_op(ctx, options, &|encoder, writes| {
+            let dispatches: Vec<Dispatch<'_>> = self
+                .pieces
+                .iter()
+                .zip(&self.uniforms)
+                .map(|(&(n0, n), (uniform, grids))| Dispatch {
+                    kernel,
+                    grid: grids[candidate],
+                    resources: vec![
+                        uniform.as_entire_buffer_binding(),
+                        lhs.as_entire_buffer_binding(),
+                        wgpu::BufferBinding {
+                            buffer: rhs,
+                            offset: (n0 * d4 * 4) as u64,
+                            size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
+                        },
+                        self.product.as_entire_buffer_binding(),
+                    ],
+                })
+                .collect();
+            encode(&ctx.device, encoder, &dispatches, writes)
+        })
+    }
+
+    /// The row `op` of `candidate`'s timing, against the floor's median `floor`.
+    fn row(
+        &self,
+        ctx: &Context,
+        op: &'static str,
+        candidate: usize,
+        (timing, seconds): Timed,
+        floor: f64,
+    ) -> BenchRow {
+        BenchRow {
+            shape: self.shape,
+            op,
+            timing,
+            algorithm: None,
+            seconds,
+            flops: gemm_flops(self.shape),
+            vs_gemm: seconds[0] / floor,
+            fused_speedup: None,
+            workspace_bytes: 0,
+            device_bytes: self.lhs().size() + self.rhs().size() + self.product.size(),
+            skipped: None,
+            profile: Vec::new(),
+            gemms: ctx.kernels.candidates[candidate].name.to_string(),
+        }
+    }
+}
+
+/// Each piece's shape uniform for the product of B × D (rows of `d4`) by the piece's
+/// classes, and its grid for every candidate.
+fn piece_uniforms(
+    ctx: &Context,
+    pieces: &[(usize, usize)],
+    (b, d, d4): (usize, usize, usize),
+) -> Result<Vec<PieceUniform>> {
+    pieces
+        .iter()
+        .map(|&(_, n)| {
+            let gemm = GemmShape::new(
+                (b as u32, n as u32, d as u32),
+                d4 as u32,
+                d4 as u32,
+                n as u32,
+            );
+            let uniform = ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("gemm shape"),
+                    contents: bytemuck::bytes_of(&gemm),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            let grids = ctx
+                .kernels
+                .candidates
+                .iter()
+                .map(|candidate| {
+                    fold_grid(
+                        gemm.workgroups(candidate),
+                        ctx.limits.max_compute_workgroups_per_dimension,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            Ok((uniform, grids))
+        })
+        .collect()
+}
+
+/// The plain GEMM's rows of one shape: the tuned candidate (`gemm`, the floor the other
+/// rows are measured against) and, where `gemm_candidates` runs, every candidate on the
+/// same product, timed first so that the floor runs warm. Returns them with the floor's
+/// timing.
+fn gemm_rows(
+    ctx: &Context,
+    options: &BenchOptions,
+    problem: &Problem,
+    buffers: &ShapeBuffers,
+    note: &mut dyn FnMut(&str),
+) -> Result<(Vec<BenchRow>, Timed)> {
+    let floor = GemmFloor::new(ctx, problem, buffers)?;
+    let mut candidate_rows = Vec::new();
+    if options.runs("gemm_candidates") {
+        for index in 0..ctx.kernels.candidates.len() {
+            note("gemm_candidates");
+            candidate_rows.push((index, floor.time(ctx, options, index)?));
+        }
+    }
+    let timed = floor.time(ctx, options, floor.tuned)?;
+    let floor_seconds = timed.1[0];
+    let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, timed, floor_seconds)];
+    for (index, timed) in candidate_rows {
+        rows.push(floor.row(ctx, "gemm_candidate", index, timed, floor_seconds));
+    }
+    Ok((rows, timed))
+}
+
+/// A loss operation: its name, the algorithm asked for, the pass, and the workspace
+/// budget its plan is picked for (the default plan where `None`).
+type LossOp = (&'static str, Algorithm, Pass, Option<u64>);
+
+/// The loss operations on `shape`, in the order they run; `chosen` is the algorithm
+/// `Plan::new` picks.
+fn loss_ops(shape: Shape, chosen: Algorithm) -> [LossOp; 5] {
+    // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
+    // block fits, else the memory-minimal plan.
+    let small_budget = (shape.batch * shape.classes * 4 / 8) as u64;
+    [
+        ("fused_forward", chosen, Pass::Forward, None),
+        (
+            "fused_forward_backward",
+            chosen,
+            Pass::ForwardBackward,
+            None,
+        ),
+        (
+            "small_budget_fwd_bwd",
+            chosen,
+            Pass::ForwardBackward,
+            Some(small_budget),
+        ),
+        (
+            "fused_min_memory_fwd_bwd",
+            Algorithm::MemoryMinimal,
+            Pass::ForwardBackward,
+            None,
+        ),
+        (
+            "unfused_forward_backward",
+            Algorithm::Unfused,
+            Pass::ForwardBackward,
+            None,
+        ),
+    ]
+}
+
+/// The rows of the loss operations that run on one shape, against the GEMM floor
+/// `gemm`; an operation too large for the adapter, or that the GPU refuses, gives a
+/// skipped row.
+fn loss_rows(
+    ctx: &Context,
+    options: &BenchOptions,
+    buffers: &ShapeBuffers,
+    shape: Shape,
+    (timing, gemm_seconds): Timed,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    for (op, algorithm, pass, budget) in loss_ops(shape, Algorithm::choose(ctx, shape)) {
+        if !options.runs(op) {
+            continue;
+        }
+        note(op);
+        let with_grads = pass == Pass::ForwardBackward;
+        let flops = if with_grads {
+            3.0 * gemm_flops(shape)
+        } else {
+            gemm_flops(shape)
         };
-        let time_gemm = |candidate: usize| {
-            let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
-            time_op(ctx, options, &|encoder, writes| {
-                let dispatches: Vec<Dispatch<'_>> = pieces
-                    .iter()
-                    .zip(&uniforms)
-                    .map(|(&(n0, n), (uniform, grids))| Dispatch {
-                        kernel,
-                        grid: grids[candidate],
-                        resources: vec![
-                            whole(uniform),
-                            whole(lhs),
-                            wgpu::BufferBinding {
-                                buffer: rhs,
-                                offset: (n0 * d4 * 4) as u64,
-                                size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
-                            },
-                            whole(&product),
-                        ],
-                    })
-                    .collect();
-                encode(&ctx.device, encoder, &dispatches, writes)
-            })
+        let plan = match budget {
+            Some(bytes) => Plan::with_budget(ctx, shape, bytes),
+            None => Plan::with_algorithm(ctx, shape, algorithm),
         };
-        let gemm_bytes = lhs.size() + rhs.size() + product.size();
-        let gemm_row =
-            |op, candidate: usize, (timing, seconds): (Timing, [f64; 3]), floor: f64| BenchRow {
+        let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
+        let measured = plan.and_then(|plan| measure_plan(ctx, options, &plan, buffers, with_grads));
+        rows.push(match measured {
+            Ok(Measured {
+                timed: (timing, seconds),
+                workspace_bytes,
+                profile,
+                gemms,
+            }) => BenchRow {
                 shape,
                 op,
                 timing,
-                algorithm: None,
+                algorithm: Some(algorithm),
                 seconds,
-                flops: gemm_flops,
-                vs_gemm: seconds[0] / floor,
+                flops,
+                vs_gemm: seconds[0] / gemm_seconds[0],
+                fused_speedup: None,
+                workspace_bytes,
+                device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
+                skipped: None,
+                profile,
+                gemms,
+            },
+            Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
+                shape,
+                op,
+                timing,
+                algorithm: Some(algorithm),
+                seconds: [f64::NAN; 3],
+                flops,
+                vs_gemm: f64::NAN,
                 fused_speedup: None,
                 workspace_bytes: 0,
-                device_bytes: gemm_bytes,
-                skipped: None,
+                device_bytes: 0,
+                skipped: Some(e.to_string()),
                 profile: Vec::new(),
-                gemms: ctx.kernels.candidates[candidate].name.to_string(),
-            };
-        // Every candidate on the same product, in this run (first, so that the floor below
-        // runs warm): the tuned choice against the fastest.
-        let mut candidate_rows = Vec::new();
-        if options.runs("gemm_candidates") {
-            for index in 0..ctx.kernels.candidates.len() {
-                note("gemm_candidates");
-                candidate_rows.push((index, time_gemm(index)?));
-            }
-        }
-        let (timing, gemm_seconds) = time_gemm(tuned)?;
-        let floor = gemm_seconds[0];
-        shape_rows.push(gemm_row("gemm", tuned, (timing, gemm_seconds), floor));
-        for (index, timed) in candidate_rows {
-            shape_rows.push(gemm_row("gemm_candidate", index, timed, floor));
-        }
-        drop(product);
-
-        let chosen = Algorithm::choose(ctx, shape);
-        // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
-        // block fits, else the memory-minimal plan.
-        let small_budget = (b * c * 4 / 8) as u64;
-        for (op, algorithm, pass, budget) in [
-            ("fused_forward", chosen, Pass::Forward, None),
-            (
-                "fused_forward_backward",
-                chosen,
-                Pass::ForwardBackward,
-                None,
-            ),
-            (
-                "small_budget_fwd_bwd",
-                chosen,
-                Pass::ForwardBackward,
-                Some(small_budget),
-            ),
-            (
-                "fused_min_memory_fwd_bwd",
-                Algorithm::MemoryMinimal,
-                Pass::ForwardBackward,
-                None,
-            ),
-            (
-                "unfused_forward_backward",
-                Algorithm::Unfused,
-                Pass::ForwardBackward,
-                None,
-            ),
-        ] {
-            if !options.runs(op) {
-                continue;
-            }
-            note(op);
-            let with_grads = pass == Pass::ForwardBackward;
-            let flops = if with_grads {
-                3.0 * gemm_flops
-            } else {
-                gemm_flops
-            };
-            let plan = match budget {
-                Some(bytes) => Plan::with_budget(ctx, shape, bytes),
-                None => Plan::with_algorithm(ctx, shape, algorithm),
-            };
-            let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
-            let measured = plan.and_then(|plan| {
-                let inputs = DeviceInputs {
-                    features: BufferRegion::from(&buffers.features),
-                    classes: BufferRegion::from(&buffers.classes),
-                    labels: BufferRegion::from(&buffers.labels),
-                };
-                let outputs = DeviceOutputs {
-                    row_stats: BufferRegion::from(&buffers.row_stats),
-                    summary: BufferRegion::from(&buffers.summary),
-                    grads: with_grads.then_some(GradOutputs {
-                        features: BufferRegion::from(&buffers.grad_features),
-                        classes: BufferRegion::from(&buffers.grad_classes),
-                    }),
-                };
-                let record: Record<'_> = &|encoder, writes| {
-                    plan.record_phase(
-                        ctx,
-                        encoder,
-                        &inputs,
-                        &outputs,
-                        &params,
-                        writes,
-                        Phase::Whole,
-                    )
-                };
-                let timed = time_op(ctx, options, record)?;
-                let profile = if options.profile {
-                    profile_op(ctx, options, record)?
-                } else {
-                    Vec::new()
-                };
-                Ok((
-                    timed,
-                    plan.workspace_bytes(),
-                    profile,
-                    plan.gemm_summary(ctx),
-                ))
-            });
-            shape_rows.push(match measured {
-                Ok(((timing, seconds), workspace_bytes, profile, gemms)) => BenchRow {
-                    shape,
-                    op,
-                    timing,
-                    algorithm: Some(algorithm),
-                    seconds,
-                    flops,
-                    vs_gemm: seconds[0] / gemm_seconds[0],
-                    fused_speedup: None,
-                    workspace_bytes,
-                    device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
-                    skipped: None,
-                    profile,
-                    gemms,
-                },
-                Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
-                    shape,
-                    op,
-                    timing,
-                    algorithm: Some(algorithm),
-                    seconds: [f64::NAN; 3],
-                    flops,
-                    vs_gemm: f64::NAN,
-                    fused_speedup: None,
-                    workspace_bytes: 0,
-                    device_bytes: 0,
-                    skipped: Some(e.to_string()),
-                    profile: Vec::new(),
-                    gemms: String::new(),
-                },
-                Err(e) => return Err(e),
-            });
-        }
-        if options.runs("sharded_fwd_bwd") {
-            note("sharded_fwd_bwd");
-            let io_bytes = buffers.io_bytes(true);
-            shape_rows.push(sharded_row(
-                ctx,
-                options,
-                &problem,
-                (3.0 * gemm_flops, gemm_seconds),
-                io_bytes,
-            )?);
-        }
-        let unfused = shape_rows
-            .iter()
-            .find(|r| r.op == "unfused_forward_backward")
-            .map(|r| r.seconds[0]);
-        if let (Some(fused), Some(unfused)) = (
-            shape_rows
-                .iter_mut()
-                .find(|r| r.op == "fused_forward_backward"),
-            unfused,
-        ) {
-            fused.fused_speedup = Some(unfused / fused.seconds[0]).filter(|s| s.is_finite());
-        }
-        rows.extend(shape_rows);
-    }
-    if options.runs("slice_api_tiny_call") {
-        progress("slice API host overhead: B=1 D=1 C=2");
-        rows.push(tiny_call_row(ctx, options)?);
+                gemms: String::new(),
+            },
+            Err(e) => return Err(e),
+        });
     }
     Ok(rows)
+}
+
+/// A plan's measurements: its timing, its workspace bytes, with `--profile` its kernels'
+/// times, and the GEMM candidates of its products.
+struct Measured {
+    timed: Timed,
+    workspace_bytes: u64,
+    profile: Vec<KernelTime>,
+    gemms: String,
+}
+
+/// Times `plan` on the shape's buffers, with gradients where `with_grads` (and, with
+/// `--profile`, per kernel).
+fn measure_plan(
+    ctx: &Context,
+    options: &BenchOptions,
+    plan: &Plan,
+    buffers: &ShapeBuffers,
+    with_grads: bool,
+) -> Result<Measured> {
+    let params = LossParams::default();
+    let inputs = DeviceInputs {
+        features: BufferRegion::from(&buffers.features),
+        classes: BufferRegion::from(&buffers.classes),
+        labels: BufferRegion::from(&buffers.labels),
+    };
+    let outputs = DeviceOutputs {
+        row_stats: BufferRegion::from(&buffers.row_stats),
+        summary: BufferRegion::from(&buffers.summary),
+        grads: with_grads.then_some(GradOutputs {
+            features: BufferRegion::from(&buffers.grad_features),
+            classes: BufferRegion::from(&buffers.grad_classes),
+        }),
+    };
+    let record: Record<'_> = &|encoder, writes| {
+        plan.record_phase(
+            ctx,
+            encoder,
+            &inputs,
+            &outputs,
+            &params,
+            writes,
+            Phase::Whole,
+        )
+    };
+    let timed = time_op(ctx, options, record)?;
+    let profile = if options.profile {
+        profile_op(ctx, options, record)?
+    } else {
+        Vec::new()
+    };
+    Ok(Measured {
+        timed,
+        workspace_bytes: plan.workspace_bytes(),
+        profile,
+        gemms: plan.gemm_summary(ctx),
+    })
+}
+
+/// Sets the fused forward + backward row's speed-up over the unfused baseline, where
+/// both ran and the ratio is finite.
+fn set_fused_speedup(rows: &mut [BenchRow]) {
+    let unfused = rows
+        .iter()
+        .find(|r| r.op == "unfused_forward_backward")
+        .map(|r| r.seconds[0]);
+    if let (Some(fused), Some(unfused)) = (
+        rows.iter_mut().find(|r| r.op == "fused_forward_backward"),
+        unfused,
+    ) {
+        fused.fused_speedup = Some(unfused / fused.seconds[0]).filter(|s| s.is_finite());
+    }
 }
 
 /// Shards of the sharded row: the shape's classes in two, on one context.
@@ -881,63 +1018,88 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
     out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes | GEMM candidates |\n";
     out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|-----------------|\n";
     for r in rows {
-        let Shape {
-            batch: b,
-            dim: d,
-            classes: c,
-        } = r.shape;
-        if let Some(why) = &r.skipped {
-            out += &format!(
-                "| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n",
-                r.op
-            );
-            continue;
-        }
-        if r.op == "slice_api_tiny_call" {
-            let [med, min, max] = r.seconds.map(|s| s * 1e6);
-            out += &format!(
-                "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {med:.1} us ({min:.1}-{max:.1} us), wall clock of a whole slice-API call\n",
-                r.op
-            );
-            continue;
-        }
-        let [med, min, max] = r.seconds.map(|s| s * 1e3);
-        out += &format!(
-            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} | {} |\n",
-            r.op,
-            r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
-            med,
-            min,
-            max,
-            r.gflops(),
-            r.vs_gemm,
-            r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
-            megabytes(r.workspace_bytes),
-            megabytes(r.device_bytes),
-            r.gemms,
-        );
+        out += &table_line(r);
     }
     // With --profile, the tuner's per-candidate times for every bucket it knows.
     if rows.iter().any(|r| !r.profile.is_empty()) {
-        out += "\ntuner: median ms per candidate on each bucket's tuning slice\n";
-        for t in ctx.tuned() {
-            let times: Vec<String> = t
-                .seconds
-                .iter()
-                .map(|(name, s)| format!("{name} {:.3}", s * 1e3))
-                .collect();
-            out += &format!(
-                "  {} {}×{}×{}: {} ({})\n",
-                t.bucket.layout,
-                t.bucket.m,
-                t.bucket.n,
-                t.bucket.k,
-                t.candidate,
-                times.join(", ")
-            );
-        }
+        out += &tuner_lines(ctx);
     }
-    // The tuned choice of each shape's GEMM against the fastest candidate of this run.
+    out += &tuned_gemm_lines(rows);
+    out += "\n";
+    if rows.iter().any(|r| r.op == "sharded_fwd_bwd") {
+        out += &format!(
+            "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
+             host wall clock around the whole call (uploads, passes, host merge, read-backs)\n"
+        );
+    }
+    for r in rows.iter().filter(|r| !r.profile.is_empty()) {
+        out += &profile_table(r);
+    }
+    out
+}
+
+/// One row's line of the table.
+fn table_line(r: &BenchRow) -> String {
+    let Shape {
+        batch: b,
+        dim: d,
+        classes: c,
+    } = r.shape;
+    if let Some(why) = &r.skipped {
+        return format!(
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | skipped: {why}\n",
+            r.op
+        );
+    }
+    if r.op == "slice_api_tiny_call" {
+        let [med, min, max] = r.seconds.map(|s| s * 1e6);
+        return format!(
+            "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {med:.1} us ({min:.1}-{max:.1} us), wall clock of a whole slice-API call\n",
+            r.op
+        );
+    }
+    let [med, min, max] = r.seconds.map(|s| s * 1e3);
+    format!(
+        "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} | {} |\n",
+        r.op,
+        r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
+        med,
+        min,
+        max,
+        r.gflops(),
+        r.vs_gemm,
+        r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
+        megabytes(r.workspace_bytes),
+        megabytes(r.device_bytes),
+        r.gemms,
+    )
+}
+
+/// The tuner's median time of every candidate on each bucket it knows.
+fn tuner_lines(ctx: &Context) -> String {
+    let mut out = "\ntuner: median ms per candidate on each bucket's tuning slice\n".to_string();
+    for t in ctx.tuned() {
+        let times: Vec<String> = t
+            .seconds
+            .iter()
+            .map(|(name, s)| format!("{name} {:.3}", s * 1e3))
+            .collect();
+        out += &format!(
+            "  {} {}×{}×{}: {} ({})\n",
+            t.bucket.layout,
+            t.bucket.m,
+            t.bucket.n,
+            t.bucket.k,
+            t.candidate,
+            times.join(", ")
+        );
+    }
+    out
+}
+
+/// The tuned choice of each shape's GEMM against the fastest candidate of this run.
+fn tuned_gemm_lines(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
     for tuned in rows.iter().filter(|r| r.op == "gemm") {
         let same_shape = |r: &&BenchRow| r.op == "gemm_candidate" && r.shape == tuned.shape;
         if let Some(fastest) = rows
@@ -960,36 +1122,32 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
             );
         }
     }
-    out += "\n";
-    if rows.iter().any(|r| r.op == "sharded_fwd_bwd") {
+    out
+}
+
+/// A profiled row's kernels: dispatches, median time and share of the operation.
+fn profile_table(r: &BenchRow) -> String {
+    let total: f64 = r.profile.iter().map(|k| k.seconds).sum();
+    let Shape {
+        batch: b,
+        dim: d,
+        classes: c,
+    } = r.shape;
+    let mut out = format!(
+        "\nprofile: B={b} D={d} C={c} {} ({}), each dispatch in its own pass; median ms per run\n\n",
+        r.op,
+        r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
+    );
+    out += "| kernel                   | dispatches |       ms |  share |\n";
+    out += "|--------------------------|------------|----------|--------|\n";
+    for k in &r.profile {
         out += &format!(
-            "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
-             host wall clock around the whole call (uploads, passes, host merge, read-backs)\n"
+            "| {:<24} | {:>10} | {:>8.3} | {:>5.1}% |\n",
+            k.kernel,
+            k.dispatches,
+            k.seconds * 1e3,
+            100.0 * k.seconds / total
         );
-    }
-    for r in rows.iter().filter(|r| !r.profile.is_empty()) {
-        let Shape {
-            batch: b,
-            dim: d,
-            classes: c,
-        } = r.shape;
-        let total: f64 = r.profile.iter().map(|k| k.seconds).sum();
-        out += &format!(
-            "\nprofile: B={b} D={d} C={c} {} ({}), each dispatch in its own pass; median ms per run\n\n",
-            r.op,
-            r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
-        );
-        out += "| kernel                   | dispatches |       ms |  share |\n";
-        out += "|--------------------------|------------|----------|--------|\n";
-        for k in &r.profile {
-            out += &format!(
-                "| {:<24} | {:>10} | {:>8.3} | {:>5.1}% |\n",
-                k.kernel,
-                k.dispatches,
-                k.seconds * 1e3,
-                100.0 * k.seconds / total
-            );
-        }
     }
     out
 }

@@ -309,69 +309,9 @@ impl Context {
         queue: wgpu::Queue,
         tiles: TileConfig,
     ) -> Result<Context> {
-        if tiles.rows_per_workgroup == 0 || tiles.classes_per_workgroup == 0 {
-            return Err(Error::InvalidParameter {
-                name: "tiles",
-                value: 0.0,
-                requirement: "at least 1 invocation along each axis",
-            });
-        }
         let limits = device.limits();
-        let invocations = tiles.rows_per_workgroup * tiles.classes_per_workgroup;
-        if invocations > limits.max_compute_invocations_per_workgroup {
-            return Err(Error::TooLarge {
-                what: "tile workgroup invocations",
-                size: u64::from(invocations),
-                limit: u64::from(limits.max_compute_invocations_per_workgroup),
-            });
-        }
-        let (rows, classes) = (tiles.rows_per_workgroup, tiles.classes_per_workgroup);
-        if rows > limits.max_compute_workgroup_size_y
-            || classes > limits.max_compute_workgroup_size_x
-        {
-            return Err(Error::TooLarge {
-                what: "tile workgroup size along one axis",
-                size: u64::from(rows.max(classes)),
-                limit: u64::from(
-                    limits
-                        .max_compute_workgroup_size_x
-                        .min(limits.max_compute_workgroup_size_y),
-                ),
-            });
-        }
-        // The largest workgroup array: the softmax rows' lane partials (28 bytes each).
-        let storage = 28 * u64::from(rows) * u64::from(classes);
-        if storage > u64::from(limits.max_compute_workgroup_storage_size) {
-            return Err(Error::TooLarge {
-                what: "workgroup storage of the tile configuration (use smaller tiles)",
-                size: storage,
-                limit: u64::from(limits.max_compute_workgroup_storage_size),
-            });
-        }
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = Kernels::new(&device, tiles);
-        let quad_stand_in = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("quad stand-in"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let region_probe = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("region probe"),
-            entries: &[wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage { read_only: true },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            }],
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
-        }
+        check_tiles(tiles, &limits)?;
+        let (kernels, quad_stand_in, region_probe) = compile_kernels(&device, tiles)?;
         let info = device.adapter_info();
         Ok(Context {
             max_binding: limits
@@ -526,4 +466,80 @@ impl Context {
             }
         }
     }
+}
+
+/// [`Error::InvalidParameter`] or [`Error::TooLarge`] unless the tile configuration fits
+/// the device: a workgroup of at least one invocation along each axis, within the
+/// limits on invocations, on each axis and on workgroup storage.
+fn check_tiles(tiles: TileConfig, limits: &wgpu::Limits) -> Result<()> {
+    if tiles.rows_per_workgroup == 0 || tiles.classes_per_workgroup == 0 {
+        return Err(Error::InvalidParameter {
+            name: "tiles",
+            value: 0.0,
+            requirement: "at least 1 invocation along each axis",
+        });
+    }
+    let invocations = tiles.rows_per_workgroup * tiles.classes_per_workgroup;
+    if invocations > limits.max_compute_invocations_per_workgroup {
+        return Err(Error::TooLarge {
+            what: "tile workgroup invocations",
+            size: u64::from(invocations),
+            limit: u64::from(limits.max_compute_invocations_per_workgroup),
+        });
+    }
+    let (rows, classes) = (tiles.rows_per_workgroup, tiles.classes_per_workgroup);
+    if rows > limits.max_compute_workgroup_size_y || classes > limits.max_compute_workgroup_size_x {
+        return Err(Error::TooLarge {
+            what: "tile workgroup size along one axis",
+            size: u64::from(rows.max(classes)),
+            limit: u64::from(
+                limits
+                    .max_compute_workgroup_size_x
+                    .min(limits.max_compute_workgroup_size_y),
+            ),
+        });
+    }
+    // The largest workgroup array: the softmax rows' lane partials (28 bytes each).
+    let storage = 28 * u64::from(rows) * u64::from(classes);
+    if storage > u64::from(limits.max_compute_workgroup_storage_size) {
+        return Err(Error::TooLarge {
+            what: "workgroup storage of the tile configuration (use smaller tiles)",
+            size: storage,
+            limit: u64::from(limits.max_compute_workgroup_storage_size),
+        });
+    }
+    Ok(())
+}
+
+/// Compiles the kernels on `device`, with the stand-in buffer and the bind group layout
+/// that probes buffer regions; [`Error::Gpu`] where the device refuses any of them.
+fn compile_kernels(
+    device: &wgpu::Device,
+    tiles: TileConfig,
+) -> Result<(Kernels, wgpu::Buffer, wgpu::BindGroupLayout)> {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let kernels = Kernels::new(device, tiles);
+    let quad_stand_in = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("quad stand-in"),
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let region_probe = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("region probe"),
+        entries: &[wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only: true },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }],
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu(e.to_string()));
+    }
+    Ok((kernels, quad_stand_in, region_probe))
 }

@@ -172,8 +172,6 @@ pub fn loss_f64(
         dim: d,
         classes: c,
     } = shape;
-    let s = scale.max(f64::from(params.scale_min));
-    let hard = params.objective == Objective::HardMargin;
     let inv_x = inv_norms(x, b, d);
     let inv_w = inv_norms(w, c, d);
     let xh: Vec<f64> = (0..b * d).map(|e| x[e] * inv_x[e / d]).collect();
@@ -183,12 +181,55 @@ pub fn loss_f64(
         (y != IGNORE && (y as usize) < c).then_some(y as usize)
     };
     let valid_rows = (0..b).filter(|&i| label(i).is_some()).count();
-    let norm = match params.reduction {
+    let mut batch = Batch {
+        params,
+        xh: &xh,
+        wh: &wh,
+        inv_x: &inv_x,
+        inv_w: &inv_w,
+        d,
+        s: scale.max(f64::from(params.scale_min)),
+        norm: reduction_weight(params.reduction, valid_rows),
+        gamma: 4.0 * cosine_bound(d),
+        acc: Accumulators {
+            gxh: vec![0.0; b * d],
+            gwh: vec![0.0; c * d],
+            row_terms: vec![0.0; b],
+            class_terms: vec![0.0; c],
+            class_slack: vec![0.0; c],
+        },
+    };
+    let mut out = zeroed_output(b, d, c, valid_rows);
+    let mut cos = vec![0.0; c];
+    for i in 0..b {
+        batch.row_cosines(i, &mut cos);
+        let y = label(i);
+        let best_other = record_prediction(&mut out, i, &cos, y);
+        let Some(y) = y else { continue };
+        let target = batch.target(&mut out, i, &cos, y, best_other);
+        let softmax = batch.target_softmax(&mut out, &target);
+        if params.objective == Objective::HardMargin {
+            batch.add_hard_margin_row(&mut out, &target);
+        } else {
+            batch.add_softmax_row(&mut out, &target, &softmax);
+        }
+    }
+    batch.finish(out)
+}
+
+/// The weight of each row's loss in the reduced loss: 1/N for the mean (0 without a
+/// valid row), else 1.
+fn reduction_weight(reduction: Reduction, valid_rows: usize) -> f64 {
+    match reduction {
         Reduction::Mean if valid_rows == 0 => 0.0,
         Reduction::Mean => 1.0 / valid_rows as f64,
         Reduction::Sum | Reduction::None => 1.0,
-    };
-    let mut out = ReferenceOutput {
+    }
+}
+
+/// The output before any row: zero sums, no prediction, no best other class.
+fn zeroed_output(b: usize, d: usize, c: usize, valid_rows: usize) -> ReferenceOutput {
+    ReferenceOutput {
         loss: 0.0,
         row_loss: vec![0.0; b],
         grad_features: vec![0.0; b * d],
@@ -212,46 +253,122 @@ pub fn loss_f64(
         pred_gap: vec![f64::INFINITY; b],
         valid_rows,
         correct_rows: 0,
-    };
-    let mut gxh = vec![0.0; b * d];
-    let mut gwh = vec![0.0; c * d];
-    // Σ_j |G_ij| per row and Σ_i |G_ij| per class, and the slope-rounding slack per class.
-    let mut row_terms = vec![0.0; b];
-    let mut class_terms = vec![0.0; c];
-    let mut class_slack = vec![0.0f64; c];
-    let gamma = 4.0 * cosine_bound(d);
-    let mut cos = vec![0.0; c];
-    for i in 0..b {
-        let xi = &xh[i * d..(i + 1) * d];
+    }
+}
+
+/// Records row `i`'s prediction, its gap to the runner-up and its best non-target
+/// cosine; returns the first non-target class with the largest cosine (−0 and +0 tie,
+/// as on the GPU).
+fn record_prediction(
+    out: &mut ReferenceOutput,
+    i: usize,
+    cos: &[f64],
+    y: Option<usize>,
+) -> Option<usize> {
+    let c = cos.len();
+    let mut pred = 0;
+    for j in 1..c {
+        if cos[j] > cos[pred] {
+            pred = j;
+        }
+    }
+    out.pred[i] = pred as u32;
+    out.pred_gap[i] = (0..c)
+        .filter(|&j| j != pred)
+        .map(|j| cos[pred] - cos[j])
+        .fold(f64::INFINITY, f64::min);
+    let mut best_other: Option<usize> = None;
+    for j in (0..c).filter(|&j| Some(j) != y) {
+        if best_other.is_none_or(|b| cos[j] > cos[b]) {
+            best_other = Some(j);
+        }
+    }
+    out.best_other_cos[i] = best_other.map_or(-1.0, |j| cos[j]);
+    best_other
+}
+
+/// What every row of [`loss_f64`] reads: the unit rows, their inverse norms, the
+/// effective scale, the reduction's weight and the cosine error bound γ; and the sums
+/// its gradient terms add to.
+struct Batch<'a> {
+    params: &'a LossParams,
+    xh: &'a [f64],
+    wh: &'a [f64],
+    inv_x: &'a [f64],
+    inv_w: &'a [f64],
+    d: usize,
+    s: f64,
+    norm: f64,
+    gamma: f64,
+    acc: Accumulators,
+}
+
+/// The sums over the rows: G·ŵ and Gᵀ·x̂, Σ_j |G_ij| per row and Σ_i |G_ij| per class,
+/// and the slope-rounding slack per class.
+struct Accumulators {
+    gxh: Vec<f64>,
+    gwh: Vec<f64>,
+    row_terms: Vec<f64>,
+    class_terms: Vec<f64>,
+    class_slack: Vec<f64>,
+}
+
+/// A labelled row `i` with cosines `cos`: its target ψ(c_iy) and dψ/dc, and how far a
+/// cosine rounding error of γ moves them where ψ is steep.
+struct Target<'c> {
+    i: usize,
+    cos: &'c [f64],
+    y: usize,
+    best_other: Option<usize>,
+    psi: f64,
+    slope: f64,
+    slope_spread: f64,
+    psi_spread: f64,
+}
+
+impl Target<'_> {
+    /// zc_ij = z_ij / s: ψ(c_iy) for the target, c_ij otherwise.
+    fn zc(&self, j: usize) -> f64 {
+        if j == self.y {
+            self.psi
+        } else {
+            self.cos[j]
+        }
+    }
+}
+
+/// A labelled row's margin softmax: its log-sum-exp, L_i and 1 − p_iy.
+struct TargetSoftmax {
+    lse: f64,
+    loss: f64,
+    complement: f64,
+}
+
+impl Batch<'_> {
+    /// c_ij = x̂_i·ŵ_j of row `i` and every class j.
+    fn row_cosines(&self, i: usize, cos: &mut [f64]) {
+        let d = self.d;
+        let xi = &self.xh[i * d..(i + 1) * d];
         for (j, cj) in cos.iter_mut().enumerate() {
             *cj = xi
                 .iter()
-                .zip(&wh[j * d..(j + 1) * d])
+                .zip(&self.wh[j * d..(j + 1) * d])
                 .map(|(a, b)| a * b)
                 .sum();
         }
-        let y = label(i);
-        let mut pred = 0;
-        for j in 1..c {
-            if cos[j] > cos[pred] {
-                pred = j;
-            }
-        }
-        out.pred[i] = pred as u32;
-        out.pred_gap[i] = (0..c)
-            .filter(|&j| j != pred)
-            .map(|j| cos[pred] - cos[j])
-            .fold(f64::INFINITY, f64::min);
-        // The first non-target class with the largest cosine (−0 and +0 tie, as on the GPU).
-        let mut best_other: Option<usize> = None;
-        for j in (0..c).filter(|&j| Some(j) != y) {
-            if best_other.is_none_or(|b| cos[j] > cos[b]) {
-                best_other = Some(j);
-            }
-        }
-        out.best_other_cos[i] = best_other.map_or(-1.0, |j| cos[j]);
-        let Some(y) = y else { continue };
-        out.correct_rows += usize::from(pred == y);
+    }
+
+    /// Row `i`'s target with label `y`, recording its target statistics.
+    fn target<'c>(
+        &self,
+        out: &mut ReferenceOutput,
+        i: usize,
+        cos: &'c [f64],
+        y: usize,
+        best_other: Option<usize>,
+    ) -> Target<'c> {
+        let params = self.params;
+        out.correct_rows += usize::from(out.pred[i] as usize == y);
         out.target_cos[i] = cos[y];
         out.achieved_margin[i] = cos[y] - out.best_other_cos[i];
         let (psi, slope) = target_margin(params, cos[y]);
@@ -261,118 +378,176 @@ pub fn loss_f64(
         let steep = params.angular_margin > 0.0 && 1.0 - cos[y] * cos[y] < 0.0025;
         let (slope_spread, psi_spread) = if steep {
             let (lo, hi) = (
-                target_margin(params, cos[y] - gamma),
-                target_margin(params, cos[y] + gamma),
+                target_margin(params, cos[y] - self.gamma),
+                target_margin(params, cos[y] + self.gamma),
             );
             ((hi.1 - lo.1).abs(), (hi.0 - lo.0).abs() / 2.0)
         } else {
             (0.0, 0.0)
         };
         out.margin_satisfied_rows += usize::from(psi >= out.best_other_cos[i]);
-        // zc_ij = z_ij / s: ψ(c_iy) for the target, c_ij otherwise.
-        let zc = |j: usize| if j == y { psi } else { cos[j] };
-        let zmax = (0..c).map(|j| s * zc(j)).fold(f64::NEG_INFINITY, f64::max);
-        let sum_exp: f64 = (0..c).map(|j| (s * zc(j) - zmax).exp()).sum();
+        Target {
+            i,
+            cos,
+            y,
+            best_other,
+            psi,
+            slope,
+            slope_spread,
+            psi_spread,
+        }
+    }
+
+    /// Row `i`'s margin softmax, recording p_iy and its slack.
+    fn target_softmax(&self, out: &mut ReferenceOutput, target: &Target<'_>) -> TargetSoftmax {
+        let (s, c, psi) = (self.s, target.cos.len(), target.psi);
+        let zmax = (0..c)
+            .map(|j| s * target.zc(j))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum_exp: f64 = (0..c).map(|j| (s * target.zc(j) - zmax).exp()).sum();
         let lse = zmax + sum_exp.ln();
         // L_i = log(1 + X), X = Σ_{j≠y} exp(z_j − z_y), p_iy = 1/(1 + X) and
         // 1 − p_iy = X/(1 + X): exact relative to themselves when the target dominates,
         // where lse − z_y cancels even in f64. X overflows only when L_i is large, and
         // then lse − z_y is exact enough.
         let other: f64 = (0..c)
-            .filter(|&j| j != y)
-            .map(|j| (s * (zc(j) - psi)).exp())
+            .filter(|&j| j != target.y)
+            .map(|j| (s * (target.zc(j) - psi)).exp())
             .sum();
-        let (softmax_loss, p_target, complement) = if other.is_finite() {
+        let (loss, p_target, complement) = if other.is_finite() {
             (other.ln_1p(), 1.0 / (1.0 + other), other / (1.0 + other))
         } else {
             let p = (s * psi - lse).exp();
             (lse - s * psi, p, 1.0)
         };
-        out.target_prob[i] = p_target;
-        out.target_prob_slack = out.target_prob_slack.max(s * psi_spread / 4.0);
+        out.target_prob[target.i] = p_target;
+        out.target_prob_slack = out.target_prob_slack.max(s * target.psi_spread / 4.0);
+        TargetSoftmax {
+            lse,
+            loss,
+            complement,
+        }
+    }
+
+    /// Adds the gradient term `g` = G_ij of row `i` and class `j` to the sums.
+    fn add_term(&mut self, i: usize, j: usize, g: f64) {
+        let d = self.d;
+        self.acc.row_terms[i] += g.abs();
+        self.acc.class_terms[j] += g.abs();
+        for k in 0..d {
+            self.acc.gxh[i * d + k] += g * self.wh[j * d + k];
+            self.acc.gwh[j * d + k] += g * self.xh[i * d + k];
+        }
+    }
+
+    /// Row `i` under the hard objective: the hinge s·(best − ψ) and its gradient where
+    /// active, and the slack its rounding excuses.
+    fn add_hard_margin_row(&mut self, out: &mut ReferenceOutput, target: &Target<'_>) {
+        let (s, norm, gamma) = (self.s, self.norm, self.gamma);
+        let (i, cos, y, slope) = (target.i, target.cos, target.y, target.slope);
         let coef = norm * s;
-        if hard {
-            let gap = out.best_other_cos[i] - psi;
-            let active = best_other.is_some() && gap > 0.0;
-            if active {
-                out.row_loss[i] = s * gap;
-                out.grad_scale += norm * gap;
-                let j = best_other.unwrap_or(0);
-                for (k, g) in [(y, -coef * slope), (j, coef)] {
-                    row_terms[i] += g.abs();
-                    class_terms[k] += g.abs();
-                    for e in 0..d {
-                        gxh[i * d + e] += g * wh[k * d + e];
-                        gwh[k * d + e] += g * xh[i * d + e];
-                    }
-                }
-                let slack = coef * slope_spread * inv_x[i];
-                out.grad_features_slack = out.grad_features_slack.max(slack);
-                class_slack[y] += coef * slope_spread;
+        let gap = out.best_other_cos[i] - target.psi;
+        let active = target.best_other.is_some() && gap > 0.0;
+        if active {
+            out.row_loss[i] = s * gap;
+            out.grad_scale += norm * gap;
+            let j = target.best_other.unwrap_or(0);
+            for (k, g) in [(y, -coef * slope), (j, coef)] {
+                self.add_term(i, k, g);
             }
-            // The hinge is s·(best − ψ): rounding moves it by s·(γ·(1 + |ψ'|) + Δψ)
-            // whatever its size, so near zero only that absolute error is meaningful.
-            let blur = gamma * (1.0 + slope.abs()) + psi_spread;
-            out.loss_slack += norm * s * blur;
-            out.grad_scale_slack += norm * blur;
-            // Where rounding can flip the hinge, or pick another of several near-tied
-            // best classes, the row's whole gradient is ambiguous: excuse it.
-            let runner_up_gap = best_other.map_or(f64::INFINITY, |b| {
-                (0..c)
-                    .filter(|&j| j != y && j != b)
-                    .map(|j| cos[b] - cos[j])
-                    .fold(f64::INFINITY, f64::min)
-            });
-            if gap.abs() <= 2.0 * blur || runner_up_gap <= 2.0 * gamma {
-                out.grad_features_slack = out
-                    .grad_features_slack
-                    .max(coef * (1.0 + slope.abs()) * inv_x[i]);
-                for (j, slack) in class_slack.iter_mut().enumerate() {
-                    if j == y
-                        || runner_up_gap <= 2.0 * gamma
-                            && (cos[j] - out.best_other_cos[i]).abs() <= 2.0 * gamma
-                    {
-                        *slack += coef * (1.0 + slope.abs());
-                    }
-                }
-            }
-            continue;
+            let slack = coef * target.slope_spread * self.inv_x[i];
+            out.grad_features_slack = out.grad_features_slack.max(slack);
+            self.acc.class_slack[y] += coef * target.slope_spread;
         }
-        out.row_loss[i] = softmax_loss;
+        // The hinge is s·(best − ψ): rounding moves it by s·(γ·(1 + |ψ'|) + Δψ)
+        // whatever its size, so near zero only that absolute error is meaningful.
+        let blur = gamma * (1.0 + slope.abs()) + target.psi_spread;
+        out.loss_slack += norm * s * blur;
+        out.grad_scale_slack += norm * blur;
+        // Where rounding can flip the hinge, or pick another of several near-tied
+        // best classes, the row's whole gradient is ambiguous: excuse it.
+        let runner_up_gap = target.best_other.map_or(f64::INFINITY, |b| {
+            (0..cos.len())
+                .filter(|&j| j != y && j != b)
+                .map(|j| cos[b] - cos[j])
+                .fold(f64::INFINITY, f64::min)
+        });
+        if gap.abs() <= 2.0 * blur || runner_up_gap <= 2.0 * gamma {
+            out.grad_features_slack = out
+                .grad_features_slack
+                .max(coef * (1.0 + slope.abs()) * self.inv_x[i]);
+            for (j, slack) in self.acc.class_slack.iter_mut().enumerate() {
+                if j == y
+                    || runner_up_gap <= 2.0 * gamma
+                        && (cos[j] - out.best_other_cos[i]).abs() <= 2.0 * gamma
+                {
+                    *slack += coef * (1.0 + slope.abs());
+                }
+            }
+        }
+    }
+
+    /// Row `i` under the margin softmax: L_i, its gradient G_ij = s·(p_ij − onehot)/N
+    /// (times dψ/dc at the target) and dL_i/ds, and the slack a steep ψ excuses.
+    fn add_softmax_row(
+        &mut self,
+        out: &mut ReferenceOutput,
+        target: &Target<'_>,
+        softmax: &TargetSoftmax,
+    ) {
+        let (s, norm, i) = (self.s, self.norm, target.i);
+        let (slope, psi_spread) = (target.slope, target.psi_spread);
+        let coef = norm * s;
+        out.row_loss[i] = softmax.loss;
         let mut expected_zc = 0.0;
-        for j in 0..c {
-            let p = (s * zc(j) - lse).exp();
-            expected_zc += p * zc(j);
-            let g = coef * if j == y { -complement * slope } else { p };
-            row_terms[i] += g.abs();
-            class_terms[j] += g.abs();
-            for k in 0..d {
-                gxh[i * d + k] += g * wh[j * d + k];
-                gwh[j * d + k] += g * xh[i * d + k];
-            }
+        for j in 0..target.cos.len() {
+            let p = (s * target.zc(j) - softmax.lse).exp();
+            expected_zc += p * target.zc(j);
+            let g = coef
+                * if j == target.y {
+                    -softmax.complement * slope
+                } else {
+                    p
+                };
+            self.add_term(i, j, g);
         }
-        out.grad_scale += norm * (expected_zc - psi);
+        out.grad_scale += norm * (expected_zc - target.psi);
         // Where ψ is steep, the cosine's rounding moves z_y by s·Δψ and so 1 − p_iy, and
         // moves dψ/dc itself: both are excused.
-        let row_slack = coef * (complement * slope_spread + slope.abs() * s * psi_spread);
-        out.grad_features_slack = out.grad_features_slack.max(row_slack * inv_x[i]);
-        class_slack[y] += row_slack;
+        let row_slack =
+            coef * (softmax.complement * target.slope_spread + slope.abs() * s * psi_spread);
+        out.grad_features_slack = out.grad_features_slack.max(row_slack * self.inv_x[i]);
+        self.acc.class_slack[target.y] += row_slack;
         out.loss_slack += norm * s * psi_spread;
         out.grad_scale_slack += norm * 2.0 * psi_spread;
     }
-    out.loss = norm * out.row_loss.iter().sum::<f64>();
-    out.mean_achieved_margin = out.achieved_margin.iter().sum::<f64>() / valid_rows.max(1) as f64;
-    if params.scale < params.scale_min {
-        out.grad_scale = 0.0;
+
+    /// The reduced loss and mean margin, and the gradients projected through the
+    /// normalisations with the sizes of their terms.
+    fn finish(self, mut out: ReferenceOutput) -> ReferenceOutput {
+        let acc = &self.acc;
+        out.loss = self.norm * out.row_loss.iter().sum::<f64>();
+        out.mean_achieved_margin =
+            out.achieved_margin.iter().sum::<f64>() / out.valid_rows.max(1) as f64;
+        if self.params.scale < self.params.scale_min {
+            out.grad_scale = 0.0;
+        }
+        project(
+            &mut out.grad_features,
+            &acc.gxh,
+            self.xh,
+            self.inv_x,
+            self.d,
+        );
+        project(&mut out.grad_classes, &acc.gwh, self.wh, self.inv_w, self.d);
+        let weighted_max = |terms: &[f64], inv: &[f64]| {
+            terms.iter().zip(inv).fold(0.0f64, |m, (t, i)| m.max(t * i))
+        };
+        out.grad_features_magnitude = weighted_max(&acc.row_terms, self.inv_x);
+        out.grad_classes_magnitude = weighted_max(&acc.class_terms, self.inv_w);
+        out.grad_classes_slack = weighted_max(&acc.class_slack, self.inv_w);
+        out
     }
-    project(&mut out.grad_features, &gxh, &xh, &inv_x, d);
-    project(&mut out.grad_classes, &gwh, &wh, &inv_w, d);
-    let weighted_max =
-        |terms: &[f64], inv: &[f64]| terms.iter().zip(inv).fold(0.0f64, |m, (t, i)| m.max(t * i));
-    out.grad_features_magnitude = weighted_max(&row_terms, &inv_x);
-    out.grad_classes_magnitude = weighted_max(&class_terms, &inv_w);
-    out.grad_classes_slack = weighted_max(&class_slack, &inv_w);
-    out
 }
 
 /// dL/dv = (g − v̂(v̂·g))·inv where ‖v‖ > ε; below ε the normalisation is a plain scaling
@@ -509,13 +684,29 @@ pub fn compare(
     let cos = cosine_bound(dim);
     let (loss_bound, grad_bound) = error_bounds(f64::from(params.effective_scale()), dim);
     let loss_bound = loss_bound * reference.max_target_slope.min(1e3);
+    let mut errors = statistic_errors(gpu, reference, cos, (loss_bound, grad_bound));
+    errors.extend(gradient_errors(gpu, reference, grad_bound));
+    Comparison {
+        errors,
+        pred_mismatches: pred_mismatches(gpu, reference, cos),
+    }
+}
+
+/// (output, error, bound) of the loss, the per-row losses, dL/ds and the statistics,
+/// with the cosine bound `cos` and the (loss, gradient) bounds.
+fn statistic_errors(
+    gpu: &LossOutput,
+    reference: &ReferenceOutput,
+    cos: f64,
+    (loss_bound, grad_bound): (f64, f64),
+) -> Vec<(&'static str, f64, f64)> {
     let loss_err = (abs_error(gpu.loss, reference.loss) - reference.loss_slack).max(0.0);
     let loss_rel = if loss_err == 0.0 {
         0.0
     } else {
         loss_err / reference.loss.abs().max(TINY)
     };
-    let mut errors = vec![
+    vec![
         ("loss", loss_rel, loss_bound),
         (
             "row_loss",
@@ -559,7 +750,16 @@ pub fn compare(
                 .max(0.0),
             grad_bound,
         ),
-    ];
+    ]
+}
+
+/// (output, error, bound) of dL/dx and dL/dw, where the GPU computed them.
+fn gradient_errors(
+    gpu: &LossOutput,
+    reference: &ReferenceOutput,
+    grad_bound: f64,
+) -> Vec<(&'static str, f64, f64)> {
+    let mut errors = Vec::new();
     if let Some(g) = &gpu.grads {
         errors.push((
             "grad_features",
@@ -582,16 +782,17 @@ pub fn compare(
             grad_bound,
         ));
     }
-    let pred_mismatches = gpu
-        .pred
+    errors
+}
+
+/// Rows whose predicted class differs while the reference's choice is decisive, and
+/// rows that one side lacks.
+fn pred_mismatches(gpu: &LossOutput, reference: &ReferenceOutput, cos: f64) -> usize {
+    gpu.pred
         .iter()
         .zip(&reference.pred)
         .zip(&reference.pred_gap)
         .filter(|((a, b), gap)| a != b && **gap > 2.0 * cos)
         .count()
-        + gpu.pred.len().abs_diff(reference.pred.len());
-    Comparison {
-        errors,
-        pred_mismatches,
-    }
+        + gpu.pred.len().abs_diff(reference.pred.len())
 }

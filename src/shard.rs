@@ -227,8 +227,7 @@ pub fn finish_rows(
     for (i, acc) in merged.iter().enumerate() {
         let has_other = acc.best_other_class != NO_CLASS;
         let best_other = if has_other { acc.best_other_cos } else { -1.0 };
-        let (m, sum) = (f64::from(acc.max_logit), f64::from(acc.sum_exp));
-        let lse = m + sum.ln();
+        let lse = f64::from(acc.max_logit) + f64::from(acc.sum_exp).ln();
         let y = labels[i];
         out.best_other_cos[i] = best_other;
         out.pred[i] = acc.best_other_class;
@@ -241,43 +240,12 @@ pub fn finish_rows(
             label: if valid { y } else { IGNORE },
         };
         if valid {
-            let (zc, _) = target_margin(params, f64::from(acc.target_cos));
-            let z = s * zc;
-            let t = m - z;
-            let (row_loss, p, complement) = if t > 10.0 {
-                let p = (z - lse).exp();
-                (t + sum.ln(), p, 1.0 - p)
-            } else {
-                let other = f64::from(acc.sum_exp_other) * t.exp();
-                (other.ln_1p(), 1.0 / (1.0 + other), other / (1.0 + other))
-            };
-            let mut row_scale_grad = f64::from(acc.sum_exp_logit) / sum - zc;
-            let mut row_loss = row_loss;
-            let mut complement = complement;
-            if params.objective == Objective::HardMargin {
-                let gap = f64::from(best_other) - zc;
-                let on = has_other && gap > 0.0;
-                row_loss = if on { s * gap } else { 0.0 };
-                row_scale_grad = if on { gap } else { 0.0 };
-                complement = if on { 1.0 } else { 0.0 };
-            }
-            row.scale_grad = row_scale_grad as f32;
-            row.target_complement = complement as f32;
-            out.row_loss[i] = row_loss as f32;
-            out.target_prob[i] = p as f32;
-            out.target_cos[i] = acc.target_cos;
-            out.achieved_margin[i] = acc.target_cos - best_other;
-            let wins = !has_other
-                || acc.target_cos > acc.best_other_cos
-                || (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
-            if wins {
-                out.pred[i] = y;
-            }
-            out.valid_rows += 1;
-            out.correct_rows += u32::from(out.pred[i] == y);
-            out.margin_satisfied_rows += u32::from(zc >= f64::from(best_other));
-            loss += row_loss;
-            scale_grad += row_scale_grad;
+            let terms = target_row_terms(acc, lse, best_other, params, s);
+            row.scale_grad = terms.scale_grad as f32;
+            row.target_complement = terms.complement as f32;
+            record_target_row(&mut out, i, acc, y, best_other, &terms);
+            loss += terms.loss;
+            scale_grad += terms.scale_grad;
             margin += f64::from(out.achieved_margin[i]);
         }
         softmax.push(row);
@@ -300,6 +268,80 @@ pub fn finish_rows(
         softmax,
         output: out,
     })
+}
+
+/// A labelled row's terms from its merged state: L_i, p_iy, 1 − p_iy and dL_i/ds (the
+/// hard objective's where it is set), and ψ(c_iy).
+struct TargetTerms {
+    loss: f64,
+    prob: f64,
+    complement: f64,
+    scale_grad: f64,
+    zc: f64,
+}
+
+/// The [`TargetTerms`] of a labelled row with merged state `acc`, log-sum-exp `lse` and
+/// best non-target cosine `best_other` (−1 without one), at the effective scale `s`.
+fn target_row_terms(
+    acc: &RowPartial,
+    lse: f64,
+    best_other: f32,
+    params: &LossParams,
+    s: f64,
+) -> TargetTerms {
+    let (m, sum) = (f64::from(acc.max_logit), f64::from(acc.sum_exp));
+    let (zc, _) = target_margin(params, f64::from(acc.target_cos));
+    let z = s * zc;
+    let t = m - z;
+    let (row_loss, p, complement) = if t > 10.0 {
+        let p = (z - lse).exp();
+        (t + sum.ln(), p, 1.0 - p)
+    } else {
+        let other = f64::from(acc.sum_exp_other) * t.exp();
+        (other.ln_1p(), 1.0 / (1.0 + other), other / (1.0 + other))
+    };
+    let mut row_scale_grad = f64::from(acc.sum_exp_logit) / sum - zc;
+    let mut row_loss = row_loss;
+    let mut complement = complement;
+    if params.objective == Objective::HardMargin {
+        let gap = f64::from(best_other) - zc;
+        let on = acc.best_other_class != NO_CLASS && gap > 0.0;
+        row_loss = if on { s * gap } else { 0.0 };
+        row_scale_grad = if on { gap } else { 0.0 };
+        complement = if on { 1.0 } else { 0.0 };
+    }
+    TargetTerms {
+        loss: row_loss,
+        prob: p,
+        complement,
+        scale_grad: row_scale_grad,
+        zc,
+    }
+}
+
+/// Records row `i`'s loss, statistics and prediction (the label where the target wins:
+/// a higher cosine, or the same with a lower class) and counts it.
+fn record_target_row(
+    out: &mut LossOutput,
+    i: usize,
+    acc: &RowPartial,
+    y: u32,
+    best_other: f32,
+    terms: &TargetTerms,
+) {
+    out.row_loss[i] = terms.loss as f32;
+    out.target_prob[i] = terms.prob as f32;
+    out.target_cos[i] = acc.target_cos;
+    out.achieved_margin[i] = acc.target_cos - best_other;
+    let wins = acc.best_other_class == NO_CLASS
+        || acc.target_cos > acc.best_other_cos
+        || (acc.target_cos == acc.best_other_cos && y < acc.best_other_class);
+    if wins {
+        out.pred[i] = y;
+    }
+    out.valid_rows += 1;
+    out.correct_rows += u32::from(out.pred[i] == y);
+    out.margin_satisfied_rows += u32::from(terms.zc >= f64::from(best_other));
 }
 
 /// One shard's inputs: its class range, the batch, its rows of w and, optionally, the
@@ -752,43 +794,8 @@ impl Context {
             (b + c) * d * 4 + summary_bytes,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
-        // The global rows in the shard's local classes, and their target cosines (the
-        // target's gradient is taken at them).
-        let softmax: Vec<RowSoftmax> = rows
-            .softmax
-            .iter()
-            .zip(&local.labels)
-            .map(|(row, &label)| RowSoftmax {
-                label,
-                best_other_class: match row.best_other_class {
-                    NO_CLASS => NO_CLASS,
-                    class => local.local_class(class),
-                },
-                ..*row
-            })
-            .collect();
-        let stats: Vec<RowStats> = rows
-            .output
-            .target_cos
-            .iter()
-            .map(|&target_cos| RowStats {
-                target_cos,
-                ..bytemuck::Zeroable::zeroed()
-            })
-            .collect();
         let submission = self.gpu_scoped(|| {
-            let workspace = buffers
-                .plan
-                .workspace_buffer(Binding::RowSoftmax)
-                .ok_or_else(|| Error::Gpu("internal: no row softmax".into()))?;
-            self.queue
-                .write_buffer(workspace, 0, bytemuck::cast_slice(&softmax));
-            self.queue
-                .write_buffer(&buffers.row_stats, 0, bytemuck::cast_slice(&stats));
-            let mut summary: Summary = bytemuck::Zeroable::zeroed();
-            summary.valid_rows = rows.output.valid_rows;
-            self.queue
-                .write_buffer(&buffers.summary, 0, bytemuck::bytes_of(&summary));
+            self.upload_global_rows(buffers, rows, local)?;
             let mut encoder = self.device.create_command_encoder(&Default::default());
             let grads = GradOutputs {
                 features: BufferRegion::from(&*gx),
@@ -820,6 +827,52 @@ impl Context {
             features: bytemuck::pod_collect_to_vec(&raw[..split]),
             classes: bytemuck::pod_collect_to_vec(&raw[split..grad_bytes]),
         })
+    }
+
+    /// Writes the global rows for a shard's backward pass: each row's softmax in the
+    /// shard's local classes, its target cosine (the target's gradient is taken at it)
+    /// and the number of valid rows.
+    fn upload_global_rows(
+        &self,
+        buffers: &ShardBuffers,
+        rows: &GlobalRows,
+        local: &LocalShard<'_>,
+    ) -> Result<()> {
+        let softmax: Vec<RowSoftmax> = rows
+            .softmax
+            .iter()
+            .zip(&local.labels)
+            .map(|(row, &label)| RowSoftmax {
+                label,
+                best_other_class: match row.best_other_class {
+                    NO_CLASS => NO_CLASS,
+                    class => local.local_class(class),
+                },
+                ..*row
+            })
+            .collect();
+        let stats: Vec<RowStats> = rows
+            .output
+            .target_cos
+            .iter()
+            .map(|&target_cos| RowStats {
+                target_cos,
+                ..bytemuck::Zeroable::zeroed()
+            })
+            .collect();
+        let workspace = buffers
+            .plan
+            .workspace_buffer(Binding::RowSoftmax)
+            .ok_or_else(|| Error::Gpu("internal: no row softmax".into()))?;
+        self.queue
+            .write_buffer(workspace, 0, bytemuck::cast_slice(&softmax));
+        self.queue
+            .write_buffer(&buffers.row_stats, 0, bytemuck::cast_slice(&stats));
+        let mut summary: Summary = bytemuck::Zeroable::zeroed();
+        summary.valid_rows = rows.output.valid_rows;
+        self.queue
+            .write_buffer(&buffers.summary, 0, bytemuck::bytes_of(&summary));
+        Ok(())
     }
 }
 

@@ -258,6 +258,22 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
     }
     let features = f32_values("features", &x)?;
     let classes = f32_values("weights", &w)?;
+    let labels = label_values(&y, c)?;
+    let scale = scalar_scale(&file)?;
+    Ok(LossInputs {
+        problem: Problem {
+            shape: Shape::new(b, d, c),
+            features,
+            classes,
+            labels,
+        },
+        scale,
+    })
+}
+
+/// The labels of rows 0.. from the i64 or i32 tensor `y`: a class of `c`, or IGNORE for
+/// a negative label.
+fn label_values(y: &Raw<'_>, c: usize) -> Result<Vec<u32>, InputError> {
     let wide: Vec<i64> = match y.dtype {
         Dtype::I64 => y
             .data
@@ -276,7 +292,7 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
             ))
         }
     };
-    let mut labels = Vec::with_capacity(b);
+    let mut labels = Vec::with_capacity(wide.len());
     for (row, &label) in wide.iter().enumerate() {
         labels.push(match label {
             l if l < 0 => IGNORE,
@@ -289,7 +305,12 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
             }
         });
     }
-    let scale = match file.tensor("scale") {
+    Ok(labels)
+}
+
+/// The optional `scale` tensor: a scalar f32 or f64, read as f32.
+fn scalar_scale(file: &SafeTensors<'_>) -> Result<Option<f32>, InputError> {
+    Ok(match file.tensor("scale") {
         Err(_) => None,
         Ok(view) => {
             let raw = Raw {
@@ -315,15 +336,6 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
             };
             Some(value)
         }
-    };
-    Ok(LossInputs {
-        problem: Problem {
-            shape: Shape::new(b, d, c),
-            features,
-            classes,
-            labels,
-        },
-        scale,
     })
 }
 

@@ -26,6 +26,16 @@ const SLICE: (u32, u32, u32) = (256, 512, 1024);
 /// Timed runs per candidate, after one warm-up; the median counts.
 const RUNS: usize = 3;
 
+/// A bucket's slice of a product on the device: its shape (and the uniform holding it),
+/// both operands and the product.
+struct TuningSlice {
+    gemm: GemmShape,
+    uniform: wgpu::Buffer,
+    lhs: wgpu::Buffer,
+    rhs: wgpu::Buffer,
+    product: wgpu::Buffer,
+}
+
 /// A product layout and shape bucket: m, n and k rounded up to powers of two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Bucket {
@@ -158,6 +168,37 @@ impl Context {
 
     /// Times every candidate on the bucket's slice (one warm-up, the median of RUNS).
     fn tune_bucket(&self, layout: GemmLayout, bucket: Bucket) -> Result<Tuned> {
+        let slice = self.tuning_slice(layout, bucket);
+        // A candidate that fails to run is left out of the findings.
+        let seconds: Vec<(String, f64)> = self
+            .kernels
+            .candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(index, c)| {
+                let time = self.time_candidate(&slice, layout, index, c).ok()?;
+                Some((c.name.to_string(), time))
+            })
+            .collect();
+        if seconds.is_empty() {
+            return Err(crate::Error::Gpu(
+                "no GEMM candidate ran on the tuning slice".into(),
+            ));
+        }
+        let fastest = seconds
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(name, _)| name.clone())
+            .unwrap_or_default();
+        Ok(Tuned {
+            bucket,
+            candidate: fastest,
+            seconds,
+        })
+    }
+
+    /// The bucket's slice (at most SLICE) in `layout`, its operands all 0.5.
+    fn tuning_slice(&self, layout: GemmLayout, bucket: Bucket) -> TuningSlice {
         let (m, n, k) = (
             bucket.m.min(SLICE.0),
             bucket.n.min(SLICE.1),
@@ -194,58 +235,50 @@ impl Context {
                 contents: bytemuck::bytes_of(&gemm),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
-        let whole = |buffer| wgpu::BufferBinding {
-            buffer,
-            offset: 0,
-            size: None,
-        };
-        let time = |index: usize, candidate: &crate::kernels::GemmCandidate| -> Result<f64> {
-            let grid = fold_grid(
-                gemm.workgroups(candidate),
-                self.limits.max_compute_workgroups_per_dimension,
-            )?;
-            let dispatch = [Dispatch {
-                kernel: self.kernels.matmul(layout, index)?,
-                grid,
-                resources: vec![whole(&uniform), whole(&lhs), whole(&rhs), whole(&product)],
-            }];
-            let mut runs = Vec::with_capacity(RUNS);
-            for run in 0..=RUNS {
-                let mut encoder = self.device.create_command_encoder(&Default::default());
-                self.gpu_scoped(|| encode(&self.device, &mut encoder, &dispatch, Timestamps::Off))?;
-                let start = Instant::now();
-                let submission = self.queue.submit([encoder.finish()]);
-                self.wait(submission)?;
-                if run > 0 {
-                    runs.push(start.elapsed().as_secs_f64());
-                }
-            }
-            runs.sort_by(f64::total_cmp);
-            Ok(runs[RUNS / 2])
-        };
-        // A candidate that fails to run is left out of the findings.
-        let seconds: Vec<(String, f64)> = self
-            .kernels
-            .candidates
-            .iter()
-            .enumerate()
-            .filter_map(|(index, c)| Some((c.name.to_string(), time(index, c).ok()?)))
-            .collect();
-        if seconds.is_empty() {
-            return Err(crate::Error::Gpu(
-                "no GEMM candidate ran on the tuning slice".into(),
-            ));
+        TuningSlice {
+            gemm,
+            uniform,
+            lhs,
+            rhs,
+            product,
         }
-        let fastest = seconds
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(name, _)| name.clone())
-            .unwrap_or_default();
-        Ok(Tuned {
-            bucket,
-            candidate: fastest,
-            seconds,
-        })
+    }
+
+    /// The median seconds of candidate `index` on `slice`, after one warm-up run.
+    fn time_candidate(
+        &self,
+        slice: &TuningSlice,
+        layout: GemmLayout,
+        index: usize,
+        candidate: &crate::kernels::GemmCandidate,
+    ) -> Result<f64> {
+        let grid = fold_grid(
+            slice.gemm.workgroups(candidate),
+            self.limits.max_compute_workgroups_per_dimension,
+        )?;
+        let dispatch = [Dispatch {
+            kernel: self.kernels.matmul(layout, index)?,
+            grid,
+            resources: vec![
+                slice.uniform.as_entire_buffer_binding(),
+                slice.lhs.as_entire_buffer_binding(),
+                slice.rhs.as_entire_buffer_binding(),
+                slice.product.as_entire_buffer_binding(),
+            ],
+        }];
+        let mut runs = Vec::with_capacity(RUNS);
+        for run in 0..=RUNS {
+            let mut encoder = self.device.create_command_encoder(&Default::default());
+            self.gpu_scoped(|| encode(&self.device, &mut encoder, &dispatch, Timestamps::Off))?;
+            let start = Instant::now();
+            let submission = self.queue.submit([encoder.finish()]);
+            self.wait(submission)?;
+            if run > 0 {
+                runs.push(start.elapsed().as_secs_f64());
+            }
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[RUNS / 2])
     }
 
     /// Runs `f` on this context's tuner (made, and its cache file read, on first use).
