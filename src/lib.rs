@@ -12,7 +12,7 @@
 //! L_i  = logsumexp_j z_ij − z_{i,y_i},   L = mean over rows not ignored
 //! ```
 //!
-//! Two APIs share one [`Context`] (device, queue, pipelines compiled once):
+//! Two APIs share one [`Context`] (device, queue, pipelines compiled on first use):
 //! - the slice API, [`Context::loss`], takes host slices and returns host vectors;
 //! - the device API, [`Plan::record`], records into the caller's command encoder on the
 //!   caller's buffers, so a training loop on the GPU never leaves it.
