@@ -197,51 +197,12 @@ impl Geometry {
                 limit: (loops.exact - 12) * 2,
             });
         }
-        let tiles = ctx.tiles;
         let d = shape.dim as u64;
-        let row_bytes = d * 4;
-        let b = u64::from(batch);
-        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
-        let tile = u64::from(tiles.tile_classes());
-        // Chunk starts are multiples of `quantum` classes: byte offsets stay aligned for w,
-        // its gradient and the per-class norms, and chunks hold whole class lanes' quads.
-        let lcm = |a: u64, b: u64| a * b / gcd(a, b);
-        let quantum = {
-            let by_row = align / gcd(align, row_bytes);
-            let by_padded_row = align / gcd(align, 4 * padded(d));
-            let by_norm = align / 4;
-            lcm(lcm(lcm(by_row, by_padded_row), by_norm), tile)
-        };
-        // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes per
-        // loop iteration (twice in the chunked plan: statistics, then G'), within
-        // LOOP_BUDGET: past it the chunked plan takes the classes in blocks.
-        let lanes = u64::from(tiles.classes_per_workgroup);
-        let (mut chunk_classes, mut row_passes) = if algorithm == Algorithm::Unfused {
-            let loop_columns = loops.budget.saturating_mul(4 * lanes);
-            if u64::from(classes) > loop_columns {
-                return Err(Error::TooLarge {
-                    what: "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
-                    size: u64::from(classes),
-                    limit: loop_columns,
-                });
-            }
-            (classes, vec![(0, batch)])
-        } else {
-            // The chunked plan runs GEMMs only: one binding of w per chunk.
-            // (the copy of w, where made, has rows of D rounded up to 4).
-            let fit = ctx.max_binding / (4 * padded(d)) / quantum * quantum;
-            if fit == 0 {
-                return Err(Error::TooLarge {
-                    what:
-                        "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
-                    size: quantum * row_bytes,
-                    limit: ctx.max_binding,
-                });
-            }
-            (fit.min(u64::from(classes)) as u32, vec![(0, batch)])
-        };
+        let quantum = class_quantum(ctx, d);
+        let mut chunk_classes = class_chunk_classes(ctx, shape, algorithm, loops, quantum)?;
+        let mut row_passes = vec![(0, batch)];
         // The padded copies are bound whole: they must fit one binding.
-        let copies = product(&[4, b, padded(d)]);
+        let copies = product(&[4, u64::from(batch), padded(d)]);
         if copies > ctx.max_binding {
             return Err(Error::TooLarge {
                 what:
@@ -252,125 +213,12 @@ impl Geometry {
         }
         let mut blocked = false;
         if algorithm == Algorithm::Chunked {
-            // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
-            // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
-            // The rest of the workspace (norms, flags, softmax rows, partials, the padded
-            // copies) comes out of the budget first, and for whole rows 64 KiB for the
-            // uniforms.
-            // w's copy, where made, holds all classes for whole rows, one block for blocks.
-            let copy_per_class = if copies_classes(shape, algorithm) {
-                4 * padded(d)
-            } else {
-                0
-            };
-            let rest_base = 4 * (b + u64::from(classes))
-                + product(&[4, b, padded(d)])
-                + FLAGS_BYTES
-                + product(&[ROW_SOFTMAX_BYTES + SPLIT_PARTIAL_BYTES, b]);
-            let rest = rest_base + copy_per_class * u64::from(classes);
-            // G's rows also fit one storage binding.
-            let room = budget
-                .saturating_sub(rest + (64 << 10))
-                .min(ctx.max_binding);
-            let whole_rows = (room / (4 * padded(u64::from(classes)))).min(65536).min(b);
-            let mut rows = whole_rows;
-            let loop_columns = loops.budget.saturating_mul(4 * lanes) / 2;
-            let whole_fits_loops = u64::from(classes) <= loop_columns;
-            if cut != Cut::Budget || rows < MIN_CHUNK_ROWS.min(b) || !whole_fits_loops {
-                // Blocks of classes: G for `rows` rows × one block; the backward recomputes
-                // each block's dots (8·B·C·D flops). Every block and row chunk costs a set
-                // of uniforms. For the budget, the widest block whose G and uniforms fit
-                // (narrower blocks cost more uniforms, so it shrinks to a fixed point),
-                // rows halving from BLOCK_ROWS while no block fits, down to one GEMM tile
-                // of rows (64 by default) or MIN_CHUNK_ROWS if more: thinner GEMMs waste
-                // their tiles. Where no block fits, thin whole rows, if any fit.
-                let uniform_bytes = u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
-                    .max(GEMM_SHAPE_BYTES.max(FAMILY_UNIFORM_BYTES));
-                let gemm_rows = u64::from(tiles.rows_per_workgroup * 4 * GEMM_QUADS);
-                let min_block_rows = MIN_CHUNK_ROWS.max(gemm_rows).min(b);
-                // Uniform entries per block and row chunk: its parameters, and the GEMM
-                // shapes of its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
-                let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
-                let block_uniforms =
-                    |block: u64, rows: u64| 1 + pieces(d) + pieces(block) + pieces(rows);
-                let within_loops = |block: u64| block.min(loop_columns) / quantum * quantum;
-                let mut block;
-                if cut == Cut::Smallest {
-                    // 4·rows·block bytes of G against ⌈C/block⌉·⌈B/rows⌉ sets of uniforms:
-                    // the sum is least near block = √(C·⌈B/rows⌉·U / (4·rows)), taken at
-                    // least MIN_SMALLEST_BLOCK classes (thinner GEMMs waste their tiles).
-                    rows = b.min(BLOCK_ROWS).max(min_block_rows);
-                    let per_block = b.div_ceil(rows) * block_uniforms(d, rows) * uniform_bytes;
-                    let balance =
-                        ((u64::from(classes) * per_block) as f64 / (4 * rows) as f64).sqrt();
-                    let wanted = (balance as u64)
-                        .max(MIN_SMALLEST_BLOCK)
-                        .next_multiple_of(quantum);
-                    // G's block fits one binding.
-                    let binding = ctx.max_binding / (4 * rows);
-                    block = within_loops(
-                        wanted
-                            .min(u64::from(classes).next_multiple_of(quantum))
-                            .min(binding),
-                    );
-                } else {
-                    rows = if cut == Cut::Shard {
-                        b
-                    } else {
-                        b.min(BLOCK_ROWS)
-                    };
-                    loop {
-                        let fit = |block: u64| {
-                            let blocks = u64::from(classes).div_ceil(block.max(1));
-                            let overhead = blocks
-                                * b.div_ceil(rows)
-                                * block_uniforms(block, rows)
-                                * uniform_bytes;
-                            // G's block fits one binding; the rest of the budget holds all,
-                            // the block's copy of w included.
-                            let bytes = budget.saturating_sub(rest_base + overhead);
-                            within_loops(
-                                (bytes / (4 * rows + copy_per_class))
-                                    .min(ctx.max_binding / (4 * rows)),
-                            )
-                        };
-                        block = fit(u64::from(classes));
-                        while block >= quantum && fit(block) < block {
-                            block = fit(block);
-                        }
-                        if block >= quantum || rows <= min_block_rows {
-                            break;
-                        }
-                        rows = (rows / 2).max(min_block_rows);
-                    }
-                }
-                if block >= quantum {
-                    chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
-                    blocked = true;
-                } else if whole_fits_loops && whole_rows > 0 {
-                    rows = whole_rows;
-                } else {
-                    let blocks = u64::from(classes).div_ceil(quantum);
-                    return Err(Error::TooLarge {
-                        what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms and x̂ (set a larger ContextOptions::workspace_budget)",
-                        size: rest
-                            + 4 * rows * quantum
-                            + blocks * b.div_ceil(rows) * block_uniforms(quantum, rows) * uniform_bytes,
-                        limit: budget,
-                    });
-                }
+            let (rows, block) = chunked_rows_and_block(ctx, shape, budget, cut, quantum, loops)?;
+            if let Some(block) = block {
+                chunk_classes = chunk_classes.min(block.min(u64::from(classes)) as u32);
+                blocked = true;
             }
-            if rows == 0 {
-                return Err(Error::TooLarge {
-                    what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
-                    size: 4 * padded(u64::from(classes)),
-                    limit: budget,
-                });
-            }
-            let rows = rows as u32;
-            row_passes = (0..batch.div_ceil(rows))
-                .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
-                .collect();
+            row_passes = row_passes_of(batch, classes, rows, budget)?;
         }
         let chunks = (0..classes)
             .step_by(chunk_classes as usize)
@@ -410,6 +258,245 @@ impl Geometry {
             .map(|&(a, b)| u64::from(b - a))
             .max()
             .unwrap_or(0)
+    }
+}
+
+/// The classes every chunk start is a multiple of: byte offsets stay aligned for w, its
+/// gradient and the per-class norms, and chunks hold whole class lanes' quads.
+fn class_quantum(ctx: &Context, d: u64) -> u64 {
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
+    let tile = u64::from(ctx.tiles.tile_classes());
+    let lcm = |a: u64, b: u64| a * b / gcd(a, b);
+    let by_row = align / gcd(align, d * 4);
+    let by_padded_row = align / gcd(align, 4 * padded(d));
+    let by_norm = align / 4;
+    lcm(lcm(lcm(by_row, by_padded_row), by_norm), tile)
+}
+
+/// Classes of a class chunk before any cut into blocks: all of them for the unfused
+/// baseline (whose softmax rows must stay within the loop budget), else as many whole
+/// quanta as one binding of w holds.
+fn class_chunk_classes(
+    ctx: &Context,
+    shape: Shape,
+    algorithm: Algorithm,
+    loops: LoopLimits,
+    quantum: u64,
+) -> Result<u32> {
+    let classes = shape.classes as u32;
+    let d = shape.dim as u64;
+    // A row's softmax runs over its classes in CLASSES_WG lanes, a quad of classes per
+    // loop iteration (twice in the chunked plan: statistics, then G'), within
+    // LOOP_BUDGET: past it the chunked plan takes the classes in blocks.
+    let lanes = u64::from(ctx.tiles.classes_per_workgroup);
+    if algorithm == Algorithm::Unfused {
+        let loop_columns = loops.budget.saturating_mul(4 * lanes);
+        if u64::from(classes) > loop_columns {
+            return Err(Error::TooLarge {
+                what:
+                    "classes of one row of the unfused baseline's softmax (llvmpipe's loop budget)",
+                size: u64::from(classes),
+                limit: loop_columns,
+            });
+        }
+        return Ok(classes);
+    }
+    // The chunked plan runs GEMMs only: one binding of w per chunk.
+    // (the copy of w, where made, has rows of D rounded up to 4).
+    let fit = ctx.max_binding / (4 * padded(d)) / quantum * quantum;
+    if fit == 0 {
+        return Err(Error::TooLarge {
+            what: "one chunk of class vectors (the alignment quantum of classes × D·4 bytes)",
+            size: quantum * d * 4,
+            limit: ctx.max_binding,
+        });
+    }
+    Ok(fit.min(u64::from(classes)) as u32)
+}
+
+/// The chunked plan's rows per row chunk of G, and its block of classes where it takes
+/// the classes in blocks (None for whole rows).
+fn chunked_rows_and_block(
+    ctx: &Context,
+    shape: Shape,
+    budget: u64,
+    cut: Cut,
+    quantum: u64,
+    loops: LoopLimits,
+) -> Result<(u64, Option<u64>)> {
+    let (b, classes, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    // Row chunks of G: as many rows as the budget holds, at most 65536 (the loop
+    // budget of the dL/dw GEMM, whose k runs over the chunk's rows).
+    // The rest of the workspace (norms, flags, softmax rows, partials, the padded
+    // copies) comes out of the budget first, and for whole rows 64 KiB for the
+    // uniforms.
+    // w's copy, where made, holds all classes for whole rows, one block for blocks.
+    let copy_per_class = if copies_classes(shape, Algorithm::Chunked) {
+        4 * padded(d)
+    } else {
+        0
+    };
+    let rest_base = 4 * (b + classes)
+        + product(&[4, b, padded(d)])
+        + FLAGS_BYTES
+        + product(&[ROW_SOFTMAX_BYTES + SPLIT_PARTIAL_BYTES, b]);
+    let rest = rest_base + copy_per_class * classes;
+    // G's rows also fit one storage binding.
+    let room = budget
+        .saturating_sub(rest + (64 << 10))
+        .min(ctx.max_binding);
+    let whole_rows = (room / (4 * padded(classes))).min(65536).min(b);
+    let lanes = u64::from(ctx.tiles.classes_per_workgroup);
+    let loop_columns = loops.budget.saturating_mul(4 * lanes) / 2;
+    let whole_fits_loops = classes <= loop_columns;
+    if cut == Cut::Budget && whole_rows >= MIN_CHUNK_ROWS.min(b) && whole_fits_loops {
+        return Ok((whole_rows, None));
+    }
+    // Blocks of classes: G for `rows` rows × one block; the backward recomputes each
+    // block's dots (8·B·C·D flops). Every block and row chunk costs a set of uniforms.
+    // Where no block fits, thin whole rows, if any fit.
+    let gemm_rows = u64::from(ctx.tiles.rows_per_workgroup * 4 * GEMM_QUADS);
+    let sizing = BlockSizing {
+        ctx,
+        b,
+        classes,
+        d,
+        quantum,
+        budget,
+        rest_base,
+        copy_per_class,
+        loop_columns,
+        uniform_bytes: u64::from(ctx.limits.min_uniform_buffer_offset_alignment)
+            .max(GEMM_SHAPE_BYTES.max(FAMILY_UNIFORM_BYTES)),
+        min_block_rows: MIN_CHUNK_ROWS.max(gemm_rows).min(b),
+    };
+    let (rows, block) = if cut == Cut::Smallest {
+        sizing.smallest()
+    } else {
+        sizing.widest(cut)
+    };
+    if block >= quantum {
+        Ok((rows, Some(block)))
+    } else if whole_fits_loops && whole_rows > 0 {
+        Ok((whole_rows, None))
+    } else {
+        let blocks = classes.div_ceil(quantum);
+        Err(Error::TooLarge {
+            what: "the chunked plan's smallest block of G (one GEMM tile of rows × the alignment quantum of classes) with the norms and x̂ (set a larger ContextOptions::workspace_budget)",
+            size: rest
+                + 4 * rows * quantum
+                + blocks * b.div_ceil(rows) * sizing.block_uniforms(quantum, rows) * sizing.uniform_bytes,
+            limit: budget,
+        })
+    }
+}
+
+/// The row ranges of row chunks of `rows` rows over `batch`; none fit where `rows` is 0.
+fn row_passes_of(batch: u32, classes: u32, rows: u64, budget: u64) -> Result<Vec<(u32, u32)>> {
+    if rows == 0 {
+        return Err(Error::TooLarge {
+            what: "one row of G (C·4 bytes, C rounded up to 4) within the workspace budget",
+            size: 4 * padded(u64::from(classes)),
+            limit: budget,
+        });
+    }
+    let rows = rows as u32;
+    Ok((0..batch.div_ceil(rows))
+        .map(|p| (p * rows, ((p + 1) * rows).min(batch)))
+        .collect())
+}
+
+/// What sizes the chunked plan's blocks of classes: the shape, the budget, the workspace
+/// besides G and the limits on a block.
+struct BlockSizing<'c> {
+    ctx: &'c Context,
+    b: u64,
+    classes: u64,
+    d: u64,
+    quantum: u64,
+    budget: u64,
+    /// The workspace besides G, the uniforms and w's copy.
+    rest_base: u64,
+    /// Bytes of w's copy per class (0 where not made).
+    copy_per_class: u64,
+    /// Classes of a row within the loop budget of the softmax's two passes.
+    loop_columns: u64,
+    /// Bytes of one uniform entry.
+    uniform_bytes: u64,
+    /// One GEMM tile of rows (64 by default) or MIN_CHUNK_ROWS if more, at most B.
+    min_block_rows: u64,
+}
+
+impl BlockSizing<'_> {
+    /// Uniform entries per block and row chunk: its parameters, and the GEMM shapes of
+    /// its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
+    fn block_uniforms(&self, block: u64, rows: u64) -> u64 {
+        let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
+        1 + pieces(self.d) + pieces(block) + pieces(rows)
+    }
+
+    /// `block` cut to the loop budget, in whole quanta.
+    fn within_loops(&self, block: u64) -> u64 {
+        block.min(self.loop_columns) / self.quantum * self.quantum
+    }
+
+    /// The memory-minimal plan's (rows, block): 4·rows·block bytes of G against
+    /// ⌈C/block⌉·⌈B/rows⌉ sets of uniforms; the sum is least near
+    /// block = √(C·⌈B/rows⌉·U / (4·rows)), taken at least MIN_SMALLEST_BLOCK classes
+    /// (thinner GEMMs waste their tiles).
+    fn smallest(&self) -> (u64, u64) {
+        let (b, quantum) = (self.b, self.quantum);
+        let rows = b.min(BLOCK_ROWS).max(self.min_block_rows);
+        let per_block = b.div_ceil(rows) * self.block_uniforms(self.d, rows) * self.uniform_bytes;
+        let balance = ((self.classes * per_block) as f64 / (4 * rows) as f64).sqrt();
+        let wanted = (balance as u64)
+            .max(MIN_SMALLEST_BLOCK)
+            .next_multiple_of(quantum);
+        // G's block fits one binding.
+        let binding = self.ctx.max_binding / (4 * rows);
+        let block = self.within_loops(
+            wanted
+                .min(self.classes.next_multiple_of(quantum))
+                .min(binding),
+        );
+        (rows, block)
+    }
+
+    /// The (rows, block) for the budget: the widest block whose G and uniforms fit
+    /// (narrower blocks cost more uniforms, so it shrinks to a fixed point), rows halving
+    /// from BLOCK_ROWS (all rows for a shard) while no block fits, down to
+    /// `min_block_rows`: thinner GEMMs waste their tiles.
+    fn widest(&self, cut: Cut) -> (u64, u64) {
+        let b = self.b;
+        let mut rows = if cut == Cut::Shard {
+            b
+        } else {
+            b.min(BLOCK_ROWS)
+        };
+        loop {
+            let fit = |block: u64| {
+                let blocks = self.classes.div_ceil(block.max(1));
+                let overhead = blocks
+                    * b.div_ceil(rows)
+                    * self.block_uniforms(block, rows)
+                    * self.uniform_bytes;
+                // G's block fits one binding; the rest of the budget holds all, the
+                // block's copy of w included.
+                let bytes = self.budget.saturating_sub(self.rest_base + overhead);
+                self.within_loops(
+                    (bytes / (4 * rows + self.copy_per_class))
+                        .min(self.ctx.max_binding / (4 * rows)),
+                )
+            };
+            let mut block = fit(self.classes);
+            while block >= self.quantum && fit(block) < block {
+                block = fit(block);
+            }
+            if block >= self.quantum || rows <= self.min_block_rows {
+                return (rows, block);
+            }
+            rows = (rows / 2).max(self.min_block_rows);
+        }
     }
 }
 

@@ -115,117 +115,22 @@ impl Plan {
         ctx.check_alive()?;
         let geometry = Geometry::new(ctx, shape, algorithm, budget, blocks)?;
         let layout = workspace_layout(shape, &geometry, algorithm);
-        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
-        let max_binding = ctx.max_binding;
-        let biggest_chunk = geometry
-            .chunks
-            .iter()
-            .map(|k| u64::from(k.classes))
-            .max()
-            .unwrap_or(0);
-        // w's copy (where made) is bound chunk by chunk too.
-        let copied_chunk = if copies_classes(shape, algorithm) {
-            product(&[biggest_chunk, padded(d), 4])
-        } else {
-            0
-        };
-        let bound = [
-            ("features (B·D·4 bytes)", product(&[b, d, 4])),
-            (
-                "class vectors of one chunk (classes·D·4 bytes)",
-                product(&[biggest_chunk, d, 4]),
-            ),
-            (
-                "the copy of one chunk of w in rows of D rounded up to 4 (classes·⌈D/4⌉·16 bytes)",
-                copied_chunk,
-            ),
-        ];
-        for (what, size) in bound.into_iter().chain(
-            layout
-                .iter()
-                .filter(|&&(bind, _)| bind != Binding::PaddedClasses)
-                .map(|&(bind, s)| (binding_name(bind), s)),
-        ) {
-            if size > max_binding {
-                return Err(Error::TooLarge {
-                    what,
-                    size,
-                    limit: max_binding,
-                });
-            }
-        }
-        // The copy of w is bound chunk by chunk, like w: it must fit one buffer.
-        let copy = padded_classes_bytes(shape, &geometry, algorithm);
-        if copy > ctx.limits.max_buffer_size {
-            return Err(Error::TooLarge {
-                what: "the copy of w in rows of D rounded up to 4 (C·⌈D/4⌉·16 bytes in one buffer)",
-                size: copy,
-                limit: ctx.limits.max_buffer_size,
-            });
-        }
-        if product(&[c, d, 4]) > ctx.limits.max_buffer_size {
-            return Err(Error::TooLarge {
-                what: "class vectors (C·D·4 bytes) in one buffer",
-                size: product(&[c, d, 4]),
-                limit: ctx.limits.max_buffer_size,
-            });
-        }
-        if algorithm == Algorithm::Unfused && product(&[b, padded(c)]) > u64::from(u32::MAX) {
-            return Err(Error::TooLarge {
-                what: "B·C logits (u32 indices, C rounded up to 4)",
-                size: product(&[b, padded(c)]),
-                limit: u64::from(u32::MAX),
-            });
-        }
-        // COPY_SRC: a class shard reads its split partials back.
-        let storage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC;
-        let workspace = layout
-            .iter()
-            .map(|&(binding, size)| {
-                (
-                    binding,
-                    ctx.create_buffer(binding_name(binding), size, storage),
-                )
-            })
-            .collect();
-        let uniform = |label, size| {
-            ctx.create_buffer(
-                label,
-                size,
-                wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            )
-        };
-        // Each GEMM runs the candidate its bucket tuned to (timed now, if new).
-        let mut gemms = gemm_specs(shape, &geometry, algorithm);
-        for spec in &mut gemms {
-            let s = spec.shape;
-            spec.candidate = ctx.gemm_choice(spec.layout, s.m, s.n, s.k)?;
-        }
-        let gemm_shapes = (!gemms.is_empty()).then(|| {
-            let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
-            let buffer = uniform("gemm_shapes", gemms.len() as u64 * stride);
-            let mut bytes = vec![0u8; (gemms.len() as u64 * stride) as usize];
-            for (k, spec) in gemms.iter().enumerate() {
-                let at = k * stride as usize;
-                bytes[at..at + GEMM_SHAPE_BYTES as usize]
-                    .copy_from_slice(bytemuck::bytes_of(&spec.shape));
-            }
-            ctx.queue.write_buffer(&buffer, 0, &bytes);
-            buffer
-        });
+        check_bindings(ctx, shape, algorithm, &geometry, &layout)?;
+        check_buffers(ctx, shape, algorithm, &geometry)?;
+        let workspace = allocate_workspace(ctx, &layout);
+        let gemms = tuned_gemms(ctx, shape, &geometry, algorithm)?;
+        let gemm_shapes = upload_gemm_shapes(ctx, &gemms);
         let params_bytes = geometry.uniforms() as u64 * uniform_stride(ctx, FAMILY_UNIFORM_BYTES);
         Ok(Plan {
             shape,
             algorithm,
             workspace_bytes: total_bytes(ctx, shape, &geometry, algorithm),
             geometry,
-            params: uniform("params", params_bytes),
+            params: uniform_buffer(ctx, "params", params_bytes),
             workspace,
             gemms,
             gemm_shapes,
-            total_classes: c as u32,
+            total_classes: shape.classes as u32,
             context: ctx.serial,
         })
     }
@@ -322,4 +227,142 @@ impl Plan {
             .find(|(b, _)| *b == binding)
             .map(|(_, buffer)| &**buffer)
     }
+}
+
+/// Refuses a plan whose caller regions (x, one chunk of w, its copy) or workspace
+/// buffers would exceed one storage binding.
+fn check_bindings(
+    ctx: &Context,
+    shape: Shape,
+    algorithm: Algorithm,
+    geometry: &Geometry,
+    layout: &[(Binding, u64)],
+) -> Result<()> {
+    let (b, d) = (shape.batch as u64, shape.dim as u64);
+    let max_binding = ctx.max_binding;
+    let biggest_chunk = geometry.largest_chunk();
+    // w's copy (where made) is bound chunk by chunk too.
+    let copied_chunk = if copies_classes(shape, algorithm) {
+        product(&[biggest_chunk, padded(d), 4])
+    } else {
+        0
+    };
+    let bound = [
+        ("features (B·D·4 bytes)", product(&[b, d, 4])),
+        (
+            "class vectors of one chunk (classes·D·4 bytes)",
+            product(&[biggest_chunk, d, 4]),
+        ),
+        (
+            "the copy of one chunk of w in rows of D rounded up to 4 (classes·⌈D/4⌉·16 bytes)",
+            copied_chunk,
+        ),
+    ];
+    for (what, size) in bound.into_iter().chain(
+        layout
+            .iter()
+            .filter(|&&(bind, _)| bind != Binding::PaddedClasses)
+            .map(|&(bind, s)| (binding_name(bind), s)),
+    ) {
+        if size > max_binding {
+            return Err(Error::TooLarge {
+                what,
+                size,
+                limit: max_binding,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a plan whose copy of w or the caller's w would exceed one buffer, or whose
+/// unfused logits would outgrow u32 indices.
+fn check_buffers(
+    ctx: &Context,
+    shape: Shape,
+    algorithm: Algorithm,
+    geometry: &Geometry,
+) -> Result<()> {
+    let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    // The copy of w is bound chunk by chunk, like w: it must fit one buffer.
+    let copy = padded_classes_bytes(shape, geometry, algorithm);
+    if copy > ctx.limits.max_buffer_size {
+        return Err(Error::TooLarge {
+            what: "the copy of w in rows of D rounded up to 4 (C·⌈D/4⌉·16 bytes in one buffer)",
+            size: copy,
+            limit: ctx.limits.max_buffer_size,
+        });
+    }
+    if product(&[c, d, 4]) > ctx.limits.max_buffer_size {
+        return Err(Error::TooLarge {
+            what: "class vectors (C·D·4 bytes) in one buffer",
+            size: product(&[c, d, 4]),
+            limit: ctx.limits.max_buffer_size,
+        });
+    }
+    if algorithm == Algorithm::Unfused && product(&[b, padded(c)]) > u64::from(u32::MAX) {
+        return Err(Error::TooLarge {
+            what: "B·C logits (u32 indices, C rounded up to 4)",
+            size: product(&[b, padded(c)]),
+            limit: u64::from(u32::MAX),
+        });
+    }
+    Ok(())
+}
+
+/// The workspace buffers of `layout`, each labelled by its binding.
+fn allocate_workspace(ctx: &Context, layout: &[(Binding, u64)]) -> Vec<(Binding, DeviceBuffer)> {
+    // COPY_SRC: a class shard reads its split partials back.
+    let storage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+    layout
+        .iter()
+        .map(|&(binding, size)| {
+            (
+                binding,
+                ctx.create_buffer(binding_name(binding), size, storage),
+            )
+        })
+        .collect()
+}
+
+/// A uniform buffer the queue or the encoder fills.
+fn uniform_buffer(ctx: &Context, label: &str, size: u64) -> DeviceBuffer {
+    ctx.create_buffer(
+        label,
+        size,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    )
+}
+
+/// The plan's GEMMs, each running the candidate its bucket tuned to (timed now, if new).
+fn tuned_gemms(
+    ctx: &Context,
+    shape: Shape,
+    geometry: &Geometry,
+    algorithm: Algorithm,
+) -> Result<Vec<GemmSpec>> {
+    let mut gemms = gemm_specs(shape, geometry, algorithm);
+    for spec in &mut gemms {
+        let s = spec.shape;
+        spec.candidate = ctx.gemm_choice(spec.layout, s.m, s.n, s.k)?;
+    }
+    Ok(gemms)
+}
+
+/// The GEMMs' shapes, `uniform_stride` apart, written through the queue (none without
+/// GEMMs).
+fn upload_gemm_shapes(ctx: &Context, gemms: &[GemmSpec]) -> Option<DeviceBuffer> {
+    (!gemms.is_empty()).then(|| {
+        let stride = uniform_stride(ctx, GEMM_SHAPE_BYTES);
+        let buffer = uniform_buffer(ctx, "gemm_shapes", gemms.len() as u64 * stride);
+        let mut bytes = vec![0u8; (gemms.len() as u64 * stride) as usize];
+        for (k, spec) in gemms.iter().enumerate() {
+            let at = k * stride as usize;
+            bytes[at..at + GEMM_SHAPE_BYTES as usize]
+                .copy_from_slice(bytemuck::bytes_of(&spec.shape));
+        }
+        ctx.queue.write_buffer(&buffer, 0, &bytes);
+        buffer
+    })
 }

@@ -251,201 +251,43 @@ impl Plan {
         backward: bool,
         phase: Phase,
     ) -> Result<Vec<Step<'a>>> {
-        let (b, c, d) = (
-            self.shape.batch as u64,
-            self.shape.classes as u64,
-            self.shape.dim as u64,
-        );
         let g = &self.geometry;
-        let k = &ctx.kernels;
-        let max = ctx.limits.max_compute_workgroups_per_dimension;
-        let per_row = |rows: u64| fold_grid(rows.div_ceil(u64::from(ROW_KERNEL_WORKGROUP)), max);
-        let rows_of = |k: usize| u64::from(g.chunks[k].classes) + if k == 0 { b } else { 0 };
-        let once = |kernel, grid| Step {
-            kernel,
-            grid,
-            chunk: 0,
-            pass: 0,
-            gemm: None,
-        };
-        let mut steps: Vec<Step<'_>> = Vec::new();
-        for chunk in 0..g.chunks.len() {
-            steps.push(Step {
-                chunk,
-                ..once(k.kernel(Entry::RowInvNorms)?, per_row(rows_of(chunk))?)
-            });
-        }
-        // A GEMM's dispatch, and for a split-K GEMM the sum of its splits.
-        let matmul = |index: usize| -> Result<Vec<Step<'_>>> {
-            let spec = &self.gemms[index];
-            let candidate = &ctx.kernels.candidates[spec.candidate];
-            let grid = fold_grid(spec.shape.workgroups(candidate), max)?;
-            let product = Step {
-                gemm: Some(index),
-                chunk: spec.chunk,
-                ..once(k.matmul(spec.layout, spec.candidate)?, grid)
-            };
-            let mut steps = vec![product];
-            if spec.shape.splits > 1 {
-                let elements = u64::from(spec.shape.m) * u64::from(spec.shape.n);
-                steps.push(Step {
-                    kernel: k.kernel(Entry::SumSplits)?,
-                    grid: per_row(elements)?,
-                    ..product
-                });
-            }
-            Ok(steps)
-        };
-        let pieces = dim_pieces(d);
-        let chunked_backward = backward && self.algorithm.engine() == Algorithm::Chunked;
-        // A shard's backward from the dots its forward left (Plan::keeps_dots).
-        let reuse_dots = phase == (Phase::ShardBackward { reuse_dots: true });
-        // The blocked chunked plan's backward, which runs after the summary.
-        let mut blocked_backward = Vec::new();
-        {
-            // x̂ (and w's copy), then per row chunk the dots and their
-            // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
-            // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
-            // x̂ with the first chunk; w's copy, where made, chunk by chunk.
-            // In blocks, each block's copy of w (and x̂ with the first) is made just before
-            // the block's GEMMs, in the forward and again in the backward.
-            let copy_blocks = g.blocked && copies_classes(self.shape, self.algorithm);
-            let pad = |chunk: usize| -> Result<Option<Step<'_>>> {
-                let rows = u64::from(self.copy_rows(chunk));
-                Ok((rows > 0 && !reuse_dots).then_some(Step {
-                    chunk,
-                    ..once(k.kernel(Entry::PadRows)?, per_row(rows * pieces)?)
-                }))
-            };
+        let s = Steps::new(self, ctx, phase);
+        let mut steps = s.norms()?;
+        // x̂ (and w's copy), then per row chunk the dots and their
+        // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
+        // the softmax pass (its 1/N deferred) and runs the gx̂ and gw' GEMMs on it.
+        // x̂ with the first chunk; w's copy, where made, chunk by chunk.
+        if !s.copy_blocks {
             for chunk in 0..g.chunks.len() {
-                if !copy_blocks {
-                    steps.extend(pad(chunk)?);
-                }
-            }
-            // The GEMMs of each (pass, chunk), indexed once: its dots, and its gradient
-            // products, in spec order.
-            let mut by_block =
-                vec![vec![(Vec::new(), Vec::new()); g.chunks.len()]; g.row_passes.len()];
-            for (index, spec) in self.gemms.iter().enumerate() {
-                let (dots, grads) = &mut by_block[spec.pass][spec.chunk];
-                if spec.layout == GemmLayout::Dots {
-                    dots.push(index);
-                } else {
-                    grads.push(index);
-                }
-            }
-            let gemms = |pass: usize, chunk: usize, dots: bool| -> Result<Vec<Step<'_>>> {
-                let (dot_specs, grad_specs) = &by_block[pass][chunk];
-                let indices = if dots { dot_specs } else { grad_specs };
-                Ok(indices
-                    .iter()
-                    .map(|&index| matmul(index))
-                    .collect::<Result<Vec<_>>>()?
-                    .concat())
-            };
-            let row_grid = |(r0, r1): (u32, u32)| {
-                fold_grid(
-                    u64::from(r1 - r0).div_ceil(u64::from(ctx.tiles.rows_per_workgroup)),
-                    max,
-                )
-            };
-            let forward = matches!(phase, Phase::Whole | Phase::ShardForward);
-            for (pass, &rows) in g.row_passes.iter().enumerate().filter(|_| forward) {
-                if g.blocked {
-                    // Each block's dots and its partial per row.
-                    for chunk in 0..g.chunks.len() {
-                        if copy_blocks {
-                            steps.extend(pad(chunk)?);
-                        }
-                        steps.extend(gemms(pass, chunk, true)?);
-                        steps.push(Step {
-                            pass,
-                            chunk,
-                            ..once(k.kernel(Entry::LogitSoftmaxRows)?, row_grid(rows)?)
-                        });
-                    }
-                } else {
-                    // Whole rows: every chunk's dots, the softmax (and G') of the rows,
-                    // then the gradient GEMMs.
-                    for chunk in 0..g.chunks.len() {
-                        steps.extend(gemms(pass, chunk, true)?);
-                    }
-                    steps.push(Step {
-                        pass,
-                        ..once(k.kernel(Entry::LogitSoftmaxRows)?, row_grid(rows)?)
-                    });
-                    if chunked_backward {
-                        for chunk in 0..g.chunks.len() {
-                            steps.extend(gemms(pass, chunk, false)?);
-                        }
-                    }
-                }
-            }
-            // A shard's forward leaves the blocks' partials to the caller.
-            if g.blocked && phase == Phase::Whole {
-                steps.push(once(k.kernel(Entry::MergeRows)?, per_row(b)?));
-            }
-            if g.blocked && chunked_backward {
-                // After the forward: each block's dots again (unless a shard's forward
-                // left them), its G', its gradient GEMMs.
-                blocked_backward = g
-                    .row_passes
-                    .iter()
-                    .enumerate()
-                    .map(|(pass, &rows)| -> Result<Vec<Step<'_>>> {
-                        let mut steps = Vec::new();
-                        for chunk in 0..g.chunks.len() {
-                            if copy_blocks {
-                                steps.extend(pad(chunk)?);
-                            }
-                            if !reuse_dots {
-                                steps.extend(gemms(pass, chunk, true)?);
-                            }
-                            steps.push(Step {
-                                pass,
-                                chunk,
-                                ..once(k.kernel(Entry::LogitGradRows)?, row_grid(rows)?)
-                            });
-                            steps.extend(gemms(pass, chunk, false)?);
-                        }
-                        Ok(steps)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-                    .concat();
+                steps.extend(s.pad(chunk)?);
             }
         }
+        let chunked_backward = backward && self.algorithm.engine() == Algorithm::Chunked;
+        let forward = matches!(phase, Phase::Whole | Phase::ShardForward);
+        for (pass, &rows) in g.row_passes.iter().enumerate().filter(|_| forward) {
+            steps.extend(s.forward_pass(pass, rows, chunked_backward)?);
+        }
+        // A shard's forward leaves the blocks' partials to the caller.
+        if g.blocked && phase == Phase::Whole {
+            let b = self.shape.batch as u64;
+            steps.push(Step::once(s.kernel(Entry::MergeRows)?, s.per_row(b)?));
+        }
+        // The blocked chunked plan's backward, which runs after the summary.
+        let mut blocked_backward = if g.blocked && chunked_backward {
+            s.blocked_backward()?
+        } else {
+            Vec::new()
+        };
         if phase == Phase::Whole {
-            steps.push(once(k.kernel(Entry::Summarize)?, (1, 1)));
+            steps.push(Step::once(s.kernel(Entry::Summarize)?, (1, 1)));
         }
         if backward {
             match self.algorithm.engine() {
-                Algorithm::Unfused => {
-                    steps.push(once(k.kernel(Entry::LogitGrads)?, per_row(b * c)?));
-                    // The gradient GEMMs: every one but the dots' k-pieces.
-                    for index in 0..self.gemms.len() {
-                        if self.gemms[index].layout != GemmLayout::Dots {
-                            steps.extend(matmul(index)?);
-                        }
-                    }
-                }
+                Algorithm::Unfused => steps.extend(s.unfused_backward()?),
                 _ => steps.append(&mut blocked_backward),
             }
-        }
-        // Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
-        if backward {
-            for chunk in 0..g.chunks.len() {
-                let grid = per_row(rows_of(chunk) * pieces)?;
-                if pieces > 1 {
-                    steps.push(Step {
-                        chunk,
-                        ..once(k.kernel(Entry::ProjectionDots)?, grid)
-                    });
-                }
-                steps.push(Step {
-                    chunk,
-                    ..once(k.kernel(Entry::NormalizeBackward)?, grid)
-                });
-            }
+            steps.extend(s.projections()?);
         }
         Ok(steps)
     }
@@ -472,7 +314,6 @@ impl Plan {
         step: &Step<'_>,
         regions: &'b [Region<'b>],
     ) -> Result<wgpu::BufferBinding<'b>> {
-        let internal = |what: &str| Error::Gpu(format!("internal: no buffer for {what}"));
         let part = self
             .geometry
             .chunks
@@ -488,46 +329,8 @@ impl Plan {
                 u64::from(part.classes) * per_class,
             )
         };
-        let caller = |role: &'static str, range: Option<(u64, u64)>| {
-            let r = regions
-                .iter()
-                .find(|r| r.role == role)
-                .ok_or(Error::BadBuffer {
-                    role,
-                    reason: "this pass needs it but none was given".into(),
-                })?;
-            let (skip, bytes) = range.unwrap_or((0, r.bytes));
-            Ok(wgpu::BufferBinding {
-                buffer: r.region.buffer,
-                offset: r.region.offset + skip,
-                size: std::num::NonZeroU64::new(bytes),
-            })
-        };
-        let own = |binding: Binding, range: Option<(u64, u64)>| {
-            let (_, buffer) = self
-                .workspace
-                .iter()
-                .find(|(b, _)| *b == binding)
-                .ok_or_else(|| internal(binding_name(binding)))?;
-            Ok(match range {
-                Some((offset, bytes)) => wgpu::BufferBinding {
-                    buffer,
-                    offset,
-                    size: std::num::NonZeroU64::new(bytes),
-                },
-                None => whole(buffer),
-            })
-        };
-        let operand = |pick: fn(&GemmSpec) -> Binding| {
-            let spec = gemm
-                .and_then(|index| self.gemms.get(index))
-                .ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
-            let operand_step = Step {
-                gemm: None,
-                ..*step
-            };
-            self.resource(ctx, pick(spec), &operand_step, regions)
-        };
+        let caller = |role, range| caller_binding(regions, role, range);
+        let operand = |pick| self.gemm_operand(ctx, step, regions, pick);
         match binding {
             Binding::Params => Ok(wgpu::BufferBinding {
                 buffer: &self.params,
@@ -553,30 +356,19 @@ impl Plan {
             Binding::Summary => caller("summary", None),
             Binding::GradFeatures => caller("grad_features", None),
             Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
-            Binding::InvNormClasses => own(binding, Some(class_range(4))),
+            Binding::InvNormClasses => self.own(binding, Some(class_range(4))),
             // In blocks, the copy holds the block in hand, from its start.
             Binding::PaddedClasses
                 if copies_classes(self.shape, self.algorithm) && !self.geometry.blocked =>
             {
-                own(
+                self.own(
                     binding,
                     Some(class_range(4 * padded(self.shape.dim as u64))),
                 )
             }
             // One chunk (the GEMM algorithms): all of it, padding included.
-            Binding::InvNormClassQuads => own(Binding::InvNormClasses, None),
-            Binding::GemmShape => {
-                let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
-                let buffer = self
-                    .gemm_shapes
-                    .as_ref()
-                    .ok_or_else(|| internal("GEMM shapes"))?;
-                Ok(wgpu::BufferBinding {
-                    buffer,
-                    offset: index as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
-                    size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
-                })
-            }
+            Binding::InvNormClassQuads => self.own(Binding::InvNormClasses, None),
+            Binding::GemmShape => self.gemm_shape(ctx, gemm),
             Binding::GemmLhs => operand(|g| g.lhs),
             Binding::GemmRhs => operand(|g| g.rhs),
             // A split-K GEMM's splits store their partial products in the workspace, which
@@ -587,11 +379,329 @@ impl Plan {
                     .is_some_and(|spec| spec.shape.splits > 1)
                     && !step.kernel.bindings.contains(&Binding::SplitProducts) =>
             {
-                own(Binding::SplitProducts, None)
+                self.own(Binding::SplitProducts, None)
             }
             Binding::GemmProduct => operand(|g| g.product),
-            other => own(other, None),
+            other => self.own(other, None),
         }
+    }
+
+    /// The workspace buffer at `binding`: `range` (first byte, bytes) of it, or all.
+    fn own(&self, binding: Binding, range: Option<(u64, u64)>) -> Result<wgpu::BufferBinding<'_>> {
+        let buffer = self
+            .workspace_buffer(binding)
+            .ok_or_else(|| internal(binding_name(binding)))?;
+        Ok(match range {
+            Some((offset, bytes)) => wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: std::num::NonZeroU64::new(bytes),
+            },
+            None => whole(buffer),
+        })
+    }
+
+    /// The operand `pick` names of the GEMM `step` runs, bound as for a step outside it.
+    fn gemm_operand<'b>(
+        &'b self,
+        ctx: &'b Context,
+        step: &Step<'_>,
+        regions: &'b [Region<'b>],
+        pick: fn(&GemmSpec) -> Binding,
+    ) -> Result<wgpu::BufferBinding<'b>> {
+        let spec = step
+            .gemm
+            .and_then(|index| self.gemms.get(index))
+            .ok_or_else(|| internal("a GEMM operand outside a GEMM step"))?;
+        let operand_step = Step {
+            gemm: None,
+            ..*step
+        };
+        self.resource(ctx, pick(spec), &operand_step, regions)
+    }
+
+    /// The GemmShape uniform of GEMM `gemm`.
+    fn gemm_shape(&self, ctx: &Context, gemm: Option<usize>) -> Result<wgpu::BufferBinding<'_>> {
+        let index = gemm.ok_or_else(|| internal("a GEMM shape outside a GEMM step"))?;
+        let buffer = self
+            .gemm_shapes
+            .as_ref()
+            .ok_or_else(|| internal("GEMM shapes"))?;
+        Ok(wgpu::BufferBinding {
+            buffer,
+            offset: index as u64 * uniform_stride(ctx, GEMM_SHAPE_BYTES),
+            size: std::num::NonZeroU64::new(GEMM_SHAPE_BYTES),
+        })
+    }
+}
+
+/// The error of a binding the plan should have had.
+fn internal(what: &str) -> Error {
+    Error::Gpu(format!("internal: no buffer for {what}"))
+}
+
+/// The caller's region of `role`: `range` (first byte, bytes) of it, or all its bytes.
+fn caller_binding<'b>(
+    regions: &'b [Region<'b>],
+    role: &'static str,
+    range: Option<(u64, u64)>,
+) -> Result<wgpu::BufferBinding<'b>> {
+    let r = regions
+        .iter()
+        .find(|r| r.role == role)
+        .ok_or(Error::BadBuffer {
+            role,
+            reason: "this pass needs it but none was given".into(),
+        })?;
+    let (skip, bytes) = range.unwrap_or((0, r.bytes));
+    Ok(wgpu::BufferBinding {
+        buffer: r.region.buffer,
+        offset: r.region.offset + skip,
+        size: std::num::NonZeroU64::new(bytes),
+    })
+}
+
+impl<'a> Step<'a> {
+    /// A dispatch of `kernel` over `grid` for the first class chunk and row pass, outside
+    /// a GEMM.
+    fn once(kernel: &'a Kernel, grid: (u32, u32)) -> Step<'a> {
+        Step {
+            kernel,
+            grid,
+            chunk: 0,
+            pass: 0,
+            gemm: None,
+        }
+    }
+}
+
+/// What the steps of one recording are made from: the plan, its context, and how the
+/// phase treats the dots and the copies.
+struct Steps<'a> {
+    plan: &'a Plan,
+    ctx: &'a Context,
+    /// The GEMMs of each (pass, chunk), indexed once: its dots, and its gradient
+    /// products, in spec order.
+    by_block: Vec<Vec<(Vec<usize>, Vec<usize>)>>,
+    /// A shard's backward from the dots its forward left (Plan::keeps_dots).
+    reuse_dots: bool,
+    /// In blocks, each block's copy of w (and x̂ with the first) is made just before the
+    /// block's GEMMs, in the forward and again in the backward.
+    copy_blocks: bool,
+}
+
+impl<'a> Steps<'a> {
+    fn new(plan: &'a Plan, ctx: &'a Context, phase: Phase) -> Steps<'a> {
+        let g = &plan.geometry;
+        let mut by_block = vec![vec![(Vec::new(), Vec::new()); g.chunks.len()]; g.row_passes.len()];
+        for (index, spec) in plan.gemms.iter().enumerate() {
+            let (dots, grads) = &mut by_block[spec.pass][spec.chunk];
+            if spec.layout == GemmLayout::Dots {
+                dots.push(index);
+            } else {
+                grads.push(index);
+            }
+        }
+        Steps {
+            plan,
+            ctx,
+            by_block,
+            reuse_dots: phase == (Phase::ShardBackward { reuse_dots: true }),
+            copy_blocks: g.blocked && copies_classes(plan.shape, plan.algorithm),
+        }
+    }
+
+    fn kernel(&self, entry: Entry) -> Result<&'a Kernel> {
+        self.ctx.kernels.kernel(entry)
+    }
+
+    fn max_workgroups(&self) -> u32 {
+        self.ctx.limits.max_compute_workgroups_per_dimension
+    }
+
+    /// The grid of a row kernel over `rows` rows (or elements).
+    fn per_row(&self, rows: u64) -> Result<(u32, u32)> {
+        fold_grid(
+            rows.div_ceil(u64::from(ROW_KERNEL_WORKGROUP)),
+            self.max_workgroups(),
+        )
+    }
+
+    /// The grid of a softmax row pass over the rows [r0, r1).
+    fn row_grid(&self, (r0, r1): (u32, u32)) -> Result<(u32, u32)> {
+        fold_grid(
+            u64::from(r1 - r0).div_ceil(u64::from(self.ctx.tiles.rows_per_workgroup)),
+            self.max_workgroups(),
+        )
+    }
+
+    /// Rows of [x; w chunk] chunk `chunk` normalises: x's with the first.
+    fn rows_of(&self, chunk: usize) -> u64 {
+        let first = if chunk == 0 {
+            self.plan.shape.batch as u64
+        } else {
+            0
+        };
+        u64::from(self.plan.geometry.chunks[chunk].classes) + first
+    }
+
+    /// The norms of each class chunk's rows.
+    fn norms(&self) -> Result<Vec<Step<'a>>> {
+        (0..self.plan.geometry.chunks.len())
+            .map(|chunk| {
+                Ok(Step {
+                    chunk,
+                    ..Step::once(
+                        self.kernel(Entry::RowInvNorms)?,
+                        self.per_row(self.rows_of(chunk))?,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A GEMM's dispatch, and for a split-K GEMM the sum of its splits.
+    fn matmul(&self, index: usize) -> Result<Vec<Step<'a>>> {
+        let spec = &self.plan.gemms[index];
+        let candidate = &self.ctx.kernels.candidates[spec.candidate];
+        let grid = fold_grid(spec.shape.workgroups(candidate), self.max_workgroups())?;
+        let product = Step {
+            gemm: Some(index),
+            chunk: spec.chunk,
+            ..Step::once(self.ctx.kernels.matmul(spec.layout, spec.candidate)?, grid)
+        };
+        let mut steps = vec![product];
+        if spec.shape.splits > 1 {
+            let elements = u64::from(spec.shape.m) * u64::from(spec.shape.n);
+            steps.push(Step {
+                kernel: self.kernel(Entry::SumSplits)?,
+                grid: self.per_row(elements)?,
+                ..product
+            });
+        }
+        Ok(steps)
+    }
+
+    /// The copy of chunk `chunk`'s rows in rows of D rounded up to 4, where it has any to
+    /// copy and the dots are not reused.
+    fn pad(&self, chunk: usize) -> Result<Option<Step<'a>>> {
+        let rows = u64::from(self.plan.copy_rows(chunk));
+        let pieces = dim_pieces(self.plan.shape.dim as u64);
+        Ok((rows > 0 && !self.reuse_dots).then_some(Step {
+            chunk,
+            ..Step::once(self.kernel(Entry::PadRows)?, self.per_row(rows * pieces)?)
+        }))
+    }
+
+    /// The GEMMs of (pass, chunk): its dots, or its gradient products.
+    fn gemms(&self, pass: usize, chunk: usize, dots: bool) -> Result<Vec<Step<'a>>> {
+        let (dot_specs, grad_specs) = &self.by_block[pass][chunk];
+        let indices = if dots { dot_specs } else { grad_specs };
+        Ok(indices
+            .iter()
+            .map(|&index| self.matmul(index))
+            .collect::<Result<Vec<_>>>()?
+            .concat())
+    }
+
+    /// The forward's steps of row pass `pass` over `rows`: in blocks, each block's dots
+    /// and its partial per row; for whole rows, every chunk's dots, the softmax (and G')
+    /// of the rows, then (for the chunked backward) the gradient GEMMs.
+    fn forward_pass(
+        &self,
+        pass: usize,
+        rows: (u32, u32),
+        chunked_backward: bool,
+    ) -> Result<Vec<Step<'a>>> {
+        let chunks = self.plan.geometry.chunks.len();
+        let mut steps = Vec::new();
+        if self.plan.geometry.blocked {
+            for chunk in 0..chunks {
+                if self.copy_blocks {
+                    steps.extend(self.pad(chunk)?);
+                }
+                steps.extend(self.gemms(pass, chunk, true)?);
+                steps.push(Step {
+                    pass,
+                    chunk,
+                    ..Step::once(self.kernel(Entry::LogitSoftmaxRows)?, self.row_grid(rows)?)
+                });
+            }
+            return Ok(steps);
+        }
+        for chunk in 0..chunks {
+            steps.extend(self.gemms(pass, chunk, true)?);
+        }
+        steps.push(Step {
+            pass,
+            ..Step::once(self.kernel(Entry::LogitSoftmaxRows)?, self.row_grid(rows)?)
+        });
+        if chunked_backward {
+            for chunk in 0..chunks {
+                steps.extend(self.gemms(pass, chunk, false)?);
+            }
+        }
+        Ok(steps)
+    }
+
+    /// The blocked backward, after the forward: per row pass and block, the block's dots
+    /// again (unless a shard's forward left them), its G', its gradient GEMMs.
+    fn blocked_backward(&self) -> Result<Vec<Step<'a>>> {
+        let mut steps = Vec::new();
+        for (pass, &rows) in self.plan.geometry.row_passes.iter().enumerate() {
+            for chunk in 0..self.plan.geometry.chunks.len() {
+                if self.copy_blocks {
+                    steps.extend(self.pad(chunk)?);
+                }
+                if !self.reuse_dots {
+                    steps.extend(self.gemms(pass, chunk, true)?);
+                }
+                steps.push(Step {
+                    pass,
+                    chunk,
+                    ..Step::once(self.kernel(Entry::LogitGradRows)?, self.row_grid(rows)?)
+                });
+                steps.extend(self.gemms(pass, chunk, false)?);
+            }
+        }
+        Ok(steps)
+    }
+
+    /// The unfused baseline's backward: G from the logits, then the gradient GEMMs (every
+    /// one but the dots' k-pieces).
+    fn unfused_backward(&self) -> Result<Vec<Step<'a>>> {
+        let shape = self.plan.shape;
+        let logits = shape.batch as u64 * shape.classes as u64;
+        let mut steps = vec![Step::once(
+            self.kernel(Entry::LogitGrads)?,
+            self.per_row(logits)?,
+        )];
+        for (index, spec) in self.plan.gemms.iter().enumerate() {
+            if spec.layout != GemmLayout::Dots {
+                steps.extend(self.matmul(index)?);
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
+    fn projections(&self) -> Result<Vec<Step<'a>>> {
+        let pieces = dim_pieces(self.plan.shape.dim as u64);
+        let mut steps = Vec::new();
+        for chunk in 0..self.plan.geometry.chunks.len() {
+            let grid = self.per_row(self.rows_of(chunk) * pieces)?;
+            if pieces > 1 {
+                steps.push(Step {
+                    chunk,
+                    ..Step::once(self.kernel(Entry::ProjectionDots)?, grid)
+                });
+            }
+            steps.push(Step {
+                chunk,
+                ..Step::once(self.kernel(Entry::NormalizeBackward)?, grid)
+            });
+        }
+        Ok(steps)
     }
 }
 
