@@ -418,112 +418,127 @@ impl Entry {
 
     /// Its WGSL name, its module, and the bindings it uses.
     fn spec(self) -> (&'static str, Family, &'static [Binding]) {
-        use Binding::*;
         match self {
-            Entry::RowInvNorms => (
-                "row_inv_norms",
-                Family::Norms,
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    FeatureQuads,
-                    ClassQuads,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    InputFlags,
-                ],
-            ),
-            Entry::PadRows => (
-                "pad_rows",
-                Family::Norms,
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    PaddedFeatures,
-                    PaddedClasses,
-                ],
-            ),
+            Entry::RowInvNorms => ("row_inv_norms", Family::Norms, ROW_INV_NORMS_BINDINGS),
+            Entry::PadRows => ("pad_rows", Family::Norms, PAD_ROWS_BINDINGS),
             Entry::LogitSoftmaxRows => (
                 "logit_softmax_rows",
                 Family::Forward,
-                &[
-                    Params,
-                    Labels,
-                    InvNormClassQuads,
-                    SplitPartials,
-                    RowSoftmax,
-                    RowStats,
-                    Logits,
-                ],
+                LOGIT_SOFTMAX_ROWS_BINDINGS,
             ),
-            Entry::LogitGradRows => (
-                "logit_grad_rows",
-                Family::Forward,
-                &[
-                    Params,
-                    Labels,
-                    InvNormClassQuads,
-                    RowSoftmax,
-                    RowStats,
-                    Logits,
-                ],
-            ),
-            Entry::MergeRows => (
-                "merge_rows",
-                Family::Forward,
-                &[Params, Labels, SplitPartials, RowSoftmax, RowStats],
-            ),
-            Entry::Summarize => (
-                "summarize",
-                Family::Forward,
-                &[Params, Labels, InputFlags, RowSoftmax, RowStats, Summary],
-            ),
-            Entry::LogitGrads => (
-                "logit_grads",
-                Family::Backward,
-                &[Params, Labels, RowSoftmax, Summary, Logits],
-            ),
+            Entry::LogitGradRows => ("logit_grad_rows", Family::Forward, LOGIT_GRAD_ROWS_BINDINGS),
+            Entry::MergeRows => ("merge_rows", Family::Forward, MERGE_ROWS_BINDINGS),
+            Entry::Summarize => ("summarize", Family::Forward, SUMMARIZE_BINDINGS),
+            Entry::LogitGrads => ("logit_grads", Family::Backward, LOGIT_GRADS_BINDINGS),
             Entry::ProjectionDots => (
                 "projection_dots",
                 Family::Backward,
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    GradFeatures,
-                    GradClasses,
-                    ProjectionPieceDots,
-                ],
+                PROJECTION_DOTS_BINDINGS,
             ),
             Entry::NormalizeBackward => (
                 "normalize_backward",
                 Family::Backward,
-                &[
-                    Params,
-                    Features,
-                    ClassVectors,
-                    InvNormFeatures,
-                    InvNormClasses,
-                    Summary,
-                    GradFeatures,
-                    GradClasses,
-                    ProjectionPieceDots,
-                ],
+                NORMALIZE_BACKWARD_BINDINGS,
             ),
-            Entry::SumSplits => (
-                "sum_splits",
-                Family::Gemm,
-                &[GemmShape, GemmProduct, SplitProducts],
-            ),
+            Entry::SumSplits => ("sum_splits", Family::Gemm, SUM_SPLITS_BINDINGS),
         }
     }
 }
+
+/// The bindings of `row_inv_norms`, in binding order.
+const ROW_INV_NORMS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Features,
+    Binding::ClassVectors,
+    Binding::FeatureQuads,
+    Binding::ClassQuads,
+    Binding::InvNormFeatures,
+    Binding::InvNormClasses,
+    Binding::InputFlags,
+];
+/// The bindings of `pad_rows`, in binding order.
+const PAD_ROWS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Features,
+    Binding::ClassVectors,
+    Binding::InvNormFeatures,
+    Binding::InvNormClasses,
+    Binding::PaddedFeatures,
+    Binding::PaddedClasses,
+];
+/// The bindings of `logit_softmax_rows`, in binding order.
+const LOGIT_SOFTMAX_ROWS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Labels,
+    Binding::InvNormClassQuads,
+    Binding::SplitPartials,
+    Binding::RowSoftmax,
+    Binding::RowStats,
+    Binding::Logits,
+];
+/// The bindings of `logit_grad_rows`, in binding order.
+const LOGIT_GRAD_ROWS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Labels,
+    Binding::InvNormClassQuads,
+    Binding::RowSoftmax,
+    Binding::RowStats,
+    Binding::Logits,
+];
+/// The bindings of `merge_rows`, in binding order.
+const MERGE_ROWS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Labels,
+    Binding::SplitPartials,
+    Binding::RowSoftmax,
+    Binding::RowStats,
+];
+/// The bindings of `summarize`, in binding order.
+const SUMMARIZE_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Labels,
+    Binding::InputFlags,
+    Binding::RowSoftmax,
+    Binding::RowStats,
+    Binding::Summary,
+];
+/// The bindings of `logit_grads`, in binding order.
+const LOGIT_GRADS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Labels,
+    Binding::RowSoftmax,
+    Binding::Summary,
+    Binding::Logits,
+];
+/// The bindings of `projection_dots`, in binding order.
+const PROJECTION_DOTS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Features,
+    Binding::ClassVectors,
+    Binding::InvNormFeatures,
+    Binding::InvNormClasses,
+    Binding::GradFeatures,
+    Binding::GradClasses,
+    Binding::ProjectionPieceDots,
+];
+/// The bindings of `normalize_backward`, in binding order.
+const NORMALIZE_BACKWARD_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Features,
+    Binding::ClassVectors,
+    Binding::InvNormFeatures,
+    Binding::InvNormClasses,
+    Binding::Summary,
+    Binding::GradFeatures,
+    Binding::GradClasses,
+    Binding::ProjectionPieceDots,
+];
+/// The bindings of `sum_splits`, in binding order.
+const SUM_SPLITS_BINDINGS: &[Binding] = &[
+    Binding::GemmShape,
+    Binding::GemmProduct,
+    Binding::SplitProducts,
+];
 
 /// Every pipeline of the fused loss, each compiled the first time a recording uses it
 /// (as is its module), so that a call compiles only what its plan runs and more GEMM

@@ -632,7 +632,8 @@ pub(super) struct GemmSpec {
 /// The longest k one invocation of a matmul sums, a multiple of 4 so that every piece
 /// starts on a vec4: a product's k is cut into pieces of it by the shape alone. The
 /// gradient products (k = classes for gx̂, rows for gw) run their pieces as the splits of
-/// one split-K dispatch, whose partial products `sum_splits` adds in order; the dots
+/// split-K dispatches (of up to MAX_SPLITS pieces), whose partial products `sum_splits`
+/// adds in order; the dots
 /// (k = D, past 4096 only for very long rows, whose partials would outweigh the logits)
 /// run them one after another, each adding onto the last. Both add the same values in the
 /// same order, and within a piece the GEMM sums runs of about √(k/4) quads, then run by
@@ -642,41 +643,37 @@ pub(super) struct GemmSpec {
 /// k = 16384 runs 10–20% faster in pieces of 4096.
 pub(super) const MAX_GEMM_K: u32 = 4096;
 
+/// Splits one split-K dispatch runs at most: later groups of splits add onto the product,
+/// so that no dispatch sums more than 8·MAX_GEMM_K of k (operating systems end long
+/// dispatches) and the splits' partial products stay within 8 products' bytes.
+pub(super) const MAX_SPLITS: u32 = 8;
+
 impl GemmSpec {
-    /// The spec cut along k into pieces of at most MAX_GEMM_K: one split-K spec for the
-    /// gradient products, pieces that each accumulate onto the previous ones for the dots.
+    /// The spec cut along k into pieces of at most MAX_GEMM_K: for the gradient products,
+    /// split-K dispatches of up to MAX_SPLITS pieces each; for the dots, one piece a
+    /// dispatch. Each dispatch after the first adds onto the product, with its operand
+    /// offsets advanced to its first k.
     pub(super) fn k_pieces(self) -> Vec<GemmSpec> {
-        let gemm = GemmShape {
-            run_quads: run_quads(self.shape.k.min(MAX_GEMM_K)),
-            split_k: MAX_GEMM_K,
-            ..self.shape
+        let gemm = self.shape;
+        let pieces = if self.layout == GemmLayout::Dots {
+            1
+        } else {
+            MAX_SPLITS
         };
-        if gemm.k <= MAX_GEMM_K {
-            return vec![GemmSpec {
-                shape: GemmShape {
-                    split_k: gemm.k,
-                    ..gemm
-                },
-                ..self
-            }];
-        }
-        if self.layout != GemmLayout::Dots {
-            let splits = gemm.k.div_ceil(MAX_GEMM_K);
-            return vec![GemmSpec {
-                shape: GemmShape { splits, ..gemm },
-                ..self
-            }];
-        }
+        let dispatch_k = MAX_GEMM_K * pieces;
         let (lhs_along_k, rhs_along_k) = self.layout.along_k();
         let step = |along_k: bool, stride: u32, k0: u32| if along_k { k0 } else { k0 * stride };
-        (0..gemm.k)
-            .step_by(MAX_GEMM_K as usize)
+        (0..gemm.k.max(1))
+            .step_by(dispatch_k as usize)
             .map(|k0| {
-                let k = MAX_GEMM_K.min(gemm.k - k0);
+                let k = dispatch_k.min(gemm.k - k0);
+                let splits = k.div_ceil(MAX_GEMM_K).max(1);
                 GemmSpec {
                     shape: GemmShape {
                         k,
-                        split_k: k,
+                        run_quads: run_quads(gemm.k.min(MAX_GEMM_K)),
+                        split_k: if splits > 1 { MAX_GEMM_K } else { k },
+                        splits,
                         lhs_offset: gemm.lhs_offset + step(lhs_along_k, gemm.lhs_stride, k0),
                         rhs_offset: gemm.rhs_offset + step(rhs_along_k, gemm.rhs_stride, k0),
                         accumulate: gemm.accumulate | u32::from(k0 > 0),

@@ -154,76 +154,7 @@ impl Plan {
         params: &LossParams,
         with_grads: bool,
     ) {
-        let (b, d) = (self.shape.batch as u32, self.shape.dim as u32);
-        let g = &self.geometry;
-        let stride = uniform_stride(ctx, FAMILY_UNIFORM_BYTES) as usize;
-        let mut uniforms = vec![0u8; stride * g.uniforms()];
-        let mut put = |slot: usize, bytes: &[u8]| {
-            uniforms[slot * stride..slot * stride + bytes.len()].copy_from_slice(bytes)
-        };
-        let chunked = u32::from(self.algorithm.engine() == Algorithm::Chunked);
-        let loss = LossTerms::of(params);
-        let reduction = Reduction::code(params.reduction);
-        for (k, chunk) in g.chunks.iter().enumerate() {
-            let norm_feature_rows = if k == 0 { b } else { 0 };
-            let norms = NormsParams {
-                batch: b,
-                dim: d,
-                classes: chunk.classes,
-                norm_feature_rows,
-                copy_rows: self.copy_rows(k),
-                raw_classes: chunked,
-                _pad: [0; 2],
-            };
-            put(
-                self.uniform_slot(Family::Norms, k, 0),
-                bytemuck::bytes_of(&norms),
-            );
-            for (pass, &(row_begin, row_end)) in g.row_passes.iter().enumerate() {
-                let forward = ForwardParams {
-                    loss,
-                    batch: b,
-                    classes: chunk.classes,
-                    total_classes: self.total_classes,
-                    class_offset: chunk.class_offset,
-                    row_begin,
-                    row_end,
-                    logit_stride: g.logit_stride,
-                    blocks: u32::from(g.blocked),
-                    block_index: k as u32,
-                    write_grads: u32::from(chunked == 1 && with_grads && !g.blocked),
-                    raw_classes: chunked,
-                    reduction,
-                    scale_grad_gate: if params.scale_receives_grad() {
-                        1.0
-                    } else {
-                        0.0
-                    },
-                    _pad: [0; 3],
-                };
-                put(
-                    self.uniform_slot(Family::Forward, k, pass),
-                    bytemuck::bytes_of(&forward),
-                );
-            }
-            let backward = BackwardParams {
-                loss,
-                batch: b,
-                dim: d,
-                classes: chunk.classes,
-                total_classes: self.total_classes,
-                norm_feature_rows,
-                reduction,
-                raw_classes: chunked,
-                defer_norm: chunked,
-                logit_stride: g.logit_stride,
-                _pad: [0; 3],
-            };
-            put(
-                self.uniform_slot(Family::Backward, k, 0),
-                bytemuck::bytes_of(&backward),
-            );
-        }
+        let uniforms = self.family_uniforms(ctx, params, with_grads);
         // Through the encoder, not the queue: each recording's copy runs just before its
         // own dispatches, so recordings made before a submit keep their own parameters.
         // The upload buffer is this recording's alone: the queue fills it at the next
@@ -241,6 +172,112 @@ impl Plan {
             .find(|(b, _)| *b == Binding::InputFlags)
         {
             encoder.clear_buffer(flags, 0, None);
+        }
+    }
+
+    /// The bytes of every family uniform, each in its slot.
+    fn family_uniforms(&self, ctx: &Context, params: &LossParams, with_grads: bool) -> Vec<u8> {
+        let stride = uniform_stride(ctx, FAMILY_UNIFORM_BYTES) as usize;
+        let mut uniforms = vec![0u8; stride * self.geometry.uniforms()];
+        let mut put = |slot: usize, bytes: &[u8]| {
+            uniforms[slot * stride..slot * stride + bytes.len()].copy_from_slice(bytes)
+        };
+        let loss = LossTerms::of(params);
+        for k in 0..self.geometry.chunks.len() {
+            put(
+                self.uniform_slot(Family::Norms, k, 0),
+                bytemuck::bytes_of(&self.norms_params(k)),
+            );
+            for pass in 0..self.geometry.row_passes.len() {
+                let forward = self.forward_params(k, pass, loss, params, with_grads);
+                put(
+                    self.uniform_slot(Family::Forward, k, pass),
+                    bytemuck::bytes_of(&forward),
+                );
+            }
+            put(
+                self.uniform_slot(Family::Backward, k, 0),
+                bytemuck::bytes_of(&self.backward_params(k, loss, params)),
+            );
+        }
+        uniforms
+    }
+
+    /// 1 where w enters the GEMMs as it is (the chunked plan), 0 where normalised.
+    fn raw_classes(&self) -> u32 {
+        u32::from(self.algorithm.engine() == Algorithm::Chunked)
+    }
+
+    /// Rows of x the stacked rows of chunk `k` start with: B in the first chunk.
+    fn norm_feature_rows(&self, k: usize) -> u32 {
+        if k == 0 {
+            self.shape.batch as u32
+        } else {
+            0
+        }
+    }
+
+    /// The norms pass's uniform for chunk `k`.
+    fn norms_params(&self, k: usize) -> NormsParams {
+        NormsParams {
+            batch: self.shape.batch as u32,
+            dim: self.shape.dim as u32,
+            classes: self.geometry.chunks[k].classes,
+            norm_feature_rows: self.norm_feature_rows(k),
+            copy_rows: self.copy_rows(k),
+            raw_classes: self.raw_classes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The forward family's uniform for chunk `k` and row pass `pass`.
+    fn forward_params(
+        &self,
+        k: usize,
+        pass: usize,
+        loss: LossTerms,
+        params: &LossParams,
+        with_grads: bool,
+    ) -> ForwardParams {
+        let g = &self.geometry;
+        let (row_begin, row_end) = g.row_passes[pass];
+        ForwardParams {
+            loss,
+            batch: self.shape.batch as u32,
+            classes: g.chunks[k].classes,
+            total_classes: self.total_classes,
+            class_offset: g.chunks[k].class_offset,
+            row_begin,
+            row_end,
+            logit_stride: g.logit_stride,
+            blocks: u32::from(g.blocked),
+            block_index: k as u32,
+            write_grads: u32::from(self.raw_classes() == 1 && with_grads && !g.blocked),
+            raw_classes: self.raw_classes(),
+            reduction: Reduction::code(params.reduction),
+            scale_grad_gate: if params.scale_receives_grad() {
+                1.0
+            } else {
+                0.0
+            },
+            _pad: [0; 3],
+        }
+    }
+
+    /// The backward family's uniform for chunk `k`.
+    fn backward_params(&self, k: usize, loss: LossTerms, params: &LossParams) -> BackwardParams {
+        BackwardParams {
+            loss,
+            batch: self.shape.batch as u32,
+            dim: self.shape.dim as u32,
+            classes: self.geometry.chunks[k].classes,
+            total_classes: self.total_classes,
+            norm_feature_rows: self.norm_feature_rows(k),
+            reduction: Reduction::code(params.reduction),
+            raw_classes: self.raw_classes(),
+            defer_norm: self.raw_classes(),
+            logit_stride: self.geometry.logit_stride,
+            _pad: [0; 3],
         }
     }
 
