@@ -298,11 +298,17 @@ type Record<'a> =
 
 /// Times `record` (which records one operation's compute pass, given optional timestamp
 /// writes): warm-up runs, then `reps` timed runs; returns (timing, [median, min, max]).
-fn time_op(
-    ctx: &Context,
-    options: &BenchOptions,
-    record: Record<'_>,
-) -> Result<(Timing, [f64; 3])> {
+fn time_op(ctx: &Context, options: &BenchOptions, record: Record<'_>) -> Result<Timed> {
+    let mut timed = time_ops(ctx, options, &[record])?;
+    timed
+        .pop()
+        .ok_or_else(|| Error::Gpu("internal: no timing".into()))
+}
+
+/// Times each of `records` as [`time_op`] does, interleaved: every run times each record
+/// once in turn, so that a host whose speed drifts during the sweep (a shared machine)
+/// shifts them all alike and their ratios stay comparable.
+fn time_ops(ctx: &Context, options: &BenchOptions, records: &[Record<'_>]) -> Result<Vec<Timed>> {
     let queries = (ctx.has_timestamps() && !options.wall_clock).then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("bench timestamps"),
@@ -322,8 +328,7 @@ fn time_op(
         (set, resolved, readable)
     });
     let period_ns = f64::from(ctx.queue.get_timestamp_period());
-    let mut samples = Vec::with_capacity(options.reps);
-    for run in 0..options.warmup + options.reps {
+    let run_once = |record: Record<'_>| -> Result<f64> {
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let writes = queries
             .as_ref()
@@ -336,7 +341,7 @@ fn time_op(
         let submission = ctx.queue.submit([encoder.finish()]);
         ctx.wait(submission)?;
         let wall = start.elapsed().as_secs_f64();
-        let seconds = match &queries {
+        Ok(match &queries {
             Some((_, resolved, readable)) => {
                 // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
                 let mut copy = ctx.device.create_command_encoder(&Default::default());
@@ -347,25 +352,32 @@ fn time_op(
                 stamps[1].saturating_sub(stamps[0]) as f64 * period_ns * 1e-9
             }
             None => wall,
-        };
-        if run >= options.warmup {
-            samples.push(seconds);
+        })
+    };
+    let mut samples = vec![Vec::with_capacity(options.reps); records.len()];
+    for run in 0..options.warmup + options.reps {
+        for (record, kept) in records.iter().zip(&mut samples) {
+            let seconds = run_once(*record)?;
+            if run >= options.warmup {
+                kept.push(seconds);
+            }
         }
     }
-    samples.sort_by(f64::total_cmp);
     let timing = if queries.is_some() {
         Timing::GpuTimestamps
     } else {
         Timing::WallClock
     };
-    Ok((
-        timing,
-        [
-            samples[samples.len() / 2],
-            samples[0],
-            samples[samples.len() - 1],
-        ],
-    ))
+    Ok(samples
+        .into_iter()
+        .map(|mut kept| {
+            kept.sort_by(f64::total_cmp);
+            (
+                timing,
+                [kept[kept.len() / 2], kept[0], kept[kept.len() - 1]],
+            )
+        })
+        .collect())
 }
 
 /// Queries of a profile: two per dispatch.
@@ -596,32 +608,53 @@ impl<'a> GemmFloor<'a> {
             .unwrap_or(&self.buffers.classes)
     }
 
-    /// Times the product, every piece, on `candidate`.
-    fn time(&self, ctx: &Context, options: &BenchOptions, candidate: usize) -> Result<Timed> {
+    /// Times the product, every piece, on each of `candidates`, interleaved ([`time_ops`]).
+    fn time(
+        &self,
+        ctx: &Context,
+        options: &BenchOptions,
+        candidates: &[usize],
+    ) -> Result<Vec<Timed>> {
         let (lhs, rhs, d4) = (self.lhs(), self.rhs(), self.d4);
-        let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
-        time_op(ctx, options, &|encoder, writes| {
-            let dispatches: Vec<Dispatch<'_>> = self
-                .pieces
-                .iter()
-                .zip(&self.uniforms)
-                .map(|(&(n0, n), (uniform, grids))| Dispatch {
-                    kernel,
-                    grid: grids[candidate],
-                    resources: vec![
-                        uniform.as_entire_buffer_binding(),
-                        lhs.as_entire_buffer_binding(),
-                        wgpu::BufferBinding {
-                            buffer: rhs,
-                            offset: (n0 * d4 * 4) as u64,
-                            size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
-                        },
-                        self.product.as_entire_buffer_binding(),
-                    ],
+        let kernels = candidates
+            .iter()
+            .map(|&candidate| Ok((candidate, ctx.kernels.matmul(GemmLayout::Dots, candidate)?)))
+            .collect::<Result<Vec<_>>>()?;
+        type Recording<'r> = Box<
+            dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>> + 'r,
+        >;
+        let recordings: Vec<Recording<'_>> = kernels
+            .into_iter()
+            .map(|(candidate, kernel)| -> Recording<'_> {
+                Box::new(move |encoder, writes| {
+                    let dispatches: Vec<Dispatch<'_>> = self
+                        .pieces
+                        .iter()
+                        .zip(&self.uniforms)
+                        .map(|(&(n0, n), (uniform, grids))| Dispatch {
+                            kernel,
+                            grid: grids[candidate],
+                            resources: vec![
+                                uniform.as_entire_buffer_binding(),
+                                lhs.as_entire_buffer_binding(),
+                                wgpu::BufferBinding {
+                                    buffer: rhs,
+                                    offset: (n0 * d4 * 4) as u64,
+                                    size: std::num::NonZeroU64::new((n * d4 * 4) as u64),
+                                },
+                                self.product.as_entire_buffer_binding(),
+                            ],
+                        })
+                        .collect();
+                    encode(&ctx.device, encoder, &dispatches, writes)
                 })
-                .collect();
-            encode(&ctx.device, encoder, &dispatches, writes)
-        })
+            })
+            .collect();
+        let records: Vec<Record<'_>> = recordings
+            .iter()
+            .map(|r| r.as_ref() as Record<'_>)
+            .collect();
+        time_ops(ctx, options, &records)
     }
 
     /// The row `op` of `candidate`'s timing, against the floor's median `floor`.
@@ -702,17 +735,20 @@ fn gemm_rows(
     note: &mut dyn FnMut(&str),
 ) -> Result<(Vec<BenchRow>, Timed)> {
     let floor = GemmFloor::new(ctx, problem, buffers)?;
-    let mut candidate_rows = Vec::new();
+    // The tuned choice, then every candidate, timed in one interleaved sweep: the tuned
+    // row and the candidates' rows see the same host.
+    let mut candidates = vec![floor.tuned];
     if options.runs("gemm_candidates") {
-        for index in 0..ctx.kernels.candidates.len() {
-            note("gemm_candidates");
-            candidate_rows.push((index, floor.time(ctx, options, index)?));
-        }
+        note("gemm_candidates");
+        candidates.extend(0..ctx.kernels.candidates.len());
     }
-    let timed = floor.time(ctx, options, floor.tuned)?;
+    let mut timings = floor.time(ctx, options, &candidates)?.into_iter();
+    let timed = timings
+        .next()
+        .ok_or_else(|| Error::Gpu("internal: no GEMM timing".into()))?;
     let floor_seconds = timed.1[0];
     let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, timed, floor_seconds)];
-    for (index, timed) in candidate_rows {
+    for (&index, timed) in candidates[1..].iter().zip(timings) {
         rows.push(floor.row(ctx, "gemm_candidate", index, timed, floor_seconds));
     }
     Ok((rows, timed))
