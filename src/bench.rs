@@ -296,19 +296,20 @@ impl ShapeBuffers {
 type Record<'a> =
     &'a dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>>;
 
-/// Times `record` (which records one operation's compute pass, given optional timestamp
-/// writes): warm-up runs, then `reps` timed runs; returns (timing, [median, min, max]).
-fn time_op(ctx: &Context, options: &BenchOptions, record: Record<'_>) -> Result<Timed> {
-    let mut timed = time_ops(ctx, options, &[record])?;
-    timed
-        .pop()
-        .ok_or_else(|| Error::Gpu("internal: no timing".into()))
+/// One operation to time: GPU timestamps around a recording (host wall clock around its
+/// submit and wait without timestamps, or with `--wall-clock`), or host wall clock around
+/// a whole call.
+enum Timer<'a> {
+    Gpu(Record<'a>),
+    Host(&'a dyn Fn() -> Result<()>),
 }
 
-/// Times each of `records` as [`time_op`] does, interleaved: every run times each record
-/// once in turn, so that a host whose speed drifts during the sweep (a shared machine)
-/// shifts them all alike and their ratios stay comparable.
-fn time_ops(ctx: &Context, options: &BenchOptions, records: &[Record<'_>]) -> Result<Vec<Timed>> {
+/// Times each of `timers`: warm-up runs, then `reps` timed runs, as (timing, [median,
+/// min, max]), interleaved: every run times each operation once in turn, so that a host
+/// whose speed drifts during the sweep (a shared machine) shifts them all alike and their
+/// ratios stay comparable. An operation that fails is dropped from later runs and gives
+/// its error in its place.
+fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<Result<Timed>> {
     let queries = (ctx.has_timestamps() && !options.wall_clock).then(|| {
         let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("bench timestamps"),
@@ -328,7 +329,15 @@ fn time_ops(ctx: &Context, options: &BenchOptions, records: &[Record<'_>]) -> Re
         (set, resolved, readable)
     });
     let period_ns = f64::from(ctx.queue.get_timestamp_period());
-    let run_once = |record: Record<'_>| -> Result<f64> {
+    let run_once = |timer: &Timer<'_>| -> Result<f64> {
+        let record = match timer {
+            Timer::Gpu(record) => record,
+            Timer::Host(call) => {
+                let start = Instant::now();
+                call()?;
+                return Ok(start.elapsed().as_secs_f64());
+            }
+        };
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let writes = queries
             .as_ref()
@@ -354,30 +363,39 @@ fn time_ops(ctx: &Context, options: &BenchOptions, records: &[Record<'_>]) -> Re
             None => wall,
         })
     };
-    let mut samples = vec![Vec::with_capacity(options.reps); records.len()];
+    let mut samples: Vec<Result<Vec<f64>>> = timers
+        .iter()
+        .map(|_| Ok(Vec::with_capacity(options.reps)))
+        .collect();
     for run in 0..options.warmup + options.reps {
-        for (record, kept) in records.iter().zip(&mut samples) {
-            let seconds = run_once(*record)?;
-            if run >= options.warmup {
-                kept.push(seconds);
+        for (timer, kept) in timers.iter().zip(&mut samples) {
+            let Ok(times) = kept else { continue };
+            match run_once(timer) {
+                Ok(seconds) if run >= options.warmup => times.push(seconds),
+                Ok(_) => {}
+                Err(e) => *kept = Err(e),
             }
         }
     }
-    let timing = if queries.is_some() {
+    let gpu_timing = if queries.is_some() {
         Timing::GpuTimestamps
     } else {
         Timing::WallClock
     };
-    Ok(samples
-        .into_iter()
-        .map(|mut kept| {
-            kept.sort_by(f64::total_cmp);
-            (
-                timing,
-                [kept[kept.len() / 2], kept[0], kept[kept.len() - 1]],
-            )
+    timers
+        .iter()
+        .zip(samples)
+        .map(|(timer, kept)| {
+            let mut times = kept?;
+            times.sort_by(f64::total_cmp);
+            let timing = match timer {
+                Timer::Gpu(_) => gpu_timing,
+                Timer::Host(_) => Timing::WallClock,
+            };
+            let (median, min, max) = (times[times.len() / 2], times[0], times[times.len() - 1]);
+            Ok((timing, [median, min, max]))
         })
-        .collect())
+        .collect()
 }
 
 /// Queries of a profile: two per dispatch.
@@ -486,22 +504,7 @@ pub fn run(
                 options.shapes.len()
             ))
         };
-        note("gemm");
-        let (mut shape_rows, gemm) = gemm_rows(ctx, options, &problem, &buffers, &mut note)?;
-        shape_rows.extend(loss_rows(ctx, options, &buffers, shape, gemm, &mut note)?);
-        if options.runs("sharded_fwd_bwd") {
-            note("sharded_fwd_bwd");
-            let io_bytes = buffers.io_bytes(true);
-            shape_rows.push(sharded_row(
-                ctx,
-                options,
-                &problem,
-                (3.0 * gemm_flops(shape), gemm.1),
-                io_bytes,
-            )?);
-        }
-        set_fused_speedup(&mut shape_rows);
-        rows.extend(shape_rows);
+        rows.extend(shape_rows(ctx, options, &problem, &buffers, &mut note)?);
     }
     if options.runs("slice_api_tiny_call") {
         progress("slice API host overhead: B=1 D=1 C=2");
@@ -608,25 +611,14 @@ impl<'a> GemmFloor<'a> {
             .unwrap_or(&self.buffers.classes)
     }
 
-    /// Times the product, every piece, on each of `candidates`, interleaved ([`time_ops`]).
-    fn time(
-        &self,
-        ctx: &Context,
-        options: &BenchOptions,
-        candidates: &[usize],
-    ) -> Result<Vec<Timed>> {
+    /// Recordings of the product, every piece, on each of `candidates`.
+    fn recordings(&self, ctx: &'a Context, candidates: &[usize]) -> Result<Vec<Recording<'_>>> {
         let (lhs, rhs, d4) = (self.lhs(), self.rhs(), self.d4);
-        let kernels = candidates
+        candidates
             .iter()
-            .map(|&candidate| Ok((candidate, ctx.kernels.matmul(GemmLayout::Dots, candidate)?)))
-            .collect::<Result<Vec<_>>>()?;
-        type Recording<'r> = Box<
-            dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>> + 'r,
-        >;
-        let recordings: Vec<Recording<'_>> = kernels
-            .into_iter()
-            .map(|(candidate, kernel)| -> Recording<'_> {
-                Box::new(move |encoder, writes| {
+            .map(|&candidate| -> Result<Recording<'_>> {
+                let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
+                Ok(Box::new(move |encoder, writes| {
                     let dispatches: Vec<Dispatch<'_>> = self
                         .pieces
                         .iter()
@@ -647,14 +639,9 @@ impl<'a> GemmFloor<'a> {
                         })
                         .collect();
                     encode(&ctx.device, encoder, &dispatches, writes)
-                })
+                }))
             })
-            .collect();
-        let records: Vec<Record<'_>> = recordings
-            .iter()
-            .map(|r| r.as_ref() as Record<'_>)
-            .collect();
-        time_ops(ctx, options, &records)
+            .collect()
     }
 
     /// The row `op` of `candidate`'s timing, against the floor's median `floor`.
@@ -723,37 +710,6 @@ fn piece_uniforms(
         .collect()
 }
 
-/// The plain GEMM's rows of one shape: the tuned candidate (`gemm`, the floor the other
-/// rows are measured against) and, where `gemm_candidates` runs, every candidate on the
-/// same product, timed first so that the floor runs warm. Returns them with the floor's
-/// timing.
-fn gemm_rows(
-    ctx: &Context,
-    options: &BenchOptions,
-    problem: &Problem,
-    buffers: &ShapeBuffers,
-    note: &mut dyn FnMut(&str),
-) -> Result<(Vec<BenchRow>, Timed)> {
-    let floor = GemmFloor::new(ctx, problem, buffers)?;
-    // The tuned choice, then every candidate, timed in one interleaved sweep: the tuned
-    // row and the candidates' rows see the same host.
-    let mut candidates = vec![floor.tuned];
-    if options.runs("gemm_candidates") {
-        note("gemm_candidates");
-        candidates.extend(0..ctx.kernels.candidates.len());
-    }
-    let mut timings = floor.time(ctx, options, &candidates)?.into_iter();
-    let timed = timings
-        .next()
-        .ok_or_else(|| Error::Gpu("internal: no GEMM timing".into()))?;
-    let floor_seconds = timed.1[0];
-    let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, timed, floor_seconds)];
-    for (&index, timed) in candidates[1..].iter().zip(timings) {
-        rows.push(floor.row(ctx, "gemm_candidate", index, timed, floor_seconds));
-    }
-    Ok((rows, timed))
-}
-
 /// A loss operation: its name, the algorithm asked for, the pass, and the workspace
 /// budget its plan is picked for (the default plan where `None`).
 type LossOp = (&'static str, Algorithm, Pass, Option<u64>);
@@ -793,134 +749,6 @@ fn loss_ops(shape: Shape, chosen: Algorithm) -> [LossOp; 5] {
     ]
 }
 
-/// The rows of the loss operations that run on one shape, against the GEMM floor
-/// `gemm`; an operation too large for the adapter, or that the GPU refuses, gives a
-/// skipped row.
-fn loss_rows(
-    ctx: &Context,
-    options: &BenchOptions,
-    buffers: &ShapeBuffers,
-    shape: Shape,
-    (timing, gemm_seconds): Timed,
-    note: &mut dyn FnMut(&str),
-) -> Result<Vec<BenchRow>> {
-    let mut rows = Vec::new();
-    for (op, algorithm, pass, budget) in loss_ops(shape, Algorithm::choose(ctx, shape)) {
-        if !options.runs(op) {
-            continue;
-        }
-        note(op);
-        let with_grads = pass == Pass::ForwardBackward;
-        let flops = if with_grads {
-            3.0 * gemm_flops(shape)
-        } else {
-            gemm_flops(shape)
-        };
-        let plan = match budget {
-            Some(bytes) => Plan::with_budget(ctx, shape, bytes),
-            None => Plan::with_algorithm(ctx, shape, algorithm),
-        };
-        let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
-        let measured = plan.and_then(|plan| measure_plan(ctx, options, &plan, buffers, with_grads));
-        rows.push(match measured {
-            Ok(Measured {
-                timed: (timing, seconds),
-                workspace_bytes,
-                profile,
-                gemms,
-            }) => BenchRow {
-                shape,
-                op,
-                timing,
-                algorithm: Some(algorithm),
-                seconds,
-                flops,
-                vs_gemm: seconds[0] / gemm_seconds[0],
-                fused_speedup: None,
-                workspace_bytes,
-                device_bytes: workspace_bytes + buffers.io_bytes(with_grads),
-                skipped: None,
-                profile,
-                gemms,
-            },
-            Err(e @ (Error::TooLarge { .. } | Error::Gpu(_))) => BenchRow {
-                shape,
-                op,
-                timing,
-                algorithm: Some(algorithm),
-                seconds: [f64::NAN; 3],
-                flops,
-                vs_gemm: f64::NAN,
-                fused_speedup: None,
-                workspace_bytes: 0,
-                device_bytes: 0,
-                skipped: Some(e.to_string()),
-                profile: Vec::new(),
-                gemms: String::new(),
-            },
-            Err(e) => return Err(e),
-        });
-    }
-    Ok(rows)
-}
-
-/// A plan's measurements: its timing, its workspace bytes, with `--profile` its kernels'
-/// times, and the GEMM candidates of its products.
-struct Measured {
-    timed: Timed,
-    workspace_bytes: u64,
-    profile: Vec<KernelTime>,
-    gemms: String,
-}
-
-/// Times `plan` on the shape's buffers, with gradients where `with_grads` (and, with
-/// `--profile`, per kernel).
-fn measure_plan(
-    ctx: &Context,
-    options: &BenchOptions,
-    plan: &Plan,
-    buffers: &ShapeBuffers,
-    with_grads: bool,
-) -> Result<Measured> {
-    let params = LossParams::default();
-    let inputs = DeviceInputs {
-        features: BufferRegion::from(&buffers.features),
-        classes: BufferRegion::from(&buffers.classes),
-        labels: BufferRegion::from(&buffers.labels),
-    };
-    let outputs = DeviceOutputs {
-        row_stats: BufferRegion::from(&buffers.row_stats),
-        summary: BufferRegion::from(&buffers.summary),
-        grads: with_grads.then_some(GradOutputs {
-            features: BufferRegion::from(&buffers.grad_features),
-            classes: BufferRegion::from(&buffers.grad_classes),
-        }),
-    };
-    let record: Record<'_> = &|encoder, writes| {
-        plan.record_phase(
-            ctx,
-            encoder,
-            &inputs,
-            &outputs,
-            &params,
-            writes,
-            Phase::Whole,
-        )
-    };
-    let timed = time_op(ctx, options, record)?;
-    let profile = if options.profile {
-        profile_op(ctx, options, record)?
-    } else {
-        Vec::new()
-    };
-    Ok(Measured {
-        timed,
-        workspace_bytes: plan.workspace_bytes(),
-        profile,
-        gemms: plan.gemm_summary(ctx),
-    })
-}
-
 /// Sets the fused forward + backward row's speed-up over the unfused baseline, where
 /// both ran and the ratio is finite.
 fn set_fused_speedup(rows: &mut [BenchRow]) {
@@ -936,46 +764,218 @@ fn set_fused_speedup(rows: &mut [BenchRow]) {
     }
 }
 
+/// A boxed recording, for a list of operations to time together.
+type Recording<'r> =
+    Box<dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>> + 'r>;
+
+/// The rows of one shape: the plain GEMM on its tuned candidate (`gemm`, the floor the
+/// other rows are measured against) and on every candidate (`gemm_candidate`), the loss
+/// operations, and the class shards, all timed in one interleaved sweep ([`time_ops`]) so
+/// that their ratios see the same host. An operation too large for the adapter, or that
+/// the GPU refuses, gives a skipped row.
+fn shape_rows(
+    ctx: &Context,
+    options: &BenchOptions,
+    problem: &Problem,
+    buffers: &ShapeBuffers,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<BenchRow>> {
+    let shape = problem.shape;
+    let floor = GemmFloor::new(ctx, problem, buffers)?;
+    let mut candidates = vec![floor.tuned];
+    if options.runs("gemm_candidates") {
+        candidates.extend(0..ctx.kernels.candidates.len());
+    }
+    let gemm_recordings = floor.recordings(ctx, &candidates)?;
+    let chosen = Algorithm::choose(ctx, shape);
+    let plans: Vec<(LossOp, Result<Plan>)> = loss_ops(shape, chosen)
+        .into_iter()
+        .filter(|op| options.runs(op.0))
+        .map(|op| {
+            let plan = match op.3 {
+                Some(bytes) => Plan::with_budget(ctx, shape, bytes),
+                None => Plan::with_algorithm(ctx, shape, op.1),
+            };
+            (op, plan)
+        })
+        .collect();
+    let plan_recordings: Vec<Option<Recording<'_>>> = plans
+        .iter()
+        .map(|((_, _, pass, _), plan)| {
+            let with_grads = *pass == Pass::ForwardBackward;
+            plan.as_ref()
+                .ok()
+                .map(|plan| plan_recording(ctx, plan, buffers, with_grads))
+        })
+        .collect();
+    let sharded = options
+        .runs("sharded_fwd_bwd")
+        .then(|| sharded_call(ctx, problem));
+    let mut timers: Vec<Timer<'_>> = gemm_recordings
+        .iter()
+        .chain(plan_recordings.iter().flatten())
+        .map(|r| Timer::Gpu(r.as_ref()))
+        .collect();
+    if let Some(call) = &sharded {
+        timers.push(Timer::Host(call.as_ref()));
+    }
+    note(&format!("{} operations, interleaved", timers.len()));
+    let mut timings = time_ops(ctx, options, &timers).into_iter();
+    let mut next = || {
+        timings
+            .next()
+            .unwrap_or_else(|| Err(Error::Gpu("internal: a timing is missing".into())))
+    };
+    let gemm = next()?;
+    let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, gemm, gemm.1[0])];
+    for &index in &candidates[1..] {
+        rows.push(floor.row(ctx, "gemm_candidate", index, next()?, gemm.1[0]));
+    }
+    for ((op, plan), recording) in plans.iter().zip(&plan_recordings) {
+        let timed = match (plan, recording) {
+            (Ok(_), Some(_)) => next(),
+            (Err(e), _) => Err(e.clone()),
+            (Ok(_), None) => Err(Error::Gpu("internal: a plan without a recording".into())),
+        };
+        let profile = match (recording, options.profile) {
+            (Some(record), true) if timed.is_ok() => profile_op(ctx, options, record.as_ref())?,
+            _ => Vec::new(),
+        };
+        rows.push(loss_row(
+            ctx,
+            (shape, op),
+            plan,
+            timed,
+            profile,
+            buffers,
+            gemm.1,
+        )?);
+    }
+    if sharded.is_some() {
+        rows.push(sharded_row(
+            ctx,
+            shape,
+            next()?,
+            gemm.1,
+            buffers.io_bytes(true),
+        )?);
+    }
+    set_fused_speedup(&mut rows);
+    Ok(rows)
+}
+
+/// The recording of `plan` on the shape's buffers, with gradients where `with_grads`.
+fn plan_recording<'r>(
+    ctx: &'r Context,
+    plan: &'r Plan,
+    buffers: &'r ShapeBuffers,
+    with_grads: bool,
+) -> Recording<'r> {
+    Box::new(move |encoder, writes| {
+        let inputs = DeviceInputs {
+            features: BufferRegion::from(&buffers.features),
+            classes: BufferRegion::from(&buffers.classes),
+            labels: BufferRegion::from(&buffers.labels),
+        };
+        let outputs = DeviceOutputs {
+            row_stats: BufferRegion::from(&buffers.row_stats),
+            summary: BufferRegion::from(&buffers.summary),
+            grads: with_grads.then_some(GradOutputs {
+                features: BufferRegion::from(&buffers.grad_features),
+                classes: BufferRegion::from(&buffers.grad_classes),
+            }),
+        };
+        plan.record_phase(
+            ctx,
+            encoder,
+            &inputs,
+            &outputs,
+            &LossParams::default(),
+            writes,
+            Phase::Whole,
+        )
+    })
+}
+
+/// The row of loss operation `op`, from its plan and timing (or the error that skipped
+/// it: too large for the adapter, or refused by the GPU), against the GEMM floor.
+fn loss_row(
+    ctx: &Context,
+    (shape, &(op, algorithm, pass, _)): (Shape, &LossOp),
+    plan: &Result<Plan>,
+    timed: Result<Timed>,
+    profile: Vec<KernelTime>,
+    buffers: &ShapeBuffers,
+    gemm_seconds: [f64; 3],
+) -> Result<BenchRow> {
+    let with_grads = pass == Pass::ForwardBackward;
+    let flops = if with_grads { 3.0 } else { 1.0 } * gemm_flops(shape);
+    let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
+    let skipped = |e: Error| BenchRow {
+        shape,
+        op,
+        timing: Timing::WallClock,
+        algorithm: Some(algorithm),
+        seconds: [f64::NAN; 3],
+        flops,
+        vs_gemm: f64::NAN,
+        fused_speedup: None,
+        workspace_bytes: 0,
+        device_bytes: 0,
+        skipped: Some(e.to_string()),
+        profile: Vec::new(),
+        gemms: String::new(),
+    };
+    Ok(match (plan, timed) {
+        (Ok(plan), Ok((timing, seconds))) => BenchRow {
+            shape,
+            op,
+            timing,
+            algorithm: Some(algorithm),
+            seconds,
+            flops,
+            vs_gemm: seconds[0] / gemm_seconds[0],
+            fused_speedup: None,
+            workspace_bytes: plan.workspace_bytes(),
+            device_bytes: plan.workspace_bytes() + buffers.io_bytes(with_grads),
+            skipped: None,
+            profile,
+            gemms: plan.gemm_summary(ctx),
+        },
+        (_, Err(e @ (Error::TooLarge { .. } | Error::Gpu(_)))) => skipped(e),
+        (_, Err(e)) => return Err(e),
+        (Err(e), _) => skipped(e.clone()),
+    })
+}
+
 /// Shards of the sharded row: the shape's classes in two, on one context.
 const BENCH_SHARDS: usize = 2;
 
 /// Forward and backward of `problem` with its classes in BENCH_SHARDS shards on `ctx`,
-/// through the shard API ([`crate::shard::sharded_loss`]): host wall clock around the
-/// whole call (uploads, the shards' passes, the host merge and the read-backs).
-fn sharded_row(
-    ctx: &Context,
-    options: &BenchOptions,
-    problem: &Problem,
-    (flops, gemm_seconds): (f64, [f64; 3]),
-    io_bytes: u64,
-) -> Result<BenchRow> {
-    let shape = problem.shape;
-    let params = LossParams::default();
-    let contexts = [ctx; BENCH_SHARDS];
-    let call = || {
+/// through the shard API ([`crate::shard::sharded_loss`]), to be timed by host wall clock
+/// around the whole call (uploads, the shards' passes, the host merge and the read-backs).
+fn sharded_call<'r>(ctx: &'r Context, problem: &'r Problem) -> Box<dyn Fn() -> Result<()> + 'r> {
+    Box::new(move || {
         crate::shard::sharded_loss(
-            &contexts,
-            shape,
+            &[ctx; BENCH_SHARDS],
+            problem.shape,
             &problem.features,
             &problem.classes,
             &problem.labels,
-            &params,
+            &LossParams::default(),
         )
-    };
-    let mut samples = Vec::with_capacity(options.reps);
-    for run in 0..options.warmup + options.reps {
-        let start = Instant::now();
-        call()?;
-        if run >= options.warmup {
-            samples.push(start.elapsed().as_secs_f64());
-        }
-    }
-    samples.sort_by(f64::total_cmp);
-    let seconds = [
-        samples[samples.len() / 2],
-        samples[0],
-        samples[samples.len() - 1],
-    ];
+        .map(|_| ())
+    })
+}
+
+/// The sharded row from its timing, against the GEMM floor.
+fn sharded_row(
+    ctx: &Context,
+    shape: Shape,
+    (timing, seconds): Timed,
+    gemm_seconds: [f64; 3],
+    io_bytes: u64,
+) -> Result<BenchRow> {
     let mut workspace_bytes = 0;
     for k in 0..BENCH_SHARDS {
         let shard = crate::shard::ClassShard::split(shape.classes, BENCH_SHARDS, k)?;
@@ -985,10 +985,10 @@ fn sharded_row(
     Ok(BenchRow {
         shape,
         op: "sharded_fwd_bwd",
-        timing: Timing::WallClock,
+        timing,
         algorithm: Some(Algorithm::Chunked),
         seconds,
-        flops,
+        flops: 3.0 * gemm_flops(shape),
         vs_gemm: seconds[0] / gemm_seconds[0],
         fused_speedup: None,
         workspace_bytes,
@@ -999,32 +999,25 @@ fn sharded_row(
     })
 }
 
-/// Wall time of one whole slice-API call (upload, record, submit, wait, read back) on
-/// the smallest problem, B = 1, D = 1, C = 2: the crate's per-call host overhead.
 fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
     let shape = Shape::new(1, 1, 2);
     let p = Problem::random(shape, 0);
     let params = LossParams::default();
-    let calls = 20 * options.reps.max(1);
-    let mut samples = Vec::with_capacity(calls);
-    for run in 0..options.warmup + calls {
-        let start = Instant::now();
-        ctx.loss_on(&p, &params, Pass::ForwardBackward)?;
-        if run >= options.warmup {
-            samples.push(start.elapsed().as_secs_f64());
-        }
-    }
-    samples.sort_by(f64::total_cmp);
+    let call = || ctx.loss_on(&p, &params, Pass::ForwardBackward).map(|_| ());
+    let calls = BenchOptions {
+        reps: 20 * options.reps.max(1),
+        ..options.clone()
+    };
+    let mut timed = time_ops(ctx, &calls, &[Timer::Host(&call)]);
+    let (timing, seconds) = timed
+        .pop()
+        .unwrap_or_else(|| Err(Error::Gpu("internal: no timing".into())))?;
     Ok(BenchRow {
         shape,
         op: "slice_api_tiny_call",
-        timing: Timing::WallClock,
+        timing,
         algorithm: None,
-        seconds: [
-            samples[samples.len() / 2],
-            samples[0],
-            samples[samples.len() - 1],
-        ],
+        seconds,
         flops: 0.0,
         vs_gemm: f64::NAN,
         fused_speedup: None,
