@@ -310,59 +310,7 @@ enum Timer<'a> {
 /// ratios stay comparable. An operation that fails is dropped from later runs and gives
 /// its error in its place.
 fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<Result<Timed>> {
-    let queries = (ctx.has_timestamps() && !options.wall_clock).then(|| {
-        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("bench timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        });
-        let buffer = |usage| {
-            ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16,
-                usage,
-                mapped_at_creation: false,
-            })
-        };
-        let resolved = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
-        let readable = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
-        (set, resolved, readable)
-    });
-    let period_ns = f64::from(ctx.queue.get_timestamp_period());
-    let run_once = |timer: &Timer<'_>| -> Result<f64> {
-        let record = match timer {
-            Timer::Gpu(record) => record,
-            Timer::Host(call) => {
-                let start = Instant::now();
-                call()?;
-                return Ok(start.elapsed().as_secs_f64());
-            }
-        };
-        let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        let writes = queries
-            .as_ref()
-            .map_or(Timestamps::Off, |(set, ..)| Timestamps::Pass(set));
-        ctx.gpu_scoped(|| record(&mut encoder, writes))?;
-        if let Some((set, resolved, _)) = &queries {
-            encoder.resolve_query_set(set, 0..2, resolved, 0);
-        }
-        let start = Instant::now();
-        let submission = ctx.queue.submit([encoder.finish()]);
-        ctx.wait(submission)?;
-        let wall = start.elapsed().as_secs_f64();
-        Ok(match &queries {
-            Some((_, resolved, readable)) => {
-                // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
-                let mut copy = ctx.device.create_command_encoder(&Default::default());
-                copy.copy_buffer_to_buffer(resolved, 0, readable, 0, 16);
-                let submission = ctx.queue.submit([copy.finish()]);
-                let bytes = pollster::block_on(ctx.read_back(readable, 16, submission))?;
-                let stamps: [u64; 2] = bytemuck::pod_read_unaligned(&bytes);
-                stamps[1].saturating_sub(stamps[0]) as f64 * period_ns * 1e-9
-            }
-            None => wall,
-        })
-    };
+    let queries = TimestampQueries::new(ctx, options);
     let mut samples: Vec<Result<Vec<f64>>> = timers
         .iter()
         .map(|_| Ok(Vec::with_capacity(options.reps)))
@@ -370,7 +318,7 @@ fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<
     for run in 0..options.warmup + options.reps {
         for (timer, kept) in timers.iter().zip(&mut samples) {
             let Ok(times) = kept else { continue };
-            match run_once(timer) {
+            match time_once(ctx, queries.as_ref(), timer) {
                 Ok(seconds) if run >= options.warmup => times.push(seconds),
                 Ok(_) => {}
                 Err(e) => *kept = Err(e),
@@ -396,6 +344,72 @@ fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<
             Ok((timing, [median, min, max]))
         })
         .collect()
+}
+
+/// Two timestamps around a compute pass, their resolved copy and a readable buffer.
+struct TimestampQueries {
+    set: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readable: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl TimestampQueries {
+    /// Where the adapter has timestamps and `--wall-clock` is not asked for.
+    fn new(ctx: &Context, options: &BenchOptions) -> Option<TimestampQueries> {
+        (ctx.has_timestamps() && !options.wall_clock).then(|| {
+            let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let buffer = |usage| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: 16,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            TimestampQueries {
+                set,
+                resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+                readable: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+                period_ns: f64::from(ctx.queue.get_timestamp_period()),
+            }
+        })
+    }
+}
+
+/// Seconds of one run of `timer`: between the timestamps where there are `queries`,
+/// else host wall clock around the submit and wait (or around the call).
+fn time_once(ctx: &Context, queries: Option<&TimestampQueries>, timer: &Timer<'_>) -> Result<f64> {
+    let record = match timer {
+        Timer::Gpu(record) => record,
+        Timer::Host(call) => {
+            let start = Instant::now();
+            call()?;
+            return Ok(start.elapsed().as_secs_f64());
+        }
+    };
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let writes = queries.map_or(Timestamps::Off, |q| Timestamps::Pass(&q.set));
+    ctx.gpu_scoped(|| record(&mut encoder, writes))?;
+    if let Some(q) = queries {
+        encoder.resolve_query_set(&q.set, 0..2, &q.resolved, 0);
+    }
+    let start = Instant::now();
+    let submission = ctx.queue.submit([encoder.finish()]);
+    ctx.wait(submission)?;
+    let wall = start.elapsed().as_secs_f64();
+    let Some(q) = queries else { return Ok(wall) };
+    // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
+    let mut copy = ctx.device.create_command_encoder(&Default::default());
+    copy.copy_buffer_to_buffer(&q.resolved, 0, &q.readable, 0, 16);
+    let submission = ctx.queue.submit([copy.finish()]);
+    let bytes = pollster::block_on(ctx.read_back(&q.readable, 16, submission))?;
+    let stamps: [u64; 2] = bytemuck::pod_read_unaligned(&bytes);
+    Ok(stamps[1].saturating_sub(stamps[0]) as f64 * q.period_ns * 1e-9)
 }
 
 /// Queries of a profile: two per dispatch.
@@ -787,18 +801,7 @@ fn shape_rows(
         candidates.extend(0..ctx.kernels.candidates.len());
     }
     let gemm_recordings = floor.recordings(ctx, &candidates)?;
-    let chosen = Algorithm::choose(ctx, shape);
-    let plans: Vec<(LossOp, Result<Plan>)> = loss_ops(shape, chosen)
-        .into_iter()
-        .filter(|op| options.runs(op.0))
-        .map(|op| {
-            let plan = match op.3 {
-                Some(bytes) => Plan::with_budget(ctx, shape, bytes),
-                None => Plan::with_algorithm(ctx, shape, op.1),
-            };
-            (op, plan)
-        })
-        .collect();
+    let plans = loss_plans(ctx, options, shape);
     let plan_recordings: Vec<Option<Recording<'_>>> = plans
         .iter()
         .map(|((_, _, pass, _), plan)| {
@@ -862,6 +865,22 @@ fn shape_rows(
     }
     set_fused_speedup(&mut rows);
     Ok(rows)
+}
+
+/// The loss operations `options` runs on `shape`, each with its plan (or the error that
+/// skips it).
+fn loss_plans(ctx: &Context, options: &BenchOptions, shape: Shape) -> Vec<(LossOp, Result<Plan>)> {
+    loss_ops(shape, Algorithm::choose(ctx, shape))
+        .into_iter()
+        .filter(|op| options.runs(op.0))
+        .map(|op| {
+            let plan = match op.3 {
+                Some(bytes) => Plan::with_budget(ctx, shape, bytes),
+                None => Plan::with_algorithm(ctx, shape, op.1),
+            };
+            (op, plan)
+        })
+        .collect()
 }
 
 /// The recording of `plan` on the shape's buffers, with gradients where `with_grads`.
