@@ -184,22 +184,55 @@ fn angle_degrees(a: &[f32], b: &[f32]) -> f32 {
         .to_degrees()
 }
 
-/// Trains for `epochs` full-batch epochs with margin `margin` on a fixed 80/20 split.
-pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u64) -> Run {
-    let mut rng = SplitMix64::new(seed);
+/// Images and their labels.
+type Split = (Vec<[f32; 64]>, Vec<u32>);
+
+/// The digits shuffled by `rng`, cut 80/20 into (train, test).
+fn train_test_split(digits: &Digits, rng: &mut SplitMix64) -> (Split, Split) {
     let mut order: Vec<usize> = (0..digits.labels.len()).collect();
     for k in (1..order.len()).rev() {
         order.swap(k, rng.below(k + 1));
     }
     let split = order.len() * 4 / 5;
-    let pick = |idx: &[usize]| -> (Vec<[f32; 64]>, Vec<u32>) {
+    let pick = |idx: &[usize]| -> Split {
         (
             idx.iter().map(|&i| digits.images[i]).collect(),
             idx.iter().map(|&i| digits.labels[i]).collect(),
         )
     };
-    let (train_x, train_y) = pick(&order[..split]);
-    let (test_x, test_y) = pick(&order[split..]);
+    (pick(&order[..split]), pick(&order[split..]))
+}
+
+/// The mean angle between each test feature and its class vector, and the smallest
+/// angle between two class vectors, in degrees.
+fn class_angles(test: &[f32], test_y: &[u32], classes: &[f32]) -> (f32, f32) {
+    let intra = test_y
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| {
+            angle_degrees(
+                &test[i * DIM..(i + 1) * DIM],
+                &classes[y as usize * DIM..(y as usize + 1) * DIM],
+            )
+        })
+        .sum::<f32>()
+        / test_y.len() as f32;
+    let mut inter = f32::INFINITY;
+    for a in 0..CLASSES {
+        for b in a + 1..CLASSES {
+            inter = inter.min(angle_degrees(
+                &classes[a * DIM..(a + 1) * DIM],
+                &classes[b * DIM..(b + 1) * DIM],
+            ));
+        }
+    }
+    (intra, inter)
+}
+
+/// Trains for `epochs` full-batch epochs with margin `margin` on a fixed 80/20 split.
+pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u64) -> Run {
+    let mut rng = SplitMix64::new(seed);
+    let ((train_x, train_y), (test_x, test_y)) = train_test_split(digits, &mut rng);
     let mut mlp = Mlp::new(&mut rng);
     let mut classes: Vec<f32> = (0..CLASSES * DIM).map(|_| rng.next_signed()).collect();
     // The floor: CosFace's bound for 10 classes and a wanted target probability of 0.9.
@@ -250,26 +283,7 @@ pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u
                 Pass::Forward,
             )
             .expect("test loss");
-        let intra = test_y
-            .iter()
-            .enumerate()
-            .map(|(i, &y)| {
-                angle_degrees(
-                    &test[i * DIM..(i + 1) * DIM],
-                    &classes[y as usize * DIM..(y as usize + 1) * DIM],
-                )
-            })
-            .sum::<f32>()
-            / test_y.len() as f32;
-        let mut inter = f32::INFINITY;
-        for a in 0..CLASSES {
-            for b in a + 1..CLASSES {
-                inter = inter.min(angle_degrees(
-                    &classes[a * DIM..(a + 1) * DIM],
-                    &classes[b * DIM..(b + 1) * DIM],
-                ));
-            }
-        }
+        let (intra, inter) = class_angles(&test, &test_y, &classes);
         history.push(EpochStats {
             loss: out.loss,
             train_accuracy: out.correct_rows as f32 / out.valid_rows as f32,

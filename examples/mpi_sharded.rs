@@ -14,7 +14,7 @@ use std::time::Instant;
 use margin_softmax::shard::{
     finish_rows, merge_shards, ClassShard, GlobalRows, RowPartial, ShardInputs,
 };
-use margin_softmax::{Context, Gradients, LossParams, Pass, Problem, Shape};
+use margin_softmax::{Context, Gradients, LossOutput, LossParams, Pass, Problem, Shape};
 use mpi::traits::*;
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -136,45 +136,71 @@ fn main() {
     let mut all_dw = vec![0.0f32; ranks];
     world.all_gather_into(&local_dw, &mut all_dw[..]);
     if rank == 0 {
-        let dw = all_dw.iter().fold(0.0f32, |m, &v| m.max(v));
-        let dx = max_diff(&grad_x, &single_grads.features);
-        let dloss = (global.output.loss - single.loss).abs();
-        let ds = (global.output.grad_scale - single.grad_scale).abs();
-        // Per row of the batch: its partial from every rank, its dL/dx share (the
-        // all-to-all moves one share per row), and its features and label.
-        let exchanged = std::mem::size_of::<RowPartial>() * ranks + 4 * d + (4 * d + 4);
-        println!(
-            "ranks {ranks}, B = {b}, D = {d}, C = {c} ({} classes per rank at most)",
-            c.div_ceil(ranks)
+        let times = (sharded_time, single_time);
+        report(
+            &world,
+            shape,
+            ranks,
+            (&global, &grad_x, &all_dw),
+            &single,
+            times,
         );
-        println!(
-            "loss sharded {} single {} |Δ| {dloss:.3e}",
-            global.output.loss, single.loss
-        );
-        println!("max |Δ| dL/dx {dx:.3e}, dL/dw {dw:.3e}, dL/ds {ds:.3e}");
-        println!(
-            "bytes per row received by each rank: {exchanged} (partials {}, dL/dx shares {}, features and label {})",
-            std::mem::size_of::<RowPartial>() * ranks,
-            4 * d,
-            4 * d + 4
-        );
-        println!(
-            "wall time: sharded {:.1} ms, single process {:.1} ms",
-            sharded_time.as_secs_f64() * 1e3,
-            single_time.as_secs_f64() * 1e3
-        );
-        let ok =
-            dloss <= 1e-5 * single.loss.abs().max(1.0) && dx <= 1e-5 && dw <= 1e-5 && ds <= 1e-5;
-        println!(
-            "{}",
-            if ok {
-                "PASS"
-            } else {
-                "FAIL: the sharded result differs from the single-process one"
-            }
-        );
-        if !ok {
-            world.abort(1);
+    }
+}
+
+/// Rank 0's comparison of the sharded step (its rows, dL/dx gathered, every rank's dL/dw
+/// error) with the single-process run, and the bytes and times; aborts on a mismatch.
+fn report(
+    world: &mpi::topology::SimpleCommunicator,
+    shape: Shape,
+    ranks: usize,
+    (global, grad_x, all_dw): (&GlobalRows, &[f32], &[f32]),
+    single: &LossOutput,
+    (sharded_time, single_time): (std::time::Duration, std::time::Duration),
+) {
+    let Shape {
+        batch: b,
+        dim: d,
+        classes: c,
+    } = shape;
+    let single_grads = single.grads.as_ref().expect("gradients");
+    let dw = all_dw.iter().fold(0.0f32, |m, &v| m.max(v));
+    let dx = max_diff(grad_x, &single_grads.features);
+    let dloss = (global.output.loss - single.loss).abs();
+    let ds = (global.output.grad_scale - single.grad_scale).abs();
+    // Per row of the batch: its partial from every rank, its dL/dx share (the
+    // all-to-all moves one share per row), and its features and label.
+    let exchanged = std::mem::size_of::<RowPartial>() * ranks + 4 * d + (4 * d + 4);
+    println!(
+        "ranks {ranks}, B = {b}, D = {d}, C = {c} ({} classes per rank at most)",
+        c.div_ceil(ranks)
+    );
+    println!(
+        "loss sharded {} single {} |Δ| {dloss:.3e}",
+        global.output.loss, single.loss
+    );
+    println!("max |Δ| dL/dx {dx:.3e}, dL/dw {dw:.3e}, dL/ds {ds:.3e}");
+    println!(
+        "bytes per row received by each rank: {exchanged} (partials {}, dL/dx shares {}, features and label {})",
+        std::mem::size_of::<RowPartial>() * ranks,
+        4 * d,
+        4 * d + 4
+    );
+    println!(
+        "wall time: sharded {:.1} ms, single process {:.1} ms",
+        sharded_time.as_secs_f64() * 1e3,
+        single_time.as_secs_f64() * 1e3
+    );
+    let ok = dloss <= 1e-5 * single.loss.abs().max(1.0) && dx <= 1e-5 && dw <= 1e-5 && ds <= 1e-5;
+    println!(
+        "{}",
+        if ok {
+            "PASS"
+        } else {
+            "FAIL: the sharded result differs from the single-process one"
         }
+    );
+    if !ok {
+        world.abort(1);
     }
 }
