@@ -1,5 +1,5 @@
-//! The context: a wgpu device and queue, the adapter's facts, and the pipelines
-//! compiled once for that device.
+//! The context: a wgpu device and queue, the adapter's facts, and the pipelines of that
+//! device, each compiled on first use.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
-//! The compute pipelines: one per WGSL entry point, compiled once per device, and the
-//! bindings each one reads. Every shader module is `shaders/common.wgsl` followed by
-//! its family's file.
+//! The compute pipelines: one per WGSL entry point (and GEMM layout and candidate), each
+//! compiled the first time a recording uses it, and the bindings each one reads; the
+//! uniform structs of the families, mirrored from WGSL. Every shader module is
+//! `shaders/common.wgsl`, the shared pieces it needs, then its family's file.
 
 use crate::params::{LossParams, Objective, TargetGradient};
 
