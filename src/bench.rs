@@ -808,7 +808,7 @@ fn shape_rows(
             let with_grads = *pass == Pass::ForwardBackward;
             plan.as_ref()
                 .ok()
-                .map(|plan| plan_recording(ctx, plan, buffers, with_grads))
+                .map(|plan| plan_recording(ctx, plan, buffers, with_grads, Phase::Whole))
         })
         .collect();
     let sharded = options
@@ -855,13 +855,11 @@ fn shape_rows(
         )?);
     }
     if sharded.is_some() {
-        rows.push(sharded_row(
-            ctx,
-            shape,
-            next()?,
-            gemm.1,
-            buffers.io_bytes(true),
-        )?);
+        let mut row = sharded_row(ctx, shape, next()?, gemm.1, buffers.io_bytes(true))?;
+        if options.profile {
+            row.profile = shard_profile(ctx, options, buffers, shape)?;
+        }
+        rows.push(row);
     }
     set_fused_speedup(&mut rows);
     Ok(rows)
@@ -883,12 +881,14 @@ fn loss_plans(ctx: &Context, options: &BenchOptions, shape: Shape) -> Vec<(LossO
         .collect()
 }
 
-/// The recording of `plan` on the shape's buffers, with gradients where `with_grads`.
+/// The recording of `plan`'s `phase` on the shape's buffers, with gradients where
+/// `with_grads`.
 fn plan_recording<'r>(
     ctx: &'r Context,
     plan: &'r Plan,
     buffers: &'r ShapeBuffers,
     with_grads: bool,
+    phase: Phase,
 ) -> Recording<'r> {
     Box::new(move |encoder, writes| {
         let inputs = DeviceInputs {
@@ -911,9 +911,32 @@ fn plan_recording<'r>(
             &outputs,
             &LossParams::default(),
             writes,
-            Phase::Whole,
+            phase,
         )
     })
+}
+
+/// Per-kernel GPU times of the first shard's forward, then its backward (from the dots
+/// its forward leaves, where its plan keeps them), on the shape's buffers: where the
+/// sharded row's time goes on the device.
+fn shard_profile(
+    ctx: &Context,
+    options: &BenchOptions,
+    buffers: &ShapeBuffers,
+    shape: Shape,
+) -> Result<Vec<KernelTime>> {
+    let shard = crate::shard::ClassShard::split(shape.classes, BENCH_SHARDS, 0)?;
+    let plan = Plan::for_shard(ctx, Shape::new(shape.batch, shape.dim, shard.count))?;
+    let reuse_dots = plan.keeps_dots();
+    let mut profile = Vec::new();
+    for (phase, with_grads) in [
+        (Phase::ShardForward, false),
+        (Phase::ShardBackward { reuse_dots }, true),
+    ] {
+        let record = plan_recording(ctx, &plan, buffers, with_grads, phase);
+        profile.extend(profile_op(ctx, options, record.as_ref())?);
+    }
+    Ok(profile)
 }
 
 /// The row of loss operation `op`, from its plan and timing (or the error that skipped

@@ -582,9 +582,16 @@ impl<'a> Steps<'a> {
         u64::from(self.plan.geometry.chunks[chunk].classes) + first
     }
 
-    /// The norms of each class chunk's rows.
+    /// The norms of each class chunk's rows (none where the dots are reused).
     fn norms(&self) -> Result<Vec<Step<'a>>> {
-        (0..self.plan.geometry.chunks.len())
+        // A shard's backward from its forward's dots finds the inverse norms that forward
+        // left in the same workspace.
+        let chunks = if self.reuse_dots {
+            0
+        } else {
+            self.plan.geometry.chunks.len()
+        };
+        (0..chunks)
             .map(|chunk| {
                 Ok(Step {
                     chunk,
