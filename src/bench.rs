@@ -199,11 +199,16 @@ pub struct BenchRow {
     pub algorithm: Option<Algorithm>,
     /// Median, min and max seconds over the timed runs.
     pub seconds: [f64; 3],
+    /// Seconds of each timed run, in run order: each run timed every operation of the
+    /// shape once, in turn, so run r of two rows saw the same moment of the host.
+    pub runs: Vec<f64>,
     /// Flops counted per run: 2·B·C·D per GEMM-equivalent, 6·B·C·D for forward + backward.
     pub flops: f64,
-    /// Median time over the GEMM's median time.
+    /// This row's time over the GEMM's in the same run, the median over the runs
+    /// ([`paired_ratio`]).
     pub vs_gemm: f64,
-    /// Unfused median over this row's median (forward + backward rows).
+    /// The unfused baseline's time over this row's in the same run, the median over the
+    /// runs (the default plan's forward + backward row).
     pub fused_speedup: Option<f64>,
     /// Bytes the crate allocates beyond inputs and outputs.
     pub workspace_bytes: u64,
@@ -304,8 +309,8 @@ enum Timer<'a> {
     Host(&'a dyn Fn() -> Result<()>),
 }
 
-/// Times each of `timers`: warm-up runs, then `reps` timed runs, as (timing, [median,
-/// min, max]), interleaved: every run times each operation once in turn, so that a host
+/// Times each of `timers`: warm-up runs, then `reps` timed runs, as (timing, seconds per
+/// run), interleaved: every run times each operation once in turn, so that a host
 /// whose speed drifts during the sweep (a shared machine) shifts them all alike and their
 /// ratios stay comparable. An operation that fails is dropped from later runs and gives
 /// its error in its place.
@@ -334,14 +339,11 @@ fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<
         .iter()
         .zip(samples)
         .map(|(timer, kept)| {
-            let mut times = kept?;
-            times.sort_by(f64::total_cmp);
             let timing = match timer {
                 Timer::Gpu(_) => gpu_timing,
                 Timer::Host(_) => Timing::WallClock,
             };
-            let (median, min, max) = (times[times.len() / 2], times[0], times[times.len() - 1]);
-            Ok((timing, [median, min, max]))
+            Ok((timing, kept?))
         })
         .collect()
 }
@@ -532,8 +534,29 @@ fn gemm_flops(shape: Shape) -> f64 {
     2.0 * (shape.batch * shape.classes * shape.dim) as f64
 }
 
-/// How an operation was timed, and its [median, min, max] seconds.
-type Timed = (Timing, [f64; 3]);
+/// How an operation was timed, and its seconds per timed run, in run order.
+type Timed = (Timing, Vec<f64>);
+
+/// [median, min, max] of `runs` (NaN for none).
+fn stats(runs: &[f64]) -> [f64; 3] {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.last()) {
+        (Some(&min), Some(&max)) => [sorted[sorted.len() / 2], min, max],
+        _ => [f64::NAN; 3],
+    }
+}
+
+/// The median over runs of `a[r] / b[r]`: two operations timed in the same runs compared
+/// run by run, so that a host whose speed drifts from run to run (a shared machine) moves
+/// both sides of each ratio alike. The ratio of the medians where the runs do not pair.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() || a.is_empty() {
+        return stats(a)[0] / stats(b)[0];
+    }
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    stats(&ratios)[0]
+}
 
 /// A piece's shape uniform, and its grid for every candidate.
 type PieceUniform = (wgpu::Buffer, Vec<(u32, u32)>);
@@ -658,23 +681,24 @@ impl<'a> GemmFloor<'a> {
             .collect()
     }
 
-    /// The row `op` of `candidate`'s timing, against the floor's median `floor`.
+    /// The row `op` of `candidate`'s timing, against the floor's runs `floor`.
     fn row(
         &self,
         ctx: &Context,
         op: &'static str,
         candidate: usize,
-        (timing, seconds): Timed,
-        floor: f64,
+        (timing, runs): Timed,
+        floor: &[f64],
     ) -> BenchRow {
         BenchRow {
             shape: self.shape,
             op,
             timing,
             algorithm: None,
-            seconds,
+            seconds: stats(&runs),
+            vs_gemm: paired_ratio(&runs, floor),
+            runs,
             flops: gemm_flops(self.shape),
-            vs_gemm: seconds[0] / floor,
             fused_speedup: None,
             workspace_bytes: 0,
             device_bytes: self.lhs().size() + self.rhs().size() + self.product.size(),
@@ -769,12 +793,12 @@ fn set_fused_speedup(rows: &mut [BenchRow]) {
     let unfused = rows
         .iter()
         .find(|r| r.op == "unfused_forward_backward")
-        .map(|r| r.seconds[0]);
+        .map(|r| r.runs.clone());
     if let (Some(fused), Some(unfused)) = (
         rows.iter_mut().find(|r| r.op == "fused_forward_backward"),
         unfused,
     ) {
-        fused.fused_speedup = Some(unfused / fused.seconds[0]).filter(|s| s.is_finite());
+        fused.fused_speedup = Some(paired_ratio(&unfused, &fused.runs)).filter(|s| s.is_finite());
     }
 }
 
@@ -830,9 +854,10 @@ fn shape_rows(
             .unwrap_or_else(|| Err(Error::Gpu("internal: a timing is missing".into())))
     };
     let gemm = next()?;
-    let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, gemm, gemm.1[0])];
+    let floor_runs = gemm.1.clone();
+    let mut rows = vec![floor.row(ctx, "gemm", floor.tuned, gemm, &floor_runs)];
     for &index in &candidates[1..] {
-        rows.push(floor.row(ctx, "gemm_candidate", index, next()?, gemm.1[0]));
+        rows.push(floor.row(ctx, "gemm_candidate", index, next()?, &floor_runs));
     }
     for ((op, plan), recording) in plans.iter().zip(&plan_recordings) {
         let timed = match (plan, recording) {
@@ -851,11 +876,11 @@ fn shape_rows(
             timed,
             profile,
             buffers,
-            gemm.1,
+            &floor_runs,
         )?);
     }
     if sharded.is_some() {
-        let mut row = sharded_row(ctx, shape, next()?, gemm.1, buffers.io_bytes(true))?;
+        let mut row = sharded_row(ctx, shape, next()?, &floor_runs, buffers.io_bytes(true))?;
         if options.profile {
             row.profile = shard_profile(ctx, options, buffers, shape)?;
         }
@@ -948,7 +973,7 @@ fn loss_row(
     timed: Result<Timed>,
     profile: Vec<KernelTime>,
     buffers: &ShapeBuffers,
-    gemm_seconds: [f64; 3],
+    gemm_runs: &[f64],
 ) -> Result<BenchRow> {
     let with_grads = pass == Pass::ForwardBackward;
     let flops = if with_grads { 3.0 } else { 1.0 } * gemm_flops(shape);
@@ -959,6 +984,7 @@ fn loss_row(
         timing: Timing::WallClock,
         algorithm: Some(algorithm),
         seconds: [f64::NAN; 3],
+        runs: Vec::new(),
         flops,
         vs_gemm: f64::NAN,
         fused_speedup: None,
@@ -969,14 +995,15 @@ fn loss_row(
         gemms: String::new(),
     };
     Ok(match (plan, timed) {
-        (Ok(plan), Ok((timing, seconds))) => BenchRow {
+        (Ok(plan), Ok((timing, runs))) => BenchRow {
             shape,
             op,
             timing,
             algorithm: Some(algorithm),
-            seconds,
+            seconds: stats(&runs),
+            vs_gemm: paired_ratio(&runs, gemm_runs),
+            runs,
             flops,
-            vs_gemm: seconds[0] / gemm_seconds[0],
             fused_speedup: None,
             workspace_bytes: plan.workspace_bytes(),
             device_bytes: plan.workspace_bytes() + buffers.io_bytes(with_grads),
@@ -1014,8 +1041,8 @@ fn sharded_call<'r>(ctx: &'r Context, problem: &'r Problem) -> Box<dyn Fn() -> R
 fn sharded_row(
     ctx: &Context,
     shape: Shape,
-    (timing, seconds): Timed,
-    gemm_seconds: [f64; 3],
+    (timing, runs): Timed,
+    gemm_runs: &[f64],
     io_bytes: u64,
 ) -> Result<BenchRow> {
     let mut workspace_bytes = 0;
@@ -1029,9 +1056,10 @@ fn sharded_row(
         op: "sharded_fwd_bwd",
         timing,
         algorithm: Some(Algorithm::Chunked),
-        seconds,
+        seconds: stats(&runs),
+        vs_gemm: paired_ratio(&runs, gemm_runs),
+        runs,
         flops: 3.0 * gemm_flops(shape),
-        vs_gemm: seconds[0] / gemm_seconds[0],
         fused_speedup: None,
         workspace_bytes,
         device_bytes: workspace_bytes + io_bytes,
@@ -1051,7 +1079,7 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         ..options.clone()
     };
     let mut timed = time_ops(ctx, &calls, &[Timer::Host(&call)]);
-    let (timing, seconds) = timed
+    let (timing, runs) = timed
         .pop()
         .unwrap_or_else(|| Err(Error::Gpu("internal: no timing".into())))?;
     Ok(BenchRow {
@@ -1059,7 +1087,8 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         op: "slice_api_tiny_call",
         timing,
         algorithm: None,
-        seconds,
+        seconds: stats(&runs),
+        runs,
         flops: 0.0,
         vs_gemm: f64::NAN,
         fused_speedup: None,
@@ -1168,16 +1197,22 @@ fn tuner_lines(ctx: &Context) -> String {
     out
 }
 
-/// The tuned choice of each shape's GEMM against the fastest candidate of this run.
+/// The tuned choice of each shape's GEMM against the fastest candidate of this run: the
+/// two candidates' rows of the sweep, compared run by run ([`paired_ratio`]).
 fn tuned_gemm_lines(rows: &[BenchRow]) -> String {
     let mut out = String::new();
-    for tuned in rows.iter().filter(|r| r.op == "gemm") {
-        let same_shape = |r: &&BenchRow| r.op == "gemm_candidate" && r.shape == tuned.shape;
-        if let Some(fastest) = rows
+    for gemm in rows.iter().filter(|r| r.op == "gemm") {
+        let same_shape = |r: &&BenchRow| r.op == "gemm_candidate" && r.shape == gemm.shape;
+        let tuned = rows
             .iter()
             .filter(same_shape)
-            .min_by(|a, b| a.seconds[0].total_cmp(&b.seconds[0]))
-        {
+            .find(|r| r.gemms == gemm.gemms);
+        if let (Some(tuned), Some(fastest)) = (
+            tuned,
+            rows.iter()
+                .filter(same_shape)
+                .min_by(|a, b| a.seconds[0].total_cmp(&b.seconds[0])),
+        ) {
             let Shape {
                 batch: b,
                 dim: d,
@@ -1189,7 +1224,7 @@ fn tuned_gemm_lines(rows: &[BenchRow]) -> String {
                 tuned.seconds[0] * 1e3,
                 fastest.gemms,
                 fastest.seconds[0] * 1e3,
-                tuned.seconds[0] / fastest.seconds[0]
+                paired_ratio(&tuned.runs, &fastest.runs)
             );
         }
     }
@@ -1239,7 +1274,8 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
             format!(
                 "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"batch\":{},\"dim\":{},\"classes\":{},\"op\":{},\
                  \"timing\":{},\"plan\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
-                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{},\"gemms\":{}}}\n",
+                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{},\"gemms\":{},\
+                 \"runs_s\":[{}]}}\n",
                 text(&info.name),
                 text(&format!("{:?}", info.backend)),
                 text(&format!("{} {}", info.driver, info.driver_info)),
@@ -1262,6 +1298,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
                 r.device_bytes,
                 r.skipped.as_deref().map_or("null".into(), text),
                 text(&r.gemms),
+                r.runs.iter().map(|&v| num(v)).collect::<Vec<_>>().join(","),
             )
         })
         .collect()
