@@ -98,8 +98,8 @@ const SQUARE_RUN_QUADS: u32 = 8u;
 
 /// Σ (v·scale)² over the D values from `base`: four lanes (one per element of a vec4),
 /// each summed in runs of SQUARE_RUN_QUADS squares, then run by run, then the lanes in
-/// pairs. Every inverse norm's rounding reaches every cosine of its row, so the sum is
-/// kept short: chains of about 8 additions instead of one of D/4.
+/// pairs. Every inverse norm's rounding reaches every cosine of its row, so the chains
+/// are kept short: 8 additions a run and D/32 runs a lane, instead of one chain of D/4.
 fn row_sum_squares(is_features: bool, base: u32, scale: f32) -> f32 {
     let span = row_span(base);
     var total = vec4<f32>();

@@ -310,9 +310,9 @@ enum Timer<'a> {
 }
 
 /// Times each of `timers`: warm-up runs, then `reps` timed runs, as (timing, seconds per
-/// run), interleaved: every run times each operation once in turn, so that a host
-/// whose speed drifts during the sweep (a shared machine) shifts them all alike and their
-/// ratios stay comparable. An operation that fails is dropped from later runs and gives
+/// run), interleaved: every run times each operation once in turn, starting one
+/// operation later than the run before, so that a host whose speed drifts during the
+/// sweep (a shared machine) shifts them all alike and their ratios stay comparable. An operation that fails is dropped from later runs and gives
 /// its error in its place.
 fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<Result<Timed>> {
     let queries = TimestampQueries::new(ctx, options);
@@ -321,12 +321,17 @@ fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<
         .map(|_| Ok(Vec::with_capacity(options.reps)))
         .collect();
     for run in 0..options.warmup + options.reps {
-        for (timer, kept) in timers.iter().zip(&mut samples) {
-            let Ok(times) = kept else { continue };
-            match time_once(ctx, queries.as_ref(), timer) {
+        // Each run starts one operation later, so that no operation always follows the
+        // same one (whose data the caches then hold).
+        for turn in 0..timers.len() {
+            let at = (run + turn) % timers.len();
+            let Ok(times) = &mut samples[at] else {
+                continue;
+            };
+            match time_once(ctx, queries.as_ref(), &timers[at]) {
                 Ok(seconds) if run >= options.warmup => times.push(seconds),
                 Ok(_) => {}
-                Err(e) => *kept = Err(e),
+                Err(e) => samples[at] = Err(e),
             }
         }
     }
@@ -941,9 +946,10 @@ fn plan_recording<'r>(
     })
 }
 
-/// Per-kernel GPU times of the first shard's forward, then its backward (from the dots
-/// its forward leaves, where its plan keeps them), on the shape's buffers: where the
-/// sharded row's time goes on the device.
+/// Per-kernel GPU times of the first shard's forward, then of its backward (each timed
+/// backward recorded after an untimed forward, so that it finds the dots it reuses where
+/// its plan keeps them), on the shape's buffers: where the sharded row's time goes on the
+/// device.
 fn shard_profile(
     ctx: &Context,
     options: &BenchOptions,
@@ -952,15 +958,17 @@ fn shard_profile(
 ) -> Result<Vec<KernelTime>> {
     let shard = crate::shard::ClassShard::split(shape.classes, BENCH_SHARDS, 0)?;
     let plan = Plan::for_shard(ctx, Shape::new(shape.batch, shape.dim, shard.count))?;
-    let reuse_dots = plan.keeps_dots();
-    let mut profile = Vec::new();
-    for (phase, with_grads) in [
-        (Phase::ShardForward, false),
-        (Phase::ShardBackward { reuse_dots }, true),
-    ] {
-        let record = plan_recording(ctx, &plan, buffers, with_grads, phase);
-        profile.extend(profile_op(ctx, options, record.as_ref())?);
-    }
+    let backward = Phase::ShardBackward {
+        reuse_dots: plan.keeps_dots(),
+    };
+    let forward = plan_recording(ctx, &plan, buffers, false, Phase::ShardForward);
+    let timed_backward = plan_recording(ctx, &plan, buffers, true, backward);
+    let after_forward: Record<'_> = &|encoder, writes| {
+        forward(encoder, Timestamps::Off)?;
+        timed_backward(encoder, writes)
+    };
+    let mut profile = profile_op(ctx, options, forward.as_ref())?;
+    profile.extend(profile_op(ctx, options, after_forward)?);
     Ok(profile)
 }
 

@@ -300,7 +300,8 @@ impl Context {
         Context::new_blocking(ContextOptions::default())
     }
 
-    /// Wraps a device and queue the caller already has and compiles the pipelines on it.
+    /// Wraps a device and queue the caller already has; its pipelines are compiled on it,
+    /// each the first time a call runs it.
     /// Sizes are checked against `device.limits()`. The caller keeps the device's lost
     /// callback (wgpu allows one): a lost device surfaces here as [`Error::DeviceLost`]
     /// from the next wait, or as [`Error::Gpu`] from the next call.
@@ -311,7 +312,7 @@ impl Context {
     ) -> Result<Context> {
         let limits = device.limits();
         check_tiles(tiles, &limits)?;
-        let (kernels, quad_stand_in, region_probe) = compile_kernels(&device, tiles)?;
+        let (kernels, quad_stand_in, region_probe) = device_kernels(&device, tiles)?;
         let info = device.adapter_info();
         Ok(Context {
             max_binding: limits
@@ -511,9 +512,10 @@ fn check_tiles(tiles: TileConfig, limits: &wgpu::Limits) -> Result<()> {
     Ok(())
 }
 
-/// Compiles the kernels on `device`, with the stand-in buffer and the bind group layout
-/// that probes buffer regions; [`Error::Gpu`] where the device refuses any of them.
-fn compile_kernels(
+/// The kernels of `device` (each compiled on first use), the stand-in buffer and the
+/// bind group layout that probes buffer regions; [`Error::Gpu`] where the device refuses
+/// any of them.
+fn device_kernels(
     device: &wgpu::Device,
     tiles: TileConfig,
 ) -> Result<(Kernels, wgpu::Buffer, wgpu::BindGroupLayout)> {

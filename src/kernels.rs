@@ -292,13 +292,14 @@ impl GemmShape {
 }
 
 /// Quads of k a GEMM sums in one run before adding the run to its total (WGSL
-/// `end_run`), for sums of k values: the power of two r with r² ≥ k/4 > (r/2)², at most
-/// 64, so that a sum of n quads is a chain of about √n additions per run and one of √n
-/// runs. A function of k alone, so that every candidate sums the same way.
+/// `end_run`), for sums of k values: the power of two r with r² ≥ k/4 > (r/2)² (32 for
+/// the 4096 of a piece), so that a sum of n quads is a chain of about √n additions per
+/// run and one of √n runs. A function of k alone, so that every candidate sums the same
+/// way.
 pub(crate) fn run_quads(k: u32) -> u32 {
     let quads = k.div_ceil(4).max(1);
     let mut run = 1u32;
-    while run * run < quads && run < 64 {
+    while run * run < quads {
         run *= 2;
     }
     run
@@ -621,16 +622,16 @@ impl Kernels {
 
     /// The pipeline of `entry`, compiled on first use.
     pub(crate) fn kernel(&self, entry: Entry) -> crate::Result<&Kernel> {
-        let (name, family, bindings) = entry.spec();
-        let mut constants = vec![
-            ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
-            ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
-        ];
-        // rows.wgsl's piece length, in the modules that include it.
-        if matches!(family, Family::Norms | Family::Backward) {
-            constants.push(("DIM_PIECE", f64::from(DIM_PIECE)));
-        }
         self.compiled(&self.entries[entry as usize], || {
+            let (name, family, bindings) = entry.spec();
+            let mut constants = vec![
+                ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
+                ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
+            ];
+            // rows.wgsl's piece length, in the modules that include it.
+            if matches!(family, Family::Norms | Family::Backward) {
+                constants.push(("DIM_PIECE", f64::from(DIM_PIECE)));
+            }
             self.compile(family, name, &constants, bindings, name)
         })
     }
@@ -875,11 +876,19 @@ pub(crate) fn fold_grid(n: u64, max: u32) -> crate::Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::offset_of;
     use wgpu::naga;
 
-    /// Size and member count of the uniform at @group(0) @binding(`binding`) of `source`.
-    fn wgsl_uniform(source: &str, binding: u32) -> (u32, usize) {
+    /// The uniform at @group(0) @binding(`binding`) of `source`, validated as naga
+    /// validates it for wgpu: its size and its members' (name, byte offset).
+    fn wgsl_uniform(source: &str, binding: u32) -> (u32, Vec<(String, u32)>) {
         let module = naga::front::wgsl::parse_str(source).expect("the WGSL parses");
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .expect("the WGSL validates, uniform layout rules included");
         let mut layouter = naga::proc::Layouter::default();
         layouter
             .update(module.to_ctx())
@@ -893,56 +902,80 @@ mod tests {
             })
             .expect("a uniform at the binding");
         let members = match &module.types[global.ty].inner {
-            naga::TypeInner::Struct { members, .. } => members.len(),
+            naga::TypeInner::Struct { members, .. } => members
+                .iter()
+                .map(|m| (m.name.clone().unwrap_or_default(), m.offset))
+                .collect(),
             other => panic!("the uniform is not a struct: {other:?}"),
         };
         (layouter[global.ty].size, members)
     }
 
-    /// Each family's uniform struct in WGSL has the size of its Rust mirror, and as many
-    /// members (Rust's fields, an array of padding counting once per element).
+    /// (name, offset) of each named field of a Rust mirror, padding left out.
+    macro_rules! fields {
+        ($t:ty: $($f:ident),*) => {
+            vec![$((stringify!($f).to_string(), offset_of!($t, $f) as u32)),*]
+        };
+    }
+
+    /// Each family's uniform struct in WGSL has the size of its Rust mirror, and every
+    /// field of the mirror is a member of the WGSL struct, of the same name, at the same
+    /// byte offset, in the same order (the padding members aside).
     #[test]
     fn every_uniform_struct_matches_its_rust_mirror() {
         let gemm_source = format!("{GEMM_WGSL}{GEMM_LHS_LOADS_WGSL}");
+        let norms = fields!(NormsParams: batch, dim, classes, norm_feature_rows, copy_rows,
+            raw_classes);
+        let forward = fields!(ForwardParams: loss, batch, classes, total_classes,
+            class_offset, row_begin, row_end, logit_stride, blocks, block_index, write_grads,
+            raw_classes, reduction, scale_grad_gate);
+        let backward = fields!(BackwardParams: loss, batch, dim, classes, total_classes,
+            norm_feature_rows, reduction, raw_classes, defer_norm, logit_stride);
+        let gemm = fields!(GemmShape: m, n, k, lhs_stride, rhs_stride, product_stride,
+            lhs_offset, rhs_offset, product_offset, accumulate, run_quads, split_k, splits);
         let cases = [
-            ("norms", NORMS_WGSL, 0, size_of::<NormsParams>(), 6 + 2),
+            ("norms", NORMS_WGSL, 0, size_of::<NormsParams>(), norms),
             (
                 "forward",
                 FORWARD_WGSL,
                 0,
                 size_of::<ForwardParams>(),
-                1 + 13 + 3,
+                forward,
             ),
             (
                 "backward",
                 BACKWARD_WGSL,
                 0,
                 size_of::<BackwardParams>(),
-                1 + 9 + 3,
+                backward,
             ),
             (
                 "gemm",
                 gemm_source.as_str(),
                 20,
                 size_of::<GemmShape>(),
-                13 + 3,
+                gemm,
             ),
         ];
-        for (family, source, binding, rust_size, rust_members) in cases {
+        for (family, source, binding, rust_size, rust_fields) in cases {
             let (size, members) = wgsl_uniform(source, binding);
             assert_eq!(
                 size as usize, rust_size,
                 "{family}: WGSL size against Rust's"
             );
+            let named: Vec<(String, u32)> = members
+                .into_iter()
+                .filter(|(name, _)| !name.starts_with("_pad"))
+                .collect();
             assert_eq!(
-                members, rust_members,
-                "{family}: WGSL members against Rust's"
+                named, rust_fields,
+                "{family}: WGSL members against Rust's fields"
             );
         }
-        assert_eq!(
-            size_of::<LossTerms>(),
-            32,
-            "LossTerms: eight 4-byte members, 16-byte aligned within the uniforms"
-        );
+        // LossTerms, the first member of two of them, member by member.
+        let (_, forward_members) = wgsl_uniform(FORWARD_WGSL, 0);
+        assert_eq!(forward_members[1], ("batch".to_string(), 32));
+        assert_eq!(size_of::<LossTerms>(), 32);
+        assert_eq!(offset_of!(ForwardParams, batch), 32);
     }
 }

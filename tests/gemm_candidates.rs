@@ -27,11 +27,13 @@ fn every_candidate_gives_the_same_bits() {
     let contexts: Vec<Context> = names.iter().map(|n| pinned(n)).collect();
     let params = LossParams::default();
     // Off every tile grid (32, 64, 128 rows and columns); k-pieces of 4096 along D (the
-    // dots) and along C (G'·w); a ragged last quad of k.
+    // dots, one after another) and split-K along C (G'·w) and along B (G'ᵀ·x̂), each with
+    // a ragged last split; a ragged last quad of k.
     for (shape, seed) in [
         (Shape::new(67, 131, 37), 1),
         (Shape::new(5, 13, 4099), 2),
         (Shape::new(130, 4101, 9), 3),
+        (Shape::new(4101, 12, 7), 4),
     ] {
         let p = Problem::random(shape, seed);
         let expected = reference::loss_on(&p, &params).expect("reference");

@@ -429,7 +429,8 @@ struct BlockSizing<'c> {
 
 impl BlockSizing<'_> {
     /// Uniform entries per block and row chunk: its parameters, and the GEMM shapes of
-    /// its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K.
+    /// its dots, gx̂ and gw, each in k-pieces of MAX_GEMM_K (an upper bound: the gradient
+    /// products take their pieces up to MAX_SPLITS a dispatch).
     fn block_uniforms(&self, block: u64, rows: u64) -> u64 {
         let pieces = |k: u64| k.div_ceil(u64::from(MAX_GEMM_K)).max(1);
         1 + pieces(self.d) + pieces(block) + pieces(rows)
@@ -632,12 +633,12 @@ pub(super) struct GemmSpec {
 /// The longest k one invocation of a matmul sums, a multiple of 4 so that every piece
 /// starts on a vec4: a product's k is cut into pieces of it by the shape alone. The
 /// gradient products (k = classes for gx̂, rows for gw) run their pieces as the splits of
-/// split-K dispatches (of up to MAX_SPLITS pieces), whose partial products `sum_splits`
-/// adds in order; the dots
-/// (k = D, past 4096 only for very long rows, whose partials would outweigh the logits)
-/// run them one after another, each adding onto the last. Both add the same values in the
-/// same order, and within a piece the GEMM sums runs of about √(k/4) quads, then run by
-/// run ([`run_quads`]): this bounds the rounding of the long sums. It keeps each
+/// split-K dispatches (of up to MAX_SPLITS pieces, [`split_limit`]), whose partial
+/// products `sum_splits` adds in order; the dots (k = D, past 4096 only for very long
+/// rows, whose partials would outweigh the logits) run them one after another, each adding
+/// onto the last. Both add the same values in the same order, and within a piece the GEMM
+/// sums runs of about √(k/4) quads, then run by run ([`run_quads`]): this shortens the
+/// chains of additions the long sums' rounding accumulates over. It keeps each
 /// invocation's k/4 loop iterations within LOOP_BUDGET, and a workgroup's slice of the
 /// streamed operand (4096 rows of a tile) within a CPU core's cache: on llvmpipe G·w over
 /// k = 16384 runs 10–20% faster in pieces of 4096.
@@ -645,21 +646,28 @@ pub(super) const MAX_GEMM_K: u32 = 4096;
 
 /// Splits one split-K dispatch runs at most: later groups of splits add onto the product,
 /// so that no dispatch sums more than 8·MAX_GEMM_K of k (operating systems end long
-/// dispatches) and the splits' partial products stay within 8 products' bytes.
+/// dispatches). Fewer where the partial products would outgrow a quarter of G
+/// ([`split_limit`]).
 pub(super) const MAX_SPLITS: u32 = 8;
 
+/// The splits a gradient product of m×n may run per dispatch in geometry `g`: as many as
+/// keep their partial products (4·splits·m·n bytes) within a quarter of G's bytes, from 1
+/// (pieces one after another, no partials) to MAX_SPLITS. The grouping changes no bit
+/// (`sum_splits` adds in the order the pieces would), so it may follow the workspace.
+fn split_limit(g: &Geometry, m: u32, n: u32) -> u32 {
+    let logits = product(&[4, u64::from(g.logit_stride), g.max_pass_rows()]);
+    let per_split = product(&[4, m.into(), n.into()]).max(1);
+    (logits / 4 / per_split).clamp(1, u64::from(MAX_SPLITS)) as u32
+}
+
 impl GemmSpec {
-    /// The spec cut along k into pieces of at most MAX_GEMM_K: for the gradient products,
-    /// split-K dispatches of up to MAX_SPLITS pieces each; for the dots, one piece a
-    /// dispatch. Each dispatch after the first adds onto the product, with its operand
-    /// offsets advanced to its first k.
-    pub(super) fn k_pieces(self) -> Vec<GemmSpec> {
+    /// The spec cut along k into pieces of at most MAX_GEMM_K, `splits` of them a
+    /// dispatch (the splits of a split-K dispatch where more than one; the dots take 1).
+    /// Each dispatch after the first adds onto the product, with its operand offsets
+    /// advanced to its first k.
+    pub(super) fn k_pieces(self, splits: u32) -> Vec<GemmSpec> {
         let gemm = self.shape;
-        let pieces = if self.layout == GemmLayout::Dots {
-            1
-        } else {
-            MAX_SPLITS
-        };
+        let pieces = splits.max(1);
         let dispatch_k = MAX_GEMM_K * pieces;
         let (lhs_along_k, rhs_along_k) = self.layout.along_k();
         let step = |along_k: bool, stride: u32, k0: u32| if along_k { k0 } else { k0 * stride };
@@ -739,7 +747,7 @@ pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Ve
                 w,
                 Binding::Logits,
             );
-            specs.extend(dots.k_pieces());
+            specs.extend(dots.k_pieces(1));
         }
         // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
         for (k, part) in g.chunks.iter().enumerate() {
@@ -755,7 +763,7 @@ pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Ve
                 w,
                 Binding::GradFeatures,
             );
-            specs.extend(gx.k_pieces());
+            specs.extend(gx.k_pieces(split_limit(g, gx.shape.m, gx.shape.n)));
             let mut gw = GemmShape::new((part.classes, d, rows), c4, d4, d);
             gw.lhs_offset = column(part);
             gw.rhs_offset = r0 * d4;
@@ -768,7 +776,7 @@ pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Ve
                 features,
                 Binding::GradClasses,
             );
-            specs.extend(gw.k_pieces());
+            specs.extend(gw.k_pieces(split_limit(g, gw.shape.m, gw.shape.n)));
         }
     }
     specs
@@ -780,9 +788,11 @@ pub(super) fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 }
 
 /// Bytes of workspace the crate allocates for `shape` with `algorithm` on `ctx`, beyond
-/// the caller's inputs and outputs. Memory-minimal: x̂ (B·D), up to 256 rows of one block
-/// of G, the norms and a partial per row, and uniforms per block and row chunk. Unfused:
-/// it holds the B×C logits.
+/// the caller's inputs and outputs. Chunked: x̂ (B·D), G for a chunk of rows (or a block of
+/// classes), the split-K partial products (at most a quarter of G), the norms, a partial
+/// per row and the uniforms. Memory-minimal: x̂, up to 256 rows of one block of G, the
+/// norms and a partial per row, and uniforms per block and row chunk. Unfused: it holds
+/// the B×C logits.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
     let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))

@@ -331,7 +331,8 @@ impl Plan {
 
     /// The slot of `family`'s uniform for class chunk `chunk` (and row pass `pass`, for the
     /// forward) in the plan's uniform buffer: the norms' per chunk, then the forward's per
-    /// chunk and row pass, then the backward's per chunk.
+    /// chunk and row pass, then the backward's per chunk. (The GEMM family reads its
+    /// GemmShape instead and binds none of them; it maps to the norms' slot.)
     fn uniform_slot(&self, family: Family, chunk: usize, pass: usize) -> usize {
         let (chunks, passes) = (self.geometry.chunks.len(), self.geometry.row_passes.len());
         match family {
