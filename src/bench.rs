@@ -1139,6 +1139,7 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
             "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
              host wall clock around the whole call (uploads, passes, host merge, read-backs)\n"
         );
+        out += &sharded_lines(rows);
     }
     for r in rows.iter().filter(|r| !r.profile.is_empty()) {
         out += &profile_table(r);
@@ -1201,6 +1202,28 @@ fn tuner_lines(ctx: &Context) -> String {
             t.candidate,
             times.join(", ")
         );
+    }
+    out
+}
+
+/// Each shape's sharded row against its single-device forward + backward, run by run.
+fn sharded_lines(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
+    for sharded in rows.iter().filter(|r| r.op == "sharded_fwd_bwd") {
+        let single = rows
+            .iter()
+            .find(|r| r.op == "fused_forward_backward" && r.shape == sharded.shape);
+        if let Some(single) = single {
+            let Shape {
+                batch: b,
+                dim: d,
+                classes: c,
+            } = sharded.shape;
+            out += &format!(
+                "sharded_fwd_bwd at {b}×{d}×{c}: {:.2}× fused_forward_backward, run by run\n",
+                paired_ratio(&sharded.runs, &single.runs)
+            );
+        }
     }
     out
 }
