@@ -730,13 +730,7 @@ fn piece_uniforms(
                 d4 as u32,
                 n as u32,
             );
-            let uniform = ctx
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("gemm shape"),
-                    contents: bytemuck::bytes_of(&gemm),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
+            let uniform = gemm.uniform(&ctx.device, "gemm shape");
             let grids = ctx
                 .kernels
                 .candidates
@@ -921,19 +915,12 @@ fn plan_recording<'r>(
     phase: Phase,
 ) -> Recording<'r> {
     Box::new(move |encoder, writes| {
-        let inputs = DeviceInputs {
-            features: BufferRegion::from(&buffers.features),
-            classes: BufferRegion::from(&buffers.classes),
-            labels: BufferRegion::from(&buffers.labels),
-        };
-        let outputs = DeviceOutputs {
-            row_stats: BufferRegion::from(&buffers.row_stats),
-            summary: BufferRegion::from(&buffers.summary),
-            grads: with_grads.then_some(GradOutputs {
-                features: BufferRegion::from(&buffers.grad_features),
-                classes: BufferRegion::from(&buffers.grad_classes),
-            }),
-        };
+        let inputs = DeviceInputs::whole(&buffers.features, &buffers.classes, &buffers.labels);
+        let grads = with_grads.then_some(GradOutputs {
+            features: BufferRegion::from(&buffers.grad_features),
+            classes: BufferRegion::from(&buffers.grad_classes),
+        });
+        let outputs = DeviceOutputs::whole(&buffers.row_stats, &buffers.summary, grads);
         plan.record_phase(
             ctx,
             encoder,

@@ -137,6 +137,36 @@ pub struct GradOutputs<'a> {
     pub classes: BufferRegion<'a>,
 }
 
+impl<'a> DeviceInputs<'a> {
+    /// x, w and the labels, each a whole buffer.
+    pub(crate) fn whole(
+        features: &'a wgpu::Buffer,
+        classes: &'a wgpu::Buffer,
+        labels: &'a wgpu::Buffer,
+    ) -> Self {
+        DeviceInputs {
+            features: BufferRegion::from(features),
+            classes: BufferRegion::from(classes),
+            labels: BufferRegion::from(labels),
+        }
+    }
+}
+
+impl<'a> DeviceOutputs<'a> {
+    /// The row statistics and the summary, each a whole buffer, and `grads`.
+    pub(crate) fn whole(
+        row_stats: &'a wgpu::Buffer,
+        summary: &'a wgpu::Buffer,
+        grads: Option<GradOutputs<'a>>,
+    ) -> Self {
+        DeviceOutputs {
+            row_stats: BufferRegion::from(row_stats),
+            summary: BufferRegion::from(summary),
+            grads,
+        }
+    }
+}
+
 /// A caller's region with its role and the bytes the shape needs there.
 pub(crate) struct Region<'a> {
     pub role: &'static str,

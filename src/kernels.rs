@@ -282,6 +282,16 @@ impl GemmShape {
         }
     }
 
+    /// A uniform buffer holding this shape.
+    pub(crate) fn uniform(&self, device: &wgpu::Device, label: &str) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(self),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
     /// Workgroups of `candidate` for this product: one per tile of the product and split.
     pub(crate) fn workgroups(&self, candidate: &GemmCandidate) -> u64 {
         let (rows, cols) = candidate.tile();

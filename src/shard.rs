@@ -516,16 +516,8 @@ impl ShardBuffers {
         params: &LossParams,
         phase: Phase,
     ) -> Result<()> {
-        let inputs = DeviceInputs {
-            features: BufferRegion::from(&self.features),
-            classes: BufferRegion::from(&self.classes),
-            labels: BufferRegion::from(&self.labels),
-        };
-        let outputs = DeviceOutputs {
-            row_stats: BufferRegion::from(&self.row_stats),
-            summary: BufferRegion::from(&self.summary),
-            grads,
-        };
+        let inputs = DeviceInputs::whole(&self.features, &self.classes, &self.labels);
+        let outputs = DeviceOutputs::whole(&self.row_stats, &self.summary, grads);
         self.plan.record_phase(
             ctx,
             encoder,

@@ -228,13 +228,7 @@ impl Context {
                 })
         };
         let (lhs, rhs, product) = (storage(lhs_len), storage(rhs_len), storage(m * n));
-        let uniform = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("tuning shape"),
-                contents: bytemuck::bytes_of(&gemm),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+        let uniform = gemm.uniform(&self.device, "tuning shape");
         TuningSlice {
             gemm,
             uniform,
