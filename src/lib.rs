@@ -44,6 +44,7 @@ mod problem;
 pub mod reference;
 pub mod shard;
 pub mod sphere;
+#[cfg(feature = "cli")]
 pub mod tensors;
 mod tune;
 

@@ -7,8 +7,6 @@
 //! (the argmax of c). Two forward passes give it: one with every label ignored yields
 //! that class, one with it as the label yields its probability.
 
-use std::path::Path;
-
 use crate::api::Pass;
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -55,7 +53,8 @@ impl Image {
         }
     }
 
-    /// Encodes the image as PNG.
+    /// Encodes the image as PNG (feature `cli`).
+    #[cfg(feature = "cli")]
     pub fn to_png(&self) -> std::result::Result<Vec<u8>, String> {
         let mut bytes = Vec::new();
         {
@@ -70,8 +69,9 @@ impl Image {
         Ok(bytes)
     }
 
-    /// Writes the image as a PNG file.
-    pub fn write_png(&self, path: &Path) -> std::result::Result<(), String> {
+    /// Writes the image as a PNG file (feature `cli`).
+    #[cfg(feature = "cli")]
+    pub fn write_png(&self, path: &std::path::Path) -> std::result::Result<(), String> {
         let bytes = self.to_png()?;
         std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
