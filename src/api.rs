@@ -168,7 +168,7 @@ impl SliceState {
 }
 
 impl Context {
-    /// The fused loss on host slices: x (B×D), w (C×D), labels (B, [`IGNORE`] to skip a row).
+    /// The fused loss on host slices: x (B×D), w (C×D), labels (B, [`IGNORE`](crate::IGNORE) to skip a row).
     /// Blocking; see [`Context::loss_async`].
     pub fn loss(
         &self,

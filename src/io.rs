@@ -238,7 +238,7 @@ pub struct LossOutput {
     pub valid_rows: u32,
     /// Rows not ignored whose prediction is the label.
     pub correct_rows: u32,
-    /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`].
+    /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`](crate::Pass::ForwardBackward).
     pub grads: Option<Gradients>,
 }
 

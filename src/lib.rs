@@ -17,7 +17,7 @@
 //! - the device API, [`Plan::record`], records into the caller's command encoder on the
 //!   caller's buffers, so a training loop on the GPU never leaves it.
 //!
-//! [`reference`] is the f64 CPU twin of every kernel.
+//! [`reference`](mod@reference) is the f64 CPU twin of every kernel.
 //!
 //! ```no_run
 //! use margin_softmax::{Context, LossParams, Pass, Shape};
