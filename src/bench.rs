@@ -1193,6 +1193,11 @@ fn tuner_lines(ctx: &Context) -> String {
     out
 }
 
+/// B×D×C of `shape`, for the lines under the table.
+fn dims(shape: Shape) -> String {
+    format!("{}×{}×{}", shape.batch, shape.dim, shape.classes)
+}
+
 /// Each shape's sharded row against its single-device forward + backward, run by run.
 fn sharded_lines(rows: &[BenchRow]) -> String {
     let mut out = String::new();
@@ -1201,13 +1206,9 @@ fn sharded_lines(rows: &[BenchRow]) -> String {
             .iter()
             .find(|r| r.op == "fused_forward_backward" && r.shape == sharded.shape);
         if let Some(single) = single {
-            let Shape {
-                batch: b,
-                dim: d,
-                classes: c,
-            } = sharded.shape;
             out += &format!(
-                "sharded_fwd_bwd at {b}×{d}×{c}: {:.2}× fused_forward_backward, run by run\n",
+                "sharded_fwd_bwd at {}: {:.2}× fused_forward_backward, run by run\n",
+                dims(sharded.shape),
                 paired_ratio(&sharded.runs, &single.runs)
             );
         }
@@ -1231,13 +1232,9 @@ fn tuned_gemm_lines(rows: &[BenchRow]) -> String {
                 .filter(same_shape)
                 .min_by(|a, b| a.seconds[0].total_cmp(&b.seconds[0])),
         ) {
-            let Shape {
-                batch: b,
-                dim: d,
-                classes: c,
-            } = tuned.shape;
             out += &format!(
-                "\ntuned GEMM at {b}×{d}×{c}: {} ({:.3} ms), fastest this run {} ({:.3} ms): {:.2}× the fastest",
+                "\ntuned GEMM at {}: {} ({:.3} ms), fastest this run {} ({:.3} ms): {:.2}× the fastest",
+                dims(tuned.shape),
                 tuned.gemms,
                 tuned.seconds[0] * 1e3,
                 fastest.gemms,

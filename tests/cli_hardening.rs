@@ -55,29 +55,24 @@ fn sphere_sizes_past_the_cap_exit_2() {
 #[test]
 fn sphere_with_zero_or_too_many_classes_exits_2() {
     let png = dir("classes").join("map.png");
-    let out = run(&[
-        "sphere",
-        "--quiet",
-        "--size",
-        "8",
-        "--classes",
-        "0",
-        "--output",
-        png.to_str().unwrap(),
-    ]);
-    assert_bad_input(&out, &["--classes 0", "at least 1 class"]);
+    let sphere = |classes: &str| {
+        run(&[
+            "sphere",
+            "--quiet",
+            "--size",
+            "8",
+            "--classes",
+            classes,
+            "--output",
+            png.to_str().unwrap(),
+        ])
+    };
+    assert_bad_input(&sphere("0"), &["--classes 0", "at least 1 class"]);
     let huge = (usize::MAX / 2).to_string();
-    let out = run(&[
-        "sphere",
-        "--quiet",
-        "--size",
-        "8",
-        "--classes",
-        &huge,
-        "--output",
-        png.to_str().unwrap(),
-    ]);
-    assert_bad_input(&out, &["--classes", "class vectors", "bytes in one buffer"]);
+    assert_bad_input(
+        &sphere(&huge),
+        &["--classes", "class vectors", "bytes in one buffer"],
+    );
     assert!(!png.exists());
     // --classes only sizes the default class vectors: with --input it is refused.
     let out = run(&[

@@ -749,34 +749,23 @@ pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Ve
             );
             specs.extend(dots.k_pieces(1));
         }
-        // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows.
+        // gx̂ (+)= G·w over the chunk's classes, and its gw (+)= Gᵀ·x̂ over these rows,
+        // both from G (from the chunk's first column) in split-K pieces.
         for (k, part) in g.chunks.iter().enumerate() {
             let mut gx = GemmShape::new((rows, d, part.classes), c4, d4, d);
-            gx.lhs_offset = column(part);
             gx.product_offset = r0 * d;
             gx.accumulate = u32::from(k > 0);
-            let gx = spec(
-                (pass, k),
-                gx,
-                GemmLayout::FeatureGrad,
-                Binding::Logits,
-                w,
-                Binding::GradFeatures,
-            );
-            specs.extend(gx.k_pieces(split_limit(g, gx.shape.m, gx.shape.n)));
             let mut gw = GemmShape::new((part.classes, d, rows), c4, d4, d);
-            gw.lhs_offset = column(part);
             gw.rhs_offset = r0 * d4;
             gw.accumulate = u32::from(pass > 0);
-            let gw = spec(
-                (pass, k),
-                gw,
-                GemmLayout::ClassGrad,
-                Binding::Logits,
-                features,
-                Binding::GradClasses,
-            );
-            specs.extend(gw.k_pieces(split_limit(g, gw.shape.m, gw.shape.n)));
+            for (mut shape, layout, rhs, product) in [
+                (gx, GemmLayout::FeatureGrad, w, Binding::GradFeatures),
+                (gw, GemmLayout::ClassGrad, features, Binding::GradClasses),
+            ] {
+                shape.lhs_offset = column(part);
+                let grad = spec((pass, k), shape, layout, Binding::Logits, rhs, product);
+                specs.extend(grad.k_pieces(split_limit(g, shape.m, shape.n)));
+            }
         }
     }
     specs
