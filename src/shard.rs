@@ -8,7 +8,7 @@
 use wgpu::util::DeviceExt;
 
 use crate::api::check_flags;
-use crate::context::Context;
+use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{check_batch, check_slices, Gradients, LossOutput, IGNORE};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
@@ -437,6 +437,39 @@ struct ShardBuffers {
     /// The host slices (addresses and lengths of x, w and the labels) whose dots the last
     /// forward left in the workspace, until a backward consumes them.
     dots_of: Option<[usize; 6]>,
+    /// The backward's outputs and their read-back buffer, made by the first backward.
+    grads: Option<ShardGrads>,
+}
+
+/// A shard backward's dL/dx share (B×D), dL/dw (its classes × D), and the buffer both
+/// and the summary are read back through.
+#[derive(Debug)]
+struct ShardGrads {
+    features: DeviceBuffer,
+    classes: DeviceBuffer,
+    readback: DeviceBuffer,
+}
+
+impl ShardGrads {
+    fn new(ctx: &Context, shape: Shape) -> ShardGrads {
+        let (b, d, c) = (shape.batch as u64, shape.dim as u64, shape.classes as u64);
+        let out = |label, size| {
+            ctx.create_buffer(
+                label,
+                size,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            )
+        };
+        ShardGrads {
+            features: out("grad_features", b * d * 4),
+            classes: out("grad_classes", c * d * 4),
+            readback: ctx.create_buffer(
+                "gradients",
+                (b + c) * d * 4 + std::mem::size_of::<Summary>() as u64,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+        }
+    }
 }
 
 /// Shards whose buffers a context keeps.
@@ -484,6 +517,7 @@ impl ShardBuffers {
             row_stats: init("row_stats", &rows),
             summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
             dots_of: None,
+            grads: None,
         })
     }
 
@@ -496,13 +530,16 @@ impl ShardBuffers {
             && shape.batch * shape.dim == inputs.features.len()
     }
 
-    /// Uploads a new call's inputs and clears the outputs, leaving the buffers as
-    /// [`ShardBuffers::new`] would make them.
-    fn upload(&self, ctx: &Context, x: &[f32], local: &LocalShard<'_>) {
+    /// Uploads a new call's inputs (unless `held`: the buffers already hold them, the
+    /// slices of the forward whose dots a backward takes) and clears the outputs, leaving
+    /// the buffers as [`ShardBuffers::new`] would make them.
+    fn upload(&self, ctx: &Context, x: &[f32], local: &LocalShard<'_>, held: bool) {
         let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
-        write(&self.features, bytemuck::cast_slice(x));
-        write(&self.classes, bytemuck::cast_slice(&local.classes));
-        write(&self.labels, bytemuck::cast_slice(&local.labels));
+        if !held {
+            write(&self.features, bytemuck::cast_slice(x));
+            write(&self.classes, bytemuck::cast_slice(&local.classes));
+            write(&self.labels, bytemuck::cast_slice(&local.labels));
+        }
         let rows = vec![0u8; local.labels.len() * std::mem::size_of::<RowStats>()];
         write(&self.row_stats, &rows);
         write(&self.summary, &[0u8; std::mem::size_of::<Summary>()]);
@@ -613,6 +650,7 @@ impl Context {
         &self,
         inputs: &ShardInputs<'a>,
         params: &LossParams,
+        backward: bool,
     ) -> Result<(Shape, ShardBuffers, LocalShard<'a>)> {
         self.check_alive()?;
         params.validate()?;
@@ -633,7 +671,10 @@ impl Context {
         });
         let buffers = self.gpu_scoped(|| match cached {
             Some(buffers) => {
-                buffers.upload(self, x, &local);
+                // A backward on its forward's slices finds them uploaded (the dots it
+                // reuses rest on the same assumption: the inputs are unchanged).
+                let held = backward && buffers.dots_of == Some(inputs_id(inputs));
+                buffers.upload(self, x, &local, held);
                 Ok(buffers)
             }
             None => ShardBuffers::new(self, inputs, &local),
@@ -663,7 +704,7 @@ impl Context {
         inputs: &ShardInputs<'_>,
         params: &LossParams,
     ) -> Result<Vec<RowPartial>> {
-        let (shape, mut buffers, local) = self.shard_setup(inputs, params)?;
+        let (shape, mut buffers, local) = self.shard_setup(inputs, params, false)?;
         let result = self.shard_forward_on(&buffers, shape, params, &local);
         buffers.dots_of = (result.is_ok() && buffers.plan.keeps_dots()).then(|| inputs_id(inputs));
         self.shard_keep(buffers, result)
@@ -725,10 +766,13 @@ impl Context {
         params: &LossParams,
         rows: &GlobalRows,
     ) -> Result<Gradients> {
-        let (shape, mut buffers, local) = self.shard_setup(inputs, params)?;
+        let (shape, mut buffers, local) = self.shard_setup(inputs, params, true)?;
         let reuse_dots = buffers.dots_of == Some(inputs_id(inputs));
         // The backward overwrites the dots with G'.
         buffers.dots_of = None;
+        if buffers.grads.is_none() {
+            buffers.grads = Some(self.gpu_scoped(|| Ok(ShardGrads::new(self, shape)))?);
+        }
         let result = self.shard_backward_on(&buffers, shape, params, rows, &local, reuse_dots);
         let result = result.map(|g| match inputs.sample {
             // The sampled rows' gradients land on their rows of the shard; the rest are 0.
@@ -767,31 +811,23 @@ impl Context {
             });
         }
         let (b, d, c) = (b as u64, shape.dim as u64, local.global.len() as u64);
-        let out = |label, size| {
-            self.create_buffer(
-                label,
-                size,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            )
-        };
-        let (gx, gw) = (
-            out("grad_features", b * d * 4),
-            out("grad_classes", c * d * 4),
-        );
+        let ShardGrads {
+            features: gx,
+            classes: gw,
+            readback,
+        } = buffers
+            .grads
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("internal: no shard gradient buffers".into()))?;
         // The gradients, then the summary, whose overflow flag the backward sets where a
         // gradient is not finite (rows whose log-sum-exp does not fit these classes).
         let summary_bytes = std::mem::size_of::<Summary>() as u64;
-        let readback = self.create_buffer(
-            "gradients",
-            (b + c) * d * 4 + summary_bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        );
         let submission = self.gpu_scoped(|| {
             self.upload_global_rows(buffers, rows, local)?;
             let mut encoder = self.device.create_command_encoder(&Default::default());
             let grads = GradOutputs {
-                features: BufferRegion::from(&*gx),
-                classes: BufferRegion::from(&*gw),
+                features: BufferRegion::from(&**gx),
+                classes: BufferRegion::from(&**gw),
             };
             buffers.record(
                 self,
