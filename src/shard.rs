@@ -836,15 +836,15 @@ impl Context {
                 params,
                 Phase::ShardBackward { reuse_dots },
             )?;
-            encoder.copy_buffer_to_buffer(&gx, 0, &readback, 0, b * d * 4);
-            encoder.copy_buffer_to_buffer(&gw, 0, &readback, b * d * 4, c * d * 4);
+            encoder.copy_buffer_to_buffer(gx, 0, readback, 0, b * d * 4);
+            encoder.copy_buffer_to_buffer(gw, 0, readback, b * d * 4, c * d * 4);
             let at = (b + c) * d * 4;
-            encoder.copy_buffer_to_buffer(&buffers.summary, 0, &readback, at, summary_bytes);
+            encoder.copy_buffer_to_buffer(&buffers.summary, 0, readback, at, summary_bytes);
             Ok(self.queue.submit([encoder.finish()]))
         })?;
         let grad_bytes = ((b + c) * d * 4) as usize;
         let raw = pollster::block_on(self.read_back(
-            &readback,
+            readback,
             grad_bytes as u64 + summary_bytes,
             submission,
         ))?;
