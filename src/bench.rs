@@ -14,6 +14,7 @@ use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape,
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Phase, Plan};
 use crate::problem::Problem;
+use crate::timing::{time_recording, Record, TimestampQueries};
 use crate::Pass;
 
 /// What to run.
@@ -296,11 +297,6 @@ impl ShapeBuffers {
     }
 }
 
-/// A recording of one operation with the timestamps asked for, returning its kernels'
-/// names in dispatch order.
-type Record<'a> =
-    &'a dyn Fn(&mut wgpu::CommandEncoder, Timestamps<'_>) -> Result<Vec<&'static str>>;
-
 /// One operation to time: GPU timestamps around a recording (host wall clock around its
 /// submit and wait without timestamps, or with `--wall-clock`), or host wall clock around
 /// a whole call.
@@ -315,7 +311,7 @@ enum Timer<'a> {
 /// sweep (a shared machine) shifts them all alike and their ratios stay comparable. An operation that fails is dropped from later runs and gives
 /// its error in its place.
 fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<Result<Timed>> {
-    let queries = TimestampQueries::new(ctx, options);
+    let queries = TimestampQueries::new(ctx).filter(|_| !options.wall_clock);
     let mut samples: Vec<Result<Vec<f64>>> = timers
         .iter()
         .map(|_| Ok(Vec::with_capacity(options.reps)))
@@ -353,70 +349,17 @@ fn time_ops(ctx: &Context, options: &BenchOptions, timers: &[Timer<'_>]) -> Vec<
         .collect()
 }
 
-/// Two timestamps around a compute pass, their resolved copy and a readable buffer.
-struct TimestampQueries {
-    set: wgpu::QuerySet,
-    resolved: wgpu::Buffer,
-    readable: wgpu::Buffer,
-    period_ns: f64,
-}
-
-impl TimestampQueries {
-    /// Where the adapter has timestamps and `--wall-clock` is not asked for.
-    fn new(ctx: &Context, options: &BenchOptions) -> Option<TimestampQueries> {
-        (ctx.has_timestamps() && !options.wall_clock).then(|| {
-            let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("bench timestamps"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2,
-            });
-            let buffer = |usage| {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: 16,
-                    usage,
-                    mapped_at_creation: false,
-                })
-            };
-            TimestampQueries {
-                set,
-                resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
-                readable: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
-                period_ns: f64::from(ctx.queue.get_timestamp_period()),
-            }
-        })
-    }
-}
-
 /// Seconds of one run of `timer`: between the timestamps where there are `queries`,
 /// else host wall clock around the submit and wait (or around the call).
 fn time_once(ctx: &Context, queries: Option<&TimestampQueries>, timer: &Timer<'_>) -> Result<f64> {
-    let record = match timer {
-        Timer::Gpu(record) => record,
+    match timer {
+        Timer::Gpu(record) => time_recording(ctx, queries, *record),
         Timer::Host(call) => {
             let start = Instant::now();
             call()?;
-            return Ok(start.elapsed().as_secs_f64());
+            Ok(start.elapsed().as_secs_f64())
         }
-    };
-    let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    let writes = queries.map_or(Timestamps::Off, |q| Timestamps::Pass(&q.set));
-    ctx.gpu_scoped(|| record(&mut encoder, writes))?;
-    if let Some(q) = queries {
-        encoder.resolve_query_set(&q.set, 0..2, &q.resolved, 0);
     }
-    let start = Instant::now();
-    let submission = ctx.queue.submit([encoder.finish()]);
-    ctx.wait(submission)?;
-    let wall = start.elapsed().as_secs_f64();
-    let Some(q) = queries else { return Ok(wall) };
-    // Copied in a second encoder: on Vulkan a copy in the resolving encoder can read 0.
-    let mut copy = ctx.device.create_command_encoder(&Default::default());
-    copy.copy_buffer_to_buffer(&q.resolved, 0, &q.readable, 0, 16);
-    let submission = ctx.queue.submit([copy.finish()]);
-    let bytes = pollster::block_on(ctx.read_back(&q.readable, 16, submission))?;
-    let stamps: [u64; 2] = bytemuck::pod_read_unaligned(&bytes);
-    Ok(stamps[1].saturating_sub(stamps[0]) as f64 * q.period_ns * 1e-9)
 }
 
 /// Queries of a profile: two per dispatch.

@@ -46,6 +46,7 @@ pub mod shard;
 pub mod sphere;
 #[cfg(feature = "cli")]
 pub mod tensors;
+mod timing;
 mod tune;
 
 pub use api::Pass;

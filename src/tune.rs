@@ -5,21 +5,22 @@
 //! Every candidate gives the same bits (`shaders/gemm.wgsl`), so the choice changes
 //! speed only.
 //!
-//! The slice is at most 256 × 512 × 1024 (0.27 GFLOP): one warm-up and three timed runs
-//! of each of four candidates, 16 runs, cost at most about one second per bucket on
-//! lavapipe (20 GFLOP/s for the register kernel, 2–4× less for the staged ones), far less
-//! on a GPU. A candidate that fails to run is left out; where none runs, the default
+//! The slice is at most 256 × 512 × 1024 (0.27 GFLOP), timed with GPU timestamps where
+//! the adapter has them (a GPU runs it in less time than a submit and wait take): one
+//! warm-up and three timed runs of each of four candidates, 16 runs. On lavapipe
+//! (`margin-softmax tune`) a run takes 2–9 ms for the register kernel and 5–43 ms for the
+//! staged ones: at most about 0.4 s of timing per bucket. A candidate that fails to run is left out; where none runs, the default
 //! serves.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use wgpu::util::DeviceExt;
 
 use crate::context::{Context, Tuning};
 use crate::error::Result;
-use crate::kernels::{encode, fold_grid, Dispatch, GemmLayout, GemmShape, Timestamps};
+use crate::kernels::{encode, fold_grid, Dispatch, GemmLayout, GemmShape};
+use crate::timing::{time_recording, Record, TimestampQueries};
 
 /// The largest slice of a product the tuner times: rows, columns and k.
 const SLICE: (u32, u32, u32) = (256, 512, 1024);
@@ -260,15 +261,16 @@ impl Context {
                 slice.product.as_entire_buffer_binding(),
             ],
         }];
+        // GPU timestamps where the adapter has them: a discrete GPU runs the slice in
+        // microseconds, less than a submit and wait takes.
+        let queries = TimestampQueries::new(self);
+        let record: Record<'_> =
+            &|encoder, writes| encode(&self.device, encoder, &dispatch, writes);
         let mut runs = Vec::with_capacity(RUNS);
         for run in 0..=RUNS {
-            let mut encoder = self.device.create_command_encoder(&Default::default());
-            self.gpu_scoped(|| encode(&self.device, &mut encoder, &dispatch, Timestamps::Off))?;
-            let start = Instant::now();
-            let submission = self.queue.submit([encoder.finish()]);
-            self.wait(submission)?;
+            let seconds = time_recording(self, queries.as_ref(), record)?;
             if run > 0 {
-                runs.push(start.elapsed().as_secs_f64());
+                runs.push(seconds);
             }
         }
         runs.sort_by(f64::total_cmp);
