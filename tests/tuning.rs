@@ -60,6 +60,35 @@ fn buckets_are_tuned_once_and_persist_in_the_cache_file() {
         .expect("untuned");
     assert_eq!(a, b);
     assert!(off.tuned().is_empty(), "tuning off times nothing");
+    // Where the default wins every bucket (llvmpipe) the comparison above runs one kernel
+    // on both sides: a cache file that names a staged candidate for every bucket makes
+    // the tuned side run it, and the bits must still agree.
+    let staged: String = std::fs::read_to_string(&file)
+        .expect("the cache file")
+        .lines()
+        .map(|line| {
+            let mut fields: Vec<&str> = line.split('\t').collect();
+            fields[4] = "staged-64";
+            fields.join("\t") + "\n"
+        })
+        .collect();
+    std::fs::write(&file, staged).expect("rewrite the cache file");
+    let pinned_by_cache = context_with(Tuning::CacheIn(dir.clone()));
+    assert!(
+        pinned_by_cache
+            .tuned()
+            .iter()
+            .all(|t| t.candidate == "staged-64"),
+        "{:?}",
+        pinned_by_cache.tuned()
+    );
+    let c = pinned_by_cache
+        .loss_on(&p, &params, Pass::ForwardBackward)
+        .expect("staged");
+    assert_eq!(
+        c, b,
+        "a staged candidate chosen from the cache changes no bit"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
