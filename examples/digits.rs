@@ -7,43 +7,18 @@
 //!
 //! `cargo run --release --example digits -- [--epochs N] [--out DIR]`
 
-use std::io::Read;
-
 use margin_softmax::{
     cosface_scale_floor, sphere, Context, LearnableScale, LossParams, Pass, Shape, SplitMix64,
 };
 
-/// Images (64 values in 0..1 each) and digit labels.
-pub struct Digits {
-    pub images: Vec<[f32; 64]>,
-    pub labels: Vec<u32>,
-}
+#[path = "shared/digits_data.rs"]
+mod digits_data;
+pub use digits_data::Digits;
+use digits_data::{class_angles, load_digits_from, train_test_split};
 
 /// Reads data/digits.csv.gz.
 pub fn load_digits() -> Digits {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz");
-    let file = std::fs::File::open(path).expect("data/digits.csv.gz ships with the crate");
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut text)
-        .expect("a gzipped CSV");
-    let mut digits = Digits {
-        images: Vec::new(),
-        labels: Vec::new(),
-    };
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        let values: Vec<f32> = line
-            .split(',')
-            .map(|v| v.trim().parse().expect("a number"))
-            .collect();
-        let mut image = [0.0; 64];
-        for (k, v) in values[..64].iter().enumerate() {
-            image[k] = v / 16.0;
-        }
-        digits.images.push(image);
-        digits.labels.push(values[64] as u32);
-    }
-    digits
+    load_digits_from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))
 }
 
 const HIDDEN: usize = 32;
@@ -174,61 +149,6 @@ pub struct Run {
     pub params: LossParams,
 }
 
-fn angle_degrees(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    (dot / (na * nb).max(1e-12))
-        .clamp(-1.0, 1.0)
-        .acos()
-        .to_degrees()
-}
-
-/// Images and their labels.
-type Split = (Vec<[f32; 64]>, Vec<u32>);
-
-/// The digits shuffled by `rng`, cut 80/20 into (train, test).
-fn train_test_split(digits: &Digits, rng: &mut SplitMix64) -> (Split, Split) {
-    let mut order: Vec<usize> = (0..digits.labels.len()).collect();
-    for k in (1..order.len()).rev() {
-        order.swap(k, rng.below(k + 1));
-    }
-    let split = order.len() * 4 / 5;
-    let pick = |idx: &[usize]| -> Split {
-        (
-            idx.iter().map(|&i| digits.images[i]).collect(),
-            idx.iter().map(|&i| digits.labels[i]).collect(),
-        )
-    };
-    (pick(&order[..split]), pick(&order[split..]))
-}
-
-/// The mean angle between each test feature and its class vector, and the smallest
-/// angle between two class vectors, in degrees.
-fn class_angles(test: &[f32], test_y: &[u32], classes: &[f32]) -> (f32, f32) {
-    let intra = test_y
-        .iter()
-        .enumerate()
-        .map(|(i, &y)| {
-            angle_degrees(
-                &test[i * DIM..(i + 1) * DIM],
-                &classes[y as usize * DIM..(y as usize + 1) * DIM],
-            )
-        })
-        .sum::<f32>()
-        / test_y.len() as f32;
-    let mut inter = f32::INFINITY;
-    for a in 0..CLASSES {
-        for b in a + 1..CLASSES {
-            inter = inter.min(angle_degrees(
-                &classes[a * DIM..(a + 1) * DIM],
-                &classes[b * DIM..(b + 1) * DIM],
-            ));
-        }
-    }
-    (intra, inter)
-}
-
 /// Trains for `epochs` full-batch epochs with margin `margin` on a fixed 80/20 split.
 pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u64) -> Run {
     let mut rng = SplitMix64::new(seed);
@@ -283,7 +203,7 @@ pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u
                 Pass::Forward,
             )
             .expect("test loss");
-        let (intra, inter) = class_angles(&test, &test_y, &classes);
+        let (intra, inter) = class_angles(&test, &test_y, &classes, DIM);
         history.push(EpochStats {
             loss: out.loss,
             train_accuracy: out.correct_rows as f32 / out.valid_rows as f32,

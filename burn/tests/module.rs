@@ -1,0 +1,316 @@
+//! The module on Burn's wgpu (the fused kernels, on lavapipe in CI) and on NdArray (the
+//! composed twin), each against the crate's f64 reference within its documented bounds
+//! (`margin_softmax::reference::compare`), with gradients through a Burn backbone, and
+//! bitwise-repeatable training steps.
+
+use std::sync::OnceLock;
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use margin_softmax::reference::{self, compare};
+use margin_softmax::{Gradients, LossOutput, Problem, Shape, IGNORE};
+use margin_softmax_burn::{
+    is_fused, Error, MarginGradient, MarginObjective, MarginReduction, MarginSoftmax,
+    MarginSoftmaxConfig, MarginSoftmaxOutput,
+};
+
+/// Burn's default wgpu device, registered with the fused kernels once per process.
+fn wgpu() -> Device {
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            margin_softmax_burn::wgpu_device()
+                .expect("a wgpu adapter (lavapipe in CI): a missing adapter fails the test")
+        })
+        .clone()
+        .autodiff()
+}
+
+#[allow(deprecated)]
+fn ndarray() -> Device {
+    Device::ndarray().autodiff()
+}
+
+fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    t.into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap()
+}
+
+fn first(t: Tensor<1, Int>) -> u32 {
+    ints(t)[0] as u32
+}
+
+/// The labels as Burn takes them: −1 for an ignored row.
+fn labels(problem: &Problem, device: &Device) -> Tensor<1, Int> {
+    let y: Vec<i64> = problem
+        .labels
+        .iter()
+        .map(|&l| if l == IGNORE { -1 } else { i64::from(l) })
+        .collect();
+    Tensor::from_data(TensorData::new(y, [problem.shape.batch]), device)
+}
+
+fn matrix(values: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [rows, cols]), device)
+}
+
+/// The module with the problem's class vectors.
+fn head(config: &MarginSoftmaxConfig, problem: &Problem, device: &Device) -> MarginSoftmax {
+    let Shape { dim, classes, .. } = problem.shape;
+    let mut head = config.init(device);
+    head.classes = Param::from_tensor(matrix(&problem.classes, classes, dim, device));
+    head
+}
+
+/// Everything the crate's reference compares, read back from the module's tensors.
+fn host(out: MarginSoftmaxOutput, grad_scale: f32, grads: Gradients) -> LossOutput {
+    let rows = out.rows;
+    LossOutput {
+        loss: floats(out.loss)[0],
+        row_loss: floats(rows.loss),
+        grad_scale,
+        pred: ints(rows.pred).into_iter().map(|p| p as u32).collect(),
+        target_cos: floats(rows.target_cos),
+        best_other_cos: floats(rows.best_other_cos),
+        achieved_margin: floats(rows.achieved_margin),
+        target_prob: floats(rows.target_prob),
+        mean_achieved_margin: floats(out.mean_achieved_margin)[0],
+        margin_satisfied_rows: first(out.margin_satisfied_rows),
+        valid_rows: first(out.valid_rows),
+        correct_rows: first(out.correct_rows),
+        grads: Some(grads),
+    }
+}
+
+/// One forward and backward of the module on `device`; dL/ds where the scale is learned,
+/// else the reference's `fixed_scale_grad` (a fixed scale has no gradient to compare).
+fn step(
+    device: &Device,
+    problem: &Problem,
+    config: &MarginSoftmaxConfig,
+    fixed_scale_grad: f64,
+) -> (LossOutput, u32) {
+    let Shape { batch, dim, .. } = problem.shape;
+    let head = head(config, problem, device);
+    let x = matrix(&problem.features, batch, dim, device).require_grad();
+    let out = head.forward(x.clone(), labels(problem, device));
+    let flags = first(out.flags.clone());
+    let grads = out.loss.clone().backward();
+    let gradients = Gradients {
+        features: floats(x.grad(&grads).expect("dL/dx")),
+        classes: floats(head.classes.val().grad(&grads).expect("dL/dw")),
+    };
+    let grad_scale = head.scale.val().grad(&grads).map(|g| floats(g)[0]);
+    assert_eq!(grad_scale.is_some(), config.learn_scale);
+    let grad_scale = grad_scale.unwrap_or(fixed_scale_grad as f32);
+    (host(out, grad_scale, gradients), flags)
+}
+
+/// A problem off every tile grid, with some rows ignored.
+fn problem(shape: Shape, seed: u64) -> Problem {
+    let mut problem = Problem::random(shape, seed);
+    for i in (0..shape.batch).step_by(7) {
+        problem.labels[i] = IGNORE;
+    }
+    problem
+}
+
+/// The margins and objectives of the family, each as a Burn user configures it.
+fn family(num_classes: usize, dim: usize) -> Vec<(&'static str, MarginSoftmaxConfig)> {
+    let base = || MarginSoftmaxConfig::new(num_classes, dim);
+    vec![
+        ("cosface", base()),
+        ("arcface", base().with_margin(0.0).with_angular_margin(0.5)),
+        (
+            "arcface straight-through",
+            base()
+                .with_margin(0.0)
+                .with_angular_margin(0.5)
+                .with_target_gradient(MarginGradient::StraightThrough),
+        ),
+        (
+            "sphereface m1 = 3",
+            base().with_margin(0.0).with_multiplicative_margin(3),
+        ),
+        (
+            "combined (1, 0.3, 0.2)",
+            base().with_margin(0.2).with_angular_margin(0.3),
+        ),
+        (
+            "hard margin",
+            base().with_objective(MarginObjective::HardMargin),
+        ),
+        (
+            "sum, learnable scale above its floor",
+            base()
+                .with_reduction(MarginReduction::Sum)
+                .with_learn_scale(true)
+                .with_scale(20.0)
+                .with_scale_floor(12.0),
+        ),
+        (
+            "learnable scale under its floor",
+            base()
+                .with_learn_scale(true)
+                .with_scale(8.0)
+                .with_scale_floor(12.0),
+        ),
+    ]
+}
+
+#[test]
+fn fused_and_composed_match_the_f64_reference_on_every_margin() {
+    let shape = Shape::new(37, 19, 103);
+    let problem = problem(shape, 5);
+    let (fused, composed) = (wgpu(), ndarray());
+    assert!(
+        is_fused(&fused),
+        "the registered wgpu device runs the kernels"
+    );
+    assert!(!is_fused(&composed));
+    for (name, config) in family(shape.classes, shape.dim) {
+        let params = config.loss_params().unwrap();
+        let expected = reference::loss_on(&problem, &params).unwrap();
+        for (path, device) in [("fused", &fused), ("composed", &composed)] {
+            let (out, flags) = step(device, &problem, &config, expected.grad_scale);
+            let comparison = compare(shape.dim, &params, &out, &expected);
+            assert!(comparison.passes(), "{name}, {path}: {comparison:?}");
+            assert_eq!(flags, 0, "{name}, {path}");
+            assert_eq!(out.valid_rows, 31, "{name}, {path}");
+        }
+    }
+}
+
+/// A linear layer before the loss: its weight's gradient is the chain rule of the
+/// reference's dL/dx, Σ_i dL/dx_i ⊗ input_i, within the reference's gradient bound.
+#[test]
+fn gradients_reach_a_linear_backbone() {
+    let shape = Shape::new(29, 12, 67);
+    let problem = problem(shape, 11);
+    let inputs = Problem::random(Shape::new(shape.batch, 9, 1), 3).features;
+    let config = MarginSoftmaxConfig::new(shape.classes, shape.dim);
+    for device in [wgpu(), ndarray()] {
+        let mut linear: Linear = LinearConfig::new(9, shape.dim)
+            .with_bias(false)
+            .init(&device);
+        // Weights [9, D] such that inputs · weights = the problem's features exactly
+        // would need a solve; instead take the layer's own output as the features.
+        linear.weight = Param::from_tensor(matrix(
+            &Problem::random(Shape::new(9, shape.dim, 1), 4).features,
+            9,
+            shape.dim,
+            &device,
+        ));
+        let input = matrix(&inputs, shape.batch, 9, &device);
+        let features = linear.forward(input);
+        let host_features = floats(features.clone());
+        let head = head(&config, &problem, &device);
+        let out = head.forward(features, labels(&problem, &device));
+        let grads = out.loss.backward();
+        let grad_weight = floats(linear.weight.val().grad(&grads).expect("dL/dW"));
+
+        let params = config.loss_params().unwrap();
+        let expected = reference::loss(
+            shape,
+            &host_features,
+            &problem.classes,
+            &problem.labels,
+            &params,
+        )
+        .unwrap();
+        let mut chain = vec![0.0f64; 9 * shape.dim];
+        for i in 0..shape.batch {
+            for a in 0..9 {
+                for k in 0..shape.dim {
+                    chain[a * shape.dim + k] +=
+                        f64::from(inputs[i * 9 + a]) * expected.grad_features[i * shape.dim + k];
+                }
+            }
+        }
+        let magnitude = expected.grad_features_magnitude
+            * inputs.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())))
+            * shape.batch as f64;
+        let error = reference::max_rel_error(&grad_weight, &chain, magnitude);
+        assert!(
+            error <= reference::GRAD_REL_BOUND,
+            "{device:?}: dL/dW off by {error:e}"
+        );
+    }
+}
+
+/// Three Adam steps, twice from the same start: the same bits.
+#[test]
+fn training_steps_are_bitwise_repeatable() {
+    let shape = Shape::new(24, 8, 50);
+    let problem = problem(shape, 17);
+    let device = wgpu();
+    let run = || {
+        let config = MarginSoftmaxConfig::new(shape.classes, shape.dim).with_learn_scale(true);
+        let mut head = head(&config, &problem, &device);
+        let mut optimizer = AdamConfig::new().init();
+        let x = matrix(&problem.features, shape.batch, shape.dim, &device);
+        let mut trace = Vec::new();
+        for _ in 0..3 {
+            let out = head.forward(x.clone(), labels(&problem, &device));
+            trace.extend(floats(out.loss.clone()).iter().map(|v| v.to_bits()));
+            let grads = GradientsParams::from_grads(out.loss.backward(), &head);
+            head = optimizer.step(1e-2, head, grads);
+        }
+        trace.extend(floats(head.classes.val()).iter().map(|v| v.to_bits()));
+        trace.extend(floats(head.scale.val()).iter().map(|v| v.to_bits()));
+        trace
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    assert_ne!(a[0], a[1], "the steps change the loss");
+}
+
+/// A transposed (strided) feature tensor gives what its contiguous copy gives.
+#[test]
+fn strided_features_are_made_contiguous() {
+    let shape = Shape::new(13, 6, 21);
+    let problem = problem(shape, 23);
+    let device = wgpu();
+    let config = MarginSoftmaxConfig::new(shape.classes, shape.dim);
+    let head = head(&config, &problem, &device);
+    let x = matrix(&problem.features, shape.batch, shape.dim, &device);
+    let strided = x.clone().transpose().transpose();
+    let direct = floats(head.forward(x, labels(&problem, &device)).rows.loss);
+    let through = floats(head.forward(strided, labels(&problem, &device)).rows.loss);
+    assert_eq!(direct, through);
+}
+
+#[test]
+fn bad_input_gives_typed_errors() {
+    let device = wgpu();
+    let head = MarginSoftmaxConfig::new(10, 4).init(&device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
+    let wrong_dim = Tensor::<2>::zeros([2, 5], &device);
+    assert!(matches!(
+        head.try_forward(wrong_dim, y.clone()),
+        Err(Error::Shape {
+            what: "features",
+            ..
+        })
+    ));
+    let three_rows = Tensor::<2>::zeros([3, 4], &device);
+    assert!(matches!(
+        head.try_forward(three_rows, y),
+        Err(Error::Shape { what: "labels", .. })
+    ));
+    let bad = MarginSoftmaxConfig::new(10, 4).with_scale(-1.0);
+    assert!(matches!(bad.try_init(&device), Err(Error::Core(_))));
+    let none = MarginSoftmaxConfig::new(0, 4);
+    assert!(matches!(none.try_init(&device), Err(Error::Config(_))));
+}
