@@ -26,6 +26,9 @@ fn parse_shape(text: &str) -> Shape {
     Shape::new(d[0], d[1], d[2])
 }
 
+/// The fused or the composed forward.
+type Forward = fn(&MarginSoftmax, Tensor<2>, Tensor<1, Int>) -> MarginSoftmaxOutput;
+
 fn in_use(device: &Device) -> u64 {
     device.memory_pool_usage().map_or(0, |u| u.bytes_in_use)
 }
@@ -36,7 +39,7 @@ fn step(
     head: &MarginSoftmax,
     x: &Tensor<2>,
     y: &Tensor<1, Int>,
-    forward: fn(&MarginSoftmax, Tensor<2>, Tensor<1, Int>) -> MarginSoftmaxOutput,
+    forward: Forward,
 ) -> (f64, u64) {
     device.sync().expect("device");
     let before = in_use(device);
@@ -96,8 +99,7 @@ fn main() {
             .workspace_bytes(&device, batch)
             .expect("a plan")
             .unwrap_or(0);
-        let paths: [fn(&MarginSoftmax, Tensor<2>, Tensor<1, Int>) -> MarginSoftmaxOutput; 2] =
-            [MarginSoftmax::forward, MarginSoftmax::forward_composed];
+        let paths: [Forward; 2] = [MarginSoftmax::forward, MarginSoftmax::forward_composed];
         // Warm-up: compiles the kernels, makes the plan, tunes Burn's matmul.
         for forward in paths {
             step(&device, &head, &x, &y, forward);

@@ -1,7 +1,9 @@
-//! The fused loss as a Burn backend extension: on [`CubeBackend`] (Burn's wgpu backend
-//! without fusion) it records the crate's kernels on Burn's own device, queue and
-//! buffers; on `Autodiff<CubeBackend>` its backward hands out the gradients that the
-//! forward computed in the same recording.
+//! The fused loss as a Burn backend extension. On [`CubeBackend`] (Burn's wgpu backend)
+//! it records the crate's kernels on Burn's own device, queue and buffers; the extension
+//! macro wraps that for Burn's fusion (`Fusion<CubeBackend>`, the `Wgpu` Burn runs by
+//! default), which records the call in its stream and runs it there in order; on
+//! `Autodiff<…>` the backward hands out the gradients that the forward computed in the
+//! same recording.
 //!
 //! Ordering. CubeCL batches its kernels in an encoder of its own and submits them later.
 //! Before the crate's passes are submitted, [`Client::flush`](cubecl::client::Client)
@@ -16,10 +18,11 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
+use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::IntTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, WgpuResource};
-use burn::backend::{backend_extension, AutodiffBackend, Backend, TensorMetadata};
+use burn::backend::{backend_extension, AutodiffBackend, Backend, ExtensionType, TensorMetadata};
 use burn::tensor::{DType, IntDType, Shape};
 use cubecl::wgpu::WgpuServer;
 use margin_softmax::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, LossParams};
@@ -30,59 +33,103 @@ use crate::device::fused_cube;
 const ROW_WORDS: usize = 6;
 const SUMMARY_WORDS: usize = 8;
 
-/// The fused margin-softmax loss of features x (B×D), class vectors w (C×D) and labels
-/// y (B, i32; −1 ignores a row), with the scale tensor s (one value) as the scale's
-/// node in the graph (its value travels in `params.scale`).
-///
-/// Outputs: the loss (1), the summary as f32 and as i32 words (8: loss, dL/ds, valid
-/// rows, correct rows, flags, mean achieved margin, rows whose margin holds, padding),
-/// the row statistics as f32 and as i32 words (B×6: loss, target cosine, best other
-/// cosine, prediction, achieved margin, target probability). Each pair is one buffer.
-#[backend_extension(Cube, Autodiff)]
+/// The loss's tensor inputs: features x (B×D), class vectors w (C×D), the scale s (one
+/// value: the scale's node in the graph; its value travels in `LossParams::scale`) and
+/// labels y (B, i32; −1 ignores a row).
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct LossInputs<B: Backend> {
+    /// x.
+    pub features: FloatTensor<B>,
+    /// w.
+    pub classes: FloatTensor<B>,
+    /// s.
+    pub scale: FloatTensor<B>,
+    /// y.
+    pub labels: IntTensor<B>,
+}
+
+/// What the forward leaves. The summary and the row statistics are each one buffer, read
+/// as f32 and as i32 words (`margin_softmax::Summary`, `margin_softmax::RowStats`).
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct LossTensors<B: Backend> {
+    /// The reduced loss (one value).
+    pub loss: FloatTensor<B>,
+    /// 8 words: loss, dL/ds, valid rows, correct rows, flags, mean achieved margin, rows
+    /// whose margin holds, padding.
+    pub summary: FloatTensor<B>,
+    /// The same words as i32.
+    pub summary_words: IntTensor<B>,
+    /// B×6 words: loss, target cosine, best other cosine, prediction, achieved margin,
+    /// target probability.
+    pub rows: FloatTensor<B>,
+    /// The same words as i32.
+    pub row_words: IntTensor<B>,
+}
+
+/// The forward's tensors and dL/dx, dL/dw of the reduced loss.
+#[derive(ExtensionType)]
+#[extension_type(fusion)]
+pub struct LossAndGradients<B: Backend> {
+    /// The forward's tensors.
+    #[extension_type]
+    pub forward: LossTensors<B>,
+    /// dL/dx, B×D.
+    pub features: FloatTensor<B>,
+    /// dL/dw, C×D.
+    pub classes: FloatTensor<B>,
+}
+
+/// The fused margin-softmax loss as a backend extension.
+#[backend_extension(Cube, Fusion, Autodiff)]
 pub trait MarginSoftmaxOps: Backend {
     /// The forward pass: the loss and its statistics.
-    #[allow(clippy::type_complexity)]
+    #[fusion(meta = forward_specs)]
     fn margin_softmax(
-        features: FloatTensor<Self>,
-        classes: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        labels: IntTensor<Self>,
+        #[extension_type] inputs: LossInputs<Self>,
         params: LossParams,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-    );
+    ) -> LossTensors<Self>;
 
-    /// The forward pass and dL/dx, dL/dw of the reduced loss, in one recording (the
-    /// cosines are computed once for both). The last two outputs are the gradients.
-    #[allow(clippy::type_complexity)]
+    /// The forward pass and the gradients, in one recording (the cosines are computed
+    /// once for both).
+    #[fusion(meta = forward_backward_specs)]
     fn margin_softmax_with_grads(
-        features: FloatTensor<Self>,
-        classes: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        labels: IntTensor<Self>,
+        #[extension_type] inputs: LossInputs<Self>,
         params: LossParams,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    );
+    ) -> LossAndGradients<Self>;
+}
+
+/// The shapes and types of [`MarginSoftmaxOps::margin_softmax`]'s outputs, for Burn's
+/// fusion, which records the call and runs it in its stream's order.
+fn forward_specs(inputs: &LossInputsMetadata, _: &LossParams) -> LossTensorsMetadata {
+    let spec = |shape: &[usize], dtype| TensorSpec::new(Shape::from(shape.to_vec()), dtype);
+    let batch = inputs.features.shape[0];
+    LossTensorsMetadata {
+        loss: spec(&[1], DType::F32),
+        summary: spec(&[SUMMARY_WORDS], DType::F32),
+        summary_words: spec(&[SUMMARY_WORDS], DType::I32),
+        rows: spec(&[batch, ROW_WORDS], DType::F32),
+        row_words: spec(&[batch, ROW_WORDS], DType::I32),
+    }
+}
+
+/// [`forward_specs`] and the gradients' (the shapes of x and w).
+fn forward_backward_specs(
+    inputs: &LossInputsMetadata,
+    params: &LossParams,
+) -> LossAndGradientsMetadata {
+    let grad = |t: &TensorSpec| TensorSpec::new(t.shape.clone(), DType::F32);
+    LossAndGradientsMetadata {
+        forward: forward_specs(inputs, params),
+        features: grad(&inputs.features),
+        classes: grad(&inputs.classes),
+    }
 }
 
 /// What one recording leaves, each a Burn tensor on Burn's allocations.
 struct Recorded {
-    loss: CubeTensor,
-    summary: CubeTensor,
-    summary_words: CubeTensor,
-    rows: CubeTensor,
-    row_words: CubeTensor,
+    forward: LossTensors<CubeBackend>,
     grads: Option<(CubeTensor, CubeTensor)>,
 }
 
@@ -121,13 +168,13 @@ fn region(resource: &WgpuResource) -> BufferRegion<'_> {
 /// and checked the shapes and parameters before routing here, so a failure now is a
 /// device fault or a bug, and panics with the crate's message (Burn's ops return no
 /// errors).
-fn record(
-    features: CubeTensor,
-    classes: CubeTensor,
-    labels: CubeTensor,
-    params: LossParams,
-    with_grads: bool,
-) -> Recorded {
+fn record(inputs: LossInputs<CubeBackend>, params: LossParams, with_grads: bool) -> Recorded {
+    let LossInputs {
+        features,
+        classes,
+        labels,
+        ..
+    } = inputs;
     let fused = fused_cube(&features.device)
         .expect("the module routes only tensors on a registered device to the fused kernels");
     let features = burn_cubecl::kernel::into_contiguous(features);
@@ -188,53 +235,33 @@ fn record(
     ctx.queue().submit([encoder.finish()]);
 
     Recorded {
-        loss: view(&summary, Shape::new([1]), DType::F32),
-        summary_words: view(&summary, Shape::new([SUMMARY_WORDS]), DType::I32),
-        row_words: view(&rows, Shape::new([batch, ROW_WORDS]), DType::I32),
-        summary,
-        rows,
+        forward: LossTensors {
+            loss: view(&summary, Shape::new([1]), DType::F32),
+            summary_words: view(&summary, Shape::new([SUMMARY_WORDS]), DType::I32),
+            row_words: view(&rows, Shape::new([batch, ROW_WORDS]), DType::I32),
+            summary,
+            rows,
+        },
         grads,
     }
 }
 
 impl MarginSoftmaxOps for CubeBackend {
-    fn margin_softmax(
-        features: CubeTensor,
-        classes: CubeTensor,
-        _scale: CubeTensor,
-        labels: CubeTensor,
-        params: LossParams,
-    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
-        let r = record(features, classes, labels, params, false);
-        (r.loss, r.summary, r.summary_words, r.rows, r.row_words)
+    fn margin_softmax(inputs: LossInputs<Self>, params: LossParams) -> LossTensors<Self> {
+        record(inputs, params, false).forward
     }
 
     fn margin_softmax_with_grads(
-        features: CubeTensor,
-        classes: CubeTensor,
-        _scale: CubeTensor,
-        labels: CubeTensor,
+        inputs: LossInputs<Self>,
         params: LossParams,
-    ) -> (
-        CubeTensor,
-        CubeTensor,
-        CubeTensor,
-        CubeTensor,
-        CubeTensor,
-        CubeTensor,
-        CubeTensor,
-    ) {
-        let r = record(features, classes, labels, params, true);
-        let (gx, gw) = r.grads.expect("recorded with gradients");
-        (
-            r.loss,
-            r.summary,
-            r.summary_words,
-            r.rows,
-            r.row_words,
-            gx,
-            gw,
-        )
+    ) -> LossAndGradients<Self> {
+        let recorded = record(inputs, params, true);
+        let (features, classes) = recorded.grads.expect("recorded with gradients");
+        LossAndGradients {
+            forward: recorded.forward,
+            features,
+            classes,
+        }
     }
 }
 
@@ -269,90 +296,74 @@ impl<B: Backend> Backward<B, 3> for StoredGradients {
     }
 }
 
+/// The inputs' primitives, outside the graph.
+fn primitives<B: Backend, C: CheckpointStrategy>(
+    inputs: LossInputs<Autodiff<B, C>>,
+) -> LossInputs<B> {
+    LossInputs {
+        features: inputs.features.into_primitive(),
+        classes: inputs.classes.into_primitive(),
+        scale: inputs.scale.into_primitive(),
+        labels: inputs.labels,
+    }
+}
+
+/// Tensors of the inner backend as constants of the graph (the loss excepted, which
+/// `Tracked::finish` or `UnTracked::finish` makes).
+fn constants<B: Backend, C: CheckpointStrategy>(
+    tensors: LossTensors<B>,
+    loss: FloatTensor<Autodiff<B, C>>,
+) -> LossTensors<Autodiff<B, C>> {
+    let lift = <Autodiff<B, C> as AutodiffBackend>::from_inner;
+    LossTensors {
+        loss,
+        summary: lift(tensors.summary),
+        summary_words: tensors.summary_words,
+        rows: lift(tensors.rows),
+        row_words: tensors.row_words,
+    }
+}
+
 impl<B: MarginSoftmaxOps, C: CheckpointStrategy> MarginSoftmaxOps for Autodiff<B, C> {
-    fn margin_softmax(
-        features: FloatTensor<Self>,
-        classes: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        labels: IntTensor<Self>,
-        params: LossParams,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-    ) {
-        let nodes = [features.node(), classes.node(), scale.node()];
-        let (features, classes, scale) = (
-            features.into_primitive(),
-            classes.into_primitive(),
-            scale.into_primitive(),
-        );
+    fn margin_softmax(inputs: LossInputs<Self>, params: LossParams) -> LossTensors<Self> {
+        let nodes = [
+            inputs.features.node(),
+            inputs.classes.node(),
+            inputs.scale.node(),
+        ];
+        let inputs = primitives(inputs);
         match StoredGradients
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (loss, summary, summary_words, rows, row_words, gx, gw) =
-                    B::margin_softmax_with_grads(features, classes, scale, labels, params);
-                let grad_scale = B::float_slice(summary.clone(), &[(1..2).into()]);
-                let loss = prep.finish((gx, gw, grad_scale), loss);
-                (
-                    loss,
-                    <Self as AutodiffBackend>::from_inner(summary),
-                    summary_words,
-                    <Self as AutodiffBackend>::from_inner(rows),
-                    row_words,
-                )
+                let out = B::margin_softmax_with_grads(inputs, params);
+                let grad_scale = B::float_slice(out.forward.summary.clone(), &[(1..2).into()]);
+                let loss = out.forward.loss.clone();
+                let loss = prep.finish((out.features, out.classes, grad_scale), loss);
+                constants(out.forward, loss)
             }
             OpsKind::UnTracked(prep) => {
-                let (loss, summary, summary_words, rows, row_words) =
-                    B::margin_softmax(features, classes, scale, labels, params);
-                (
-                    prep.finish(loss),
-                    <Self as AutodiffBackend>::from_inner(summary),
-                    summary_words,
-                    <Self as AutodiffBackend>::from_inner(rows),
-                    row_words,
-                )
+                let out = B::margin_softmax(inputs, params);
+                let loss = prep.finish(out.loss.clone());
+                constants(out, loss)
             }
         }
     }
 
     fn margin_softmax_with_grads(
-        features: FloatTensor<Self>,
-        classes: FloatTensor<Self>,
-        scale: FloatTensor<Self>,
-        labels: IntTensor<Self>,
+        inputs: LossInputs<Self>,
         params: LossParams,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        IntTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
+    ) -> LossAndGradients<Self> {
         // Outside the graph: the gradients are outputs here, not the graph's.
-        let (loss, summary, summary_words, rows, row_words, gx, gw) = B::margin_softmax_with_grads(
-            features.into_primitive(),
-            classes.into_primitive(),
-            scale.into_primitive(),
-            labels,
-            params,
-        );
+        let out = B::margin_softmax_with_grads(primitives(inputs), params);
         let lift = <Self as AutodiffBackend>::from_inner;
-        (
-            lift(loss),
-            lift(summary),
-            summary_words,
-            lift(rows),
-            row_words,
-            lift(gx),
-            lift(gw),
-        )
+        let loss = lift(out.forward.loss.clone());
+        LossAndGradients {
+            forward: constants(out.forward, loss),
+            features: lift(out.features),
+            classes: lift(out.classes),
+        }
     }
 }

@@ -6,16 +6,25 @@
 //! every other backend it runs the same mathematics composed from Burn's operations.
 //!
 //! ```no_run
-//! use burn::tensor::{Int, Tensor};
-//! use margin_softmax_burn::MarginSoftmaxConfig;
-//!
-//! let device = margin_softmax_burn::wgpu_device()?.autodiff();
-//! let head = MarginSoftmaxConfig::new(1000, 128).with_scale(30.0).with_margin(0.35).init(&device);
-//! let features = Tensor::<2>::random([64, 128], burn::tensor::Distribution::Default, &device).require_grad();
-//! let labels = Tensor::<1, Int>::arange(0..64, &device);
-//! let out = head.forward(features.clone(), labels);
-//! let grads = out.loss.backward();
-//! let dx = features.grad(&grads);
+//! # use burn::module::Module;
+//! # use burn::nn::{Linear, LinearConfig};
+//! # use burn::optim::{AdamConfig, GradientsParams};
+//! # use burn::tensor::{Int, Tensor};
+//! use margin_softmax_burn::{MarginSoftmax, MarginSoftmaxConfig};
+//! # #[derive(Module, Debug)]
+//! # struct Model { backbone: Linear, head: MarginSoftmax }
+//! # let (num_classes, dim, lr) = (1000, 128, 1e-3);
+//! let device = margin_softmax_burn::wgpu_device()?.autodiff(); // Burn's default wgpu device, kernels on it
+//! let head = MarginSoftmaxConfig::new(num_classes, dim)         // class vectors: Param<Tensor<2>>
+//!     .with_scale(30.0).with_margin(0.35)                       // or .with_angular_margin(0.5), …
+//!     .init(&device);
+//! # let mut model = Model { backbone: LinearConfig::new(64, dim).init(&device), head };
+//! # let mut optimizer = AdamConfig::new().init();
+//! # let images = Tensor::<2>::zeros([32, 64], &device);
+//! # let labels = Tensor::<1, Int>::zeros([32], &device);
+//! let out = model.head.forward(model.backbone.forward(images), labels); // [B, D], [B] Int (−1 ignores)
+//! let grads = GradientsParams::from_grads(out.loss.backward(), &model); // reaches the backbone and w
+//! model = optimizer.step(lr, model, grads);                     // out.rows: loss, cosines, pred, p_y per row
 //! # Ok::<(), margin_softmax_burn::Error>(())
 //! ```
 

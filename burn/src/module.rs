@@ -8,7 +8,7 @@ use margin_softmax::{LossParams, Objective, Reduction, TargetGradient};
 use crate::composed;
 use crate::device::fused;
 use crate::error::Error;
-use crate::fused::MarginSoftmaxOps;
+use crate::fused::{LossInputs, MarginSoftmaxOps};
 
 /// What the loss optimises (`margin_softmax::Objective`).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -274,21 +274,20 @@ impl MarginSoftmax {
         params: LossParams,
     ) -> MarginSoftmaxOutput {
         let batch = features.dims()[0];
-        let (loss, summary, summary_words, rows, row_words) =
-            burn::backend::Dispatch::margin_softmax(
-                features.into_dispatch(),
-                self.classes.val().into_dispatch(),
-                self.scale.val().into_dispatch(),
-                labels.into_dispatch(),
-                params,
-            );
-        let summary: Tensor<1> = Tensor::from_dispatch(summary);
-        let words: Tensor<1, Int> = Tensor::from_dispatch(summary_words);
-        let rows: Tensor<2> = Tensor::from_dispatch(rows);
-        let row_words: Tensor<2, Int> = Tensor::from_dispatch(row_words);
+        let inputs = LossInputs {
+            features: features.into_dispatch(),
+            classes: self.classes.val().into_dispatch(),
+            scale: self.scale.val().into_dispatch(),
+            labels: labels.into_dispatch(),
+        };
+        let out = burn::backend::Dispatch::margin_softmax(inputs, params);
+        let summary: Tensor<1> = Tensor::from_dispatch(out.summary);
+        let words: Tensor<1, Int> = Tensor::from_dispatch(out.summary_words);
+        let rows: Tensor<2> = Tensor::from_dispatch(out.rows);
+        let row_words: Tensor<2, Int> = Tensor::from_dispatch(out.row_words);
         let column = |k: usize| rows.clone().narrow(1, k, 1).reshape([batch]);
         MarginSoftmaxOutput {
-            loss: Tensor::from_dispatch(loss),
+            loss: Tensor::from_dispatch(out.loss),
             rows: RowStatistics {
                 loss: column(0),
                 target_cos: column(1),
