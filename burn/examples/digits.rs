@@ -43,10 +43,13 @@ impl Model {
                 device,
             ))
         };
+        let zeros = |n: usize| Some(Param::from_tensor(Tensor::zeros([n], device)));
         let mut hidden = LinearConfig::new(64, HIDDEN).init(device);
         hidden.weight = dense(64, HIDDEN, (3.0f32 / 64.0).sqrt());
+        hidden.bias = zeros(HIDDEN);
         let mut features = LinearConfig::new(HIDDEN, DIM).init(device);
         features.weight = dense(HIDDEN, DIM, (3.0f32 / HIDDEN as f32).sqrt());
+        features.bias = zeros(DIM);
         // The floor: CosFace's bound for 10 classes and a wanted target probability of 0.9.
         let floor = cosface_scale_floor(CLASSES, 0.9) as f32;
         let mut head = MarginSoftmaxConfig::new(CLASSES, DIM)
