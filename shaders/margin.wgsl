@@ -72,7 +72,10 @@ fn target_margin(c: f32) -> vec2<f32> {
         let sign = select(1.0, -1.0, (u32(k) & 1u) == 1u);
         let cheb = chebyshev(m, cc);
         psi = sign * cheb.x - 2.0 * k;
-        slope = sign * f32(m) * cheb.y;
+        // (−1)^k·m·U_{m−1}(c) = m·|U_{m−1}(c)|, since U_{m−1}(c) = sin mθ / sin θ has the
+        // sign (−1)^k on the k-th piece: no k, so a GPU's acos (accurate to about 1e-4
+        // rad on some drivers) cannot flip the slope's sign next to a piece's end.
+        slope = f32(m) * abs(cheb.y);
     }
     return vec2<f32>(psi - params.loss.margin, select(slope, 1.0, params.loss.straight_through == 1u));
 }

@@ -4,7 +4,7 @@
 mod common;
 
 #[allow(dead_code)]
-#[path = "../examples/digits.rs"]
+#[path = "../examples/digits_core.rs"]
 mod digits;
 
 use common::context;

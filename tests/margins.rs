@@ -187,3 +187,38 @@ fn learnable_scale_respects_its_floor() {
     let out = context().loss_on(&p, &params, Pass::Forward).expect("loss");
     assert_eq!(out.grad_scale, 0.0);
 }
+
+/// SphereFace's slope next to the ends of its pieces, θ = jπ/m1 ± δ: there
+/// dψ/dc = m1·U_{m1−1}(c) is near 0 and the piece index k near a jump, and a GPU's acos
+/// (accurate to about 1e-4 rad on some drivers) must not flip the slope's sign. The
+/// property test found θ = 2π/3 − 2e-5 (m1 = 3) giving dL/dw the wrong sign.
+#[test]
+fn sphereface_slopes_keep_their_sign_at_the_ends_of_its_pieces() {
+    let ctx = context();
+    for m1 in [2u32, 3, 4] {
+        let mut problem = Problem::random(Shape::new(12, 2, 12), 44 + u64::from(m1));
+        let mut row = 0;
+        for j in 1..m1 {
+            for delta in [-2e-4f64, -2e-5, 2e-5, 2e-4] {
+                if row == problem.shape.batch {
+                    break;
+                }
+                // x_i = (1, 0) against its class vector at the angle jπ/m1 + δ.
+                let theta = f64::from(j) * std::f64::consts::PI / f64::from(m1) + delta;
+                // Each row its own class, so that no class vector is set twice.
+                problem.labels[row] = row as u32;
+                let y = row;
+                problem.features[2 * row..2 * row + 2].copy_from_slice(&[1.0, 0.0]);
+                problem.classes[2 * y..2 * y + 2]
+                    .copy_from_slice(&[theta.cos() as f32, theta.sin() as f32]);
+                row += 1;
+            }
+        }
+        check_against_reference(
+            ctx,
+            &problem,
+            &LossParams::sphereface(m1),
+            &format!("sphereface m1 = {m1}"),
+        );
+    }
+}

@@ -6,12 +6,12 @@
 //! allocator holds between the forward and the backward (the graph's state), plus the
 //! crate's workspace for the fused step.
 //!
-//! `cargo bench -p margin-softmax-burn --bench step -- [--shapes BxDxC,...] [--reps N]`
+//! `cargo bench -p margin-softmax-burn --bench step -- [--shapes BxDxC,...] [--reps N] [--plain]`
 
 use std::time::Instant;
 
 use burn::module::Param;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
 use margin_softmax::{Problem, Shape};
 use margin_softmax_burn::{MarginSoftmax, MarginSoftmaxConfig, MarginSoftmaxOutput};
 
@@ -56,9 +56,10 @@ fn step(
     (seconds, held)
 }
 
+/// The median; NaN for a path not run (`--plain` runs the composed one alone).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn main() {
@@ -71,9 +72,16 @@ fn main() {
     };
     let shapes = value("--shapes").unwrap_or_else(|| DEFAULT_SHAPES.into());
     let reps: usize = value("--reps").map_or(5, |v| v.parse().expect("--reps N"));
-    let device = margin_softmax_burn::wgpu_device()
-        .expect("a wgpu adapter")
-        .autodiff();
+    // --plain: the composed loss alone, on Burn's own default wgpu device (CubeCL's
+    // default memory pools, no kernels registered), for comparison.
+    let plain = args.iter().any(|a| a == "--plain");
+    let device = if plain {
+        Device::wgpu(DeviceKind::DefaultDevice).autodiff()
+    } else {
+        margin_softmax_burn::wgpu_device()
+            .expect("a wgpu adapter")
+            .autodiff()
+    };
     println!("| B×D×C | fused step (s) | composed step (s) | composed / fused | held by fused (MB) | held by composed (MB) |");
     println!("|---|---|---|---|---|---|");
     for shape in shapes.split(',').map(parse_shape) {
@@ -100,14 +108,16 @@ fn main() {
             .expect("a plan")
             .unwrap_or(0);
         let paths: [Forward; 2] = [MarginSoftmax::forward, MarginSoftmax::forward_composed];
+        let paths = &paths[usize::from(plain)..];
         // Warm-up: compiles the kernels, makes the plan, tunes Burn's matmul.
-        for forward in paths {
+        for &forward in paths {
             step(&device, &head, &x, &y, forward);
         }
         let mut times = [Vec::new(), Vec::new()];
         let mut held = [0u64; 2];
         for _ in 0..reps {
-            for (k, forward) in paths.into_iter().enumerate() {
+            for (k, &forward) in paths.iter().enumerate() {
+                let k = k + usize::from(plain);
                 let (seconds, bytes) = step(&device, &head, &x, &y, forward);
                 times[k].push(seconds);
                 held[k] = held[k].max(bytes);

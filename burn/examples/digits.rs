@@ -1,4 +1,4 @@
-//! The digits training of `examples/digits.rs`, in Burn: a 64→32→3 MLP backbone
+//! The digits training of `examples/digits_core.rs`, in Burn: a 64→32→3 MLP backbone
 //! (Burn's `Linear` and `tanh`) and the margin-softmax module, with a learnable scale
 //! over CosFace's floor, trained end to end by Burn's Adam on Burn's wgpu device (the
 //! fused kernels), once with m = 0 and once with m = 0.35 from the same seed. Prints
@@ -140,7 +140,7 @@ fn train(margin: f32, epochs: usize, device: &Device) -> Finish {
         test_accuracy: count(out.correct_rows) / count(out.valid_rows),
         intra_degrees: intra,
         inter_degrees: inter,
-        scale: floats(model.head.scale.val())[0],
+        scale: floats(model.head.scale(&inner))[0],
     }
 }
 

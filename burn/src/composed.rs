@@ -6,19 +6,20 @@
 
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Bool, Int, Tensor};
-use margin_softmax::{flags, LossParams, Objective, Reduction, TargetGradient, SIN_GUARD};
+use margin_softmax::{
+    flags, reference, LossParams, Objective, Reduction, TargetGradient, SIN_GUARD,
+};
 
 use crate::module::{MarginSoftmaxOutput, RowStatistics};
 
-/// ‖v‖ is taken as at least this (the kernels' ε).
-const NORM_FLOOR: f32 = 1e-12;
-
-/// Rows scaled to unit length: v / max(‖v‖, ε).
+/// Rows scaled to unit length: v / max(‖v‖, ε), ε the kernels' (`reference::EPS`). The
+/// floor is taken on ‖v‖², so that a zero row has the gradient g/ε, not 0·∞.
 fn unit_rows(v: Tensor<2>) -> Tensor<2> {
+    let floor = reference::EPS as f32;
     let norm = (v.clone() * v.clone())
         .sum_dim(1)
-        .sqrt()
-        .clamp_min(NORM_FLOOR);
+        .clamp_min(floor * floor)
+        .sqrt();
     v / norm
 }
 
@@ -63,7 +64,8 @@ fn target_margin(c: Tensor<2>, params: &LossParams) -> (Tensor<2>, Tensor<2>) {
             let u_next = c.clone() * u.clone() * 2.0 - u_prev;
             (t_prev, t, u_prev, u) = (t, t_next, u, u_next);
         }
-        (sign.clone() * t - k * 2.0, sign * u * m)
+        // (−1)^k·m·U_{m−1}(c) = m·|U_{m−1}(c)|, as the kernels take it.
+        (sign * t - k * 2.0, u.abs() * m)
     };
     let slope = match params.target_gradient {
         TargetGradient::Exact => slope,
@@ -88,12 +90,17 @@ pub(crate) fn loss(
         .greater_equal_elem(0)
         .bool_and(labels.clone().lower_elem(num_classes as i64));
     let valid_rows = valid.clone().float().reshape([batch, 1]);
-    let target = labels
-        .clone()
-        .clamp(0, num_classes as i64 - 1)
-        .one_hot::<2>(num_classes)
-        .float();
-    let is_target = target.clone().greater_elem(0.5);
+    // The one-hot targets, by comparison with 0..C (Burn's one_hot wants C ≥ 2).
+    let is_target = Tensor::<1, Int>::arange(0..num_classes as i64, &labels.device())
+        .reshape([1, num_classes])
+        .expand([batch, num_classes])
+        .equal(
+            labels
+                .clone()
+                .reshape([batch, 1])
+                .expand([batch, num_classes]),
+        );
+    let target = is_target.clone().float();
     let target_cos = (cos.clone() * target.clone()).sum_dim(1);
     // ψ with the kernels' slope: value ψ(c), gradient ψ'(c)·dc.
     let (psi, slope) = target_margin(target_cos.clone().detach(), params);
@@ -114,7 +121,10 @@ pub(crate) fn loss(
         * valid_rows.clone();
     let row_loss = match params.objective {
         Objective::Softmax => target_log_prob.clone().neg(),
-        Objective::HardMargin => relu((best_other.clone() - psi) * scale),
+        // With one class there is no other class to beat: no row is active.
+        Objective::HardMargin => {
+            relu((best_other.clone() - psi) * scale) * f32::from(u8::from(num_classes > 1))
+        }
     } * valid_rows.clone();
     let count = valid_rows.clone().sum();
     let loss = match params.reduction {

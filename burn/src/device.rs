@@ -19,22 +19,30 @@ use margin_softmax::{Context, Plan, Shape, TileConfig};
 
 use crate::error::Error;
 
+/// Plans kept per device: a training loop's shapes (its batch, a short last batch, an
+/// evaluation batch) stay made; the least recently used beyond these is dropped, with
+/// its workspace.
+const PLANS_KEPT: usize = 4;
+
 /// A registered device: the crate's context on it and the plans made for it, one per
-/// problem shape (each holds its workspace; recordings of one plan run in submit order).
+/// problem shape (each holds its workspace; recordings of one plan run in submit order),
+/// the most recently used first.
 pub(crate) struct Fused {
     pub context: Context,
-    plans: Mutex<HashMap<Shape, Arc<Plan>>>,
+    plans: Mutex<Vec<(Shape, Arc<Plan>)>>,
 }
 
 impl Fused {
-    /// The plan for `shape`, made the first time.
+    /// The plan for `shape`, made the first time. A dropped plan's buffers live on in
+    /// wgpu until the work already submitted with them is done.
     pub fn plan(&self, shape: Shape) -> Result<Arc<Plan>, Error> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(plan) = plans.get(&shape) {
-            return Ok(plan.clone());
-        }
-        let plan = Arc::new(Plan::new(&self.context, shape)?);
-        plans.insert(shape, plan.clone());
+        let plan = match plans.iter().position(|(s, _)| *s == shape) {
+            Some(k) => plans.remove(k).1,
+            None => Arc::new(Plan::new(&self.context, shape)?),
+        };
+        plans.insert(0, (shape, plan.clone()));
+        plans.truncate(PLANS_KEPT);
         Ok(plan)
     }
 }
@@ -68,18 +76,24 @@ fn insert(device: WgpuDevice, setup: &WgpuSetup) -> Result<Device, Error> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(device.clone(), fused);
-    Ok(Device::from(DispatchDevice::Cube(cubecl::Device::Wgpu(
-        device,
-    ))))
+    Ok(burn_device(device))
+}
+
+fn burn_device(device: WgpuDevice) -> Device {
+    Device::from(DispatchDevice::Cube(cubecl::Device::Wgpu(device)))
 }
 
 /// Brings up Burn's default wgpu device (the one `Device::default()` and
 /// `Device::wgpu(DeviceKind::DefaultDevice)` name) with the fused kernels on it.
 ///
 /// Call it before anything else uses that device: CubeCL configures a device once, and
-/// refuses (an [`Error::Setup`]) once Burn has brought it up on its own.
+/// refuses (an [`Error::Setup`]) once Burn has brought it up on its own. Later calls
+/// return the same device.
 pub fn wgpu_device() -> Result<Device, Error> {
     let device = WgpuDevice::default();
+    if fused_cube(&cubecl::Device::Wgpu(device.clone())).is_some() {
+        return Ok(burn_device(device));
+    }
     let setup = try_init_setup::<AutoGraphicsApi>(&device, runtime_options()?)
         .map_err(|e| Error::Setup(format!("{e} (call margin_softmax_burn::wgpu_device() before Burn first uses its default wgpu device)")))?;
     insert(device, &setup)

@@ -29,8 +29,9 @@ use margin_softmax::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Los
 
 use crate::device::fused_cube;
 
-/// f32 words per row of statistics (`margin_softmax::RowStats`) and in the summary.
+/// f32 words per row of statistics (`margin_softmax::RowStats`).
 const ROW_WORDS: usize = 6;
+/// f32 words in the summary (`margin_softmax::Summary`); dL/ds is the second.
 const SUMMARY_WORDS: usize = 8;
 
 /// The loss's tensor inputs: features x (B×D), class vectors w (C×D), the scale s (one
@@ -265,18 +266,18 @@ impl MarginSoftmaxOps for CubeBackend {
     }
 }
 
-/// The backward of the fused loss: the forward left dL/dx, dL/dw and dL/ds of the
-/// reduced loss; each is scaled by the loss's incoming gradient.
+/// The backward of the fused loss: the forward left dL/dx, dL/dw and (in its summary)
+/// dL/ds of the reduced loss; each is scaled by the loss's incoming gradient.
 #[derive(Debug)]
 struct StoredGradients;
 
 impl<B: Backend> Backward<B, 3> for StoredGradients {
-    /// dL/dx, dL/dw and dL/ds (one value).
+    /// dL/dx, dL/dw and the summary.
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
-        let (grad_features, grad_classes, grad_scale) = ops.state;
+        let (grad_features, grad_classes, summary) = ops.state;
         let times_upstream = |grad: FloatTensor<B>| {
             let shape = grad.shape();
             let ones = Shape::from(vec![1; shape.num_dims()]);
@@ -284,14 +285,14 @@ impl<B: Backend> Backward<B, 3> for StoredGradients {
             B::float_mul(grad, factor)
         };
         let [features, classes, scale] = ops.parents;
-        for (node, grad) in [
-            (features, grad_features),
-            (classes, grad_classes),
-            (scale, grad_scale),
-        ] {
+        for (node, grad) in [(features, grad_features), (classes, grad_classes)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, times_upstream(grad));
             }
+        }
+        if let Some(node) = scale {
+            let grad_scale = B::float_slice(summary, &[(1..2).into()]);
+            grads.register::<B>(node.id, times_upstream(grad_scale));
         }
     }
 }
@@ -339,9 +340,8 @@ impl<B: MarginSoftmaxOps, C: CheckpointStrategy> MarginSoftmaxOps for Autodiff<B
         {
             OpsKind::Tracked(prep) => {
                 let out = B::margin_softmax_with_grads(inputs, params);
-                let grad_scale = B::float_slice(out.forward.summary.clone(), &[(1..2).into()]);
-                let loss = out.forward.loss.clone();
-                let loss = prep.finish((out.features, out.classes, grad_scale), loss);
+                let state = (out.features, out.classes, out.forward.summary.clone());
+                let loss = prep.finish(state, out.forward.loss.clone());
                 constants(out.forward, loss)
             }
             OpsKind::UnTracked(prep) => {

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use margin_softmax::{LossParams, Objective, Reduction, TargetGradient};
 
 use crate::composed;
@@ -78,18 +78,16 @@ pub struct MarginSoftmaxConfig {
     pub initializer: Initializer,
 }
 
-/// The loss module: the class vectors as a parameter, the scale as one (fixed unless
-/// [`MarginSoftmaxConfig::learn_scale`]), and the loss's parameters.
+/// The loss module: the class vectors as a parameter, the scale as one where
+/// [`MarginSoftmaxConfig::learn_scale`], and the loss's parameters.
 #[derive(Module, Debug)]
 pub struct MarginSoftmax {
     /// w, C×D; each row is normalised inside the loss.
     pub classes: Param<Tensor<2>>,
-    /// s, one value.
-    pub scale: Param<Tensor<1>>,
+    /// s (one value) where it is learned; a fixed s is one of the loss's parameters.
+    pub learned_scale: Option<Param<Tensor<1>>>,
     #[module(skip)]
     params: LossParams,
-    #[module(skip)]
-    learn_scale: bool,
 }
 
 /// Per-row statistics, each of length B (0 for an ignored row but `best_other_cos`
@@ -166,12 +164,16 @@ impl MarginSoftmaxConfig {
     /// The module on `device`, or why this configuration is refused.
     pub fn try_init(&self, device: &Device) -> Result<MarginSoftmax, Error> {
         let params = self.loss_params()?;
-        let scale = Tensor::<1>::from_data(TensorData::new(vec![self.scale], [1]), device);
+        let learned_scale = self.learn_scale.then(|| {
+            Param::from_tensor(Tensor::<1>::from_data(
+                TensorData::new(vec![self.scale], [1]),
+                device,
+            ))
+        });
         Ok(MarginSoftmax {
             classes: self.initializer.init([self.num_classes, self.dim], device),
-            scale: Param::from_tensor(scale).set_require_grad(self.learn_scale),
+            learned_scale,
             params,
-            learn_scale: self.learn_scale,
         })
     }
 
@@ -221,18 +223,52 @@ impl MarginSoftmax {
                 got: labels.dims().to_vec(),
             });
         }
-        let mut params = self.params;
+        self.check_tensors(&features, &labels)?;
         match fused(&features.device()) {
             Some(fused) => {
-                if self.learn_scale {
-                    // The kernels take s in their parameters: one value read per step.
-                    params.scale = self.scale.val().into_scalar::<f32>();
+                let mut params = self.params;
+                if let Some(scale) = &self.learned_scale {
+                    // The kernels take s in their parameters: a device sync per step.
+                    params.scale = scale.val().into_scalar::<f32>();
                     params.validate()?;
                 }
                 fused.plan(margin_softmax::Shape::new(batch, dim, num_classes))?;
                 Ok(self.fused_forward(features, labels, params))
             }
             None => Ok(self.forward_composed(features, labels)),
+        }
+    }
+
+    /// f32 features and class vectors, and every tensor on one device.
+    fn check_tensors(&self, features: &Tensor<2>, labels: &Tensor<1, Int>) -> Result<(), Error> {
+        let classes = self.classes.val();
+        for (what, dtype) in [
+            ("features", features.dtype()),
+            ("class vectors", classes.dtype()),
+        ] {
+            if dtype != DType::F32 {
+                return Err(Error::Config(format!(
+                    "the {what} are {dtype:?}; the loss takes f32 (cast with .cast(DType::F32))"
+                )));
+            }
+        }
+        let device = features.device();
+        if classes.device() != device || labels.device() != device {
+            return Err(Error::Config(format!(
+                "the features are on {device:?}, the class vectors on {:?} and the labels on \
+                 {:?}: move them to one device",
+                classes.device(),
+                labels.device()
+            )));
+        }
+        Ok(())
+    }
+
+    /// s as a tensor on `device`: the learned one, or the fixed one's value.
+    pub fn scale(&self, device: &Device) -> Tensor<1> {
+        match &self.learned_scale {
+            Some(scale) => scale.val(),
+            None => Tensor::full([1], self.params.scale, device),
         }
     }
 
@@ -243,13 +279,8 @@ impl MarginSoftmax {
         features: Tensor<2>,
         labels: Tensor<1, Int>,
     ) -> MarginSoftmaxOutput {
-        composed::loss(
-            features,
-            self.classes.val(),
-            self.scale.val(),
-            labels,
-            &self.params,
-        )
+        let scale = self.scale(&features.device());
+        composed::loss(features, self.classes.val(), scale, labels, &self.params)
     }
 
     /// The workspace the fused kernels hold on `device` for batches of `batch` rows
@@ -273,11 +304,19 @@ impl MarginSoftmax {
         labels: Tensor<1, Int>,
         params: LossParams,
     ) -> MarginSoftmaxOutput {
-        let batch = features.dims()[0];
+        let [batch, _] = features.dims();
+        let [num_classes, _] = self.classes.dims();
+        // Labels the kernels read as u32: clamped so that no i64 wraps onto a class
+        // (−1 stays −1; any other value outside 0..C stays outside, and is flagged).
+        let labels = if labels.dtype() == DType::I32 {
+            labels
+        } else {
+            labels.clamp(-2, num_classes as i64)
+        };
         let inputs = LossInputs {
+            scale: self.scale(&features.device()).into_dispatch(),
             features: features.into_dispatch(),
             classes: self.classes.val().into_dispatch(),
-            scale: self.scale.val().into_dispatch(),
             labels: labels.into_dispatch(),
         };
         let out = burn::backend::Dispatch::margin_softmax(inputs, params);

@@ -9,8 +9,8 @@ use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use margin_softmax::reference::{self, compare};
-use margin_softmax::{Gradients, LossOutput, Problem, Shape, IGNORE};
+use margin_softmax::reference::{self, compare, ReferenceOutput};
+use margin_softmax::{flags, Gradients, LossOutput, LossParams, Problem, Shape, IGNORE};
 use margin_softmax_burn::{
     is_fused, Error, MarginGradient, MarginObjective, MarginReduction, MarginSoftmax,
     MarginSoftmaxConfig, MarginSoftmaxOutput,
@@ -111,18 +111,23 @@ fn step(
         features: floats(x.grad(&grads).expect("dL/dx")),
         classes: floats(head.classes.val().grad(&grads).expect("dL/dw")),
     };
-    let grad_scale = head.scale.val().grad(&grads).map(|g| floats(g)[0]);
+    let grad_scale = head
+        .learned_scale
+        .as_ref()
+        .map(|s| floats(s.val().grad(&grads).expect("dL/ds"))[0]);
     assert_eq!(grad_scale.is_some(), config.learn_scale);
     let grad_scale = grad_scale.unwrap_or(fixed_scale_grad as f32);
     (host(out, grad_scale, gradients), flags)
 }
 
-/// A problem off every tile grid, with some rows ignored.
+/// A problem off every tile grid, with every 7th row ignored and two zero feature rows,
+/// one ignored (row 0) and one labelled (row 1).
 fn problem(shape: Shape, seed: u64) -> Problem {
     let mut problem = Problem::random(shape, seed);
     for i in (0..shape.batch).step_by(7) {
         problem.labels[i] = IGNORE;
     }
+    problem.features[..2 * shape.dim.min(shape.batch * shape.dim / 2)].fill(0.0);
     problem
 }
 
@@ -148,8 +153,19 @@ fn family(num_classes: usize, dim: usize) -> Vec<(&'static str, MarginSoftmaxCon
             base().with_margin(0.2).with_angular_margin(0.3),
         ),
         (
+            "sphereface m1 = 4",
+            base().with_margin(0.0).with_multiplicative_margin(4),
+        ),
+        (
             "hard margin",
             base().with_objective(MarginObjective::HardMargin),
+        ),
+        (
+            "hard margin, arcface",
+            base()
+                .with_margin(0.0)
+                .with_angular_margin(0.5)
+                .with_objective(MarginObjective::HardMargin),
         ),
         (
             "sum, learnable scale above its floor",
@@ -169,6 +185,26 @@ fn family(num_classes: usize, dim: usize) -> Vec<(&'static str, MarginSoftmaxCon
     ]
 }
 
+/// The crate's comparison, and the counts it leaves out.
+fn check(
+    problem: &Problem,
+    params: &LossParams,
+    out: &LossOutput,
+    expected: &ReferenceOutput,
+    what: &str,
+) {
+    let comparison = compare(problem.shape.dim, params, out, expected);
+    assert!(comparison.passes(), "{what}: {comparison:?}");
+    let correct = (0..problem.shape.batch)
+        .filter(|&i| problem.labels[i] != IGNORE && expected.pred[i] == problem.labels[i])
+        .count() as u32;
+    assert_eq!(out.correct_rows, correct, "{what}: correct rows");
+    assert_eq!(
+        out.margin_satisfied_rows as usize, expected.margin_satisfied_rows,
+        "{what}: rows whose margin holds"
+    );
+}
+
 #[test]
 fn fused_and_composed_match_the_f64_reference_on_every_margin() {
     let shape = Shape::new(37, 19, 103);
@@ -184,8 +220,13 @@ fn fused_and_composed_match_the_f64_reference_on_every_margin() {
         let expected = reference::loss_on(&problem, &params).unwrap();
         for (path, device) in [("fused", &fused), ("composed", &composed)] {
             let (out, flags) = step(device, &problem, &config, expected.grad_scale);
-            let comparison = compare(shape.dim, &params, &out, &expected);
-            assert!(comparison.passes(), "{name}, {path}: {comparison:?}");
+            check(
+                &problem,
+                &params,
+                &out,
+                &expected,
+                &format!("{name}, {path}"),
+            );
             assert_eq!(flags, 0, "{name}, {path}");
             assert_eq!(out.valid_rows, 31, "{name}, {path}");
         }
@@ -268,7 +309,7 @@ fn training_steps_are_bitwise_repeatable() {
             head = optimizer.step(1e-2, head, grads);
         }
         trace.extend(floats(head.classes.val()).iter().map(|v| v.to_bits()));
-        trace.extend(floats(head.scale.val()).iter().map(|v| v.to_bits()));
+        trace.extend(floats(head.scale(&device)).iter().map(|v| v.to_bits()));
         trace
     };
     let (a, b) = (run(), run());
@@ -276,7 +317,8 @@ fn training_steps_are_bitwise_repeatable() {
     assert_ne!(a[0], a[1], "the steps change the loss");
 }
 
-/// A transposed (strided) feature tensor gives what its contiguous copy gives.
+/// Features that are a transposed view (strides (1, B)) give what their contiguous copy
+/// gives, the loss and dL/dx bit for bit: Burn makes them contiguous first.
 #[test]
 fn strided_features_are_made_contiguous() {
     let shape = Shape::new(13, 6, 21);
@@ -284,11 +326,104 @@ fn strided_features_are_made_contiguous() {
     let device = wgpu();
     let config = MarginSoftmaxConfig::new(shape.classes, shape.dim);
     let head = head(&config, &problem, &device);
+    let mut transposed = vec![0.0; shape.batch * shape.dim];
+    for i in 0..shape.batch {
+        for k in 0..shape.dim {
+            transposed[k * shape.batch + i] = problem.features[i * shape.dim + k];
+        }
+    }
+    let run = |x: Tensor<2>| {
+        let x = x.require_grad();
+        let out = head.forward(x.clone(), labels(&problem, &device));
+        let grads = out.loss.clone().backward();
+        (
+            floats(out.rows.loss),
+            floats(x.grad(&grads).expect("dL/dx")),
+        )
+    };
+    let contiguous = run(matrix(&problem.features, shape.batch, shape.dim, &device));
+    let strided = run(matrix(&transposed, shape.dim, shape.batch, &device).transpose());
+    assert_eq!(contiguous, strided);
+}
+
+/// `(3·L).backward()` gives 3 × the gradients of L, bit for bit (one f32 product each).
+#[test]
+fn the_incoming_gradient_scales_every_gradient() {
+    let shape = Shape::new(11, 5, 17);
+    let problem = problem(shape, 29);
+    let device = wgpu();
+    let config = MarginSoftmaxConfig::new(shape.classes, shape.dim).with_learn_scale(true);
+    let head = head(&config, &problem, &device);
+    let grads = |factor: f32| {
+        let x = matrix(&problem.features, shape.batch, shape.dim, &device).require_grad();
+        let out = head.forward(x.clone(), labels(&problem, &device));
+        let grads = (out.loss * factor).backward();
+        let scale = head.learned_scale.as_ref().expect("learned").val();
+        [
+            floats(x.grad(&grads).expect("dL/dx")),
+            floats(head.classes.val().grad(&grads).expect("dL/dw")),
+            floats(scale.grad(&grads).expect("dL/ds")),
+        ]
+    };
+    let once = grads(1.0);
+    let thrice = grads(3.0);
+    for (a, b) in once.iter().zip(&thrice) {
+        let tripled: Vec<f32> = a.iter().map(|v| v * 3.0).collect();
+        assert_eq!(&tripled, b);
+    }
+}
+
+/// Without autodiff the forward alone runs, with the reference's loss and statistics.
+#[test]
+fn the_forward_runs_without_autodiff() {
+    let shape = Shape::new(19, 7, 33);
+    let problem = problem(shape, 31);
+    let device = wgpu().without_autodiff();
+    let config = MarginSoftmaxConfig::new(shape.classes, shape.dim);
+    let params = config.loss_params().unwrap();
+    let expected = reference::loss_on(&problem, &params).unwrap();
+    let head = head(&config, &problem, &device);
     let x = matrix(&problem.features, shape.batch, shape.dim, &device);
-    let strided = x.clone().transpose().transpose();
-    let direct = floats(head.forward(x, labels(&problem, &device)).rows.loss);
-    let through = floats(head.forward(strided, labels(&problem, &device)).rows.loss);
-    assert_eq!(direct, through);
+    let out = head.forward(x, labels(&problem, &device));
+    let loss = floats(out.loss)[0];
+    let rows = floats(out.rows.loss);
+    let bound = reference::error_bounds(f64::from(params.scale), shape.dim);
+    assert!((f64::from(loss) - expected.loss).abs() <= bound.0 * expected.loss.abs());
+    assert!(reference::max_rel_error(&rows, &expected.row_loss, 0.0) <= bound.1);
+}
+
+/// B = 1, C = 1, every row ignored, on both paths and both objectives; and non-finite
+/// features, flagged.
+#[test]
+fn edge_problems_match_the_reference_and_flag_non_finite_features() {
+    let mut all_ignored = Problem::random(Shape::new(6, 3, 5), 37);
+    all_ignored.labels.fill(IGNORE);
+    let problems = [
+        Problem::random(Shape::new(1, 5, 7), 41),
+        Problem::random(Shape::new(9, 4, 1), 43),
+        all_ignored,
+    ];
+    for problem in &problems {
+        let Shape { dim, classes, .. } = problem.shape;
+        for objective in [MarginObjective::Softmax, MarginObjective::HardMargin] {
+            let config = MarginSoftmaxConfig::new(classes, dim).with_objective(objective);
+            let params = config.loss_params().unwrap();
+            let expected = reference::loss_on(problem, &params).unwrap();
+            for (path, device) in [("fused", wgpu()), ("composed", ndarray())] {
+                let (out, flags) = step(&device, problem, &config, expected.grad_scale);
+                let what = format!("{:?} {objective:?} {path}", problem.shape);
+                check(problem, &params, &out, &expected, &what);
+                assert_eq!(flags, 0, "{what}");
+            }
+        }
+    }
+    let mut poisoned = Problem::random(Shape::new(8, 4, 9), 47);
+    poisoned.features[5] = f32::NAN;
+    let config = MarginSoftmaxConfig::new(9, 4);
+    for device in [wgpu(), ndarray()] {
+        let (_, flags) = step(&device, &poisoned, &config, 0.0);
+        assert_ne!(flags & flags::FEATURES_NON_FINITE, 0, "{device:?}");
+    }
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The UCI handwritten digits (data/digits.csv.gz, CC BY 4.0) and the angles the digits
-//! examples report: shared by `examples/digits.rs` (the crate on its own) and
+//! examples report: shared by `examples/digits_core.rs` (the crate on its own) and
 //! `burn/examples/digits.rs` (the Burn module), each of which includes it by path.
 
 use std::io::Read;
@@ -8,7 +8,9 @@ use margin_softmax::SplitMix64;
 
 /// Images (64 values in 0..1 each) and digit labels.
 pub struct Digits {
+    /// 8×8 pixels per image, row by row.
     pub images: Vec<[f32; 64]>,
+    /// The digit each image shows.
     pub labels: Vec<u32>,
 }
 
@@ -38,7 +40,8 @@ pub fn load_digits_from(path: &str) -> Digits {
     digits
 }
 
-pub fn angle_degrees(a: &[f32], b: &[f32]) -> f32 {
+/// The angle between two vectors, in degrees.
+fn angle_degrees(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();

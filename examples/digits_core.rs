@@ -5,7 +5,7 @@
 //! and once with m = 0.35 from the same seed, prints both runs per epoch and side by side,
 //! and draws each trained model's sphere map with the test features as dots.
 //!
-//! `cargo run --release --example digits -- [--epochs N] [--out DIR]`
+//! `cargo run --release --example digits_core -- [--epochs N] [--out DIR]`
 
 use margin_softmax::{
     cosface_scale_floor, sphere, Context, LearnableScale, LossParams, Pass, Shape, SplitMix64,
