@@ -1,5 +1,5 @@
-//! The module on Burn's wgpu (the fused kernels, on lavapipe in CI) and on NdArray (the
-//! composed twin), each against the crate's f64 reference within its documented bounds
+//! The module on Burn's wgpu (the fused kernels, on lavapipe in CI) and its composed twin
+//! (on the same device, or on NdArray with the feature `ndarray`), each against the crate's f64 reference within its documented bounds
 //! (`margin_softmax::reference::compare`), with gradients through a Burn backbone, and
 //! bitwise-repeatable training steps.
 
@@ -28,9 +28,35 @@ fn wgpu() -> Device {
         .autodiff()
 }
 
-#[allow(deprecated)]
-fn ndarray() -> Device {
-    Device::ndarray().autodiff()
+/// The two paths under test: the fused kernels on the registered wgpu device, and the
+/// composed twin (`forward_composed`): on the same wgpu device, or on NdArray with the
+/// feature `ndarray` (`cargo test -p margin-softmax-burn --features ndarray`).
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Fused,
+    Composed,
+}
+
+const PATHS: [Path; 2] = [Path::Fused, Path::Composed];
+
+impl Path {
+    fn device(self) -> Device {
+        match self {
+            Path::Fused => wgpu(),
+            #[cfg(feature = "ndarray")]
+            #[allow(deprecated)]
+            Path::Composed => Device::ndarray().autodiff(),
+            #[cfg(not(feature = "ndarray"))]
+            Path::Composed => wgpu(),
+        }
+    }
+
+    fn forward(self, head: &MarginSoftmax, x: Tensor<2>, y: Tensor<1, Int>) -> MarginSoftmaxOutput {
+        match self {
+            Path::Fused => head.forward(x, y),
+            Path::Composed => head.forward_composed(x, y),
+        }
+    }
 }
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -93,18 +119,19 @@ fn host(out: MarginSoftmaxOutput, grad_scale: f32, grads: Gradients) -> LossOutp
     }
 }
 
-/// One forward and backward of the module on `device`; dL/ds where the scale is learned,
+/// One forward and backward of the module on `path`; dL/ds where the scale is learned,
 /// else the reference's `fixed_scale_grad` (a fixed scale has no gradient to compare).
 fn step(
-    device: &Device,
+    path: Path,
     problem: &Problem,
     config: &MarginSoftmaxConfig,
     fixed_scale_grad: f64,
 ) -> (LossOutput, u32) {
     let Shape { batch, dim, .. } = problem.shape;
+    let device = &path.device();
     let head = head(config, problem, device);
     let x = matrix(&problem.features, batch, dim, device).require_grad();
-    let out = head.forward(x.clone(), labels(problem, device));
+    let out = path.forward(&head, x.clone(), labels(problem, device));
     let flags = first(out.flags.clone());
     let grads = out.loss.clone().backward();
     let gradients = Gradients {
@@ -209,26 +236,19 @@ fn check(
 fn fused_and_composed_match_the_f64_reference_on_every_margin() {
     let shape = Shape::new(37, 19, 103);
     let problem = problem(shape, 5);
-    let (fused, composed) = (wgpu(), ndarray());
     assert!(
-        is_fused(&fused),
+        is_fused(&wgpu()),
         "the registered wgpu device runs the kernels"
     );
-    assert!(!is_fused(&composed));
     for (name, config) in family(shape.classes, shape.dim) {
         let params = config.loss_params().unwrap();
         let expected = reference::loss_on(&problem, &params).unwrap();
-        for (path, device) in [("fused", &fused), ("composed", &composed)] {
-            let (out, flags) = step(device, &problem, &config, expected.grad_scale);
-            check(
-                &problem,
-                &params,
-                &out,
-                &expected,
-                &format!("{name}, {path}"),
-            );
-            assert_eq!(flags, 0, "{name}, {path}");
-            assert_eq!(out.valid_rows, 31, "{name}, {path}");
+        for path in PATHS {
+            let (out, flags) = step(path, &problem, &config, expected.grad_scale);
+            let what = format!("{name}, {path:?}");
+            check(&problem, &params, &out, &expected, &what);
+            assert_eq!(flags, 0, "{what}");
+            assert_eq!(out.valid_rows, 31, "{what}");
         }
     }
 }
@@ -241,7 +261,8 @@ fn gradients_reach_a_linear_backbone() {
     let problem = problem(shape, 11);
     let inputs = Problem::random(Shape::new(shape.batch, 9, 1), 3).features;
     let config = MarginSoftmaxConfig::new(shape.classes, shape.dim);
-    for device in [wgpu(), ndarray()] {
+    for path in PATHS {
+        let device = path.device();
         let mut linear: Linear = LinearConfig::new(9, shape.dim)
             .with_bias(false)
             .init(&device);
@@ -257,7 +278,7 @@ fn gradients_reach_a_linear_backbone() {
         let features = linear.forward(input);
         let host_features = floats(features.clone());
         let head = head(&config, &problem, &device);
-        let out = head.forward(features, labels(&problem, &device));
+        let out = path.forward(&head, features, labels(&problem, &device));
         let grads = out.loss.backward();
         let grad_weight = floats(linear.weight.val().grad(&grads).expect("dL/dW"));
 
@@ -285,7 +306,7 @@ fn gradients_reach_a_linear_backbone() {
         let error = reference::max_rel_error(&grad_weight, &chain, magnitude);
         assert!(
             error <= reference::GRAD_REL_BOUND,
-            "{device:?}: dL/dW off by {error:e}"
+            "{path:?}: dL/dW off by {error:e}"
         );
     }
 }
@@ -409,9 +430,9 @@ fn edge_problems_match_the_reference_and_flag_non_finite_features() {
             let config = MarginSoftmaxConfig::new(classes, dim).with_objective(objective);
             let params = config.loss_params().unwrap();
             let expected = reference::loss_on(problem, &params).unwrap();
-            for (path, device) in [("fused", wgpu()), ("composed", ndarray())] {
-                let (out, flags) = step(&device, problem, &config, expected.grad_scale);
-                let what = format!("{:?} {objective:?} {path}", problem.shape);
+            for path in PATHS {
+                let (out, flags) = step(path, problem, &config, expected.grad_scale);
+                let what = format!("{:?} {objective:?} {path:?}", problem.shape);
                 check(problem, &params, &out, &expected, &what);
                 assert_eq!(flags, 0, "{what}");
             }
@@ -420,9 +441,9 @@ fn edge_problems_match_the_reference_and_flag_non_finite_features() {
     let mut poisoned = Problem::random(Shape::new(8, 4, 9), 47);
     poisoned.features[5] = f32::NAN;
     let config = MarginSoftmaxConfig::new(9, 4);
-    for device in [wgpu(), ndarray()] {
-        let (_, flags) = step(&device, &poisoned, &config, 0.0);
-        assert_ne!(flags & flags::FEATURES_NON_FINITE, 0, "{device:?}");
+    for path in PATHS {
+        let (_, flags) = step(path, &poisoned, &config, 0.0);
+        assert_ne!(flags & flags::FEATURES_NON_FINITE, 0, "{path:?}");
     }
 }
 
