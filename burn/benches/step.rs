@@ -12,19 +12,10 @@ use std::time::Instant;
 
 use burn::module::Param;
 use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
-use margin_softmax::{Problem, Shape};
+use margin_softmax::{bench, Problem, Shape};
 use margin_softmax_burn::{MarginSoftmax, MarginSoftmaxConfig, MarginSoftmaxOutput};
 
 const DEFAULT_SHAPES: &str = "256x128x4096,512x256x16384";
-
-fn parse_shape(text: &str) -> Shape {
-    let d: Vec<usize> = text
-        .split('x')
-        .map(|v| v.parse().expect("a shape BxDxC"))
-        .collect();
-    assert!(d.len() == 3, "a shape BxDxC, not {text}");
-    Shape::new(d[0], d[1], d[2])
-}
 
 /// The fused or the composed forward.
 type Forward = fn(&MarginSoftmax, Tensor<2>, Tensor<1, Int>) -> MarginSoftmaxOutput;
@@ -84,7 +75,7 @@ fn main() {
     };
     println!("| B×D×C | fused step (s) | composed step (s) | composed / fused | held by fused (MB) | held by composed (MB) |");
     println!("|---|---|---|---|---|---|");
-    for shape in shapes.split(',').map(parse_shape) {
+    for shape in bench::parse_shapes(&shapes).expect("--shapes BxDxC,...") {
         let problem = Problem::random(shape, 1);
         let Shape {
             batch,
