@@ -39,9 +39,15 @@ struct BackwardParams {
     defer_norm: u32,
     /// Elements between rows of the materialised logits (a multiple of 4).
     logit_stride: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    /// The loss-scale factor: dL/dx and dL/dw are written times it (1 for none), before
+    /// they are rounded to a 16-bit type, as mixed precision's gradient scaler does.
+    loss_scale: f32,
+    /// Elements of dL/dx `round_gradients` rounds to GRAD_FEATURES_ELEMENT in this chunk:
+    /// B·D in the first chunk where dL/dx is stored in 16 bits, else 0.
+    rounded_features: u32,
+    /// Elements of this chunk's dL/dw `round_gradients` rounds to GRAD_CLASSES_ELEMENT:
+    /// classes·D where dL/dw is stored in 16 bits, else 0.
+    rounded_classes: u32,
 }
 
 /// This dispatch's uniform.
@@ -70,10 +76,27 @@ struct BackwardSummary {
 @group(0) @binding(10) var<storage, read_write> summary: BackwardSummary;
 /// Per-row LSE_i (and dL_i/ds, unused here), B values, from forward.wgsl.
 @group(0) @binding(8) var<storage, read> row_softmax: array<RowSoftmax>;
-/// dL/dx, B×D. Caller's output.
+/// dL/dx, B×D f32: the caller's output, or where dL/dx is stored in 16 bits an f32
+/// workspace that `round_gradients` rounds into `grad_features_out`. Holds gx̂ until the
+/// projection.
 @group(0) @binding(12) var<storage, read_write> grad_features: array<f32>;
-/// dL/dw, this chunk's classes × D. Caller's output; also holds gŵ until the projection.
+/// dL/dw, this chunk's classes × D f32: the caller's output or a workspace, as for
+/// `grad_features`. Holds gŵ (or gw') until the projection.
 @group(0) @binding(13) var<storage, read_write> grad_classes: array<f32>;
+/// dL/dx in GRAD_FEATURES_ELEMENT (16 bits), two values a word as `features` holds them.
+/// Caller's output, written by `round_gradients` alone.
+@group(0) @binding(27) var<storage, read_write> grad_features_out: array<u32>;
+/// This chunk's dL/dw in GRAD_CLASSES_ELEMENT (16 bits), as `grad_features_out`.
+@group(0) @binding(28) var<storage, read_write> grad_classes_out: array<u32>;
+
+/// The storage type of dL/dx (`ELEMENT_*`; f32 needs no `round_gradients`).
+override GRAD_FEATURES_ELEMENT: u32 = ELEMENT_F32;
+/// The storage type of dL/dw.
+override GRAD_CLASSES_ELEMENT: u32 = ELEMENT_F32;
+/// Summary flags: a finite dL/dx (dL/dw) value became ±inf when rounded to its 16-bit
+/// type. Mirrors `flags::GRAD_FEATURES_OUT_OF_RANGE` and `GRAD_CLASSES_OUT_OF_RANGE`.
+const FLAG_GRAD_FEATURES_OUT_OF_RANGE: u32 = 16u;
+const FLAG_GRAD_CLASSES_OUT_OF_RANGE: u32 = 32u;
 /// v̂·g over each piece of each stacked row [x; w chunk], piece-major (all rows of piece
 /// 0 first), from `projection_dots` for `normalize_backward`, where rows are longer than
 /// one piece (else one unread word). Workspace.
@@ -159,11 +182,11 @@ fn piece_dot(at: ProjectionRow) -> f32 {
     var dot = 0.0;
     if (at.is_features) {
         for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
-            dot = fma(features[d] * at.inv, grad_features[d], dot);
+            dot = fma(feature_value(d) * at.inv, grad_features[d], dot);
         }
     } else {
         for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
-            dot = fma(class_vectors[d] * at.inv, grad_classes[d], dot);
+            dot = fma(class_value(d) * at.inv, grad_classes[d], dot);
         }
     }
     return dot;
@@ -181,8 +204,8 @@ fn projection_dots(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 }
 
 /// One invocation per (piece, row) of [x; w chunk]: the row's v̂·g (its own, for rows of
-/// one piece; else from `projection_dots`, in piece order), then the piece of dL/dv = (g − v̂(v̂·g))·inv in place, times the deferred
-/// 1/N. The projection is linear: projecting gw' = gŵ·inv gives dL/dw without the last
+/// one piece; else from `projection_dots`, in piece order), then the piece of
+/// dL/dv = (g − v̂(v̂·g))·inv in place, times the deferred 1/N and the loss scale. The projection is linear: projecting gw' = gŵ·inv gives dL/dw without the last
 /// factor inv (`raw_classes`).
 @compute @workgroup_size(ROW_WG)
 fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -198,22 +221,61 @@ fn normalize_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         for (var p = 0u; p < dim_pieces(); p++) { dot += projection_piece_dots[p * rows + at.piece.x]; }
     }
     let along = along_normal(dot, at.inv);
-    let norm = deferred_norm();
+    let norm = deferred_norm() * params.loss_scale;
     var finite = true;
     if (at.is_features) {
         let factor = at.inv * norm;
         for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
-            let out = (grad_features[d] - features[d] * at.inv * along) * factor;
+            let out = (grad_features[d] - feature_value(d) * at.inv * along) * factor;
             grad_features[d] = out;
             finite = finite && !is_non_finite(out);
         }
     } else {
         let factor = select(at.inv, 1.0, params.raw_classes == 1u) * norm;
         for (var d = at.base + at.piece.y; d < at.base + at.piece.z; d++) {
-            let out = (grad_classes[d] - class_vectors[d] * at.inv * along) * factor;
+            let out = (grad_classes[d] - class_value(d) * at.inv * along) * factor;
             grad_classes[d] = out;
             finite = finite && !is_non_finite(out);
         }
     }
     flag_non_finite_gradients(finite);
+}
+
+/// Two consecutive values of an f32 gradient rounded to the 16-bit `element`, packed in
+/// one word as the caller's buffer holds them (the second is 0 past the end, `pair` = 1);
+/// `out_of_range` is set where a finite value became ±inf.
+fn rounded_word(first: f32, second: f32, pair: u32, element: u32, out_of_range: ptr<function, bool>) -> u32 {
+    let lo = half_bits(first, element);
+    let hi = select(0u, half_bits(second, element), pair == 2u);
+    *out_of_range = rounded_out_of_range(first, lo, element)
+        || (pair == 2u && rounded_out_of_range(second, hi, element));
+    return lo | (hi << 16u);
+}
+
+/// dL/dx (first chunk) and this chunk's dL/dw, where stored in 16 bits: one invocation
+/// per word of the output (two values, from the f32 gradients the projections left),
+/// dL/dx's words first. Rounds to nearest, ties to even, and flags a finite value that
+/// rounds to ±inf (FLAG_GRAD_*_OUT_OF_RANGE: lower the loss scale). A region of an odd
+/// number of values ends in a word whose upper half is written 0.
+@compute @workgroup_size(ROW_WG)
+fn round_gradients(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let word = folded_index(wid, nwg, lid);
+    let feature_words = (params.rounded_features + 1u) / 2u;
+    let class_words = (params.rounded_classes + 1u) / 2u;
+    var out_of_range = false;
+    if (word < feature_words) {
+        let e = 2u * word;
+        let pair = min(params.rounded_features - e, 2u);
+        let second = grad_features[select(e, e + 1u, pair == 2u)];
+        grad_features_out[word] = rounded_word(grad_features[e], second, pair, GRAD_FEATURES_ELEMENT, &out_of_range);
+        if (out_of_range) { atomicOr(&summary.flags, FLAG_GRAD_FEATURES_OUT_OF_RANGE); }
+    } else if (word < feature_words + class_words) {
+        let w = word - feature_words;
+        let e = 2u * w;
+        let pair = min(params.rounded_classes - e, 2u);
+        let second = grad_classes[select(e, e + 1u, pair == 2u)];
+        grad_classes_out[w] = rounded_word(grad_classes[e], second, pair, GRAD_CLASSES_ELEMENT, &out_of_range);
+        if (out_of_range) { atomicOr(&summary.flags, FLAG_GRAD_CLASSES_OUT_OF_RANGE); }
+    }
 }

@@ -20,7 +20,10 @@
 // The module ends with one of two loaders of the lhs block, `lhs_tile`:
 // gemm_lhs_loads.wgsl (each invocation loads its own) or gemm_lhs_subgroup.wgsl (the
 // eight invocations of a subgroup, which own the same rows, load one vec4 each and share
-// them), chosen per adapter in `src/kernels.rs`.
+// them), chosen per adapter in `src/kernels.rs`; and one of two declarations of the rhs
+// with its quad loader, `rhs_quad`: gemm_rhs_f32.wgsl, or gemm_rhs_half.wgsl where the
+// rhs is w stored in 16 bits (f16 or bf16, widened to f32 as it is loaded, so that every
+// product and sum is f32 and the same as on the f32 values).
 
 /// Sizes, strides and offsets (in f32 elements) of one GEMM. Mirrors `GemmShape` in Rust.
 struct GemmShape {
@@ -59,8 +62,6 @@ struct GemmShape {
 @group(0) @binding(20) var<uniform> gemm: GemmShape;
 /// Left operand, four consecutive elements of its contiguous axis per entry.
 @group(0) @binding(21) var<storage, read> lhs: array<vec4<f32>>;
-/// Right operand, four consecutive elements of its contiguous axis per entry.
-@group(0) @binding(22) var<storage, read> rhs: array<vec4<f32>>;
 /// The m×n product, rows product_stride apart from product_offset; every element of it
 /// is written and nothing else. Of a split-K product: the splits' partial products.
 @group(0) @binding(23) var<storage, read_write> product: array<f32>;
@@ -162,7 +163,7 @@ fn operand_quad(from_lhs: bool, along_k: bool, bases: vec4<u32>, k_stride: u32, 
         var at = bases[i] + kv;
         if (!along_k) { at = bases[0] + (4u * kv + k_offset(i, k_valid)) * k_stride; }
         var v: vec4<f32>;
-        if (from_lhs) { v = lhs[at]; } else { v = rhs[at]; }
+        if (from_lhs) { v = lhs[at]; } else { v = rhs_quad(at); }
         if (along_k) {
             cols[i] = select(vec4<f32>(), v, mask);
         } else {

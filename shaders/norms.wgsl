@@ -40,10 +40,11 @@ struct NormsParams {
 /// ŵ or w of this chunk in rows of padded_dim() values, zero past D, where the plan copies
 /// them (else a stand-in that is not written). Workspace, bound per chunk.
 @group(0) @binding(15) var<storage, read_write> padded_classes: array<f32>;
-/// x four values per entry (the same buffer as `features`), for the aligned middle of a row.
-@group(0) @binding(25) var<storage, read> feature_quads: array<vec4<f32>>;
-/// This chunk of w four values per entry (the same binding as `class_vectors`).
-@group(0) @binding(26) var<storage, read> class_quads: array<vec4<f32>>;
+/// x four words per entry (the same buffer as `features`), for the aligned middle of a
+/// row: one quad of values in f32 (16-bit quads are two words of `features`).
+@group(0) @binding(25) var<storage, read> feature_quads: array<vec4<u32>>;
+/// This chunk of w four words per entry (the same binding as `class_vectors`).
+@group(0) @binding(26) var<storage, read> class_quads: array<vec4<u32>>;
 /// Non-finite-input flags (FLAG_*), one word. Workspace, cleared by the host before this pass.
 @group(0) @binding(6) var<storage, read_write> input_flags: atomic<u32>;
 
@@ -51,14 +52,18 @@ const EPS: f32 = 1e-12;
 
 /// Element `index` of x (is_features) or of w.
 fn input_value(is_features: bool, index: u32) -> f32 {
-    if (is_features) { return features[index]; }
-    return class_vectors[index];
+    if (is_features) { return feature_value(index); }
+    return class_value(index);
 }
 
 /// Elements index .. index + 3 of x (is_features) or of w; `index` a multiple of 4.
 fn input_quad(is_features: bool, index: u32) -> vec4<f32> {
-    if (is_features) { return feature_quads[index / 4u]; }
-    return class_quads[index / 4u];
+    if (is_features) {
+        if (FEATURES_ELEMENT == ELEMENT_F32) { return bitcast<vec4<f32>>(feature_quads[index / 4u]); }
+        return half_quad(features[index / 2u], features[index / 2u + 1u], FEATURES_ELEMENT);
+    }
+    if (CLASSES_ELEMENT == ELEMENT_F32) { return bitcast<vec4<f32>>(class_quads[index / 4u]); }
+    return half_quad(class_vectors[index / 2u], class_vectors[index / 2u + 1u], CLASSES_ELEMENT);
 }
 
 /// The D values from `base` as the elements before the first multiple of 4, the vec4s

@@ -9,7 +9,9 @@ use wgpu::util::DeviceExt;
 
 use crate::context::{Context, ContextOptions};
 use crate::error::{Error, Result};
-use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
+use crate::io::{
+    BufferRegion, DeviceInputs, DeviceOutputs, ElementType, GradOutputs, RowStats, Shape, Summary,
+};
 use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape, Timestamps};
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Phase, Plan};
@@ -275,6 +277,7 @@ impl ShapeBuffers {
             batch: b,
             dim: d,
             classes: c,
+            ..
         } = problem.shape;
         ShapeBuffers {
             features: init("features", bytemuck::cast_slice(&problem.features)),
@@ -458,6 +461,7 @@ pub fn run(
             batch: b,
             dim: d,
             classes: c,
+            ..
         } = shape;
         let problem = Problem::try_random(shape, index as u64 + 1)?;
         let buffers = ShapeBuffers::new(ctx, &problem);
@@ -534,6 +538,7 @@ impl<'a> GemmFloor<'a> {
             batch: b,
             dim: d,
             classes: c,
+            ..
         } = problem.shape;
         let d4 = padded(d as u64) as usize;
         let padded_rows = |data: &[f32]| -> Option<wgpu::Buffer> {
@@ -566,7 +571,7 @@ impl<'a> GemmFloor<'a> {
             .step_by(piece)
             .map(|n0| (n0, piece.min(c - n0)))
             .collect();
-        let tuned = ctx.gemm_choice(GemmLayout::Dots, b as u32, piece as u32, d as u32)?;
+        let tuned = ctx.gemm_choice(GemmLayout::Dots, ElementType::F32, (b as u32, piece as u32, d as u32))?;
         let uniforms = piece_uniforms(ctx, &pieces, (b, d, d4))?;
         Ok(GemmFloor {
             shape: problem.shape,
@@ -602,7 +607,7 @@ impl<'a> GemmFloor<'a> {
         candidates
             .iter()
             .map(|&candidate| -> Result<Recording<'_>> {
-                let kernel = ctx.kernels.matmul(GemmLayout::Dots, candidate)?;
+                let kernel = ctx.kernels.matmul(GemmLayout::Dots, ElementType::F32, candidate)?;
                 Ok(Box::new(move |encoder, writes| {
                     let dispatches: Vec<Dispatch<'_>> = self
                         .pieces
@@ -1083,6 +1088,7 @@ fn table_line(r: &BenchRow) -> String {
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = r.shape;
     if let Some(why) = &r.skipped {
         return format!(
@@ -1196,6 +1202,7 @@ fn profile_table(r: &BenchRow) -> String {
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = r.shape;
     let mut out = format!(
         "\nprofile: B={b} D={d} C={c} {} ({}), each dispatch in its own pass; median ms per run\n\n",

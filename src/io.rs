@@ -3,7 +3,119 @@
 
 use crate::error::{Error, Result};
 
-/// The problem's dimensions: B rows of x, D values per vector, C classes.
+/// How the values of a tensor are stored in memory. Whatever the storage, every product,
+/// sum, exponential and statistic the kernels compute is f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ElementType {
+    /// IEEE binary32.
+    #[default]
+    F32,
+    /// IEEE binary16: 11 significant bits, normal from 6.1e-5 to 65504.
+    F16,
+    /// bfloat16, the high half of an f32: 8 significant bits, f32's range.
+    Bf16,
+}
+
+impl ElementType {
+    /// Bytes per value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 | ElementType::Bf16 => 2,
+        }
+    }
+
+    /// Its name, as safetensors writes it: `F32`, `F16`, `BF16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ElementType::F32 => "F32",
+            ElementType::F16 => "F16",
+            ElementType::Bf16 => "BF16",
+        }
+    }
+
+    /// Bytes a buffer region of `values` values of this type holds: the values, rounded
+    /// up to a whole 4-byte word (a 16-bit tensor of an odd length ends in half a word,
+    /// which outputs write as 0).
+    pub fn region_bytes(self, values: u64) -> u64 {
+        values.saturating_mul(self.bytes()).next_multiple_of(4)
+    }
+
+    /// Its code in the shaders' `*_ELEMENT` overrides (`ELEMENT_F32` … in common.wgsl).
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            ElementType::F32 => 0,
+            ElementType::F16 => 1,
+            ElementType::Bf16 => 2,
+        }
+    }
+
+    /// Relative size of one rounding to nearest into this type: 2⁻²⁴ (f32), 2⁻¹¹ (f16),
+    /// 2⁻⁸ (bf16).
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            ElementType::F32 => (2.0f64).powi(-24),
+            ElementType::F16 => (2.0f64).powi(-11),
+            ElementType::Bf16 => (2.0f64).powi(-8),
+        }
+    }
+}
+
+/// The storage type of each tensor of the loss: x, w, dL/dx and dL/dw, independently.
+/// The default is f32 throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ElementTypes {
+    /// x.
+    pub features: ElementType,
+    /// w.
+    pub classes: ElementType,
+    /// dL/dx.
+    pub grad_features: ElementType,
+    /// dL/dw.
+    pub grad_classes: ElementType,
+}
+
+impl ElementTypes {
+    /// x and w stored as `features` and `classes`, and each gradient in the type of its
+    /// input (as automatic mixed precision writes them).
+    pub fn inputs(features: ElementType, classes: ElementType) -> ElementTypes {
+        ElementTypes {
+            features,
+            classes,
+            grad_features: features,
+            grad_classes: classes,
+        }
+    }
+
+    /// The same, with both gradients in f32 (for an f32 master copy of the weights).
+    pub fn with_f32_grads(self) -> ElementTypes {
+        ElementTypes {
+            grad_features: ElementType::F32,
+            grad_classes: ElementType::F32,
+            ..self
+        }
+    }
+
+    /// True when every tensor is f32.
+    pub fn all_f32(&self) -> bool {
+        *self == ElementTypes::default()
+    }
+
+    /// The code of the four types in one number, for the kernels' pipeline caches.
+    pub(crate) fn key(&self) -> usize {
+        [
+            self.features,
+            self.classes,
+            self.grad_features,
+            self.grad_classes,
+        ]
+        .iter()
+        .fold(0, |acc, t| acc * 3 + t.code() as usize)
+    }
+}
+
+/// The problem's dimensions: B rows of x, D values per vector, C classes, and how each
+/// tensor is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     /// B: rows of x (samples).
@@ -12,16 +124,24 @@ pub struct Shape {
     pub dim: usize,
     /// C: rows of w (classes).
     pub classes: usize,
+    /// The storage types of x, w, dL/dx and dL/dw (f32 unless set).
+    pub elements: ElementTypes,
 }
 
 impl Shape {
-    /// A shape of B rows, D values per vector and C classes.
+    /// A shape of B rows, D values per vector and C classes, every tensor f32.
     pub fn new(batch: usize, dim: usize, classes: usize) -> Shape {
         Shape {
             batch,
             dim,
             classes,
+            elements: ElementTypes::default(),
         }
+    }
+
+    /// The same dimensions with the tensors stored as `elements`.
+    pub fn with_elements(self, elements: ElementTypes) -> Shape {
+        Shape { elements, ..self }
     }
 
     pub(crate) fn check_nonempty(&self) -> Result<()> {
@@ -89,6 +209,11 @@ pub mod flags {
     pub const LABEL_OUT_OF_RANGE: u32 = 4;
     /// A loss or log-sum-exp is not finite: the raw dot products x·w overflowed f32.
     pub const OVERFLOW: u32 = 8;
+    /// A finite dL/dx value became ±inf when rounded to its 16-bit storage type: lower
+    /// the loss scale ([`crate::LossParams::loss_scale`]).
+    pub const GRAD_FEATURES_OUT_OF_RANGE: u32 = 16;
+    /// A finite dL/dw value became ±inf when rounded to its 16-bit storage type.
+    pub const GRAD_CLASSES_OUT_OF_RANGE: u32 = 32;
 }
 
 /// A region of a caller's buffer: `buffer[offset..offset + size]`, the size given by the shape.
@@ -106,12 +231,14 @@ impl<'a> From<&'a wgpu::Buffer> for BufferRegion<'a> {
     }
 }
 
-/// The inputs of the device API. All row-major, tightly packed.
+/// The inputs of the device API. All row-major, tightly packed, each in the storage type
+/// the plan's [`Shape::elements`] gives it (16-bit values two to a 32-bit word, the first
+/// in the low half, as little-endian memory holds them).
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceInputs<'a> {
-    /// x: B×D `f32`.
+    /// x: B×D values of `elements.features`.
     pub features: BufferRegion<'a>,
-    /// w: C×D `f32`.
+    /// w: C×D values of `elements.classes`.
     pub classes: BufferRegion<'a>,
     /// y: B `u32`, each in 0..C or [`crate::IGNORE`].
     pub labels: BufferRegion<'a>,
@@ -128,12 +255,13 @@ pub struct DeviceOutputs<'a> {
     pub grads: Option<GradOutputs<'a>>,
 }
 
-/// Gradient outputs of the device API; every element is overwritten.
+/// Gradient outputs of the device API; every element is overwritten, in the storage type
+/// the plan's [`Shape::elements`] gives it.
 #[derive(Debug, Clone, Copy)]
 pub struct GradOutputs<'a> {
-    /// dL/dx: B×D `f32`.
+    /// dL/dx: B×D values of `elements.grad_features`.
     pub features: BufferRegion<'a>,
-    /// dL/dw: C×D `f32`.
+    /// dL/dw: C×D values of `elements.grad_classes`.
     pub classes: BufferRegion<'a>,
 }
 

@@ -3,6 +3,7 @@
 //! uniform structs of the families, mirrored from WGSL. Every shader module is
 //! `shaders/common.wgsl`, the shared pieces it needs, then its family's file.
 
+use crate::io::{ElementType, ElementTypes};
 use crate::params::{LossParams, Objective, TargetGradient};
 
 /// Binding numbers shared by every shader module (see the declarations in `shaders/`).
@@ -33,6 +34,8 @@ pub(crate) enum Binding {
     SplitProducts = 24,
     FeatureQuads = 25,
     ClassQuads = 26,
+    GradFeaturesOut = 27,
+    GradClassesOut = 28,
 }
 
 /// The workgroup shape of the GEMM and the softmax rows, set on the WGSL `override`
@@ -155,7 +158,9 @@ pub(crate) struct BackwardParams {
     pub raw_classes: u32,
     pub defer_norm: u32,
     pub logit_stride: u32,
-    pub _pad: [u32; 3],
+    pub loss_scale: f32,
+    pub rounded_features: u32,
+    pub rounded_classes: u32,
 }
 
 /// Bytes of the largest family uniform: the stride of the plan's uniform slots.
@@ -205,13 +210,17 @@ impl GemmLayout {
         GemmLayout::ClassGrad,
     ];
 
-    /// Its name in the tuner's cache: `dots`, `feature_grad`, `class_grad`.
-    pub(crate) fn key(self) -> &'static str {
-        match self {
-            GemmLayout::Dots => "dots",
-            GemmLayout::FeatureGrad => "feature_grad",
-            GemmLayout::ClassGrad => "class_grad",
-        }
+    /// Its names in the tuner's cache, per storage type of the rhs (f32, f16, bf16).
+    pub(crate) const KEYS: [[&'static str; 3]; 3] = [
+        ["dots", "dots_f16", "dots_bf16"],
+        ["feature_grad", "feature_grad_f16", "feature_grad_bf16"],
+        ["class_grad", "class_grad_f16", "class_grad_bf16"],
+    ];
+
+    /// Its name in the tuner's cache with its rhs stored as `rhs`: `dots`,
+    /// `feature_grad`, `class_grad` for f32, with `_f16` or `_bf16` after them otherwise.
+    pub(crate) fn key(self, rhs: ElementType) -> &'static str {
+        GemmLayout::KEYS[self as usize][rhs.code() as usize]
     }
 
     /// The kernel's name in the benchmark's profile.
@@ -410,6 +419,10 @@ pub(crate) enum Family {
     Gemm,
 }
 
+impl Family {
+    const COUNT: usize = 4;
+}
+
 /// The entry points of the loss other than the GEMM's `matmul` (see [`Kernels::matmul`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Entry {
@@ -423,10 +436,11 @@ pub(crate) enum Entry {
     ProjectionDots,
     NormalizeBackward,
     SumSplits,
+    RoundGradients,
 }
 
 impl Entry {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
 
     /// Its WGSL name, its module, and the bindings it uses.
     fn spec(self) -> (&'static str, Family, &'static [Binding]) {
@@ -453,6 +467,11 @@ impl Entry {
                 NORMALIZE_BACKWARD_BINDINGS,
             ),
             Entry::SumSplits => ("sum_splits", Family::Gemm, SUM_SPLITS_BINDINGS),
+            Entry::RoundGradients => (
+                "round_gradients",
+                Family::Backward,
+                ROUND_GRADIENTS_BINDINGS,
+            ),
         }
     }
 }
@@ -545,6 +564,15 @@ const NORMALIZE_BACKWARD_BINDINGS: &[Binding] = &[
     Binding::GradClasses,
     Binding::ProjectionPieceDots,
 ];
+/// The bindings of `round_gradients`, in binding order.
+const ROUND_GRADIENTS_BINDINGS: &[Binding] = &[
+    Binding::Params,
+    Binding::Summary,
+    Binding::GradFeatures,
+    Binding::GradClasses,
+    Binding::GradFeaturesOut,
+    Binding::GradClassesOut,
+];
 /// The bindings of `sum_splits`, in binding order.
 const SUM_SPLITS_BINDINGS: &[Binding] = &[
     Binding::GemmShape,
@@ -557,14 +585,18 @@ const SUM_SPLITS_BINDINGS: &[Binding] = &[
 /// candidates add no start-up time.
 #[derive(Debug)]
 pub(crate) struct Kernels {
-    /// Per [`Entry`], in its declaration order.
-    entries: [std::sync::OnceLock<Kernel>; Entry::COUNT],
-    /// `matmul` per GemmLayout, in its declaration order, and per candidate.
-    matmul: [Vec<std::sync::OnceLock<Kernel>>; 3],
+    /// Per [`Entry`], in its declaration order, and per storage types
+    /// ([`ElementTypes::key`]; the forward and the GEMM's `sum_splits` read none of the
+    /// tensors stored in them, and take key 0).
+    entries: Vec<std::sync::OnceLock<Kernel>>,
+    /// `matmul` per GemmLayout, in its declaration order, per storage type of the rhs
+    /// (f32, f16, bf16) and per candidate.
+    matmul: [[Vec<std::sync::OnceLock<Kernel>>; 3]; 3],
     /// The GEMM candidates this device allows; the first is the default.
     pub candidates: Vec<GemmCandidate>,
-    /// Per [`Family`], in its declaration order.
-    modules: [std::sync::OnceLock<wgpu::ShaderModule>; 4],
+    /// Per [`Family`], in its declaration order, then the GEMM module whose rhs is
+    /// stored in 16 bits (gemm_rhs_half.wgsl).
+    modules: [std::sync::OnceLock<wgpu::ShaderModule>; 5],
     /// The GEMM module's lhs loader (gemm_lhs_loads.wgsl or gemm_lhs_subgroup.wgsl).
     lhs_loader: &'static str,
     tiles: TileConfig,
@@ -591,6 +623,12 @@ const GEMM_WGSL: &str = concat!(
     include_str!("../shaders/common.wgsl"),
     include_str!("../shaders/gemm.wgsl")
 );
+/// The rhs declaration and loader of an f32 rhs.
+const GEMM_RHS_F32_WGSL: &str = include_str!("../shaders/gemm_rhs_f32.wgsl");
+/// The rhs declaration and loader of a 16-bit rhs (w in f16 or bf16).
+const GEMM_RHS_HALF_WGSL: &str = include_str!("../shaders/gemm_rhs_half.wgsl");
+/// Storage types of the tensors the kernels read or write in 16 bits ([`ElementTypes::key`]).
+const ELEMENT_KEYS: usize = 81;
 /// The lhs loader where each invocation loads its own block.
 const GEMM_LHS_LOADS_WGSL: &str = include_str!("../shaders/gemm_lhs_loads.wgsl");
 /// The lhs loader where an 8-wide subgroup shares the block.
@@ -619,9 +657,12 @@ impl Kernels {
         };
         let candidates = gemm_candidates(tiles, &device.limits());
         Kernels {
-            entries: Default::default(),
-            matmul: GemmLayout::ALL
-                .map(|_| candidates.iter().map(|_| Default::default()).collect()),
+            entries: (0..Entry::COUNT * ELEMENT_KEYS)
+                .map(|_| Default::default())
+                .collect(),
+            matmul: GemmLayout::ALL.map(|_| {
+                [(); 3].map(|_| candidates.iter().map(|_| Default::default()).collect())
+            }),
             candidates,
             modules: Default::default(),
             lhs_loader,
@@ -630,44 +671,73 @@ impl Kernels {
         }
     }
 
-    /// The pipeline of `entry`, compiled on first use.
-    pub(crate) fn kernel(&self, entry: Entry) -> crate::Result<&Kernel> {
-        self.compiled(&self.entries[entry as usize], || {
-            let (name, family, bindings) = entry.spec();
+    /// The pipeline of `entry` for tensors stored as `elements`, compiled on first use.
+    pub(crate) fn kernel(&self, entry: Entry, elements: ElementTypes) -> crate::Result<&Kernel> {
+        let (name, family, bindings) = entry.spec();
+        // Only the norms and the backward read or write x, w and their gradients.
+        let typed = matches!(family, Family::Norms | Family::Backward);
+        let key = if typed { elements.key() } else { 0 };
+        self.compiled(&self.entries[entry as usize * ELEMENT_KEYS + key], || {
             let mut constants = vec![
                 ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
                 ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
             ];
-            // rows.wgsl's piece length, in the modules that include it.
-            if matches!(family, Family::Norms | Family::Backward) {
+            // rows.wgsl's piece length and the storage types, in the modules that use them.
+            if typed {
                 constants.push(("DIM_PIECE", f64::from(DIM_PIECE)));
+                constants.push(("FEATURES_ELEMENT", f64::from(elements.features.code())));
+                constants.push(("CLASSES_ELEMENT", f64::from(elements.classes.code())));
+            }
+            if family == Family::Backward {
+                let (gx, gw) = (elements.grad_features, elements.grad_classes);
+                constants.push(("GRAD_FEATURES_ELEMENT", f64::from(gx.code())));
+                constants.push(("GRAD_CLASSES_ELEMENT", f64::from(gw.code())));
             }
             self.compile(family, name, &constants, bindings, name)
         })
     }
 
     /// The `matmul` pipeline of `layout` for candidate `candidate` (an index into
-    /// [`Kernels::candidates`]), compiled on first use.
-    pub(crate) fn matmul(&self, layout: GemmLayout, candidate: usize) -> crate::Result<&Kernel> {
+    /// [`Kernels::candidates`]) with its rhs stored as `rhs`, compiled on first use.
+    pub(crate) fn matmul(
+        &self,
+        layout: GemmLayout,
+        rhs: ElementType,
+        candidate: usize,
+    ) -> crate::Result<&Kernel> {
         let c = &self.candidates[candidate];
-        let (lhs, rhs) = layout.along_k();
-        let constants = [
+        let (lhs_along_k, rhs_along_k) = layout.along_k();
+        let mut constants = vec![
             ("ROWS_WG", f64::from(c.rows_per_workgroup)),
             ("CLASSES_WG", f64::from(c.cols_per_workgroup)),
-            ("LHS_ALONG_K", f64::from(u8::from(lhs))),
-            ("RHS_ALONG_K", f64::from(u8::from(rhs))),
+            ("LHS_ALONG_K", f64::from(u8::from(lhs_along_k))),
+            ("RHS_ALONG_K", f64::from(u8::from(rhs_along_k))),
         ];
+        if rhs != ElementType::F32 {
+            constants.push(("RHS_ELEMENT", f64::from(rhs.code())));
+        }
         let entry = if c.staged { "matmul_staged" } else { "matmul" };
         use Binding::*;
-        self.compiled(&self.matmul[layout as usize][candidate], || {
-            self.compile(
-                Family::Gemm,
+        let cell = &self.matmul[layout as usize][rhs.code() as usize][candidate];
+        self.compiled(cell, || {
+            self.compile_in(
+                Self::gemm_module_index(rhs),
                 entry,
                 &constants,
                 &[GemmShape, GemmLhs, GemmRhs, GemmProduct],
                 layout.name(),
+                Family::Gemm,
             )
         })
+    }
+
+    /// The index in `modules` of the GEMM module for an rhs stored as `rhs`.
+    fn gemm_module_index(rhs: ElementType) -> usize {
+        if rhs == ElementType::F32 {
+            Family::Gemm as usize
+        } else {
+            Family::COUNT
+        }
     }
 
     /// The kernel in `cell`, made by `make` the first time. Two threads may compile it
@@ -695,9 +765,22 @@ impl Kernels {
         bindings: &'static [Binding],
         name: &'static str,
     ) -> crate::Result<Kernel> {
+        self.compile_in(family as usize, entry, constants, bindings, name, family)
+    }
+
+    /// [`Kernels::compile`] from module `module_index` of `modules`.
+    fn compile_in(
+        &self,
+        module_index: usize,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+        bindings: &'static [Binding],
+        name: &'static str,
+        family: Family,
+    ) -> crate::Result<Kernel> {
         let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.modules[family as usize].get_or_init(|| self.module(family));
+        let module = self.modules[module_index].get_or_init(|| self.module(module_index));
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -728,19 +811,25 @@ impl Kernels {
     /// register-block loops from the driver, which then cannot unroll them and keeps the
     /// 8×8 block in memory (half the GEMM speed on llvmpipe). The other modules keep it:
     /// unrolling their loops gains nothing there and multiplies their compile time.
-    fn module(&self, family: Family) -> wgpu::ShaderModule {
+    fn module(&self, module_index: usize) -> wgpu::ShaderModule {
         let gemm_source;
-        let (label, source) = match family {
-            Family::Norms => ("norms.wgsl", NORMS_WGSL),
-            Family::Forward => ("forward.wgsl", FORWARD_WGSL),
-            Family::Backward => ("backward.wgsl", BACKWARD_WGSL),
-            Family::Gemm => {
-                gemm_source = format!("{GEMM_WGSL}{}", self.lhs_loader);
+        let is_gemm = module_index >= Family::Gemm as usize;
+        let (label, source) = match module_index {
+            0 => ("norms.wgsl", NORMS_WGSL),
+            1 => ("forward.wgsl", FORWARD_WGSL),
+            2 => ("backward.wgsl", BACKWARD_WGSL),
+            _ => {
+                let rhs = if module_index == Family::COUNT {
+                    GEMM_RHS_HALF_WGSL
+                } else {
+                    GEMM_RHS_F32_WGSL
+                };
+                gemm_source = format!("{GEMM_WGSL}{}{rhs}", self.lhs_loader);
                 ("gemm.wgsl", gemm_source.as_str())
             }
         };
         let mut checks = wgpu::ShaderRuntimeChecks::checked();
-        checks.force_loop_bounding = family != Family::Gemm;
+        checks.force_loop_bounding = !is_gemm;
         let descriptor = wgpu::ShaderModuleDescriptor {
             label: Some(label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -933,14 +1022,15 @@ mod tests {
     /// byte offset, in the same order (the padding members aside).
     #[test]
     fn every_uniform_struct_matches_its_rust_mirror() {
-        let gemm_source = format!("{GEMM_WGSL}{GEMM_LHS_LOADS_WGSL}");
+        let gemm_source = format!("{GEMM_WGSL}{GEMM_LHS_LOADS_WGSL}{GEMM_RHS_F32_WGSL}");
         let norms = fields!(NormsParams: batch, dim, classes, norm_feature_rows, copy_rows,
             raw_classes);
         let forward = fields!(ForwardParams: loss, batch, classes, total_classes,
             class_offset, row_begin, row_end, logit_stride, blocks, block_index, write_grads,
             raw_classes, reduction, scale_grad_gate);
         let backward = fields!(BackwardParams: loss, batch, dim, classes, total_classes,
-            norm_feature_rows, reduction, raw_classes, defer_norm, logit_stride);
+            norm_feature_rows, reduction, raw_classes, defer_norm, logit_stride, loss_scale,
+            rounded_features, rounded_classes);
         let gemm = fields!(GemmShape: m, n, k, lhs_stride, rhs_stride, product_stride,
             lhs_offset, rhs_offset, product_offset, accumulate, run_quads, split_k, splits);
         let cases = [

@@ -87,6 +87,11 @@ pub struct LossParams {
     pub target_gradient: TargetGradient,
     /// How per-row losses are combined.
     pub reduction: Reduction,
+    /// The loss-scale factor of mixed precision (PyTorch's `GradScaler`): dL/dx and dL/dw
+    /// are written times it, before they are rounded to a 16-bit storage type, so that
+    /// small gradients stay above f16's subnormals. L and dL/ds are not scaled. 1 for
+    /// none; a power of two changes no bit but the exponent.
+    pub loss_scale: f32,
 }
 
 impl Default for LossParams {
@@ -108,6 +113,7 @@ impl LossParams {
             objective: Objective::Softmax,
             target_gradient: TargetGradient::Exact,
             reduction: Reduction::Mean,
+            loss_scale: 1.0,
         }
     }
 
@@ -208,6 +214,13 @@ impl LossParams {
                 name: "scale_min",
                 value: self.scale_min,
                 requirement: ">= 0 (0 means no floor)",
+            });
+        }
+        if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) {
+            return Err(Error::InvalidParameter {
+                name: "loss_scale",
+                value: self.loss_scale,
+                requirement: "finite and > 0 (1 for none; mixed precision starts near 2^16 and halves it on overflow)",
             });
         }
         if self.effective_scale() <= 0.0 {

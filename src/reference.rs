@@ -171,6 +171,7 @@ pub fn loss_f64(
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = shape;
     let inv_x = inv_norms(x, b, d);
     let inv_w = inv_norms(w, c, d);

@@ -19,6 +19,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::{Context, Tuning};
 use crate::error::Result;
+use crate::io::ElementType;
 use crate::kernels::{encode, fold_grid, Dispatch, GemmLayout, GemmShape};
 use crate::timing::{time_recording, Record, TimestampQueries};
 
@@ -51,10 +52,10 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    pub(crate) fn of(layout: GemmLayout, m: u32, n: u32, k: u32) -> Bucket {
+    pub(crate) fn of(layout: GemmLayout, rhs: ElementType, m: u32, n: u32, k: u32) -> Bucket {
         let up = |v: u32| v.max(1).checked_next_power_of_two().unwrap_or(1 << 31);
         Bucket {
-            layout: layout.key(),
+            layout: layout.key(rhs),
             m: up(m),
             n: up(n),
             k: up(k),
@@ -134,18 +135,23 @@ impl Context {
     /// The candidate (an index into [`Context::gemm_candidates`]) that runs `layout` at
     /// m × n × k: the pinned one, the default where tuning is off, else the bucket's
     /// fastest, timed now if the bucket is new.
-    pub(crate) fn gemm_choice(&self, layout: GemmLayout, m: u32, n: u32, k: u32) -> Result<usize> {
+    pub(crate) fn gemm_choice(
+        &self,
+        layout: GemmLayout,
+        rhs: ElementType,
+        (m, n, k): (u32, u32, u32),
+    ) -> Result<usize> {
         if self.gemm_pinned || self.tuning == Tuning::Off || self.kernels.candidates.len() < 2 {
             return Ok(self.gemm_candidate);
         }
-        let bucket = Bucket::of(layout, m, n, k);
+        let bucket = Bucket::of(layout, rhs, m, n, k);
         let known = self.tuner(|t| t.found.get(&bucket).map(|t| t.candidate.clone()));
         let name = match known {
             Some(name) => name,
             None => {
                 // Timed outside the caches' lock; a bucket two threads time at once is
                 // kept as the last one found it. Where timing fails, the default serves.
-                let Ok(tuned) = self.tune_bucket(layout, bucket) else {
+                let Ok(tuned) = self.tune_bucket(layout, rhs, bucket) else {
                     return Ok(self.gemm_candidate);
                 };
                 let name = tuned.candidate.clone();
@@ -168,7 +174,7 @@ impl Context {
     }
 
     /// Times every candidate on the bucket's slice (one warm-up, the median of RUNS).
-    fn tune_bucket(&self, layout: GemmLayout, bucket: Bucket) -> Result<Tuned> {
+    fn tune_bucket(&self, layout: GemmLayout, rhs: ElementType, bucket: Bucket) -> Result<Tuned> {
         let slice = self.tuning_slice(layout, bucket);
         // A candidate that fails to run is left out of the findings.
         let seconds: Vec<(String, f64)> = self
@@ -177,7 +183,7 @@ impl Context {
             .iter()
             .enumerate()
             .filter_map(|(index, c)| {
-                let time = self.time_candidate(&slice, layout, index, c).ok()?;
+                let time = self.time_candidate(&slice, (layout, rhs), index, c).ok()?;
                 Some((c.name.to_string(), time))
             })
             .collect();
@@ -243,7 +249,7 @@ impl Context {
     fn time_candidate(
         &self,
         slice: &TuningSlice,
-        layout: GemmLayout,
+        (layout, rhs): (GemmLayout, ElementType),
         index: usize,
         candidate: &crate::kernels::GemmCandidate,
     ) -> Result<f64> {
@@ -252,7 +258,7 @@ impl Context {
             self.limits.max_compute_workgroups_per_dimension,
         )?;
         let dispatch = [Dispatch {
-            kernel: self.kernels.matmul(layout, index)?,
+            kernel: self.kernels.matmul(layout, rhs, index)?,
             grid,
             resources: vec![
                 slice.uniform.as_entire_buffer_binding(),
@@ -314,9 +320,10 @@ fn read_cache(file: &Path) -> HashMap<Bucket, Tuned> {
 
 fn parse_line(line: &str) -> Option<Tuned> {
     let mut fields = line.split('\t');
-    let layout = GemmLayout::ALL
+    let layout = GemmLayout::KEYS
         .iter()
-        .map(|l| l.key())
+        .flatten()
+        .copied()
         .find(|&key| Some(key) == fields.clone().next())?;
     fields.next();
     let mut dim = || fields.next()?.parse::<u32>().ok();

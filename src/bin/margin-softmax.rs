@@ -334,6 +334,7 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
             ReductionArg::Sum => Reduction::Sum,
             ReductionArg::None => Reduction::None,
         },
+        loss_scale: 1.0,
     };
     params.validate().map_err(bad_input)?;
     let ctx = context(&args.adapter)?;

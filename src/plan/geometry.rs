@@ -5,7 +5,7 @@
 use super::Algorithm;
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::io::Shape;
+use crate::io::{ElementType, Shape};
 use crate::kernels::{
     padded, run_quads, Binding, GemmLayout, GemmShape, DIM_PIECE, FAMILY_UNIFORM_BYTES, GEMM_QUADS,
 };
@@ -158,7 +158,9 @@ impl Geometry {
                 Err(e) if target == budget => return Err(e),
                 Err(_) => break,
             };
-            let total = total_bytes(ctx, shape, &g, engine);
+            // The f32 shadow of 16-bit gradients is the outputs' size, whatever the cut:
+            // reported with the workspace, but not held to the budget, which bounds G.
+            let total = total_bytes(ctx, shape, &g, engine) - gradient_shadow_bytes(shape);
             if total <= budget {
                 return Ok(g);
             }
@@ -198,7 +200,7 @@ impl Geometry {
             });
         }
         let d = shape.dim as u64;
-        let quantum = class_quantum(ctx, d);
+        let quantum = class_quantum(ctx, shape);
         let mut chunk_classes = class_chunk_classes(ctx, shape, algorithm, loops, quantum)?;
         let mut row_passes = vec![(0, batch)];
         // The padded copies are bound whole: they must fit one binding.
@@ -263,11 +265,17 @@ impl Geometry {
 
 /// The classes every chunk start is a multiple of: byte offsets stay aligned for w, its
 /// gradient and the per-class norms, and chunks hold whole class lanes' quads.
-fn class_quantum(ctx: &Context, d: u64) -> u64 {
+fn class_quantum(ctx: &Context, shape: Shape) -> u64 {
+    let d = shape.dim as u64;
     let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment).max(4);
     let tile = u64::from(ctx.tiles.tile_classes());
     let lcm = |a: u64, b: u64| a * b / gcd(a, b);
-    let by_row = align / gcd(align, d * 4);
+    // Rows of w and dL/dw in their storage types, and in f32 (the workspace gradient).
+    let e = shape.elements;
+    let by_row = [4, e.classes.bytes(), e.grad_classes.bytes()]
+        .iter()
+        .map(|bytes| align / gcd(align, d * bytes))
+        .fold(1, lcm);
     let by_padded_row = align / gcd(align, 4 * padded(d));
     let by_norm = align / 4;
     lcm(lcm(lcm(by_row, by_padded_row), by_norm), tile)
@@ -566,6 +574,27 @@ pub(super) fn padded_classes_bytes(shape: Shape, g: &Geometry, algorithm: Algori
     product(&[4, held, padded(shape.dim as u64)])
 }
 
+/// Bytes of the f32 copies of dL/dx and dL/dw the kernels sum and project in where the
+/// gradient is stored in 16 bits (4·B·D and 4·C·D), 0 where stored in f32.
+fn gradient_shadows(shape: Shape) -> (u64, u64) {
+    let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+    let e = shape.elements;
+    let bytes = |t: ElementType, rows: u64| {
+        if t == ElementType::F32 {
+            0
+        } else {
+            product(&[4, rows, d])
+        }
+    };
+    (bytes(e.grad_features, b), bytes(e.grad_classes, c))
+}
+
+/// The two of [`gradient_shadows`] together.
+pub(super) fn gradient_shadow_bytes(shape: Shape) -> u64 {
+    let (gx, gw) = gradient_shadows(shape);
+    gx.saturating_add(gw)
+}
+
 /// The workspace buffers of one algorithm, with their sizes in bytes.
 pub(super) fn workspace_layout(
     shape: Shape,
@@ -610,6 +639,15 @@ pub(super) fn workspace_layout(
             padded_classes_bytes(shape, g, algorithm),
         ),
     ]);
+    // Gradients stored in 16 bits are summed and projected in f32 here first, then
+    // rounded into the caller's buffers (`round_gradients`).
+    let (gx, gw) = gradient_shadows(shape);
+    if gx > 0 {
+        layout.push((Binding::GradFeatures, gx));
+    }
+    if gw > 0 {
+        layout.push((Binding::GradClasses, gw));
+    }
     layout
 }
 
@@ -628,6 +666,8 @@ pub(super) struct GemmSpec {
     /// The GEMM candidate it runs (an index into the context's candidates); every
     /// candidate gives the same bits.
     pub(super) candidate: usize,
+    /// The storage type of its rhs: w's where it reads the caller's w, else f32.
+    pub(super) rhs_element: ElementType,
 }
 
 /// The longest k one invocation of a matmul sums, a multiple of 4 so that every piece
@@ -712,6 +752,7 @@ impl GemmSpec {
 /// logits hold one block at a time).
 pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Vec<GemmSpec> {
     let d = shape.dim as u32;
+    let shape_elements = shape.elements;
     let (c4, d4) = (g.logit_stride, padded(d.into()) as u32);
     let column = |part: &Chunk| if g.blocked { 0 } else { part.class_offset };
     // w's binding, bound per chunk from the chunk's first class: the caller's, or its copy.
@@ -730,6 +771,11 @@ pub(super) fn gemm_specs(shape: Shape, g: &Geometry, algorithm: Algorithm) -> Ve
         rhs,
         product,
         candidate: 0,
+        rhs_element: if rhs == Binding::ClassVectors {
+            shape_elements.classes
+        } else {
+            ElementType::F32
+        },
     };
     let mut specs = Vec::new();
     for (pass, &(r0, r1)) in g.row_passes.iter().enumerate() {

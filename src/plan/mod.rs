@@ -153,7 +153,7 @@ impl Plan {
             .filter_map(|&layout| {
                 let spec = self.gemms.iter().find(|g| g.layout == layout)?;
                 let name = ctx.kernels.candidates.get(spec.candidate)?.name;
-                Some(format!("{} {name}", layout.key()))
+                Some(format!("{} {name}", layout.key(spec.rhs_element)))
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -345,7 +345,7 @@ fn tuned_gemms(
     let mut gemms = gemm_specs(shape, geometry, algorithm);
     for spec in &mut gemms {
         let s = spec.shape;
-        spec.candidate = ctx.gemm_choice(spec.layout, s.m, s.n, s.k)?;
+        spec.candidate = ctx.gemm_choice(spec.layout, spec.rhs_element, (s.m, s.n, s.k))?;
     }
     Ok(gemms)
 }

@@ -7,7 +7,9 @@ use super::geometry::{
 use super::{Algorithm, Phase, Plan};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::io::{check_aliasing, DeviceInputs, DeviceOutputs, Region, RowStats, Summary};
+use crate::io::{
+    check_aliasing, DeviceInputs, DeviceOutputs, ElementType, Region, RowStats, Summary,
+};
 use crate::kernels::{
     bind_groups, encode_bound, fold_grid, padded, BackwardParams, Binding, Dispatch, Entry, Family,
     ForwardParams, GemmLayout, Kernel, LossTerms, NormsParams, Timestamps, FAMILY_UNIFORM_BYTES,
@@ -91,16 +93,17 @@ impl Plan {
             self.shape.classes as u64,
             self.shape.dim as u64,
         );
+        let e = self.shape.elements;
         let mut regions = vec![
             Region {
                 role: "features",
                 region: inputs.features,
-                bytes: product(&[b, d, 4]),
+                bytes: e.features.region_bytes(product(&[b, d])),
             },
             Region {
                 role: "classes",
                 region: inputs.classes,
-                bytes: product(&[c, d, 4]),
+                bytes: e.classes.region_bytes(product(&[c, d])),
             },
             Region {
                 role: "labels",
@@ -122,12 +125,12 @@ impl Plan {
             regions.push(Region {
                 role: "grad_features",
                 region: grads.features,
-                bytes: product(&[b, d, 4]),
+                bytes: e.grad_features.region_bytes(product(&[b, d])),
             });
             regions.push(Region {
                 role: "grad_classes",
                 region: grads.classes,
-                bytes: product(&[c, d, 4]),
+                bytes: e.grad_classes.region_bytes(product(&[c, d])),
             });
         }
         regions
@@ -277,8 +280,28 @@ impl Plan {
             raw_classes: self.raw_classes(),
             defer_norm: self.raw_classes(),
             logit_stride: self.geometry.logit_stride,
-            _pad: [0; 3],
+            loss_scale: params.loss_scale,
+            rounded_features: self.rounded_values(k).0,
+            rounded_classes: self.rounded_values(k).1,
         }
+    }
+
+    /// Values of dL/dx and of chunk `k`'s dL/dw that `round_gradients` rounds to their
+    /// 16-bit types: B·D in the first chunk and classes·D, each 0 where stored in f32.
+    fn rounded_values(&self, k: usize) -> (u32, u32) {
+        let e = self.shape.elements;
+        let d = self.shape.dim as u32;
+        let features = if k == 0 && e.grad_features != ElementType::F32 {
+            self.shape.batch as u32 * d
+        } else {
+            0
+        };
+        let classes = if e.grad_classes != ElementType::F32 {
+            self.geometry.chunks[k].classes * d
+        } else {
+            0
+        };
+        (features, classes)
     }
 
     /// The dispatches of `phase`, in order.
@@ -358,13 +381,15 @@ impl Plan {
             .get(step.chunk)
             .ok_or_else(|| internal("a chunk"))?;
         let gemm = step.gemm;
-        let row_bytes = self.shape.dim as u64 * 4;
+        let d = self.shape.dim as u64;
+        let e = self.shape.elements;
+        let row_bytes = d * 4;
         // (first byte, bytes) of this chunk in a class-indexed buffer of `per_class` bytes a
-        // class.
+        // class, the bytes rounded up to a whole word (a 16-bit tensor's last chunk).
         let class_range = |per_class: u64| {
             (
                 u64::from(part.class_offset) * per_class,
-                u64::from(part.classes) * per_class,
+                (u64::from(part.classes) * per_class).next_multiple_of(4),
             )
         };
         let caller = |role, range| caller_binding(regions, role, range);
@@ -377,12 +402,12 @@ impl Plan {
                 size: std::num::NonZeroU64::new(FAMILY_UNIFORM_BYTES),
             }),
             Binding::Features => caller("features", None),
-            Binding::ClassVectors => caller("classes", Some(class_range(row_bytes))),
+            Binding::ClassVectors => caller("classes", Some(class_range(d * e.classes.bytes()))),
             Binding::FeatureQuads | Binding::ClassQuads => {
                 let scalars = if binding == Binding::FeatureQuads {
                     caller("features", None)?
                 } else {
-                    caller("classes", Some(class_range(row_bytes)))?
+                    caller("classes", Some(class_range(d * e.classes.bytes())))?
                 };
                 Ok(match scalars.size {
                     Some(size) if size.get() < 16 => whole(&ctx.quad_stand_in),
@@ -392,8 +417,20 @@ impl Plan {
             Binding::Labels => caller("labels", None),
             Binding::RowStats => caller("row_stats", None),
             Binding::Summary => caller("summary", None),
-            Binding::GradFeatures => caller("grad_features", None),
-            Binding::GradClasses => caller("grad_classes", Some(class_range(row_bytes))),
+            // The gradients in f32: the caller's where stored in f32, else the workspace
+            // `round_gradients` rounds into the caller's (GradFeaturesOut, GradClassesOut).
+            Binding::GradFeatures if e.grad_features == ElementType::F32 => {
+                caller("grad_features", None)
+            }
+            Binding::GradClasses if e.grad_classes == ElementType::F32 => {
+                caller("grad_classes", Some(class_range(row_bytes)))
+            }
+            Binding::GradClasses => self.own(binding, Some(class_range(row_bytes))),
+            Binding::GradFeaturesOut => caller("grad_features", None),
+            Binding::GradClassesOut => caller(
+                "grad_classes",
+                Some(class_range(d * e.grad_classes.bytes())),
+            ),
             Binding::InvNormClasses => self.own(binding, Some(class_range(4))),
             // In blocks, the copy holds the block in hand, from its start.
             Binding::PaddedClasses
@@ -550,7 +587,7 @@ impl<'a> Steps<'a> {
     }
 
     fn kernel(&self, entry: Entry) -> Result<&'a Kernel> {
-        self.ctx.kernels.kernel(entry)
+        self.ctx.kernels.kernel(entry, self.plan.shape.elements)
     }
 
     fn max_workgroups(&self) -> u32 {
@@ -613,7 +650,12 @@ impl<'a> Steps<'a> {
         let product = Step {
             gemm: Some(index),
             chunk: spec.chunk,
-            ..Step::once(self.ctx.kernels.matmul(spec.layout, spec.candidate)?, grid)
+            ..Step::once(
+                self.ctx
+                    .kernels
+                    .matmul(spec.layout, spec.rhs_element, spec.candidate)?,
+                grid,
+            )
         };
         let mut steps = vec![product];
         if spec.shape.splits > 1 {
@@ -746,6 +788,17 @@ impl<'a> Steps<'a> {
                 ..Step::once(self.kernel(Entry::NormalizeBackward)?, grid)
             });
         }
+        // Gradients stored in 16 bits: each chunk's rounded from the f32 projections.
+        for chunk in 0..self.plan.geometry.chunks.len() {
+            let (features, classes) = self.plan.rounded_values(chunk);
+            let words = u64::from(features.div_ceil(2)) + u64::from(classes.div_ceil(2));
+            if words > 0 {
+                steps.push(Step {
+                    chunk,
+                    ..Step::once(self.kernel(Entry::RoundGradients)?, self.per_row(words)?)
+                });
+            }
+        }
         Ok(steps)
     }
 }
@@ -774,6 +827,8 @@ pub(super) fn binding_name(binding: Binding) -> &'static str {
         Binding::Summary => "summary",
         Binding::GradFeatures => "grad_features",
         Binding::GradClasses => "grad_classes",
+        Binding::GradFeaturesOut => "grad_features_out",
+        Binding::GradClassesOut => "grad_classes_out",
         Binding::InvNormClassQuads => "inv_norm_class_quads",
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
