@@ -4,8 +4,8 @@
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
-    check_slices, flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Gradients,
-    LossOutput, RowStats, Shape, Summary,
+    check_slices, flags, BufferRegion, DeviceInputs, DeviceOutputs, Element, ElementTypes,
+    GradOutputs, Gradients, LossOutput, RowStats, Shape, Summary,
 };
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Plan};
@@ -37,7 +37,8 @@ struct SliceState {
 /// States kept per context; more concurrent shapes than this allocate afresh.
 const POOL_SIZE: usize = 8;
 
-/// Byte layout of the read-back buffer: summary, row stats, dL/dx, dL/dw.
+/// Byte layout of the read-back buffer: summary, row stats, dL/dx, dL/dw (each gradient
+/// in its storage type, rounded up to a whole word).
 struct ReadbackLayout {
     row_stats: u64,
     grad_features: u64,
@@ -48,30 +49,45 @@ struct ReadbackLayout {
 impl ReadbackLayout {
     fn new(shape: Shape) -> ReadbackLayout {
         let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+        let e = shape.elements;
         let row_stats = std::mem::size_of::<Summary>() as u64;
         let grad_features = row_stats + b * std::mem::size_of::<RowStats>() as u64;
-        let grad_classes = grad_features + b * d * 4;
+        let grad_classes = grad_features + e.grad_features.region_bytes(b * d);
         ReadbackLayout {
             row_stats,
             grad_features,
             grad_classes,
-            end: grad_classes + c * d * 4,
+            end: grad_classes + e.grad_classes.region_bytes(c * d),
         }
     }
 
     /// The loss output from the read-back bytes: the summary (whose flags are checked),
     /// the row stats and, where computed, the gradients.
-    fn read_output(&self, bytes: &[u8], shape: Shape, with_grads: bool) -> Result<LossOutput> {
+    fn read_output<GX: Element, GW: Element>(
+        &self,
+        bytes: &[u8],
+        shape: Shape,
+        with_grads: bool,
+    ) -> Result<LossOutput<GX, GW>> {
         let summary: Summary = bytemuck::pod_read_unaligned(&bytes[..self.row_stats as usize]);
         check_flags(summary.flags, shape)?;
         let rows: Vec<RowStats> = bytemuck::pod_collect_to_vec(
             &bytes[self.row_stats as usize..self.grad_features as usize],
         );
+        let (b, c, d) = (shape.batch, shape.classes, shape.dim);
+        // The values alone, without the half word that may end a 16-bit region.
+        let values = |at: u64, n: usize, size: usize| &bytes[at as usize..at as usize + n * size];
         let grads = with_grads.then(|| Gradients {
-            features: bytemuck::pod_collect_to_vec(
-                &bytes[self.grad_features as usize..self.grad_classes as usize],
-            ),
-            classes: bytemuck::pod_collect_to_vec(&bytes[self.grad_classes as usize..]),
+            features: bytemuck::pod_collect_to_vec(values(
+                self.grad_features,
+                b * d,
+                size_of::<GX>(),
+            )),
+            classes: bytemuck::pod_collect_to_vec(values(
+                self.grad_classes,
+                c * d,
+                size_of::<GW>(),
+            )),
         });
         Ok(LossOutput {
             loss: summary.loss,
@@ -94,38 +110,61 @@ impl ReadbackLayout {
 impl SliceState {
     fn new(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<SliceState> {
         let plan = Plan::with_algorithm(ctx, shape, algorithm)?;
-        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let layout = ReadbackLayout::new(shape);
         let buffer = |label, size: u64, usage| ctx.create_buffer(label, size, usage);
         use wgpu::BufferUsages as U;
         let input = U::STORAGE | U::COPY_DST;
         let output = U::STORAGE | U::COPY_SRC;
+        let sizes = BufferSizes::of(shape);
         Ok(SliceState {
-            features: buffer("features", b * d * 4, input),
-            classes: buffer("classes", c * d * 4, input),
-            labels: buffer("labels", b * 4, input),
+            features: buffer("features", sizes.features, input),
+            classes: buffer("classes", sizes.classes, input),
+            labels: buffer("labels", sizes.labels, input),
             row_stats: buffer("row_stats", layout.grad_features - layout.row_stats, output),
             summary: buffer("summary", layout.row_stats, output),
-            grad_features: buffer("grad_features", b * d * 4, output),
-            grad_classes: buffer("grad_classes", c * d * 4, output),
+            grad_features: buffer("grad_features", sizes.grad_features, output),
+            grad_classes: buffer("grad_classes", sizes.grad_classes, output),
             readback: buffer("readback", layout.end, U::MAP_READ | U::COPY_DST),
             plan,
         })
     }
 }
 
+/// Bytes of the slice API's input and gradient buffers for a shape, in its storage types.
+struct BufferSizes {
+    features: u64,
+    classes: u64,
+    labels: u64,
+    grad_features: u64,
+    grad_classes: u64,
+}
+
+impl BufferSizes {
+    fn of(shape: Shape) -> BufferSizes {
+        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+        let e = shape.elements;
+        BufferSizes {
+            features: e.features.region_bytes(b * d),
+            classes: e.classes.region_bytes(c * d),
+            labels: b * 4,
+            grad_features: e.grad_features.region_bytes(b * d),
+            grad_classes: e.grad_classes.region_bytes(c * d),
+        }
+    }
+}
+
 impl SliceState {
     /// True when every buffer is large enough for `shape`.
     fn fits(&self, shape: Shape) -> bool {
-        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
         let layout = ReadbackLayout::new(shape);
+        let sizes = BufferSizes::of(shape);
         [
-            (&self.features, b * d * 4),
-            (&self.classes, c * d * 4),
-            (&self.labels, b * 4),
+            (&self.features, sizes.features),
+            (&self.classes, sizes.classes),
+            (&self.labels, sizes.labels),
             (&self.row_stats, layout.grad_features - layout.row_stats),
-            (&self.grad_features, b * d * 4),
-            (&self.grad_classes, c * d * 4),
+            (&self.grad_features, sizes.grad_features),
+            (&self.grad_classes, sizes.grad_classes),
             (&self.readback, layout.end),
         ]
         .iter()
@@ -194,6 +233,7 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
+        let shape = typed_shape::<f32, f32, f32, f32>(shape);
         let algorithm = Algorithm::choose(self, shape);
         self.run_slice(algorithm, shape, features, classes, labels, params, pass)
             .await
@@ -224,29 +264,73 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
+        let shape = typed_shape::<f32, f32, f32, f32>(shape);
+        pollster::block_on(
+            self.run_slice(algorithm, shape, features, classes, labels, params, pass),
+        )
+    }
+
+    /// The loss on host slices stored in 16 or 32 bits: x of `X`, w of `W`, and the
+    /// gradients returned as `GX` and `GW` (each `f32`, `half::f16` or `half::bf16`:
+    /// for automatic mixed precision, the type of its input; for an f32 master copy,
+    /// `f32`). Every product, sum and statistic is f32; 16-bit gradients are rounded to
+    /// nearest from f32, times [`LossParams::loss_scale`]. Where a finite gradient rounds
+    /// to ±inf the call fails with [`Error::GradientOutOfRange`], naming the tensor.
+    /// `shape`'s element types are set from the four types. Blocking.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
+        &self,
+        shape: Shape,
+        features: &[X],
+        classes: &[W],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput<GX, GW>> {
+        let shape = typed_shape::<X, W, GX, GW>(shape);
+        let algorithm = Algorithm::choose(self, shape);
+        self.loss_typed_with(algorithm, shape, features, classes, labels, params, pass)
+    }
+
+    /// [`Context::loss_typed`] with a given algorithm. Blocking.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_typed_with<X: Element, W: Element, GX: Element, GW: Element>(
+        &self,
+        algorithm: Algorithm,
+        shape: Shape,
+        features: &[X],
+        classes: &[W],
+        labels: &[u32],
+        params: &LossParams,
+        pass: Pass,
+    ) -> Result<LossOutput<GX, GW>> {
+        let shape = typed_shape::<X, W, GX, GW>(shape);
         pollster::block_on(
             self.run_slice(algorithm, shape, features, classes, labels, params, pass),
         )
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn run_slice(
+    async fn run_slice<X: Element, W: Element, GX: Element, GW: Element>(
         &self,
         algorithm: Algorithm,
         shape: Shape,
-        features: &[f32],
-        classes: &[f32],
+        features: &[X],
+        classes: &[W],
         labels: &[u32],
         params: &LossParams,
         pass: Pass,
-    ) -> Result<LossOutput> {
+    ) -> Result<LossOutput<GX, GW>> {
         self.check_alive()?;
         params.validate()?;
         check_slices(shape, features, classes, labels)?;
         let state = self.take_state(shape, algorithm)?;
-        let result = self
-            .run_on_state(&state, features, classes, labels, params, pass)
-            .await;
+        let inputs = (
+            bytemuck::cast_slice(features),
+            bytemuck::cast_slice(classes),
+            labels,
+        );
+        let result = self.run_on_state(&state, inputs, params, pass).await;
         // A state whose call failed inside wgpu may hold a pending mapping: drop it.
         if !matches!(
             result,
@@ -308,23 +392,21 @@ impl Context {
         value
     }
 
-    async fn run_on_state(
+    async fn run_on_state<GX: Element, GW: Element>(
         &self,
         state: &SliceState,
-        features: &[f32],
-        classes: &[f32],
-        labels: &[u32],
+        (features, classes, labels): (&[u8], &[u8], &[u32]),
         params: &LossParams,
         pass: Pass,
-    ) -> Result<LossOutput> {
+    ) -> Result<LossOutput<GX, GW>> {
         let shape = state.plan.shape();
         let layout = ReadbackLayout::new(shape);
         let with_grads = pass == Pass::ForwardBackward;
         let submission = self.gpu_scoped(|| {
             self.queue
-                .write_buffer(&state.features, 0, bytemuck::cast_slice(features));
+                .write_buffer(&state.features, 0, &whole_words(features));
             self.queue
-                .write_buffer(&state.classes, 0, bytemuck::cast_slice(classes));
+                .write_buffer(&state.classes, 0, &whole_words(classes));
             self.queue
                 .write_buffer(&state.labels, 0, bytemuck::cast_slice(labels));
             let mut encoder = self
@@ -381,6 +463,28 @@ impl Context {
     }
 }
 
+/// `shape` with the storage types of the slice API's type parameters.
+fn typed_shape<X: Element, W: Element, GX: Element, GW: Element>(shape: Shape) -> Shape {
+    shape.with_elements(ElementTypes {
+        features: X::TYPE,
+        classes: W::TYPE,
+        grad_features: GX::TYPE,
+        grad_classes: GW::TYPE,
+    })
+}
+
+/// `bytes` ending on a whole 4-byte word (a 16-bit tensor of odd length gains a zero
+/// half word), as buffer writes need.
+fn whole_words(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if bytes.len().is_multiple_of(4) {
+        std::borrow::Cow::Borrowed(bytes)
+    } else {
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4), 0);
+        std::borrow::Cow::Owned(padded)
+    }
+}
+
 /// Turns the device's input flags into the slice API's typed errors.
 pub(crate) fn check_flags(bits: u32, shape: Shape) -> Result<()> {
     if bits & flags::FEATURES_NON_FINITE != 0 {
@@ -391,6 +495,22 @@ pub(crate) fn check_flags(bits: u32, shape: Shape) -> Result<()> {
     }
     if bits & flags::OVERFLOW != 0 {
         return Err(Error::Overflow);
+    }
+    for (flag, tensor, element) in [
+        (
+            flags::GRAD_FEATURES_OUT_OF_RANGE,
+            "grad_features",
+            shape.elements.grad_features,
+        ),
+        (
+            flags::GRAD_CLASSES_OUT_OF_RANGE,
+            "grad_classes",
+            shape.elements.grad_classes,
+        ),
+    ] {
+        if bits & flag != 0 {
+            return Err(Error::GradientOutOfRange { tensor, element });
+        }
     }
     if bits & flags::LABEL_OUT_OF_RANGE != 0 {
         return Err(Error::LabelOutOfRange {

@@ -571,7 +571,11 @@ impl<'a> GemmFloor<'a> {
             .step_by(piece)
             .map(|n0| (n0, piece.min(c - n0)))
             .collect();
-        let tuned = ctx.gemm_choice(GemmLayout::Dots, ElementType::F32, (b as u32, piece as u32, d as u32))?;
+        let tuned = ctx.gemm_choice(
+            GemmLayout::Dots,
+            ElementType::F32,
+            (b as u32, piece as u32, d as u32),
+        )?;
         let uniforms = piece_uniforms(ctx, &pieces, (b, d, d4))?;
         Ok(GemmFloor {
             shape: problem.shape,
@@ -607,7 +611,9 @@ impl<'a> GemmFloor<'a> {
         candidates
             .iter()
             .map(|&candidate| -> Result<Recording<'_>> {
-                let kernel = ctx.kernels.matmul(GemmLayout::Dots, ElementType::F32, candidate)?;
+                let kernel = ctx
+                    .kernels
+                    .matmul(GemmLayout::Dots, ElementType::F32, candidate)?;
                 Ok(Box::new(move |encoder, writes| {
                     let dispatches: Vec<Dispatch<'_>> = self
                         .pieces

@@ -53,6 +53,14 @@ pub enum Error {
     },
     /// The products of feature and class norms overflow f32 (|x_i|·|w_j| near 3e38).
     Overflow,
+    /// A finite gradient value is too large for the 16-bit type it is stored in: it
+    /// would round to ±inf.
+    GradientOutOfRange {
+        /// `"grad_features"` or `"grad_classes"`.
+        tensor: &'static str,
+        /// Its storage type.
+        element: crate::ElementType,
+    },
     /// A buffer or dispatch would exceed a limit: the adapter's, or a lower one the
     /// context was given ([`crate::ContextOptions::max_binding_bytes`], the workspace
     /// budget).
@@ -133,6 +141,13 @@ impl fmt::Display for Error {
                 f,
                 "a logit overflowed f32: the norms of features and class vectors multiply past 3e38; \
                  scale x or w down (the loss only depends on their directions)"
+            ),
+            Error::GradientOutOfRange { tensor, element } => write!(
+                f,
+                "{tensor}: a gradient value is too large for {} and would round to infinity; \
+                 lower LossParams::loss_scale (halve it, as a gradient scaler does), or store \
+                 {tensor} in f32",
+                element.name()
             ),
             Error::TooLarge { what, size, limit } => write!(
                 f,

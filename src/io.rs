@@ -50,6 +50,44 @@ impl ElementType {
         }
     }
 
+    /// `v` rounded to nearest (ties to even) in this type, as its bits: the rounding the
+    /// kernels apply to 16-bit gradients, bit for bit (±inf past the type's range, f16's
+    /// subnormals below 2⁻¹⁴, NaN kept NaN). The f32 bits for `F32`.
+    pub fn round_bits(self, v: f32) -> u32 {
+        let u = v.to_bits();
+        match self {
+            ElementType::F32 => u,
+            ElementType::Bf16 if (u & 0x7fff_ffff) > 0x7f80_0000 => (u >> 16) | 0x40,
+            ElementType::Bf16 => (u + 0x7fff + ((u >> 16) & 1)) >> 16,
+            ElementType::F16 => f16_bits(u),
+        }
+    }
+
+    /// The value whose bits in this type are `bits` (the low 16 bits for f16 and bf16),
+    /// exactly, as f32.
+    pub fn value(self, bits: u32) -> f32 {
+        match self {
+            ElementType::F32 => f32::from_bits(bits),
+            ElementType::Bf16 => f32::from_bits((bits & 0xffff) << 16),
+            ElementType::F16 => {
+                let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+                let exponent = ((bits >> 10) & 0x1f) as i32;
+                let fraction = (bits & 0x3ff) as f32;
+                sign * match exponent {
+                    0 => fraction * (2.0f32).powi(-24),
+                    31 if fraction == 0.0 => f32::INFINITY,
+                    31 => f32::NAN,
+                    e => (1024.0 + fraction) * (2.0f32).powi(e - 25),
+                }
+            }
+        }
+    }
+
+    /// `v` rounded to this type and back: the value the type stores for it.
+    pub fn round(self, v: f32) -> f32 {
+        self.value(self.round_bits(v))
+    }
+
     /// Relative size of one rounding to nearest into this type: 2⁻²⁴ (f32), 2⁻¹¹ (f16),
     /// 2⁻⁸ (bf16).
     pub fn unit_roundoff(self) -> f64 {
@@ -59,6 +97,36 @@ impl ElementType {
             ElementType::Bf16 => (2.0f64).powi(-8),
         }
     }
+}
+
+/// The f16 bits nearest the f32 of bits `u`, ties to even: `f16_bits` in common.wgsl.
+fn f16_bits(u: u32) -> u32 {
+    let sign = (u >> 16) & 0x8000;
+    let a = u & 0x7fff_ffff;
+    if a > 0x7f80_0000 {
+        return sign | 0x7e00;
+    }
+    if a >= 0x477f_f000 {
+        return sign | 0x7c00;
+    }
+    let (bits, rest, halfway) = if a < 0x3880_0000 {
+        let exponent = a >> 23;
+        if exponent < 102 {
+            return sign;
+        }
+        let significand = (a & 0x7f_ffff) | 0x80_0000;
+        let shift = 126 - exponent;
+        (
+            significand >> shift,
+            significand & ((1 << shift) - 1),
+            1 << (shift - 1),
+        )
+    } else {
+        let rebiased = a - 0x3800_0000;
+        (rebiased >> 13, rebiased & 0x1fff, 0x1000)
+    };
+    let up = rest > halfway || (rest == halfway && bits & 1 == 1);
+    sign | (bits + u32::from(up))
 }
 
 /// The storage type of each tensor of the loss: x, w, dL/dx and dL/dw, independently.
@@ -339,9 +407,11 @@ pub(crate) fn check_aliasing(regions: &[Region<'_>]) -> Result<()> {
 /// Label value meaning "ignore this row" (`-1i32 as u32`).
 pub const IGNORE: u32 = u32::MAX;
 
-/// Everything one call of the slice API returns.
+/// Everything one call of the slice API returns; the gradients in the types `GX` and
+/// `GW` they are stored in (f32 unless [`Context::loss_typed`](crate::Context::loss_typed)
+/// asks for others).
 #[derive(Debug, Clone, PartialEq)]
-pub struct LossOutput {
+pub struct LossOutput<GX = f32, GW = f32> {
     /// The reduced loss (mean or sum over non-ignored rows; the sum for `Reduction::None`).
     pub loss: f32,
     /// L_i per row (0 for ignored rows).
@@ -367,23 +437,44 @@ pub struct LossOutput {
     /// Rows not ignored whose prediction is the label.
     pub correct_rows: u32,
     /// dL/dx (B×D) and dL/dw (C×D), for [`Pass::ForwardBackward`](crate::Pass::ForwardBackward).
-    pub grads: Option<Gradients>,
+    pub grads: Option<Gradients<GX, GW>>,
 }
 
-/// The gradients of the reduced loss.
+/// The gradients of the reduced loss (times [`LossParams::loss_scale`](crate::LossParams::loss_scale)).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Gradients {
+pub struct Gradients<GX = f32, GW = f32> {
     /// dL/dx, B×D row-major.
-    pub features: Vec<f32>,
+    pub features: Vec<GX>,
     /// dL/dw, C×D row-major.
-    pub classes: Vec<f32>,
+    pub classes: Vec<GW>,
+}
+
+/// A value type the slice API takes and returns tensors in: `f32`, and with the feature
+/// `half` (on by default) `half::f16` and `half::bf16`.
+pub trait Element: bytemuck::Pod + std::fmt::Debug + PartialEq {
+    /// How it is stored.
+    const TYPE: ElementType;
+}
+
+impl Element for f32 {
+    const TYPE: ElementType = ElementType::F32;
+}
+
+#[cfg(feature = "half")]
+impl Element for half::f16 {
+    const TYPE: ElementType = ElementType::F16;
+}
+
+#[cfg(feature = "half")]
+impl Element for half::bf16 {
+    const TYPE: ElementType = ElementType::Bf16;
 }
 
 /// Checks lengths and labels on the host, before anything reaches the GPU.
-pub(crate) fn check_slices(
+pub(crate) fn check_slices<X, W>(
     shape: Shape,
-    features: &[f32],
-    classes: &[f32],
+    features: &[X],
+    classes: &[W],
     labels: &[u32],
 ) -> Result<()> {
     shape.check_nonempty()?;
@@ -397,9 +488,9 @@ pub(crate) fn check_slices(
 
 /// Checks the lengths of x, (optionally) w and the labels, then that every label is in
 /// 0..`total_classes` or IGNORE.
-pub(crate) fn check_batch(
+pub(crate) fn check_batch<X>(
     shape: Shape,
-    features: &[f32],
+    features: &[X],
     classes: Option<(&'static str, usize, usize)>,
     labels: &[u32],
     total_classes: usize,

@@ -660,9 +660,8 @@ impl Kernels {
             entries: (0..Entry::COUNT * ELEMENT_KEYS)
                 .map(|_| Default::default())
                 .collect(),
-            matmul: GemmLayout::ALL.map(|_| {
-                [(); 3].map(|_| candidates.iter().map(|_| Default::default()).collect())
-            }),
+            matmul: GemmLayout::ALL
+                .map(|_| [(); 3].map(|_| candidates.iter().map(|_| Default::default()).collect())),
             candidates,
             modules: Default::default(),
             lhs_loader,

@@ -54,9 +54,12 @@ pub use context::{
     enumerate_adapters, parse_backends, Context, ContextOptions, Tuning, DEFAULT_WORKSPACE_BUDGET,
 };
 pub use error::{Error, Result};
+/// The `half` crate, whose `f16` and `bf16` the slice API takes (feature `half`).
+#[cfg(feature = "half")]
+pub use half;
 pub use io::{
-    flags, BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, Gradients, LossOutput, RowStats,
-    Shape, Summary, IGNORE,
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, Element, ElementType, ElementTypes,
+    GradOutputs, Gradients, LossOutput, RowStats, Shape, Summary, IGNORE,
 };
 pub use kernels::{GemmCandidate, TileConfig};
 pub use params::{

@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::io::Shape;
-use crate::io::{LossOutput, IGNORE};
+use crate::io::{ElementType, ElementTypes, LossOutput, IGNORE};
 use crate::params::{LossParams, Objective, Reduction, TargetGradient};
 use crate::problem::Problem;
 
@@ -682,11 +682,36 @@ pub fn compare(
     gpu: &LossOutput,
     reference: &ReferenceOutput,
 ) -> Comparison {
+    compare_stored(dim, params, gpu, reference, ElementTypes::default())
+}
+
+/// [`compare`] for gradients the GPU stored as `elements` gives them (read back as f32,
+/// see [`ElementType::value`]), and run on the inputs as stored (the reference's inputs
+/// are the 16-bit values, which f32 holds exactly). The loss and the per-row outputs
+/// keep the f32 bounds; each gradient's bound gains one rounding of its type (2⁻¹¹
+/// relative for f16, 2⁻⁸ for bf16, [`ElementType::unit_roundoff`]), relative to its
+/// largest value as the f32 bound is. That holds wherever the largest value is a normal
+/// number of the type; a gradient that falls among f16's subnormals (below 6.1e-5)
+/// fails it, and needs a loss scale. Gradients are compared divided by
+/// [`LossParams::loss_scale`] (exact for a power of two).
+pub fn compare_stored(
+    dim: usize,
+    params: &LossParams,
+    gpu: &LossOutput,
+    reference: &ReferenceOutput,
+    elements: ElementTypes,
+) -> Comparison {
     let cos = cosine_bound(dim);
     let (loss_bound, grad_bound) = error_bounds(f64::from(params.effective_scale()), dim);
     let loss_bound = loss_bound * reference.max_target_slope.min(1e3);
     let mut errors = statistic_errors(gpu, reference, cos, (loss_bound, grad_bound));
-    errors.extend(gradient_errors(gpu, reference, grad_bound));
+    errors.extend(gradient_errors(
+        gpu,
+        reference,
+        grad_bound,
+        elements,
+        params.loss_scale,
+    ));
     Comparison {
         errors,
         pred_mismatches: pred_mismatches(gpu, reference, cos),
@@ -759,31 +784,47 @@ fn gradient_errors(
     gpu: &LossOutput,
     reference: &ReferenceOutput,
     grad_bound: f64,
+    elements: ElementTypes,
+    loss_scale: f32,
 ) -> Vec<(&'static str, f64, f64)> {
-    let mut errors = Vec::new();
-    if let Some(g) = &gpu.grads {
-        errors.push((
+    let Some(g) = &gpu.grads else {
+        return Vec::new();
+    };
+    // Unscaled (a power-of-two loss scale divides exactly), with the slack and bound of
+    // one rounding into the storage type.
+    let unscaled = |v: &[f32]| -> Vec<f32> {
+        if loss_scale == 1.0 {
+            v.to_vec()
+        } else {
+            v.iter().map(|x| x / loss_scale).collect()
+        }
+    };
+    let rounded_bound = |t: ElementType| match t {
+        ElementType::F32 => grad_bound,
+        _ => grad_bound + t.unit_roundoff(),
+    };
+    vec![
+        (
             "grad_features",
             max_rel_error_with_slack(
-                &g.features,
+                &unscaled(&g.features),
                 &reference.grad_features,
                 reference.grad_features_magnitude,
                 reference.grad_features_slack,
             ),
-            grad_bound,
-        ));
-        errors.push((
+            rounded_bound(elements.grad_features),
+        ),
+        (
             "grad_classes",
             max_rel_error_with_slack(
-                &g.classes,
+                &unscaled(&g.classes),
                 &reference.grad_classes,
                 reference.grad_classes_magnitude,
                 reference.grad_classes_slack,
             ),
-            grad_bound,
-        ));
-    }
-    errors
+            rounded_bound(elements.grad_classes),
+        ),
+    ]
 }
 
 /// Rows whose predicted class differs while the reference's choice is decisive, and

@@ -1,0 +1,368 @@
+//! Mixed precision: x, w and the gradients stored as f16 or bf16, every product and sum
+//! in f32. Each plan against the f64 reference run on the 16-bit values as stored; the
+//! kernels' rounding of the gradients against the host's, bit for bit; repeatability;
+//! the loss scale against f16's underflow; the typed error of a gradient too large for
+//! its type.
+
+mod common;
+
+use margin_softmax::half::{bf16, f16};
+use margin_softmax::reference;
+use margin_softmax::{
+    Algorithm, Element, ElementType, ElementTypes, Error, LossOutput, LossParams, Pass, Problem,
+    Shape, IGNORE,
+};
+
+/// `values` rounded to nearest in `T`.
+fn stored<T: Element>(values: &[f32]) -> Vec<T> {
+    values
+        .iter()
+        .map(|&v| {
+            let bits = T::TYPE.round_bits(v);
+            bytemuck::cast_slice::<u32, T>(&[bits])[0]
+        })
+        .collect()
+}
+
+/// The f32 value of each stored `T` (exact).
+fn widened<T: Element>(values: &[T]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|v| {
+            let mut word = [0u8; 4];
+            let bytes = bytemuck::bytes_of(v);
+            word[..bytes.len()].copy_from_slice(bytes);
+            T::TYPE.value(u32::from_le_bytes(word))
+        })
+        .collect()
+}
+
+/// The output with its gradients widened to f32.
+fn widened_output<GX: Element, GW: Element>(out: LossOutput<GX, GW>) -> LossOutput {
+    let LossOutput { grads, .. } = out.clone();
+    LossOutput {
+        grads: grads.map(|g| margin_softmax::Gradients {
+            features: widened(&g.features),
+            classes: widened(&g.classes),
+        }),
+        loss: out.loss,
+        row_loss: out.row_loss,
+        grad_scale: out.grad_scale,
+        pred: out.pred,
+        target_cos: out.target_cos,
+        best_other_cos: out.best_other_cos,
+        achieved_margin: out.achieved_margin,
+        target_prob: out.target_prob,
+        mean_achieved_margin: out.mean_achieved_margin,
+        margin_satisfied_rows: out.margin_satisfied_rows,
+        valid_rows: out.valid_rows,
+        correct_rows: out.correct_rows,
+    }
+}
+
+/// A seeded problem with a few rows ignored and feature norms from 1e-3 to 1e3.
+fn problem(b: usize, d: usize, c: usize, seed: u64) -> Problem {
+    let mut p = Problem::random(Shape::new(b, d, c), seed);
+    p.labels[1] = IGNORE;
+    for (i, row) in p.features.chunks_mut(d).enumerate() {
+        let scale = [1e-3f32, 1.0, 1e3][i % 3];
+        row.iter_mut().for_each(|v| *v *= scale);
+    }
+    p
+}
+
+/// Runs `p` stored as (X, W) with gradients (GX, GW) on `algorithm`, checks it against
+/// the reference on the stored values, and returns its widened output.
+fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
+    algorithm: Algorithm,
+    p: &Problem,
+    params: &LossParams,
+) -> LossOutput {
+    let ctx = common::context();
+    let (x, w) = (stored::<X>(&p.features), stored::<W>(&p.classes));
+    let elements = ElementTypes {
+        features: X::TYPE,
+        classes: W::TYPE,
+        grad_features: GX::TYPE,
+        grad_classes: GW::TYPE,
+    };
+    let what = format!("{algorithm:?} {elements:?} {:?}", p.shape);
+    let out: LossOutput<GX, GW> = ctx
+        .loss_typed_with(
+            algorithm,
+            p.shape,
+            &x,
+            &w,
+            &p.labels,
+            params,
+            Pass::ForwardBackward,
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = widened_output(out);
+    let expected =
+        reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, params).expect("reference");
+    let check = reference::compare_stored(p.shape.dim, params, &out, &expected, elements);
+    assert!(check.passes(), "{what}: {check:?}");
+    assert_eq!(out.valid_rows as usize, expected.valid_rows, "{what}");
+    out
+}
+
+const PLANS: [Algorithm; 3] = [
+    Algorithm::MemoryMinimal,
+    Algorithm::Chunked,
+    Algorithm::Unfused,
+];
+
+/// Off-grid shapes: D % 4 ≠ 0 (w copied to f32 rows for the GEMMs), and D % 4 = 0 (the
+/// GEMMs read the 16-bit w in place), odd B and C.
+const SHAPES: [(usize, usize, usize); 2] = [(7, 13, 29), (9, 20, 37)];
+
+#[test]
+fn every_plan_matches_the_reference_on_f16_and_bf16_values() {
+    let params = LossParams::default();
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let p = problem(b, d, c, 11 + k as u64);
+        for algorithm in PLANS {
+            check_typed::<f16, f16, f16, f16>(algorithm, &p, &params);
+            check_typed::<bf16, bf16, bf16, bf16>(algorithm, &p, &params);
+            check_typed::<f16, bf16, f32, f32>(algorithm, &p, &params);
+            check_typed::<f32, f16, f32, bf16>(algorithm, &p, &params);
+        }
+    }
+}
+
+#[test]
+fn arcface_and_the_hard_objective_on_bf16_values() {
+    let p = problem(11, 24, 41, 5);
+    let hard = LossParams {
+        objective: margin_softmax::Objective::HardMargin,
+        ..LossParams::default()
+    };
+    for params in [LossParams::arcface(), hard] {
+        for algorithm in PLANS {
+            check_typed::<bf16, bf16, bf16, bf16>(algorithm, &p, &params);
+        }
+    }
+}
+
+/// The kernels round each 16-bit gradient from the same f32 value the f32 output holds,
+/// to nearest with ties to even, exactly as `ElementType::round_bits` does on the host.
+#[test]
+fn sixteen_bit_gradients_are_the_f32_gradients_rounded_to_nearest() {
+    let ctx = common::context();
+    let p = problem(9, 20, 37, 3);
+    let (x, w) = (stored::<f16>(&p.features), stored::<bf16>(&p.classes));
+    let params = LossParams {
+        loss_scale: 4.0,
+        ..LossParams::default()
+    };
+    for algorithm in PLANS {
+        let run = |f: &dyn Fn() -> margin_softmax::Result<LossOutput<f32, f32>>| f().unwrap();
+        let full: LossOutput<f32, f32> = run(&|| {
+            ctx.loss_typed_with(
+                algorithm,
+                p.shape,
+                &x,
+                &w,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+        });
+        let half: LossOutput<f16, bf16> = ctx
+            .loss_typed_with(
+                algorithm,
+                p.shape,
+                &x,
+                &w,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .unwrap();
+        let (gf, gh) = (full.grads.unwrap(), half.grads.unwrap());
+        assert_eq!(
+            gh.features,
+            stored::<f16>(&gf.features),
+            "{algorithm:?} dL/dx"
+        );
+        assert_eq!(
+            gh.classes,
+            stored::<bf16>(&gf.classes),
+            "{algorithm:?} dL/dw"
+        );
+        assert_eq!(
+            full.loss.to_bits(),
+            half.loss.to_bits(),
+            "{algorithm:?} loss"
+        );
+    }
+}
+
+/// The host's rounding is IEEE round-to-nearest-even: the half crate's, on every f16
+/// and bf16 boundary case (ties, subnormals, overflow, NaN) and on a sweep of values.
+#[test]
+fn host_rounding_matches_the_half_crate() {
+    let mut values = vec![
+        0.0f32,
+        -0.0,
+        1.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        -65520.0,
+        1e-8,
+        2.0f32.powi(-25),
+        2.0f32.powi(-24) * 1.5,
+        2.0f32.powi(-14),
+        6.0e-5,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.0 + 2.0f32.powi(-11),
+        1.0 + 3.0 * 2.0f32.powi(-11),
+        1.0 + 2.0f32.powi(-8),
+    ];
+    let mut rng = margin_softmax::SplitMix64::new(7);
+    for _ in 0..200_000 {
+        values.push(f32::from_bits(rng.next_u64() as u32));
+    }
+    for v in values.into_iter().filter(|v| !v.is_nan()) {
+        assert_eq!(
+            ElementType::F16.round_bits(v),
+            u32::from(f16::from_f32(v).to_bits()),
+            "f16 of {v:e}"
+        );
+        assert_eq!(
+            ElementType::Bf16.round_bits(v),
+            u32::from(bf16::from_f32(v).to_bits()),
+            "bf16 of {v:e}"
+        );
+        let h = f16::from_f32(v);
+        assert_eq!(ElementType::F16.value(u32::from(h.to_bits())), h.to_f32());
+    }
+    assert!(ElementType::F16.round(f32::NAN).is_nan());
+    assert!(ElementType::Bf16.round(f32::NAN).is_nan());
+}
+
+/// The same 16-bit inputs give the same bits, call after call, on every plan.
+#[test]
+fn sixteen_bit_results_repeat_bit_for_bit() {
+    let ctx = common::context();
+    let p = problem(9, 20, 37, 9);
+    let (x, w) = (stored::<bf16>(&p.features), stored::<f16>(&p.classes));
+    let params = LossParams::default();
+    for algorithm in PLANS {
+        let run = || -> LossOutput<bf16, f16> {
+            ctx.loss_typed_with(
+                algorithm,
+                p.shape,
+                &x,
+                &w,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .unwrap()
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+        assert_eq!(a.grads, b.grads, "{algorithm:?}");
+    }
+}
+
+/// A mean over a large batch of rows with large norms: dL/dx falls among f16's
+/// subnormals, much of it below the smallest (6e-8), where it rounds to 0, far outside
+/// the f16 bound; a loss scale of 2¹⁶ lifts it into f16's normal range and the result
+/// meets the bound.
+#[test]
+fn a_loss_scale_recovers_gradients_that_underflow_f16() {
+    let ctx = common::context();
+    let (b, d, c) = (2048, 16, 64);
+    let mut p = Problem::random(Shape::new(b, d, c), 21);
+    // Norms near 6e4·√(D/3), the top of f16's range.
+    p.features.iter_mut().for_each(|v| *v *= 6e4);
+    let x = stored::<f16>(&p.features);
+    let w = stored::<f16>(&p.classes);
+    let expected = reference::loss(
+        p.shape,
+        &widened(&x),
+        &widened(&w),
+        &p.labels,
+        &LossParams::default(),
+    )
+    .unwrap();
+    let underflowed = |out: &LossOutput<f16, f16>| {
+        let g = &out.grads.as_ref().unwrap().features;
+        g.iter()
+            .zip(&expected.grad_features)
+            .filter(|(a, r)| a.to_f32() == 0.0 && **r != 0.0)
+            .count()
+    };
+    let elements = ElementTypes::inputs(ElementType::F16, ElementType::F16);
+    let mut verdicts = Vec::new();
+    for loss_scale in [1.0, 65536.0] {
+        let params = LossParams {
+            loss_scale,
+            ..LossParams::default()
+        };
+        let out: LossOutput<f16, f16> = ctx
+            .loss_typed(p.shape, &x, &w, &p.labels, &params, Pass::ForwardBackward)
+            .unwrap();
+        let zeros = underflowed(&out);
+        let check =
+            reference::compare_stored(d, &params, &widened_output(out), &expected, elements);
+        let error = check
+            .errors
+            .iter()
+            .find(|e| e.0 == "grad_features")
+            .unwrap();
+        verdicts.push((loss_scale, zeros, error.1, error.2));
+    }
+    let (unscaled, scaled) = (verdicts[0], verdicts[1]);
+    assert!(
+        unscaled.1 > b * d / 10 && unscaled.2 > 10.0 * unscaled.3,
+        "unscaled f16 gradients should underflow: {verdicts:?}"
+    );
+    assert!(
+        scaled.1 == 0 && scaled.2 <= scaled.3,
+        "the loss scale should recover them: {verdicts:?}"
+    );
+}
+
+/// A gradient too large for f16 is a typed error naming the tensor; in bf16 (f32's
+/// range) the same loss scale passes.
+#[test]
+fn a_gradient_past_f16s_range_is_a_typed_error_naming_it() {
+    let ctx = common::context();
+    let p = problem(9, 20, 37, 4);
+    let (x, w) = (stored::<f16>(&p.features), stored::<f16>(&p.classes));
+    let params = LossParams {
+        loss_scale: 1e9,
+        ..LossParams::default()
+    };
+    let f16_grads: margin_softmax::Result<LossOutput<f16, f32>> =
+        ctx.loss_typed(p.shape, &x, &w, &p.labels, &params, Pass::ForwardBackward);
+    match f16_grads {
+        Err(Error::GradientOutOfRange { tensor, element }) => {
+            assert_eq!((tensor, element), ("grad_features", ElementType::F16));
+        }
+        other => panic!("expected GradientOutOfRange, got {other:?}"),
+    }
+    let w_grads: margin_softmax::Result<LossOutput<f32, f16>> =
+        ctx.loss_typed(p.shape, &x, &w, &p.labels, &params, Pass::ForwardBackward);
+    assert!(
+        matches!(
+            w_grads,
+            Err(Error::GradientOutOfRange {
+                tensor: "grad_classes",
+                ..
+            })
+        ),
+        "{w_grads:?}"
+    );
+    let bf16_grads: margin_softmax::Result<LossOutput<bf16, bf16>> =
+        ctx.loss_typed(p.shape, &x, &w, &p.labels, &params, Pass::ForwardBackward);
+    assert!(bf16_grads.is_ok(), "{bf16_grads:?}");
+}
