@@ -475,7 +475,7 @@ fn typed_shape<X: Element, W: Element, GX: Element, GW: Element>(shape: Shape) -
 
 /// `bytes` ending on a whole 4-byte word (a 16-bit tensor of odd length gains a zero
 /// half word), as buffer writes need.
-fn whole_words(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn whole_words(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if bytes.len().is_multiple_of(4) {
         std::borrow::Cow::Borrowed(bytes)
     } else {

@@ -10,7 +10,8 @@ use wgpu::util::DeviceExt;
 use crate::api::check_flags;
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::io::{check_batch, check_slices, Gradients, LossOutput, IGNORE};
+use crate::api::whole_words;
+use crate::io::{check_batch, check_slices, Element, ElementTypes, Gradients, LossOutput, IGNORE};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{Binding, Timestamps};
 use crate::params::{LossParams, Objective, Reduction};
@@ -346,16 +347,19 @@ fn record_target_row(
 
 /// One shard's inputs: its class range, the batch, its rows of w and, optionally, the
 /// rows of w it samples (class-centre sampling: Partial FC's second lever).
+/// x and w may be stored as f32, `half::f16` or `half::bf16` ([`Element`]), each
+/// independently; the shard's gradients come back in f32 (dL/dx shares are partial sums,
+/// to be added across shards before any rounding; [`sharded_loss`] rounds once).
 #[derive(Debug, Clone, Copy)]
-pub struct ShardInputs<'a> {
+pub struct ShardInputs<'a, X: Element = f32, W: Element = f32> {
     /// The shard's classes.
     pub shard: ClassShard,
     /// D.
     pub dim: usize,
     /// x: B×D, the whole batch.
-    pub features: &'a [f32],
+    pub features: &'a [X],
     /// The shard's rows of w: shard.count × D.
-    pub classes: &'a [f32],
+    pub classes: &'a [W],
     /// y: B global labels (IGNORE skips a row).
     pub labels: &'a [u32],
     /// With sampling, the strictly increasing rows of w the loss uses (0..count); it must
@@ -367,16 +371,16 @@ pub struct ShardInputs<'a> {
 /// A shard as its plan sees it: its classes (the sampled rows gathered, where sampled) as
 /// classes 0.., and local labels: a class of the shard, or `classes` (one past the last)
 /// for a row whose class is in another shard, or IGNORE.
-struct LocalShard<'a> {
+struct LocalShard<'a, W: Element> {
     /// The shard's rows of w the loss uses: all of them, or a gathered copy of the sample.
-    classes: std::borrow::Cow<'a, [f32]>,
+    classes: std::borrow::Cow<'a, [W]>,
     labels: Vec<u32>,
     /// The global class of each local class.
     global: Vec<u32>,
 }
 
-impl<'a> LocalShard<'a> {
-    fn new(inputs: &ShardInputs<'a>) -> LocalShard<'a> {
+impl<'a, W: Element> LocalShard<'a, W> {
+    fn new<X: Element>(inputs: &ShardInputs<'a, X, W>) -> LocalShard<'a, W> {
         let (first, d) = (inputs.shard.first, inputs.dim);
         let rows: Vec<u32> = match inputs.sample {
             Some(sample) => sample.to_vec(),
@@ -476,7 +480,7 @@ impl ShardGrads {
 const CACHED_SHARDS: usize = 8;
 
 /// Identifies a call's host inputs: the addresses and lengths of x, w and the labels.
-fn inputs_id(inputs: &ShardInputs<'_>) -> [usize; 6] {
+fn inputs_id<X: Element, W: Element>(inputs: &ShardInputs<'_, X, W>) -> [usize; 6] {
     [
         inputs.features.as_ptr() as usize,
         inputs.features.len(),
@@ -488,12 +492,13 @@ fn inputs_id(inputs: &ShardInputs<'_>) -> [usize; 6] {
 }
 
 impl ShardBuffers {
-    fn new(
+    fn new<X: Element, W: Element>(
         ctx: &Context,
-        inputs: &ShardInputs<'_>,
-        local: &LocalShard<'_>,
+        inputs: &ShardInputs<'_, X, W>,
+        local: &LocalShard<'_, W>,
     ) -> Result<ShardBuffers> {
-        let shape = Shape::new(local.labels.len(), inputs.dim, local.global.len());
+        let shape = Shape::new(local.labels.len(), inputs.dim, local.global.len())
+            .with_elements(shard_elements::<X, W>());
         let plan = Plan::for_shard(ctx, shape)?;
         let init = |label, contents: &[u8]| {
             ctx.device
@@ -522,9 +527,10 @@ impl ShardBuffers {
     }
 
     /// Whether these buffers serve this shard, sample and input size as they are.
-    fn serves(&self, inputs: &ShardInputs<'_>) -> bool {
+    fn serves<X: Element, W: Element>(&self, inputs: &ShardInputs<'_, X, W>) -> bool {
         let shape = self.plan.shape();
-        self.shard == inputs.shard
+        shape.elements == shard_elements::<X, W>()
+            && self.shard == inputs.shard
             && self.sample.as_deref() == inputs.sample
             && shape.batch == inputs.labels.len()
             && shape.batch * shape.dim == inputs.features.len()
@@ -533,11 +539,17 @@ impl ShardBuffers {
     /// Uploads a new call's inputs (unless `held`: the buffers already hold them, the
     /// slices of the forward whose dots a backward takes) and clears the outputs, leaving
     /// the buffers as [`ShardBuffers::new`] would make them.
-    fn upload(&self, ctx: &Context, x: &[f32], local: &LocalShard<'_>, held: bool) {
+    fn upload<X: Element, W: Element>(
+        &self,
+        ctx: &Context,
+        x: &[X],
+        local: &LocalShard<'_, W>,
+        held: bool,
+    ) {
         let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
         if !held {
-            write(&self.features, bytemuck::cast_slice(x));
-            write(&self.classes, bytemuck::cast_slice(&local.classes));
+            write(&self.features, &whole_words(bytemuck::cast_slice(x)));
+            write(&self.classes, &whole_words(bytemuck::cast_slice(&local.classes)));
             write(&self.labels, bytemuck::cast_slice(&local.labels));
         }
         let rows = vec![0u8; local.labels.len() * std::mem::size_of::<RowStats>()];
@@ -568,12 +580,12 @@ impl ShardBuffers {
     }
 }
 
-fn check_shard(
+fn check_shard<X, W>(
     shard: ClassShard,
     sample: Option<&[u32]>,
     shape: Shape,
-    x: &[f32],
-    w: &[f32],
+    x: &[X],
+    w: &[W],
     labels: &[u32],
 ) -> Result<()> {
     let end = shard.first.checked_add(shard.count);
@@ -646,12 +658,12 @@ impl Context {
     /// Checks a shard's inputs and takes its plan and buffers (kept from an earlier call
     /// on this shard, or new ones) with the call's inputs uploaded; returns the shape (B,
     /// D, the shard's rows) and the shard as its plan sees it.
-    fn shard_setup<'a>(
+    fn shard_setup<'a, X: Element, W: Element>(
         &self,
-        inputs: &ShardInputs<'a>,
+        inputs: &ShardInputs<'a, X, W>,
         params: &LossParams,
         backward: bool,
-    ) -> Result<(Shape, ShardBuffers, LocalShard<'a>)> {
+    ) -> Result<(Shape, ShardBuffers, LocalShard<'a, W>)> {
         self.check_alive()?;
         params.validate()?;
         let ShardInputs {
@@ -699,9 +711,9 @@ impl Context {
     /// chunked plan's GEMMs, in blocks of its classes; where all its rows and classes fit
     /// the workspace budget at once, the dots stay for [`Context::shard_backward`] with
     /// the same inputs (the same slices), which then computes no dot again.
-    pub fn shard_forward(
+    pub fn shard_forward<X: Element, W: Element>(
         &self,
-        inputs: &ShardInputs<'_>,
+        inputs: &ShardInputs<'_, X, W>,
         params: &LossParams,
     ) -> Result<Vec<RowPartial>> {
         let (shape, mut buffers, local) = self.shard_setup(inputs, params, false)?;
@@ -710,12 +722,12 @@ impl Context {
         self.shard_keep(buffers, result)
     }
 
-    fn shard_forward_on(
+    fn shard_forward_on<W: Element>(
         &self,
         buffers: &ShardBuffers,
         shape: Shape,
         params: &LossParams,
-        local: &LocalShard<'_>,
+        local: &LocalShard<'_, W>,
     ) -> Result<Vec<RowPartial>> {
         // One partial per row, merged over the shard's blocks in block order.
         let bytes = (shape.batch * std::mem::size_of::<RowPartial>()) as u64;
@@ -760,9 +772,9 @@ impl Context {
     /// of dL/dx (B×D; the shares sum to dL/dx). Give it the inputs of the step's
     /// [`Context::shard_forward`], unchanged: where that forward's dots are still held
     /// (the same slices, by address and length), they are used again, not recomputed.
-    pub fn shard_backward(
+    pub fn shard_backward<X: Element, W: Element>(
         &self,
-        inputs: &ShardInputs<'_>,
+        inputs: &ShardInputs<'_, X, W>,
         params: &LossParams,
         rows: &GlobalRows,
     ) -> Result<Gradients> {
@@ -793,13 +805,13 @@ impl Context {
         self.shard_keep(buffers, result)
     }
 
-    fn shard_backward_on(
+    fn shard_backward_on<W: Element>(
         &self,
         buffers: &ShardBuffers,
         shape: Shape,
         params: &LossParams,
         rows: &GlobalRows,
-        local: &LocalShard<'_>,
+        local: &LocalShard<'_, W>,
         reuse_dots: bool,
     ) -> Result<Gradients> {
         let b = shape.batch;
@@ -860,11 +872,11 @@ impl Context {
     /// Writes the global rows for a shard's backward pass: each row's softmax in the
     /// shard's local classes, its target cosine (the target's gradient is taken at it)
     /// and the number of valid rows.
-    fn upload_global_rows(
+    fn upload_global_rows<W: Element>(
         &self,
         buffers: &ShardBuffers,
         rows: &GlobalRows,
-        local: &LocalShard<'_>,
+        local: &LocalShard<'_, W>,
     ) -> Result<()> {
         let softmax: Vec<RowSoftmax> = rows
             .softmax
@@ -908,6 +920,7 @@ impl Context {
 /// order), merged on the host: forward partials per shard, a fixed-order merge, then each
 /// shard's backward pass. dL/dx sums the shards' shares in shard order; dL/dw joins them.
 /// There are min(contexts, C) shards; [`Error::InvalidParameter`] without any context.
+/// For 16-bit storage, see [`sharded_loss_typed`].
 pub fn sharded_loss(
     contexts: &[&Context],
     shape: Shape,
@@ -916,6 +929,22 @@ pub fn sharded_loss(
     labels: &[u32],
     params: &LossParams,
 ) -> Result<LossOutput> {
+    sharded_loss_typed(contexts, shape, x, w, labels, params)
+}
+
+/// [`sharded_loss`] with x and w stored as `X` and `W` (f32, `half::f16` or
+/// `half::bf16`) and the gradients returned as `GX` and `GW`, each summed (or joined) in
+/// f32 and rounded once, to nearest as the kernels round
+/// ([`ElementType::round_bits`](crate::ElementType::round_bits)), after the loss scale;
+/// [`Error::GradientOutOfRange`] where a finite value rounds to ±inf.
+pub fn sharded_loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
+    contexts: &[&Context],
+    shape: Shape,
+    x: &[X],
+    w: &[W],
+    labels: &[u32],
+    params: &LossParams,
+) -> Result<LossOutput<GX, GW>> {
     if contexts.is_empty() {
         return Err(Error::InvalidParameter {
             name: "contexts",
@@ -955,9 +984,50 @@ pub fn sharded_loss(
             .for_each(|(a, b)| *a += b);
         classes.extend(g.classes);
     }
-    let mut out = rows.output;
-    out.grads = Some(Gradients { features, classes });
-    Ok(out)
+    let grads = Gradients {
+        features: rounded::<GX>("grad_features", &features)?,
+        classes: rounded::<GW>("grad_classes", &classes)?,
+    };
+    let out = rows.output;
+    Ok(LossOutput {
+        grads: Some(grads),
+        loss: out.loss,
+        row_loss: out.row_loss,
+        grad_scale: out.grad_scale,
+        pred: out.pred,
+        target_cos: out.target_cos,
+        best_other_cos: out.best_other_cos,
+        achieved_margin: out.achieved_margin,
+        target_prob: out.target_prob,
+        mean_achieved_margin: out.mean_achieved_margin,
+        margin_satisfied_rows: out.margin_satisfied_rows,
+        valid_rows: out.valid_rows,
+        correct_rows: out.correct_rows,
+    })
+}
+
+/// The element types of a shard's plan: x and w as stored, its gradients in f32.
+fn shard_elements<X: Element, W: Element>() -> ElementTypes {
+    ElementTypes::inputs(X::TYPE, W::TYPE).with_f32_grads()
+}
+
+/// f32 gradients rounded to `T` as the kernels round them; a finite value that rounds
+/// to ±inf is [`Error::GradientOutOfRange`] naming `tensor`.
+fn rounded<T: Element>(tensor: &'static str, values: &[f32]) -> Result<Vec<T>> {
+    values
+        .iter()
+        .map(|&v| {
+            let bits = T::TYPE.round_bits(v);
+            if v.is_finite() && T::TYPE.value(bits).is_infinite() {
+                return Err(Error::GradientOutOfRange {
+                    tensor,
+                    element: T::TYPE,
+                });
+            }
+            let bytes = bits.to_le_bytes();
+            Ok(bytemuck::pod_read_unaligned(&bytes[..size_of::<T>()]))
+        })
+        .collect()
 }
 
 #[cfg(test)]
