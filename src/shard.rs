@@ -8,9 +8,9 @@
 use wgpu::util::DeviceExt;
 
 use crate::api::check_flags;
+use crate::api::whole_words;
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::api::whole_words;
 use crate::io::{check_batch, check_slices, Element, ElementTypes, Gradients, LossOutput, IGNORE};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{Binding, Timestamps};
@@ -549,7 +549,10 @@ impl ShardBuffers {
         let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
         if !held {
             write(&self.features, &whole_words(bytemuck::cast_slice(x)));
-            write(&self.classes, &whole_words(bytemuck::cast_slice(&local.classes)));
+            write(
+                &self.classes,
+                &whole_words(bytemuck::cast_slice(&local.classes)),
+            );
             write(&self.labels, bytemuck::cast_slice(&local.labels));
         }
         let rows = vec![0u8; local.labels.len() * std::mem::size_of::<RowStats>()];

@@ -75,3 +75,48 @@ fn an_unknown_candidate_names_the_known_ones() {
         "{text}"
     );
 }
+
+/// The same with x and w stored in f16 and bf16 and D a multiple of 4, so that the dots
+/// and G'·w read the 16-bit w in place (gemm_rhs_half.wgsl): every candidate gives the
+/// same bits, their f16 and bf16 gradients included.
+#[cfg(feature = "half")]
+#[test]
+fn every_candidate_gives_the_same_bits_on_16_bit_inputs() {
+    use margin_softmax::half::{bf16, f16};
+    let names: Vec<&str> = common::context()
+        .gemm_candidates()
+        .iter()
+        .map(|c| c.name)
+        .collect();
+    let contexts: Vec<Context> = names.iter().map(|n| pinned(n)).collect();
+    let params = LossParams::default();
+    for (shape, seed) in [(Shape::new(67, 132, 37), 5), (Shape::new(5, 16, 4099), 6)] {
+        let p = Problem::random(shape, seed);
+        let x: Vec<f16> = p.features.iter().map(|&v| f16::from_f32(v)).collect();
+        let w: Vec<bf16> = p.classes.iter().map(|&v| bf16::from_f32(v)).collect();
+        for algorithm in [Algorithm::Chunked, Algorithm::MemoryMinimal] {
+            let outputs: Vec<LossOutput<f16, bf16>> = contexts
+                .iter()
+                .map(|ctx| {
+                    ctx.loss_typed_with(
+                        algorithm,
+                        shape,
+                        &x,
+                        &w,
+                        &p.labels,
+                        &params,
+                        Pass::ForwardBackward,
+                    )
+                    .expect("loss")
+                })
+                .collect();
+            for (out, name) in outputs.iter().zip(&names) {
+                assert!(
+                    out == &outputs[0],
+                    "{shape:?} {algorithm:?}: {name} differs from {}",
+                    names[0]
+                );
+            }
+        }
+    }
+}

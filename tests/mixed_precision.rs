@@ -418,7 +418,10 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
         bytes.resize(bytes.len().next_multiple_of(4), 0);
         common::storage(ctx, &bytes)
     };
-    let (xb, wb) = (padded(bytemuck::cast_slice(&x)), padded(bytemuck::cast_slice(&w)));
+    let (xb, wb) = (
+        padded(bytemuck::cast_slice(&x)),
+        padded(bytemuck::cast_slice(&w)),
+    );
     let labels = common::storage(ctx, &p.labels);
     let rows = common::storage(ctx, &vec![0u8; 3 * 24]);
     let summary = common::storage(ctx, &[0u8; 32]);
@@ -453,11 +456,24 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
     assert_eq!(&gx_bytes[30..], &[0, 0, 0xff, 0xff, 0xff, 0xff]);
     assert_eq!(&gw_bytes[70..], &[0, 0, 0xff, 0xff, 0xff, 0xff]);
     let slice: LossOutput<f16, bf16> = ctx
-        .loss_typed(p.shape, &x, &w, &p.labels, &LossParams::default(), Pass::ForwardBackward)
+        .loss_typed(
+            p.shape,
+            &x,
+            &w,
+            &p.labels,
+            &LossParams::default(),
+            Pass::ForwardBackward,
+        )
         .unwrap();
     let g = slice.grads.unwrap();
-    assert_eq!(&gx_bytes[..30], bytemuck::cast_slice::<f16, u8>(&g.features));
-    assert_eq!(&gw_bytes[..70], bytemuck::cast_slice::<bf16, u8>(&g.classes));
+    assert_eq!(
+        &gx_bytes[..30],
+        bytemuck::cast_slice::<f16, u8>(&g.features)
+    );
+    assert_eq!(
+        &gw_bytes[..70],
+        bytemuck::cast_slice::<bf16, u8>(&g.classes)
+    );
     let short = common::storage(ctx, &[0u8; 28]);
     match record(&short) {
         Err(Error::BadBuffer { role, .. }) => assert_eq!(role, "features"),
