@@ -480,3 +480,38 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
         other => panic!("a short 16-bit region should be refused: {other:?}"),
     }
 }
+
+/// w bound in many chunks (16 KiB bindings): each chunk's 16-bit w, f32 shadow of dL/dw
+/// and 16-bit dL/dw are bound from the chunk's first class, the last chunk short and of
+/// an odd number of values.
+#[test]
+fn sixteen_bit_class_chunks_match_the_reference() {
+    let ctx = margin_softmax::Context::new_blocking(margin_softmax::ContextOptions {
+        max_binding_bytes: Some(16 * 1024),
+        ..Default::default()
+    })
+    .expect("context");
+    let p = problem(9, 24, 1001, 8);
+    let (x, w) = (stored::<bf16>(&p.features), stored::<f16>(&p.classes));
+    let params = LossParams::default();
+    let elements = ElementTypes::inputs(ElementType::Bf16, ElementType::F16);
+    let expected =
+        reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, &params).unwrap();
+    // The unfused baseline binds all of w at once (as in f32): the fused plans chunk it.
+    for algorithm in [Algorithm::MemoryMinimal, Algorithm::Chunked] {
+        let out: LossOutput<bf16, f16> = ctx
+            .loss_typed_with(
+                algorithm,
+                p.shape,
+                &x,
+                &w,
+                &p.labels,
+                &params,
+                Pass::ForwardBackward,
+            )
+            .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        let check =
+            reference::compare_stored(24, &params, &widened_output(out), &expected, elements);
+        assert!(check.passes(), "{algorithm:?}: {check:?}");
+    }
+}

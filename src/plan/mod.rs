@@ -261,7 +261,8 @@ fn check_bindings(
     for (what, size) in bound.into_iter().chain(
         layout
             .iter()
-            .filter(|&&(bind, _)| bind != Binding::PaddedClasses)
+            // Bound chunk by chunk, as w is (the f32 shadow of 16-bit dL/dw too).
+            .filter(|&&(bind, _)| !matches!(bind, Binding::PaddedClasses | Binding::GradClasses))
             .map(|&(bind, s)| (binding_name(bind), s)),
     ) {
         if size > max_binding {
