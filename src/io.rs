@@ -440,6 +440,38 @@ pub struct LossOutput<GX = f32, GW = f32> {
     pub grads: Option<Gradients<GX, GW>>,
 }
 
+impl<GX, GW> LossOutput<GX, GW> {
+    /// The same output with `grads` for its gradients (of other types, say).
+    pub fn with_grads<HX, HW>(self, grads: Option<Gradients<HX, HW>>) -> LossOutput<HX, HW> {
+        LossOutput {
+            grads,
+            loss: self.loss,
+            row_loss: self.row_loss,
+            grad_scale: self.grad_scale,
+            pred: self.pred,
+            target_cos: self.target_cos,
+            best_other_cos: self.best_other_cos,
+            achieved_margin: self.achieved_margin,
+            target_prob: self.target_prob,
+            mean_achieved_margin: self.mean_achieved_margin,
+            margin_satisfied_rows: self.margin_satisfied_rows,
+            valid_rows: self.valid_rows,
+            correct_rows: self.correct_rows,
+        }
+    }
+}
+
+impl<GX: Element, GW: Element> LossOutput<GX, GW> {
+    /// The same output with its gradients widened, exactly, to f32.
+    pub fn widened(self) -> LossOutput {
+        let grads = self.grads.as_ref().map(|g| Gradients {
+            features: g.features.iter().map(|v| v.widen()).collect(),
+            classes: g.classes.iter().map(|v| v.widen()).collect(),
+        });
+        self.with_grads(grads)
+    }
+}
+
 /// The gradients of the reduced loss (times [`LossParams::loss_scale`](crate::LossParams::loss_scale)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gradients<GX = f32, GW = f32> {
@@ -454,6 +486,20 @@ pub struct Gradients<GX = f32, GW = f32> {
 pub trait Element: bytemuck::Pod + std::fmt::Debug + PartialEq {
     /// How it is stored.
     const TYPE: ElementType;
+
+    /// Its value, exactly, as f32.
+    fn widen(self) -> f32 {
+        let mut word = [0u8; 4];
+        word[..size_of::<Self>()].copy_from_slice(bytemuck::bytes_of(&self));
+        Self::TYPE.value(u32::from_le_bytes(word))
+    }
+
+    /// `v` rounded to nearest in this type, ties to even, as the kernels round
+    /// ([`ElementType::round_bits`]).
+    fn narrow(v: f32) -> Self {
+        let word = Self::TYPE.round_bits(v).to_le_bytes();
+        bytemuck::pod_read_unaligned(&word[..size_of::<Self>()])
+    }
 }
 
 impl Element for f32 {

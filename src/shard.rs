@@ -991,22 +991,7 @@ pub fn sharded_loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
         features: rounded::<GX>("grad_features", &features)?,
         classes: rounded::<GW>("grad_classes", &classes)?,
     };
-    let out = rows.output;
-    Ok(LossOutput {
-        grads: Some(grads),
-        loss: out.loss,
-        row_loss: out.row_loss,
-        grad_scale: out.grad_scale,
-        pred: out.pred,
-        target_cos: out.target_cos,
-        best_other_cos: out.best_other_cos,
-        achieved_margin: out.achieved_margin,
-        target_prob: out.target_prob,
-        mean_achieved_margin: out.mean_achieved_margin,
-        margin_satisfied_rows: out.margin_satisfied_rows,
-        valid_rows: out.valid_rows,
-        correct_rows: out.correct_rows,
-    })
+    Ok(rows.output.with_grads(Some(grads)))
 }
 
 /// The element types of a shard's plan: x and w as stored, its gradients in f32.
@@ -1020,15 +1005,14 @@ fn rounded<T: Element>(tensor: &'static str, values: &[f32]) -> Result<Vec<T>> {
     values
         .iter()
         .map(|&v| {
-            let bits = T::TYPE.round_bits(v);
-            if v.is_finite() && T::TYPE.value(bits).is_infinite() {
+            let stored = T::narrow(v);
+            if v.is_finite() && stored.widen().is_infinite() {
                 return Err(Error::GradientOutOfRange {
                     tensor,
                     element: T::TYPE,
                 });
             }
-            let bytes = bits.to_le_bytes();
-            Ok(bytemuck::pod_read_unaligned(&bytes[..size_of::<T>()]))
+            Ok(stored)
         })
         .collect()
 }

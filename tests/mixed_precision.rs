@@ -15,49 +15,12 @@ use margin_softmax::{
 
 /// `values` rounded to nearest in `T`.
 fn stored<T: Element>(values: &[f32]) -> Vec<T> {
-    values
-        .iter()
-        .map(|&v| {
-            let bits = T::TYPE.round_bits(v);
-            bytemuck::cast_slice::<u32, T>(&[bits])[0]
-        })
-        .collect()
+    values.iter().map(|&v| T::narrow(v)).collect()
 }
 
 /// The f32 value of each stored `T` (exact).
 fn widened<T: Element>(values: &[T]) -> Vec<f32> {
-    values
-        .iter()
-        .map(|v| {
-            let mut word = [0u8; 4];
-            let bytes = bytemuck::bytes_of(v);
-            word[..bytes.len()].copy_from_slice(bytes);
-            T::TYPE.value(u32::from_le_bytes(word))
-        })
-        .collect()
-}
-
-/// The output with its gradients widened to f32.
-fn widened_output<GX: Element, GW: Element>(out: LossOutput<GX, GW>) -> LossOutput {
-    let LossOutput { grads, .. } = out.clone();
-    LossOutput {
-        grads: grads.map(|g| margin_softmax::Gradients {
-            features: widened(&g.features),
-            classes: widened(&g.classes),
-        }),
-        loss: out.loss,
-        row_loss: out.row_loss,
-        grad_scale: out.grad_scale,
-        pred: out.pred,
-        target_cos: out.target_cos,
-        best_other_cos: out.best_other_cos,
-        achieved_margin: out.achieved_margin,
-        target_prob: out.target_prob,
-        mean_achieved_margin: out.mean_achieved_margin,
-        margin_satisfied_rows: out.margin_satisfied_rows,
-        valid_rows: out.valid_rows,
-        correct_rows: out.correct_rows,
-    }
+    values.iter().map(|&v| v.widen()).collect()
 }
 
 /// A seeded problem with a few rows ignored and feature norms from 1e-3 to 1e3.
@@ -98,7 +61,7 @@ fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
             Pass::ForwardBackward,
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let out = widened_output(out);
+    let out = out.widened();
     let expected =
         reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, params).expect("reference");
     let check = reference::compare_stored(p.shape.dim, params, &out, &expected, elements);
@@ -312,7 +275,7 @@ fn a_loss_scale_recovers_gradients_that_underflow_f16() {
             .unwrap();
         let zeros = underflowed(&out);
         let check =
-            reference::compare_stored(d, &params, &widened_output(out), &expected, elements);
+            reference::compare_stored(d, &params, &out.widened(), &expected, elements);
         let error = check
             .errors
             .iter()
@@ -384,7 +347,7 @@ fn three_class_shards_match_the_reference_on_16_bit_values() {
             )
             .expect("sharded");
             (
-                widened_output(out),
+                out.widened(),
                 ElementTypes::inputs(ElementType::F16, ElementType::Bf16),
             )
         };
@@ -511,7 +474,7 @@ fn sixteen_bit_class_chunks_match_the_reference() {
             )
             .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
         let check =
-            reference::compare_stored(24, &params, &widened_output(out), &expected, elements);
+            reference::compare_stored(24, &params, &out.widened(), &expected, elements);
         assert!(check.passes(), "{algorithm:?}: {check:?}");
     }
 }

@@ -73,6 +73,7 @@ proptest! {
             multiplicative_margin,
             objective: if hard { Objective::HardMargin } else { Objective::Softmax },
             target_gradient: if straight_through { TargetGradient::StraightThrough } else { TargetGradient::Exact },
+            loss_scale: 1.0,
         };
         let gpu = context().loss(shape, &x, &w, &labels, &params, Pass::ForwardBackward);
         match reference::loss(shape, &x, &w, &labels, &params) {
