@@ -48,16 +48,15 @@ struct ReadbackLayout {
 
 impl ReadbackLayout {
     fn new(shape: Shape) -> ReadbackLayout {
-        let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
-        let e = shape.elements;
+        let sizes = BufferSizes::of(shape);
         let row_stats = std::mem::size_of::<Summary>() as u64;
-        let grad_features = row_stats + b * std::mem::size_of::<RowStats>() as u64;
-        let grad_classes = grad_features + e.grad_features.region_bytes(b * d);
+        let grad_features = row_stats + shape.batch as u64 * std::mem::size_of::<RowStats>() as u64;
+        let grad_classes = grad_features + sizes.grad_features;
         ReadbackLayout {
             row_stats,
             grad_features,
             grad_classes,
-            end: grad_classes + e.grad_classes.region_bytes(c * d),
+            end: grad_classes + sizes.grad_classes,
         }
     }
 

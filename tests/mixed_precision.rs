@@ -41,7 +41,6 @@ fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
     p: &Problem,
     params: &LossParams,
 ) -> LossOutput {
-    let ctx = common::context();
     let (x, w) = (stored::<X>(&p.features), stored::<W>(&p.classes));
     let elements = ElementTypes {
         features: X::TYPE,
@@ -50,17 +49,8 @@ fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
         grad_classes: GW::TYPE,
     };
     let what = format!("{algorithm:?} {elements:?} {:?}", p.shape);
-    let out: LossOutput<GX, GW> = ctx
-        .loss_typed_with(
-            algorithm,
-            p.shape,
-            &x,
-            &w,
-            &p.labels,
-            params,
-            Pass::ForwardBackward,
-        )
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out: LossOutput<GX, GW> =
+        typed_run(algorithm, p, (&x, &w), params).unwrap_or_else(|e| panic!("{what}: {e}"));
     let out = out.widened();
     let expected =
         reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, params).expect("reference");
@@ -68,6 +58,24 @@ fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
     assert!(check.passes(), "{what}: {check:?}");
     assert_eq!(out.valid_rows as usize, expected.valid_rows, "{what}");
     out
+}
+
+/// `p`'s labels and shape with x and w as given, on `algorithm`, forward and backward.
+fn typed_run<X: Element, W: Element, GX: Element, GW: Element>(
+    algorithm: Algorithm,
+    p: &Problem,
+    (x, w): (&[X], &[W]),
+    params: &LossParams,
+) -> margin_softmax::Result<LossOutput<GX, GW>> {
+    common::context().loss_typed_with(
+        algorithm,
+        p.shape,
+        x,
+        w,
+        &p.labels,
+        params,
+        Pass::ForwardBackward,
+    )
 }
 
 const PLANS: [Algorithm; 3] = [
@@ -112,7 +120,6 @@ fn arcface_and_the_hard_objective_on_bf16_values() {
 /// to nearest with ties to even, exactly as `ElementType::round_bits` does on the host.
 #[test]
 fn sixteen_bit_gradients_are_the_f32_gradients_rounded_to_nearest() {
-    let ctx = common::context();
     let p = problem(9, 20, 37, 3);
     let (x, w) = (stored::<f16>(&p.features), stored::<bf16>(&p.classes));
     let params = LossParams {
@@ -120,29 +127,8 @@ fn sixteen_bit_gradients_are_the_f32_gradients_rounded_to_nearest() {
         ..LossParams::default()
     };
     for algorithm in PLANS {
-        let run = |f: &dyn Fn() -> margin_softmax::Result<LossOutput<f32, f32>>| f().unwrap();
-        let full: LossOutput<f32, f32> = run(&|| {
-            ctx.loss_typed_with(
-                algorithm,
-                p.shape,
-                &x,
-                &w,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
-        });
-        let half: LossOutput<f16, bf16> = ctx
-            .loss_typed_with(
-                algorithm,
-                p.shape,
-                &x,
-                &w,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
-            .unwrap();
+        let full: LossOutput<f32, f32> = typed_run(algorithm, &p, (&x, &w), &params).unwrap();
+        let half: LossOutput<f16, bf16> = typed_run(algorithm, &p, (&x, &w), &params).unwrap();
         let (gf, gh) = (full.grads.unwrap(), half.grads.unwrap());
         assert_eq!(
             gh.features,
@@ -212,23 +198,12 @@ fn host_rounding_matches_the_half_crate() {
 /// The same 16-bit inputs give the same bits, call after call, on every plan.
 #[test]
 fn sixteen_bit_results_repeat_bit_for_bit() {
-    let ctx = common::context();
     let p = problem(9, 20, 37, 9);
     let (x, w) = (stored::<bf16>(&p.features), stored::<f16>(&p.classes));
     let params = LossParams::default();
     for algorithm in PLANS {
-        let run = || -> LossOutput<bf16, f16> {
-            ctx.loss_typed_with(
-                algorithm,
-                p.shape,
-                &x,
-                &w,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
-            .unwrap()
-        };
+        let run =
+            || -> LossOutput<bf16, f16> { typed_run(algorithm, &p, (&x, &w), &params).unwrap() };
         let (a, b) = (run(), run());
         assert_eq!(a.loss.to_bits(), b.loss.to_bits());
         assert_eq!(a.grads, b.grads, "{algorithm:?}");
@@ -274,8 +249,7 @@ fn a_loss_scale_recovers_gradients_that_underflow_f16() {
             .loss_typed(p.shape, &x, &w, &p.labels, &params, Pass::ForwardBackward)
             .unwrap();
         let zeros = underflowed(&out);
-        let check =
-            reference::compare_stored(d, &params, &out.widened(), &expected, elements);
+        let check = reference::compare_stored(d, &params, &out.widened(), &expected, elements);
         let error = check
             .errors
             .iter()
@@ -473,8 +447,7 @@ fn sixteen_bit_class_chunks_match_the_reference() {
                 Pass::ForwardBackward,
             )
             .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
-        let check =
-            reference::compare_stored(24, &params, &out.widened(), &expected, elements);
+        let check = reference::compare_stored(24, &params, &out.widened(), &expected, elements);
         assert!(check.passes(), "{algorithm:?}: {check:?}");
     }
 }
