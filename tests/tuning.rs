@@ -110,3 +110,22 @@ fn a_damaged_cache_file_is_ignored_not_fatal() {
     assert_eq!(ctx.tuned().len(), 3, "the three products of a small shape");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plan whose w is stored in 16 bits tunes its own buckets for the products that read
+/// it in place (the dots and G·w, `dots_bf16` and `feature_grad_bf16`), read back from the
+/// cache file by the next context; Gᵀ·x̂ reads f32 x̂ and shares the f32 bucket.
+#[test]
+fn sixteen_bit_layouts_are_buckets_of_their_own() {
+    use margin_softmax::{ElementType, ElementTypes};
+    let dir = std::env::temp_dir().join(format!("margin-softmax-tune16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctx = context_with(Tuning::CacheIn(dir.clone()));
+    let elements = ElementTypes::inputs(ElementType::F16, ElementType::Bf16);
+    Plan::new(&ctx, Shape::new(40, 24, 300).with_elements(elements)).expect("plan");
+    let mut layouts: Vec<&str> = ctx.tuned().iter().map(|t| t.bucket.layout).collect();
+    layouts.sort_unstable();
+    assert_eq!(layouts, ["class_grad", "dots_bf16", "feature_grad_bf16"]);
+    let again = context_with(Tuning::CacheIn(dir.clone()));
+    assert_eq!(again.tuned(), ctx.tuned());
+    let _ = std::fs::remove_dir_all(&dir);
+}
