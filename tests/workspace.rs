@@ -129,3 +129,23 @@ fn the_chunked_plan_stays_within_its_budget() {
         .expect("a chunked plan");
     assert!(bytes <= 62_536_924);
 }
+
+/// 16-bit gradients add their f32 shadows to the workspace, 4·B·D and 4·C·D bytes,
+/// and nothing else: 16-bit inputs add nothing (the GEMMs read w in place, D % 4 = 0).
+#[test]
+fn sixteen_bit_gradients_add_their_f32_shadows() {
+    use margin_softmax::{ElementType, ElementTypes};
+    let ctx = context();
+    let shape = Shape::new(64, 64, 2000);
+    let inputs16 = ElementTypes::inputs(ElementType::Bf16, ElementType::F16);
+    for algorithm in [Algorithm::Chunked, Algorithm::MemoryMinimal] {
+        let at = |elements| workspace_bytes(ctx, shape.with_elements(elements), algorithm).unwrap();
+        let f32_bytes = at(ElementTypes::default());
+        assert_eq!(at(inputs16.with_f32_grads()), f32_bytes, "{algorithm:?}");
+        assert_eq!(
+            at(inputs16),
+            f32_bytes + 4 * 64 * 64 + 4 * 2000 * 64,
+            "{algorithm:?}"
+        );
+    }
+}
