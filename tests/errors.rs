@@ -87,6 +87,16 @@ fn invalid_parameters() {
     }
     // A scale below a positive floor is not an error: the effective scale is the floor.
     assert!(call(&p, &with(-1.0, 5.0, 0.3)).is_ok());
+    for loss_scale in [0.0, -2.0, f32::NAN, f32::INFINITY] {
+        let params = LossParams {
+            loss_scale,
+            ..LossParams::default()
+        };
+        match call(&p, &params) {
+            Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, "loss_scale"),
+            other => panic!("loss_scale {loss_scale}: expected InvalidParameter, got {other:?}"),
+        }
+    }
 }
 
 #[test]
