@@ -35,6 +35,7 @@ fn step(
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = p.shape;
     // The batch, all-gathered: each rank contributes its B/K rows.
     let rows = b / ranks;
@@ -162,6 +163,7 @@ fn report(
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = shape;
     let single_grads = single.grads.as_ref().expect("gradients");
     let dw = all_dw.iter().fold(0.0f32, |m, &v| m.max(v));

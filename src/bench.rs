@@ -1,7 +1,14 @@
 //! The portable benchmark: on any adapter, per shape, one plain GEMM (the cost floor),
-//! the fused forward, the fused forward + backward and the unfused baseline, timed on the
-//! GPU with timestamp queries where the adapter has them, else by wall clock around
-//! submit-and-wait. `cargo bench` runs [`main_with_args`]; the CLI can call it too.
+//! the fused forward, the fused forward + backward (also with x, w and the gradients
+//! stored in bf16 and in f16) and the unfused baseline, timed on the GPU with timestamp
+//! queries where the adapter has them, else by wall clock around submit-and-wait.
+//! `cargo bench` runs [`main_with_args`]; the CLI can call it too.
+//!
+//! Each row shows the bytes it moves ([`BenchRow::moved_bytes`]): the bytes of x and w
+//! it reads plus, with gradients, the bytes of dL/dx and dL/dw it writes, each in its
+//! storage type (B·D + C·D values, times 2 for forward + backward, at 4 bytes each in
+//! f32 and 2 in f16 or bf16). Workspace traffic and repeated reads are not counted: it is
+//! the floor every implementation of the operation moves to and from its caller.
 
 use std::time::Instant;
 
@@ -10,7 +17,8 @@ use wgpu::util::DeviceExt;
 use crate::context::{Context, ContextOptions};
 use crate::error::{Error, Result};
 use crate::io::{
-    BufferRegion, DeviceInputs, DeviceOutputs, ElementType, GradOutputs, RowStats, Shape, Summary,
+    BufferRegion, DeviceInputs, DeviceOutputs, ElementType, ElementTypes, GradOutputs, RowStats,
+    Shape, Summary,
 };
 use crate::kernels::{encode, fold_grid, padded, Dispatch, GemmLayout, GemmShape, Timestamps};
 use crate::params::LossParams;
@@ -89,17 +97,20 @@ options:
   --backend NAME        vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else all)
   --profile             also time each kernel of the loss operations (needs GPU timestamps)
   --ops NAME,...        operations besides the GEMM (default all): fused_forward,
-                        fused_forward_backward, small_budget_fwd_bwd, fused_min_memory_fwd_bwd,
+                        fused_forward_backward, fused_fwd_bwd_bf16, fused_fwd_bwd_f16,
+                        small_budget_fwd_bwd, fused_min_memory_fwd_bwd,
                         unfused_forward_backward, sharded_fwd_bwd, slice_api_tiny_call,
                         gemm_candidates (the GEMM on every candidate)
   --wall-clock          time by host wall clock around submit and wait, not GPU timestamps
 ";
 
 /// The operations besides the GEMM, in the order they run.
-const OPS: [&str; 8] = [
+const OPS: [&str; 10] = [
     "gemm_candidates",
     "fused_forward",
     "fused_forward_backward",
+    "fused_fwd_bwd_bf16",
+    "fused_fwd_bwd_f16",
     "small_budget_fwd_bwd",
     "fused_min_memory_fwd_bwd",
     "unfused_forward_backward",
@@ -192,7 +203,8 @@ pub struct BenchRow {
     /// The shape.
     pub shape: Shape,
     /// `gemm`; `fused_forward` and `fused_forward_backward` (the plan `Plan::new` picks,
-    /// see `algorithm`); `small_budget_fwd_bwd` (the plan [`Plan::with_budget`] picks for
+    /// see `algorithm`); `fused_fwd_bwd_bf16` and `fused_fwd_bwd_f16` (the same with x, w
+    /// and both gradients stored in bf16 or f16); `small_budget_fwd_bwd` (the plan [`Plan::with_budget`] picks for
     /// an eighth of the logits' bytes); `fused_min_memory_fwd_bwd` (the memory-minimal plan);
     /// `unfused_forward_backward`; or `slice_api_tiny_call` (per-call host overhead).
     pub op: &'static str,
@@ -217,6 +229,9 @@ pub struct BenchRow {
     pub workspace_bytes: u64,
     /// Bytes of every device buffer the operation needs at once: inputs, outputs, workspace.
     pub device_bytes: u64,
+    /// The bytes it moves: x and w read, plus dL/dx and dL/dw written where it computes
+    /// gradients, each in its storage type ([`moved_bytes`]).
+    pub moved_bytes: u64,
     /// Why the row has no figures, if it has none.
     pub skipped: Option<String>,
     /// With `--profile`: the operation's kernels, in order of first dispatch.
@@ -255,8 +270,34 @@ struct ShapeBuffers {
     grad_classes: wgpu::Buffer,
 }
 
+/// `values` as a tensor of `element` holds them: rounded to nearest (ties to even), the
+/// 16-bit values two to a word, the first in the low half, ending on a whole word.
+fn stored_bytes(element: ElementType, values: &[f32]) -> Vec<u8> {
+    let width = element.bytes() as usize;
+    let mut bytes: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| element.round_bits(v).to_le_bytes()[..width].to_vec())
+        .collect();
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    bytes
+}
+
+/// The bytes an operation on `shape` moves: x and w read and, `with_grads`, dL/dx and
+/// dL/dw written, each in the storage type `shape.elements` gives it.
+pub fn moved_bytes(shape: Shape, with_grads: bool) -> u64 {
+    let (b, d, c) = (shape.batch as u64, shape.dim as u64, shape.classes as u64);
+    let e = shape.elements;
+    let mut bytes = b * d * e.features.bytes() + c * d * e.classes.bytes();
+    if with_grads {
+        bytes += b * d * e.grad_features.bytes() + c * d * e.grad_classes.bytes();
+    }
+    bytes
+}
+
 impl ShapeBuffers {
-    fn new(ctx: &Context, problem: &Problem) -> ShapeBuffers {
+    /// The buffers of `problem`, x and w stored as `elements` gives them (its values
+    /// rounded to that type), the gradients sized for theirs.
+    fn new(ctx: &Context, problem: &Problem, elements: ElementTypes) -> ShapeBuffers {
         let init = |label, contents: &[u8]| {
             ctx.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -279,14 +320,18 @@ impl ShapeBuffers {
             classes: c,
             ..
         } = problem.shape;
+        let region = |t: ElementType, n: usize| t.region_bytes(n as u64) as usize;
         ShapeBuffers {
-            features: init("features", bytemuck::cast_slice(&problem.features)),
-            classes: init("classes", bytemuck::cast_slice(&problem.classes)),
+            features: init(
+                "features",
+                &stored_bytes(elements.features, &problem.features),
+            ),
+            classes: init("classes", &stored_bytes(elements.classes, &problem.classes)),
             labels: init("labels", bytemuck::cast_slice(&problem.labels)),
             row_stats: empty("row_stats", b * std::mem::size_of::<RowStats>()),
             summary: empty("summary", std::mem::size_of::<Summary>()),
-            grad_features: empty("grad_features", b * d * 4),
-            grad_classes: empty("grad_classes", c * d * 4),
+            grad_features: empty("grad_features", region(elements.grad_features, b * d)),
+            grad_classes: empty("grad_classes", region(elements.grad_classes, c * d)),
         }
     }
 
@@ -464,7 +509,7 @@ pub fn run(
             ..
         } = shape;
         let problem = Problem::try_random(shape, index as u64 + 1)?;
-        let buffers = ShapeBuffers::new(ctx, &problem);
+        let buffers = ShapeBuffers::new(ctx, &problem, ElementTypes::default());
         let mut note = |op: &str| {
             progress(&format!(
                 "[{}/{}] B={b} D={d} C={c}: {op}",
@@ -661,6 +706,7 @@ impl<'a> GemmFloor<'a> {
             fused_speedup: None,
             workspace_bytes: 0,
             device_bytes: self.lhs().size() + self.rhs().size() + self.product.size(),
+            moved_bytes: moved_bytes(self.shape, false),
             skipped: None,
             profile: Vec::new(),
             gemms: ctx.kernels.candidates[candidate].name.to_string(),
@@ -701,41 +747,62 @@ fn piece_uniforms(
         .collect()
 }
 
-/// A loss operation: its name, the algorithm asked for, the pass, and the workspace
-/// budget its plan is picked for (the default plan where `None`).
-type LossOp = (&'static str, Algorithm, Pass, Option<u64>);
+/// A loss operation: its name, the algorithm asked for, the pass, the workspace budget
+/// its plan is picked for (the default plan where `None`), and the storage types of x, w
+/// and the gradients.
+type LossOp = (&'static str, Algorithm, Pass, Option<u64>, ElementTypes);
 
-/// The loss operations on `shape`, in the order they run; `chosen` is the algorithm
-/// `Plan::new` picks.
-fn loss_ops(shape: Shape, chosen: Algorithm) -> [LossOp; 5] {
+/// The loss operations on `shape`, in the order they run, with the algorithm `Plan::new`
+/// picks where they take the default plan.
+fn loss_ops(ctx: &Context, shape: Shape) -> [LossOp; 7] {
+    let f32s = ElementTypes::default();
+    let chosen = Algorithm::choose(ctx, shape);
     // An eighth of the logits' bytes: the chunked plan in blocks of classes where one
     // block fits, else the memory-minimal plan.
     let small_budget = (shape.batch * shape.classes * 4 / 8) as u64;
+    // The default plan with x, w and both gradients in `t`: `Plan::new` on the shape.
+    let sixteen_bit = |op, t| {
+        let elements = ElementTypes::inputs(t, t);
+        let chosen = Algorithm::choose(ctx, shape.with_elements(elements));
+        (
+            op,
+            chosen,
+            Pass::ForwardBackward,
+            Some(ctx.workspace_budget),
+            elements,
+        )
+    };
     [
-        ("fused_forward", chosen, Pass::Forward, None),
+        ("fused_forward", chosen, Pass::Forward, None, f32s),
         (
             "fused_forward_backward",
             chosen,
             Pass::ForwardBackward,
             None,
+            f32s,
         ),
+        sixteen_bit("fused_fwd_bwd_bf16", ElementType::Bf16),
+        sixteen_bit("fused_fwd_bwd_f16", ElementType::F16),
         (
             "small_budget_fwd_bwd",
             chosen,
             Pass::ForwardBackward,
             Some(small_budget),
+            f32s,
         ),
         (
             "fused_min_memory_fwd_bwd",
             Algorithm::MemoryMinimal,
             Pass::ForwardBackward,
             None,
+            f32s,
         ),
         (
             "unfused_forward_backward",
             Algorithm::Unfused,
             Pass::ForwardBackward,
             None,
+            f32s,
         ),
     ]
 }
@@ -779,10 +846,24 @@ fn shape_rows(
     }
     let gemm_recordings = floor.recordings(ctx, &candidates)?;
     let plans = loss_plans(ctx, options, shape);
+    // The buffers of the operations that store x, w or the gradients in 16 bits.
+    let mut typed_buffers: Vec<(ElementTypes, ShapeBuffers)> = Vec::new();
+    for ((.., elements), _) in &plans {
+        if !elements.all_f32() && typed_buffers.iter().all(|(e, _)| e != elements) {
+            typed_buffers.push((*elements, ShapeBuffers::new(ctx, problem, *elements)));
+        }
+    }
+    let buffers_for = |elements: &ElementTypes| {
+        typed_buffers
+            .iter()
+            .find(|(e, _)| e == elements)
+            .map_or(buffers, |(_, b)| b)
+    };
     let plan_recordings: Vec<Option<Recording<'_>>> = plans
         .iter()
-        .map(|((_, _, pass, _), plan)| {
+        .map(|((_, _, pass, _, elements), plan)| {
             let with_grads = *pass == Pass::ForwardBackward;
+            let buffers = buffers_for(elements);
             plan.as_ref()
                 .ok()
                 .map(|plan| plan_recording(ctx, plan, buffers, with_grads, Phase::Whole))
@@ -828,7 +909,7 @@ fn shape_rows(
             plan,
             timed,
             profile,
-            buffers,
+            buffers_for(&op.4),
             &floor_runs,
         )?);
     }
@@ -846,10 +927,11 @@ fn shape_rows(
 /// The loss operations `options` runs on `shape`, each with its plan (or the error that
 /// skips it).
 fn loss_plans(ctx: &Context, options: &BenchOptions, shape: Shape) -> Vec<(LossOp, Result<Plan>)> {
-    loss_ops(shape, Algorithm::choose(ctx, shape))
+    loss_ops(ctx, shape)
         .into_iter()
         .filter(|op| options.runs(op.0))
         .map(|op| {
+            let shape = shape.with_elements(op.4);
             let plan = match op.3 {
                 Some(bytes) => Plan::with_budget(ctx, shape, bytes),
                 None => Plan::with_algorithm(ctx, shape, op.1),
@@ -917,7 +999,7 @@ fn shard_profile(
 /// it: too large for the adapter, or refused by the GPU), against the GEMM floor.
 fn loss_row(
     ctx: &Context,
-    (shape, &(op, algorithm, pass, _)): (Shape, &LossOp),
+    (shape, &(op, algorithm, pass, _, elements)): (Shape, &LossOp),
     plan: &Result<Plan>,
     timed: Result<Timed>,
     profile: Vec<KernelTime>,
@@ -927,6 +1009,7 @@ fn loss_row(
     let with_grads = pass == Pass::ForwardBackward;
     let flops = if with_grads { 3.0 } else { 1.0 } * gemm_flops(shape);
     let algorithm = plan.as_ref().map_or(algorithm, |p| p.algorithm());
+    let moved = moved_bytes(shape.with_elements(elements), with_grads);
     let skipped = |e: Error| BenchRow {
         shape,
         op,
@@ -939,6 +1022,7 @@ fn loss_row(
         fused_speedup: None,
         workspace_bytes: 0,
         device_bytes: 0,
+        moved_bytes: moved,
         skipped: Some(e.to_string()),
         profile: Vec::new(),
         gemms: String::new(),
@@ -956,6 +1040,7 @@ fn loss_row(
             fused_speedup: None,
             workspace_bytes: plan.workspace_bytes(),
             device_bytes: plan.workspace_bytes() + buffers.io_bytes(with_grads),
+            moved_bytes: moved,
             skipped: None,
             profile,
             gemms: plan.gemm_summary(ctx),
@@ -1012,6 +1097,7 @@ fn sharded_row(
         fused_speedup: None,
         workspace_bytes,
         device_bytes: workspace_bytes + io_bytes,
+        moved_bytes: moved_bytes(shape, true),
         skipped: None,
         profile: Vec::new(),
         gemms: String::new(),
@@ -1043,6 +1129,7 @@ fn tiny_call_row(ctx: &Context, options: &BenchOptions) -> Result<BenchRow> {
         fused_speedup: None,
         workspace_bytes: 0,
         device_bytes: 0,
+        moved_bytes: moved_bytes(shape, true),
         skipped: None,
         profile: Vec::new(),
         gemms: String::new(),
@@ -1064,8 +1151,8 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
         "adapter: {} | backend: {:?} | driver: {} {}\ntiming: {timing}; median (min-max) per run\n\n",
         info.name, info.backend, info.driver, info.driver_info
     );
-    out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes | GEMM candidates |\n";
-    out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|-----------------|\n";
+    out += "|    B |   D |      C | operation                | plan           | median ms (min-max)      | GFLOP/s | x GEMM | fused speed-up | workspace  | device bytes | moved bytes | GEMM candidates |\n";
+    out += "|------|-----|--------|--------------------------|----------------|--------------------------|---------|--------|----------------|------------|--------------|-------------|-----------------|\n";
     for r in rows {
         out += &table_line(r);
     }
@@ -1075,6 +1162,11 @@ pub fn format_table(ctx: &Context, rows: &[BenchRow]) -> String {
     }
     out += &tuned_gemm_lines(rows);
     out += "\n";
+    if rows.iter().any(|r| r.op.starts_with("fused_fwd_bwd_")) {
+        out += "\nfused_fwd_bwd_bf16, fused_fwd_bwd_f16: the default plan's forward + backward with x, w, \
+                dL/dx and dL/dw stored in bf16 / f16 (every sum in f32); moved bytes: x and w read \
+                plus dL/dx and dL/dw written (forward + backward), each in its storage type\n";
+    }
     if rows.iter().any(|r| r.op == "sharded_fwd_bwd") {
         out += &format!(
             "\nsharded_fwd_bwd: the classes in {BENCH_SHARDS} shards on one context through the shard API, \
@@ -1111,7 +1203,7 @@ fn table_line(r: &BenchRow) -> String {
     }
     let [med, min, max] = r.seconds.map(|s| s * 1e3);
     format!(
-        "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} | {} |\n",
+        "| {b:>4} | {d:>3} | {c:>6} | {:<24} | {:<14} | {:>8.3} ({:.3}-{:.3}) | {:>7.2} | {:>6.2} | {:>14} | {:>10} | {:>12} | {:>11} | {} |\n",
         r.op,
         r.algorithm.map_or("-".to_string(), |a| format!("{a:?}").to_lowercase()),
         med,
@@ -1122,6 +1214,7 @@ fn table_line(r: &BenchRow) -> String {
         r.fused_speedup.map_or("".into(), |s| format!("{s:.2}x")),
         megabytes(r.workspace_bytes),
         megabytes(r.device_bytes),
+        megabytes(r.moved_bytes),
         r.gemms,
     )
 }
@@ -1245,7 +1338,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
             format!(
                 "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"batch\":{},\"dim\":{},\"classes\":{},\"op\":{},\
                  \"timing\":{},\"plan\":{},\"median_s\":{},\"min_s\":{},\"max_s\":{},\"gflops\":{},\"vs_gemm\":{},\
-                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"skipped\":{},\"gemms\":{},\
+                 \"fused_speedup\":{},\"workspace_bytes\":{},\"device_bytes\":{},\"moved_bytes\":{},\"skipped\":{},\"gemms\":{},\
                  \"runs_s\":[{}]}}\n",
                 text(&info.name),
                 text(&format!("{:?}", info.backend)),
@@ -1267,6 +1360,7 @@ pub fn format_json(ctx: &Context, rows: &[BenchRow]) -> String {
                 r.fused_speedup.map_or("null".into(), num),
                 r.workspace_bytes,
                 r.device_bytes,
+                r.moved_bytes,
                 r.skipped.as_deref().map_or("null".into(), text),
                 text(&r.gemms),
                 r.runs.iter().map(|&v| num(v)).collect::<Vec<_>>().join(","),

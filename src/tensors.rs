@@ -1,7 +1,9 @@
 //! Safetensors input and output: the format PyTorch, JAX, NumPy and Burn already write.
 //!
-//! Inputs: `features` (B×D f32), `weights` (C×D f32), `labels` (B i64 or i32, a negative
-//! label means ignore) and an optional scalar `scale` (f32 or f64).
+//! Inputs: `features` (B×D) and `weights` (C×D), each F32, F16 or BF16 (kept as stored,
+//! see [`StoredValues`]), `labels` (B i64 or i32, a negative label means ignore) and an
+//! optional scalar `scale` (f32 or f64). Outputs: the gradients in the storage type the
+//! caller asks for, the rest f32.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -9,18 +11,45 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::io::Shape;
-use crate::io::{LossOutput, IGNORE};
+use crate::io::{Element, ElementType, LossOutput, Shape, IGNORE};
 use crate::problem::Problem;
 
 /// A problem read from a safetensors file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossInputs {
     /// x (`features`), w (`weights`) and y (`labels`; negative labels in the file become
-    /// [`IGNORE`]).
+    /// [`IGNORE`]). x and w as f32: for F16 and BF16 tensors the stored values widened,
+    /// exactly (what the f64 reference runs on).
     pub problem: Problem,
+    /// x as the file stores it.
+    pub features: StoredValues,
+    /// w as the file stores it.
+    pub weights: StoredValues,
     /// The file's `scale`, if it has one.
     pub scale: Option<f32>,
+}
+
+/// A floating-point tensor's values as the file stores them: f32, or 16-bit values kept
+/// bit for bit (for [`crate::Context::loss_typed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredValues {
+    /// F32.
+    F32(Vec<f32>),
+    /// F16.
+    F16(Vec<half::f16>),
+    /// BF16.
+    Bf16(Vec<half::bf16>),
+}
+
+impl StoredValues {
+    /// The storage type.
+    pub fn element(&self) -> ElementType {
+        match self {
+            StoredValues::F32(_) => ElementType::F32,
+            StoredValues::F16(_) => ElementType::F16,
+            StoredValues::Bf16(_) => ElementType::Bf16,
+        }
+    }
 }
 
 /// Why a file cannot be used, naming the tensor and what was expected.
@@ -81,6 +110,49 @@ fn expect_rank(name: &str, raw: &Raw<'_>, rank: usize, what: &str) -> Result<(),
     Ok(())
 }
 
+/// The safetensors dtype of `element`.
+pub fn dtype_of(element: ElementType) -> Dtype {
+    match element {
+        ElementType::F32 => Dtype::F32,
+        ElementType::F16 => Dtype::F16,
+        ElementType::Bf16 => Dtype::BF16,
+    }
+}
+
+/// The values of an F32, F16 or BF16 tensor: as stored, and widened (exactly) to f32.
+/// Every value must be finite.
+fn stored_values(name: &str, raw: &Raw<'_>) -> Result<(StoredValues, Vec<f32>), InputError> {
+    let words = |bytes: usize| raw.data.chunks_exact(bytes);
+    let bits16 = || words(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let (stored, widened) = match raw.dtype {
+        Dtype::F32 => {
+            let values: Vec<f32> = words(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (StoredValues::F32(values.clone()), values)
+        }
+        Dtype::F16 => {
+            let values: Vec<half::f16> = bits16().map(half::f16::from_bits).collect();
+            let widened = values.iter().map(|v| v.to_f32()).collect();
+            (StoredValues::F16(values), widened)
+        }
+        Dtype::BF16 => {
+            let values: Vec<half::bf16> = bits16().map(half::bf16::from_bits).collect();
+            let widened = values.iter().map(|v| v.to_f32()).collect();
+            (StoredValues::Bf16(values), widened)
+        }
+        other => {
+            return Err(tensor_error(
+                name,
+                format!("expected dtype F32, F16 or BF16, found {other:?}"),
+            ))
+        }
+    };
+    check_finite(name, &widened)?;
+    Ok((stored, widened))
+}
+
+/// The values of an F32 tensor (every one finite).
 fn f32_values(name: &str, raw: &Raw<'_>) -> Result<Vec<f32>, InputError> {
     if raw.dtype != Dtype::F32 {
         return Err(tensor_error(
@@ -88,18 +160,17 @@ fn f32_values(name: &str, raw: &Raw<'_>) -> Result<Vec<f32>, InputError> {
             format!("expected dtype f32, found {:?}", raw.dtype),
         ));
     }
-    let values: Vec<f32> = raw
-        .data
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    if let Some(k) = values.iter().position(|v| !v.is_finite()) {
-        return Err(tensor_error(
+    Ok(stored_values(name, raw)?.1)
+}
+
+fn check_finite(name: &str, values: &[f32]) -> Result<(), InputError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(k) => Err(tensor_error(
             name,
             format!("element {k} is {}; every value must be finite", values[k]),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(values)
 }
 
 /// The string starting after the opening quote at `start` of `text`, decoded from JSON,
@@ -256,8 +327,8 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
             ));
         }
     }
-    let features = f32_values("features", &x)?;
-    let classes = f32_values("weights", &w)?;
+    let (stored_features, features) = stored_values("features", &x)?;
+    let (stored_weights, classes) = stored_values("weights", &w)?;
     let labels = label_values(&y, c)?;
     let scale = scalar_scale(&file)?;
     Ok(LossInputs {
@@ -267,6 +338,8 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
             classes,
             labels,
         },
+        features: stored_features,
+        weights: stored_weights,
         scale,
     })
 }
@@ -374,12 +447,27 @@ fn le_f32(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A gradient tensor of `shape` in its storage type `T`, little-endian.
+fn gradient_tensor<T: Element>(shape: Vec<usize>, values: &[T]) -> Tensor {
+    let data = match T::TYPE.bytes() {
+        2 => bytemuck::cast_slice::<T, u16>(values)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => bytemuck::cast_slice::<T, u32>(values)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    };
+    (dtype_of(T::TYPE), shape, data)
+}
+
 /// The outputs as safetensors bytes: `loss` (a scalar, or B values when `per_row_loss`),
-/// `per_sample_loss`, `grad_features`, `grad_weights`, `grad_scale`, `pred` (i64),
-/// `target_cos` and `best_other_cos`.
-pub fn serialize_outputs(
+/// `per_sample_loss`, `grad_features` and `grad_weights` (in their storage types `GX`
+/// and `GW`), `grad_scale`, `pred` (i64), `target_cos` and `best_other_cos`.
+pub fn serialize_outputs<GX: Element, GW: Element>(
     shape: Shape,
-    out: &LossOutput,
+    out: &LossOutput<GX, GW>,
     per_row_loss: bool,
 ) -> Result<Vec<u8>, InputError> {
     let b = shape.batch;
@@ -420,15 +508,11 @@ pub fn serialize_outputs(
     if let Some(g) = &out.grads {
         tensors.push((
             "grad_features",
-            (Dtype::F32, vec![b, shape.dim], le_f32(&g.features)),
+            gradient_tensor(vec![b, shape.dim], &g.features),
         ));
         tensors.push((
             "grad_weights",
-            (
-                Dtype::F32,
-                vec![shape.classes, shape.dim],
-                le_f32(&g.classes),
-            ),
+            gradient_tensor(vec![shape.classes, shape.dim], &g.classes),
         ));
     }
     let views = tensors

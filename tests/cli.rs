@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use margin_softmax::{reference, LossParams, Problem, Reduction, Shape, IGNORE};
+use margin_softmax::{reference, ElementType, LossParams, Problem, Reduction, Shape, IGNORE};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 mod common;
@@ -23,6 +23,7 @@ fn entries(p: &Problem) -> Vec<Entry> {
         batch: b,
         dim: d,
         classes: c,
+        ..
     } = p.shape;
     let labels: Vec<u8> = p
         .labels
@@ -245,7 +246,7 @@ fn every_bad_input_is_exit_2_naming_the_tensor() {
                 .flat_map(|&v| f64::from(v).to_le_bytes())
                 .collect();
         }),
-        "`features`: expected dtype f32",
+        "`features`: expected dtype F32, F16 or BF16, found F64",
     );
     assert_bad_input(
         "rank",
@@ -396,4 +397,186 @@ fn sphere_renders_class_vectors_from_a_file() {
     ]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`weights`"));
+}
+
+/// `values` rounded to nearest in `t`, as little-endian words of its size.
+fn typed_bytes(t: ElementType, values: &[f32]) -> Vec<u8> {
+    let width = t.bytes() as usize;
+    values
+        .iter()
+        .flat_map(|&v| t.round_bits(v).to_le_bytes()[..width].to_vec())
+        .collect()
+}
+
+/// The safetensors dtype of a storage type.
+fn dtype_of(t: ElementType) -> Dtype {
+    match t {
+        ElementType::F32 => Dtype::F32,
+        ElementType::F16 => Dtype::F16,
+        ElementType::Bf16 => Dtype::BF16,
+    }
+}
+
+/// A small off-grid problem (B = 7, D = 13, C = 29, a row ignored) with features and
+/// weights stored as `t`.
+fn typed_entries(t: ElementType) -> Vec<Entry> {
+    let mut p = Problem::random(Shape::new(7, 13, 29), 11);
+    p.labels[2] = IGNORE;
+    let mut e = entries(&p);
+    for (entry, values) in e.iter_mut().zip([&p.features, &p.classes]) {
+        entry.1 = dtype_of(t);
+        entry.3 = typed_bytes(t, values);
+    }
+    e
+}
+
+/// Runs `loss --verify` with `extra` flags on `entries` and returns the output file's
+/// bytes, asserting exit 0.
+fn verified_run(name: &str, entries: &[Entry], extra: &[&str]) -> Vec<u8> {
+    let d = dir(name);
+    let input = d.join("in.safetensors");
+    let output = d.join("out.safetensors");
+    write(&input, entries);
+    let mut args = vec![
+        "loss",
+        "--quiet",
+        "--verify",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("FAIL"), "{name}: {stdout}");
+    std::fs::read(&output).expect("output written")
+}
+
+/// The dtype and shape of tensor `name` of a safetensors file.
+fn dtype_and_shape(bytes: &[u8], name: &str) -> (Dtype, Vec<usize>) {
+    let file = SafeTensors::deserialize(bytes).expect("valid safetensors");
+    let t = file
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("output lacks {name}"));
+    (t.dtype(), t.shape().to_vec())
+}
+
+#[test]
+fn sixteen_bit_inputs_verify_and_write_gradients_in_their_dtype() {
+    for (t, dtype) in [
+        (ElementType::F16, Dtype::F16),
+        (ElementType::Bf16, Dtype::BF16),
+    ] {
+        let name = format!("half-{}", t.name());
+        let bytes = verified_run(&name, &typed_entries(t), &[]);
+        assert_eq!(
+            dtype_and_shape(&bytes, "grad_features"),
+            (dtype, vec![7, 13]),
+            "{name}"
+        );
+        assert_eq!(
+            dtype_and_shape(&bytes, "grad_weights"),
+            (dtype, vec![29, 13]),
+            "{name}"
+        );
+        assert_eq!(
+            dtype_and_shape(&bytes, "loss"),
+            (Dtype::F32, vec![]),
+            "{name}"
+        );
+        // With a loss scale of 1024 the gradients are 1024 times as large: --verify
+        // divides them by it, and passes.
+        let scaled = verified_run(
+            &format!("{name}-scaled"),
+            &typed_entries(t),
+            &["--loss-scale", "1024", "--reduction", "sum"],
+        );
+        assert_eq!(dtype_and_shape(&scaled, "grad_weights").0, dtype, "{name}");
+    }
+}
+
+#[test]
+fn f32_grads_and_mixed_input_dtypes() {
+    let bytes = verified_run(
+        "f32-grads",
+        &typed_entries(ElementType::F16),
+        &["--f32-grads"],
+    );
+    assert_eq!(
+        dtype_and_shape(&bytes, "grad_features"),
+        (Dtype::F32, vec![7, 13])
+    );
+    assert_eq!(
+        dtype_and_shape(&bytes, "grad_weights"),
+        (Dtype::F32, vec![29, 13])
+    );
+    // BF16 features with F32 weights: each gradient in the dtype of its input.
+    let mut mixed = typed_entries(ElementType::Bf16);
+    let f32_weights = typed_entries(ElementType::F32).remove(1);
+    mixed[1] = f32_weights;
+    let bytes = verified_run("mixed", &mixed, &[]);
+    assert_eq!(dtype_and_shape(&bytes, "grad_features").0, Dtype::BF16);
+    assert_eq!(dtype_and_shape(&bytes, "grad_weights").0, Dtype::F32);
+}
+
+#[test]
+fn sixteen_bit_errors_name_the_tensor() {
+    let d = dir("half-errors");
+    let input = d.join("in.safetensors");
+    let output = d.join("out.safetensors");
+    // A non-finite F16 weight is bad input naming the tensor.
+    let mut e = typed_entries(ElementType::F16);
+    e[1].3[6..8].copy_from_slice(&0x7c00u16.to_le_bytes());
+    write(&input, &e);
+    let out = run_loss(&input, &output);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`weights`: element 3 is inf"), "{stderr}");
+    // A gradient past F16's range (a summed loss scaled by 1e9): exit 1, one line naming
+    // the output tensor, and no output file.
+    write(&input, &typed_entries(ElementType::F16));
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--reduction",
+        "sum",
+        "--loss-scale",
+        "1e9",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.contains("tensor `grad_features`") || stderr.contains("tensor `grad_weights`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("F16") && stderr.contains("--loss-scale"),
+        "{stderr}"
+    );
+    assert!(!output.exists(), "output written despite the error");
+    // A bad loss scale is bad input.
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--loss-scale",
+        "0",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("loss_scale"), "{stderr}");
 }

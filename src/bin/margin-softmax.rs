@@ -9,10 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use margin_softmax::reference::{self, Comparison};
 use margin_softmax::sphere;
-use margin_softmax::tensors::{self, InputError};
+use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
-    LossOutput, LossParams, Objective, Pass, Problem, Reduction, Shape, TargetGradient,
+    Element, ElementTypes, Gradients, LossOutput, LossParams, Objective, Pass, Problem, Reduction,
+    Shape, TargetGradient,
 };
 
 #[derive(Parser)]
@@ -96,12 +97,18 @@ enum ReductionArg {
 
 #[derive(Args)]
 struct LossArgs {
-    /// Input: `features` (B×D f32), `weights` (C×D f32), `labels` (B i64/i32, negative = ignore), optional scalar `scale`.
+    /// Input: `features` (B×D) and `weights` (C×D), each F32, F16 or BF16 (16-bit values are used as stored, every sum in f32), `labels` (B i64/i32, negative = ignore), optional scalar `scale`.
     #[arg(long, value_name = "IN.safetensors")]
     input: PathBuf,
-    /// Output: loss, per_sample_loss, grad_features, grad_weights, grad_scale, pred, target_cos, best_other_cos.
+    /// Output: loss, per_sample_loss, grad_features, grad_weights (each in the dtype of its input unless --f32-grads), grad_scale, pred, target_cos, best_other_cos.
     #[arg(long, value_name = "OUT.safetensors")]
     output: PathBuf,
+    /// Write grad_features and grad_weights as F32 whatever the inputs' dtypes (for an f32 master copy of the weights).
+    #[arg(long)]
+    f32_grads: bool,
+    /// Loss scale: the gradients written are dL/dx and dL/dw times S (rounded to their dtype after scaling, so that small F16 gradients stay above its subnormals); the loss and dL/ds are not scaled. A gradient too large for its dtype is an error: lower S.
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    loss_scale: f32,
     /// Scale s (overrides the file's `scale`; default 30).
     #[arg(long)]
     scale: Option<f32>,
@@ -300,7 +307,7 @@ fn print_comparison(check: &Comparison) {
 }
 
 /// Accuracy and the mean achieved margin c_y − max_{j≠y} c_j over rows not ignored.
-fn training_figures(out: &LossOutput, labels: &[u32]) -> (f64, f64) {
+fn training_figures<GX, GW>(out: &LossOutput<GX, GW>, labels: &[u32]) -> (f64, f64) {
     let valid: Vec<usize> = (0..labels.len())
         .filter(|&i| labels[i] != margin_softmax::IGNORE)
         .collect();
@@ -313,9 +320,44 @@ fn training_figures(out: &LossOutput, labels: &[u32]) -> (f64, f64) {
     (f64::from(out.correct_rows) / n, margin)
 }
 
-fn run_loss(args: &LossArgs) -> Result<(), Failure> {
-    let inputs = tensors::read_inputs(&args.input).map_err(|e: InputError| bad_input(e))?;
-    let params = LossParams {
+/// The f32 value of each stored `T`, exactly.
+fn widened<T: Element>(values: &[T]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|v| {
+            let mut word = [0u8; 4];
+            let bytes = bytemuck::bytes_of(v);
+            word[..bytes.len()].copy_from_slice(bytes);
+            T::TYPE.value(u32::from_le_bytes(word))
+        })
+        .collect()
+}
+
+/// `out` with its gradients widened to f32, for the comparison with the reference.
+fn widened_output<GX: Element, GW: Element>(out: &LossOutput<GX, GW>) -> LossOutput {
+    LossOutput {
+        loss: out.loss,
+        row_loss: out.row_loss.clone(),
+        grad_scale: out.grad_scale,
+        pred: out.pred.clone(),
+        target_cos: out.target_cos.clone(),
+        best_other_cos: out.best_other_cos.clone(),
+        achieved_margin: out.achieved_margin.clone(),
+        target_prob: out.target_prob.clone(),
+        mean_achieved_margin: out.mean_achieved_margin,
+        margin_satisfied_rows: out.margin_satisfied_rows,
+        valid_rows: out.valid_rows,
+        correct_rows: out.correct_rows,
+        grads: out.grads.as_ref().map(|g| Gradients {
+            features: widened(&g.features),
+            classes: widened(&g.classes),
+        }),
+    }
+}
+
+/// The loss's parameters from the flags and the file.
+fn loss_params(args: &LossArgs, inputs: &LossInputs) -> LossParams {
+    LossParams {
         scale: args.scale.or(inputs.scale).unwrap_or(30.0),
         scale_min: args.scale_min,
         margin: args.margin,
@@ -334,53 +376,158 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
             ReductionArg::Sum => Reduction::Sum,
             ReductionArg::None => Reduction::None,
         },
-        loss_scale: 1.0,
-    };
+        loss_scale: args.loss_scale,
+    }
+}
+
+/// A failed loss call: a gradient too large for its dtype names the output tensor (as the
+/// output file names it) and the flags that fix it; anything else as the library says.
+fn loss_failure(e: margin_softmax::Error) -> Failure {
+    match e {
+        margin_softmax::Error::GradientOutOfRange { tensor, element } => {
+            let name = if tensor == "grad_classes" {
+                "grad_weights"
+            } else {
+                tensor
+            };
+            failure(format!(
+                "tensor `{name}`: a gradient value is too large for {} and would round to \
+                 infinity; lower --loss-scale, or write the gradients as F32 with --f32-grads",
+                element.name()
+            ))
+        }
+        e => failure(e),
+    }
+}
+
+/// What one loss run needs besides its typed values.
+struct LossRun<'a> {
+    args: &'a LossArgs,
+    inputs: &'a LossInputs,
+    params: LossParams,
+    ctx: Context,
+}
+
+fn run_loss(args: &LossArgs) -> Result<(), Failure> {
+    let inputs = tensors::read_inputs(&args.input).map_err(|e: InputError| bad_input(e))?;
+    let params = loss_params(args, &inputs);
     params.validate().map_err(bad_input)?;
-    let ctx = context(&args.adapter)?;
-    let shape = inputs.problem.shape;
-    let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
-        ctx.loss_on(&inputs.problem, &params, Pass::ForwardBackward)
-    });
-    let out = result.map_err(failure)?;
-    let (accuracy, achieved) = training_figures(&out, &inputs.problem.labels);
-    println!("adapter     {}", ctx.describe());
-    println!(
-        "shapes      features {}×{}, weights {}×{}, labels {}",
-        shape.batch, shape.dim, shape.classes, shape.dim, shape.batch
-    );
-    println!(
-        "params      s = {} (effective {}), m = {}, reduction {:?}",
-        params.scale,
-        params.effective_scale(),
-        params.margin,
-        params.reduction
-    );
-    println!("loss        {:.6}", out.loss);
-    println!("dL/ds       {:.6e}", out.grad_scale);
-    println!(
-        "accuracy    {:.4} ({}/{} rows)",
-        accuracy, out.correct_rows, out.valid_rows
-    );
-    println!("margin      {achieved:.4} (mean target cosine minus best other cosine)");
-    println!("time        {:.1} ms", elapsed.as_secs_f64() * 1e3);
-    let mut verdict = Ok(());
-    if args.verify {
-        let expected = reference::loss_on(&inputs.problem, &params).map_err(failure)?;
-        let check = reference::compare(shape.dim, &params, &out, &expected);
-        println!();
-        print_comparison(&check);
-        if !check.passes() {
-            verdict = Err(failure("verification failed: an error exceeds its bound"));
+    let run = LossRun {
+        args,
+        inputs: &inputs,
+        params,
+        ctx: context(&args.adapter)?,
+    };
+    match &inputs.features {
+        StoredValues::F32(x) => run.with_features(x),
+        StoredValues::F16(x) => run.with_features(x),
+        StoredValues::Bf16(x) => run.with_features(x),
+    }
+}
+
+impl LossRun<'_> {
+    fn with_features<X: Element>(&self, x: &[X]) -> Result<(), Failure> {
+        match &self.inputs.weights {
+            StoredValues::F32(w) => self.with_inputs(x, w),
+            StoredValues::F16(w) => self.with_inputs(x, w),
+            StoredValues::Bf16(w) => self.with_inputs(x, w),
         }
     }
-    let bytes = tensors::serialize_outputs(shape, &out, params.reduction == Reduction::None)
-        .map_err(failure)?;
-    verdict?;
-    tensors::write_atomically(&args.output, &bytes)
-        .map_err(|e| failure(format!("cannot write {}: {e}", args.output.display())))?;
-    println!("wrote       {}", args.output.display());
-    Ok(())
+
+    /// Gradients in the inputs' types, or f32 with --f32-grads.
+    fn with_inputs<X: Element, W: Element>(&self, x: &[X], w: &[W]) -> Result<(), Failure> {
+        if self.args.f32_grads {
+            self.typed::<X, W, f32, f32>(x, w)
+        } else {
+            self.typed::<X, W, X, W>(x, w)
+        }
+    }
+
+    /// Runs the loss on x and w as stored, with gradients of `GX` and `GW`; prints, verifies
+    /// and writes the outputs.
+    fn typed<X: Element, W: Element, GX: Element, GW: Element>(
+        &self,
+        x: &[X],
+        w: &[W],
+    ) -> Result<(), Failure> {
+        let (args, inputs, params, ctx) = (self.args, self.inputs, &self.params, &self.ctx);
+        let problem = &inputs.problem;
+        let shape = problem.shape;
+        let elements = ElementTypes {
+            features: X::TYPE,
+            classes: W::TYPE,
+            grad_features: GX::TYPE,
+            grad_classes: GW::TYPE,
+        };
+        let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
+            ctx.loss_typed::<X, W, GX, GW>(
+                shape,
+                x,
+                w,
+                &problem.labels,
+                params,
+                Pass::ForwardBackward,
+            )
+        });
+        let out = result.map_err(loss_failure)?;
+        let (accuracy, achieved) = training_figures(&out, &problem.labels);
+        println!("adapter     {}", ctx.describe());
+        println!(
+            "shapes      features {}×{} {}, weights {}×{} {}, labels {}",
+            shape.batch,
+            shape.dim,
+            X::TYPE.name(),
+            shape.classes,
+            shape.dim,
+            W::TYPE.name(),
+            shape.batch
+        );
+        println!(
+            "params      s = {} (effective {}), m = {}, reduction {:?}",
+            params.scale,
+            params.effective_scale(),
+            params.margin,
+            params.reduction
+        );
+        println!(
+            "gradients   grad_features {}, grad_weights {}, loss scale {}",
+            GX::TYPE.name(),
+            GW::TYPE.name(),
+            params.loss_scale
+        );
+        println!("loss        {:.6}", out.loss);
+        println!("dL/ds       {:.6e}", out.grad_scale);
+        println!(
+            "accuracy    {:.4} ({}/{} rows)",
+            accuracy, out.correct_rows, out.valid_rows
+        );
+        println!("margin      {achieved:.4} (mean target cosine minus best other cosine)");
+        println!("time        {:.1} ms", elapsed.as_secs_f64() * 1e3);
+        let mut verdict = Ok(());
+        if args.verify {
+            // The reference runs on the values as stored (widened exactly to f32).
+            let expected = reference::loss_on(problem, params).map_err(failure)?;
+            let check = reference::compare_stored(
+                shape.dim,
+                params,
+                &widened_output(&out),
+                &expected,
+                elements,
+            );
+            println!();
+            print_comparison(&check);
+            if !check.passes() {
+                verdict = Err(failure("verification failed: an error exceeds its bound"));
+            }
+        }
+        let bytes = tensors::serialize_outputs(shape, &out, params.reduction == Reduction::None)
+            .map_err(failure)?;
+        verdict?;
+        tensors::write_atomically(&args.output, &bytes)
+            .map_err(|e| failure(format!("cannot write {}: {e}", args.output.display())))?;
+        println!("wrote       {}", args.output.display());
+        Ok(())
+    }
 }
 
 fn run_check(args: &CheckArgs) -> Result<(), Failure> {
