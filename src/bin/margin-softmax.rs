@@ -12,8 +12,8 @@ use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
-    Element, ElementTypes, Gradients, LossOutput, LossParams, Objective, Pass, Problem, Reduction,
-    Shape, TargetGradient,
+    Element, ElementTypes, LossOutput, LossParams, Objective, Pass, Problem, Reduction, Shape,
+    TargetGradient,
 };
 
 #[derive(Parser)]
@@ -320,41 +320,6 @@ fn training_figures<GX, GW>(out: &LossOutput<GX, GW>, labels: &[u32]) -> (f64, f
     (f64::from(out.correct_rows) / n, margin)
 }
 
-/// The f32 value of each stored `T`, exactly.
-fn widened<T: Element>(values: &[T]) -> Vec<f32> {
-    values
-        .iter()
-        .map(|v| {
-            let mut word = [0u8; 4];
-            let bytes = bytemuck::bytes_of(v);
-            word[..bytes.len()].copy_from_slice(bytes);
-            T::TYPE.value(u32::from_le_bytes(word))
-        })
-        .collect()
-}
-
-/// `out` with its gradients widened to f32, for the comparison with the reference.
-fn widened_output<GX: Element, GW: Element>(out: &LossOutput<GX, GW>) -> LossOutput {
-    LossOutput {
-        loss: out.loss,
-        row_loss: out.row_loss.clone(),
-        grad_scale: out.grad_scale,
-        pred: out.pred.clone(),
-        target_cos: out.target_cos.clone(),
-        best_other_cos: out.best_other_cos.clone(),
-        achieved_margin: out.achieved_margin.clone(),
-        target_prob: out.target_prob.clone(),
-        mean_achieved_margin: out.mean_achieved_margin,
-        margin_satisfied_rows: out.margin_satisfied_rows,
-        valid_rows: out.valid_rows,
-        correct_rows: out.correct_rows,
-        grads: out.grads.as_ref().map(|g| Gradients {
-            features: widened(&g.features),
-            classes: widened(&g.classes),
-        }),
-    }
-}
-
 /// The loss's parameters from the flags and the file.
 fn loss_params(args: &LossArgs, inputs: &LossInputs) -> LossParams {
     LossParams {
@@ -510,7 +475,7 @@ impl LossRun<'_> {
             let check = reference::compare_stored(
                 shape.dim,
                 params,
-                &widened_output(&out),
+                &out.clone().widened(),
                 &expected,
                 elements,
             );
