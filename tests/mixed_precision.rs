@@ -360,7 +360,7 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
         padded(bytemuck::cast_slice(&w)),
     );
     let labels = common::storage(ctx, &p.labels);
-    let rows = common::storage(ctx, &vec![0u8; 3 * 24]);
+    let rows = common::storage(ctx, &[0u8; 3 * 24]);
     let summary = common::storage(ctx, &[0u8; 32]);
     // One word of guard past each gradient region.
     let gx = common::storage(ctx, &[0xffu8; 36]);

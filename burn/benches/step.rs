@@ -81,6 +81,7 @@ fn main() {
             batch,
             dim,
             classes,
+            ..
         } = shape;
         let mut head = MarginSoftmaxConfig::new(classes, dim).init(&device);
         head.classes = Param::from_tensor(Tensor::from_data(

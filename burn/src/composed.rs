@@ -3,14 +3,26 @@
 //! what a Burn user would write, with the target's margin ψ(c) and its slope ψ'(c)
 //! exactly as the kernels define them (`margin_softmax::reference::target_margin`),
 //! so that the two paths can be compared on any machine.
+//!
+//! f16 and bf16 inputs are cast up to f32 first, so that every operation is f32 as in
+//! the kernels; Burn's autodiff casts their gradients back to the inputs' dtypes (one
+//! rounding each), as the fused path writes them.
 
 use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use margin_softmax::{
     flags, reference, LossParams, Objective, Reduction, TargetGradient, SIN_GUARD,
 };
 
 use crate::module::{MarginSoftmaxOutput, RowStatistics};
+
+/// `t` in f32: itself, or cast up (in the graph: its gradient is cast back).
+fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    match t.dtype() {
+        DType::F32 => t,
+        _ => t.cast(FloatDType::F32),
+    }
+}
 
 /// Rows scaled to unit length: v / max(‖v‖, ε), ε the kernels' (`reference::EPS`). The
 /// floor is taken on ‖v‖², so that a zero row has the gradient g/ε, not 0·∞.
@@ -83,6 +95,7 @@ pub(crate) fn loss(
     labels: Tensor<1, Int>,
     params: &LossParams,
 ) -> MarginSoftmaxOutput {
+    let (features, classes, scale) = (f32(features), f32(classes), f32(scale));
     let [batch, num_classes] = [features.dims()[0], classes.dims()[0]];
     let cos = unit_rows(features.clone()).matmul(unit_rows(classes.clone()).transpose());
     let valid = labels

@@ -131,3 +131,11 @@ pub(crate) fn fused(device: &Device) -> Option<Arc<Fused>> {
 pub fn is_fused(device: &Device) -> bool {
     fused(device).is_some()
 }
+
+/// Whether `device` (with or without autodiff) is a wgpu device, registered or not.
+pub(crate) fn is_wgpu(device: &Device) -> bool {
+    matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        DispatchDevice::Cube(cubecl::Device::Wgpu(_))
+    )
+}

@@ -18,6 +18,17 @@ pub enum Error {
         /// The shape it was given.
         got: Vec<usize>,
     },
+    /// A tensor's element type the module does not take, or that Burn's backend cannot
+    /// hold on the tensor's device (bf16 on Burn's wgpu backend, whose WGSL compiler has
+    /// no bf16 type; f16 on an adapter without `SHADER_F16`).
+    Dtype {
+        /// Which tensor.
+        what: &'static str,
+        /// Its element type.
+        dtype: burn::tensor::DType,
+        /// Why it is refused, and what to do.
+        reason: String,
+    },
     /// A setting the module does not take.
     Config(String),
 }
@@ -32,6 +43,11 @@ impl fmt::Display for Error {
                 expected,
                 got,
             } => write!(f, "{what} has shape {got:?}; the module needs {expected}"),
+            Error::Dtype {
+                what,
+                dtype,
+                reason,
+            } => write!(f, "{what} of dtype {dtype:?}: {reason}"),
             Error::Config(why) => write!(f, "{why}"),
         }
     }

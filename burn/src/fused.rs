@@ -5,6 +5,14 @@
 //! `Autodiff<…>` the backward hands out the gradients that the forward computed in the
 //! same recording.
 //!
+//! Element types. x and w may each be f32, f16 or bf16 (where Burn's backend holds the
+//! type on the device: `module.rs` checks [`Device::supports_dtype`](burn::tensor::Device));
+//! the plan reads them as they are stored. The kernels write dL/dx and dL/dw in f32, and
+//! the backward multiplies them by the loss's incoming gradient in f32 before it rounds
+//! them, once, to the dtype of their input, as automatic mixed precision hands them
+//! out: a scaled loss (`(loss · k).backward()`, a gradient scaler's) lifts small gradients
+//! before they are rounded, not after. Every other output is f32.
+//!
 //! Ordering. CubeCL batches its kernels in an encoder of its own and submits them later.
 //! Before the crate's passes are submitted, [`Client::flush`](cubecl::client::Client)
 //! submits everything Burn has queued on this device, so that the inputs are written
@@ -23,9 +31,11 @@ use burn::backend::ops::IntTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, WgpuResource};
 use burn::backend::{backend_extension, AutodiffBackend, Backend, ExtensionType, TensorMetadata};
-use burn::tensor::{DType, IntDType, Shape};
+use burn::tensor::{DType, FloatDType, IntDType, Shape};
 use cubecl::wgpu::WgpuServer;
-use margin_softmax::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, LossParams};
+use margin_softmax::{
+    BufferRegion, DeviceInputs, DeviceOutputs, ElementType, ElementTypes, GradOutputs, LossParams,
+};
 
 use crate::device::fused_cube;
 
@@ -115,7 +125,24 @@ fn forward_specs(inputs: &LossInputsMetadata, _: &LossParams) -> LossTensorsMeta
     }
 }
 
-/// [`forward_specs`] and the gradients' (the shapes of x and w).
+/// The core's storage type of a float dtype the kernels read and write: f32, f16 or
+/// bf16; `None` for any other.
+pub(crate) fn element_type(dtype: DType) -> Option<ElementType> {
+    match dtype {
+        DType::F32 => Some(ElementType::F32),
+        DType::F16 => Some(ElementType::F16),
+        DType::BF16 => Some(ElementType::Bf16),
+        _ => None,
+    }
+}
+
+/// The plan's element types for x and w of these dtypes: the gradients in f32, to be
+/// rounded to their inputs' types after the incoming gradient (see the module doc).
+pub(crate) fn element_types(features: DType, classes: DType) -> Option<ElementTypes> {
+    Some(ElementTypes::inputs(element_type(features)?, element_type(classes)?).with_f32_grads())
+}
+
+/// [`forward_specs`] and the gradients' (the shapes of x and w, in f32).
 fn forward_backward_specs(
     inputs: &LossInputsMetadata,
     params: &LossParams,
@@ -134,9 +161,16 @@ struct Recorded {
     grads: Option<(CubeTensor, CubeTensor)>,
 }
 
-/// A contiguous f32 or i32 tensor on `like`'s device, on a new allocation.
+/// A contiguous tensor of `dtype` (f32, i32, or a gradient's f16 or bf16) on `like`'s
+/// device, on a new allocation of at least the bytes the core writes there: the values,
+/// rounded up to a whole 4-byte word (a 16-bit tensor of odd length ends in half a word).
 fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
-    let handle = like.client.empty(shape.num_elements() * dtype.size());
+    let values = shape.num_elements() as u64;
+    let bytes = match element_type(dtype) {
+        Some(element) => element.region_bytes(values),
+        None => values * dtype.size() as u64,
+    };
+    let handle = like.client.empty(bytes as usize);
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),
@@ -187,7 +221,9 @@ fn record(inputs: LossInputs<CubeBackend>, params: LossParams, with_grads: bool)
     let labels = burn_cubecl::kernel::into_contiguous(labels);
     let (batch, dim) = (features.meta.shape()[0], features.meta.shape()[1]);
     let num_classes = classes.meta.shape()[0];
-    let shape = margin_softmax::Shape::new(batch, dim, num_classes);
+    let elements = element_types(features.dtype, classes.dtype)
+        .expect("the module routes only f32, f16 and bf16 tensors to the fused kernels");
+    let shape = margin_softmax::Shape::new(batch, dim, num_classes).with_elements(elements);
     let plan = fused
         .plan(shape)
         .expect("the module made this shape's plan before routing here");
@@ -267,32 +303,49 @@ impl MarginSoftmaxOps for CubeBackend {
 }
 
 /// The backward of the fused loss: the forward left dL/dx, dL/dw and (in its summary)
-/// dL/ds of the reduced loss; each is scaled by the loss's incoming gradient.
+/// dL/ds of the reduced loss, in f32; each is scaled by the loss's incoming gradient and
+/// handed out in the dtype of its input.
 #[derive(Debug)]
 struct StoredGradients;
 
+/// The dtypes of x, w and s: those of the gradients the backward hands out.
+type InputDtypes = [FloatDType; 3];
+
 impl<B: Backend> Backward<B, 3> for StoredGradients {
-    /// dL/dx, dL/dw and the summary.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    /// dL/dx, dL/dw, the summary, and the dtypes of x, w and s.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, InputDtypes);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
-        let (grad_features, grad_classes, summary) = ops.state;
-        let times_upstream = |grad: FloatTensor<B>| {
+        let (grad_features, grad_classes, summary, [x_dtype, w_dtype, scale_dtype]) = ops.state;
+        // grad · upstream in f32 (the kernels' gradients are f32; an upstream of another
+        // dtype is widened), then rounded once to `dtype`, the input's.
+        let times_upstream = |grad: FloatTensor<B>, dtype: FloatDType| {
             let shape = grad.shape();
             let ones = Shape::from(vec![1; shape.num_dims()]);
-            let factor = B::float_expand(B::float_reshape(upstream.clone(), ones), shape);
-            B::float_mul(grad, factor)
+            let mut factor = B::float_expand(B::float_reshape(upstream.clone(), ones), shape);
+            if factor.dtype() != grad.dtype() {
+                factor = B::float_cast(factor, grad.dtype().into());
+            }
+            let product = B::float_mul(grad, factor);
+            if FloatDType::from(product.dtype()) == dtype {
+                product
+            } else {
+                B::float_cast(product, dtype)
+            }
         };
         let [features, classes, scale] = ops.parents;
-        for (node, grad) in [(features, grad_features), (classes, grad_classes)] {
+        for (node, grad, dtype) in [
+            (features, grad_features, x_dtype),
+            (classes, grad_classes, w_dtype),
+        ] {
             if let Some(node) = node {
-                grads.register::<B>(node.id, times_upstream(grad));
+                grads.register::<B>(node.id, times_upstream(grad, dtype));
             }
         }
         if let Some(node) = scale {
             let grad_scale = B::float_slice(summary, &[(1..2).into()]);
-            grads.register::<B>(node.id, times_upstream(grad_scale));
+            grads.register::<B>(node.id, times_upstream(grad_scale, scale_dtype));
         }
     }
 }
@@ -332,6 +385,11 @@ impl<B: MarginSoftmaxOps, C: CheckpointStrategy> MarginSoftmaxOps for Autodiff<B
             inputs.classes.node(),
             inputs.scale.node(),
         ];
+        let dtypes = [
+            inputs.features.dtype().into(),
+            inputs.classes.dtype().into(),
+            inputs.scale.dtype().into(),
+        ];
         let inputs = primitives(inputs);
         match StoredGradients
             .prepare::<C>(nodes)
@@ -340,7 +398,12 @@ impl<B: MarginSoftmaxOps, C: CheckpointStrategy> MarginSoftmaxOps for Autodiff<B
         {
             OpsKind::Tracked(prep) => {
                 let out = B::margin_softmax_with_grads(inputs, params);
-                let state = (out.features, out.classes, out.forward.summary.clone());
+                let state = (
+                    out.features,
+                    out.classes,
+                    out.forward.summary.clone(),
+                    dtypes,
+                );
                 let loss = prep.finish(state, out.forward.loss.clone());
                 constants(out.forward, loss)
             }

@@ -6,9 +6,9 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use margin_softmax::{LossParams, Objective, Reduction, TargetGradient};
 
 use crate::composed;
-use crate::device::fused;
+use crate::device::{fused, is_wgpu};
 use crate::error::Error;
-use crate::fused::{LossInputs, MarginSoftmaxOps};
+use crate::fused::{element_types, LossInputs, MarginSoftmaxOps};
 
 /// What the loss optimises (`margin_softmax::Objective`).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -125,7 +125,9 @@ pub struct MarginSoftmaxOutput {
     /// Valid rows whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
     pub margin_satisfied_rows: Tensor<1, Int>,
     /// Bits of `margin_softmax::flags`: non-finite features (1) or class vectors (2), a
-    /// label that is neither a class nor −1 (4), a non-finite loss (8).
+    /// label that is neither a class nor −1 (4), a non-finite loss (8); on the fused path
+    /// with 16-bit inputs, a finite dL/dx (16) or dL/dw (32) that overflowed its type
+    /// when rounded to it.
     pub flags: Tensor<1, Int>,
 }
 
@@ -150,6 +152,8 @@ impl MarginSoftmaxConfig {
                 MarginReduction::Mean => Reduction::Mean,
                 MarginReduction::Sum => Reduction::Sum,
             },
+            // Burn scales the gradients by the loss's incoming gradient instead.
+            loss_scale: 1.0,
         };
         params.validate()?;
         if self.num_classes == 0 || self.dim == 0 {
@@ -193,6 +197,13 @@ impl MarginSoftmax {
     /// class, ignores a row). On a device registered with the fused kernels
     /// ([`crate::wgpu_device`]) it runs them; elsewhere the composed twin.
     ///
+    /// The features and the class vectors may each be f32, f16 or bf16, where Burn's
+    /// backend holds that dtype on their device ([`Device::supports_dtype`]: f16 on a
+    /// wgpu adapter with `SHADER_F16`, never bf16 on Burn's wgpu backend, whose WGSL has
+    /// no bf16). Every product, sum and exponential is f32 on both paths; dL/dx and dL/dw
+    /// come back in the dtype of their input, rounded once from f32 (as automatic mixed
+    /// precision hands them out), the loss and the statistics in f32.
+    ///
     /// # Panics
     ///
     /// Where [`MarginSoftmax::try_forward`] returns an error, with its message.
@@ -224,6 +235,8 @@ impl MarginSoftmax {
             });
         }
         self.check_tensors(&features, &labels)?;
+        let elements = element_types(features.dtype(), self.classes.val().dtype())
+            .expect("check_tensors took f32, f16 and bf16 only");
         match fused(&features.device()) {
             Some(fused) => {
                 let mut params = self.params;
@@ -232,26 +245,19 @@ impl MarginSoftmax {
                     params.scale = scale.val().into_scalar::<f32>();
                     params.validate()?;
                 }
-                fused.plan(margin_softmax::Shape::new(batch, dim, num_classes))?;
+                fused.plan(
+                    margin_softmax::Shape::new(batch, dim, num_classes).with_elements(elements),
+                )?;
                 Ok(self.fused_forward(features, labels, params))
             }
             None => Ok(self.forward_composed(features, labels)),
         }
     }
 
-    /// f32 features and class vectors, and every tensor on one device.
+    /// Every tensor on one device; the features, the class vectors and a learned scale
+    /// each f32, f16 or bf16, of a dtype Burn's backend holds on that device.
     fn check_tensors(&self, features: &Tensor<2>, labels: &Tensor<1, Int>) -> Result<(), Error> {
         let classes = self.classes.val();
-        for (what, dtype) in [
-            ("features", features.dtype()),
-            ("class vectors", classes.dtype()),
-        ] {
-            if dtype != DType::F32 {
-                return Err(Error::Config(format!(
-                    "the {what} are {dtype:?}; the loss takes f32 (cast with .cast(DType::F32))"
-                )));
-            }
-        }
         let device = features.device();
         if classes.device() != device || labels.device() != device {
             return Err(Error::Config(format!(
@@ -260,6 +266,19 @@ impl MarginSoftmax {
                 classes.device(),
                 labels.device()
             )));
+        }
+        let scale = self
+            .learned_scale
+            .as_ref()
+            .map(|s| ("learned scale", s.val().dtype()));
+        for (what, dtype) in [
+            ("features", features.dtype()),
+            ("class vectors", classes.dtype()),
+        ]
+        .into_iter()
+        .chain(scale)
+        {
+            check_dtype(what, dtype, &device)?;
         }
         Ok(())
     }
@@ -284,16 +303,16 @@ impl MarginSoftmax {
     }
 
     /// The workspace the fused kernels hold on `device` for batches of `batch` rows
-    /// (made on first use; allocated by the crate, not by Burn's pools); `None` where
-    /// the composed twin runs.
+    /// (made on first use; allocated by the crate, not by Burn's pools), with features
+    /// of the class vectors' dtype; `None` where the composed twin runs.
     pub fn workspace_bytes(&self, device: &Device, batch: usize) -> Result<Option<u64>, Error> {
         let [num_classes, dim] = self.classes.dims();
+        let dtype = self.classes.val().dtype();
+        check_dtype("class vectors", dtype, device)?;
+        let elements = element_types(dtype, dtype).expect("check_dtype took it");
+        let shape = margin_softmax::Shape::new(batch, dim, num_classes).with_elements(elements);
         match fused(device) {
-            Some(fused) => Ok(Some(
-                fused
-                    .plan(margin_softmax::Shape::new(batch, dim, num_classes))?
-                    .workspace_bytes(),
-            )),
+            Some(fused) => Ok(Some(fused.plan(shape)?.workspace_bytes())),
             None => Ok(None),
         }
     }
@@ -342,4 +361,33 @@ impl MarginSoftmax {
             margin_satisfied_rows: words.narrow(0, 6, 1),
         }
     }
+}
+
+/// f32, or f16 or bf16 where Burn's backend holds it on `device`
+/// ([`Device::supports_dtype`]: storage, conversion and arithmetic, which the gradients'
+/// product with the incoming gradient, their accumulation and an optimizer need).
+fn check_dtype(what: &'static str, dtype: DType, device: &Device) -> Result<(), Error> {
+    let reason = match dtype {
+        DType::F32 => return Ok(()),
+        DType::F16 | DType::BF16 if device.supports_dtype(dtype) => return Ok(()),
+        DType::F16 | DType::BF16 => {
+            let why = match (dtype, is_wgpu(device)) {
+                (DType::BF16, true) => {
+                    ": Burn's wgpu backend compiles its kernels to WGSL, which has no bf16"
+                }
+                (_, true) => ": the wgpu adapter lacks SHADER_F16",
+                _ => "",
+            };
+            format!(
+                "Burn's backend does not hold {dtype:?} on {device:?} (Device::supports_dtype \
+                 is false{why}); cast to f32 (or to f16 where the device supports it)"
+            )
+        }
+        _ => "the loss takes f32, f16 or bf16; cast with .cast(DType::F32)".to_string(),
+    };
+    Err(Error::Dtype {
+        what,
+        dtype,
+        reason,
+    })
 }

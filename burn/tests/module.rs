@@ -1,16 +1,20 @@
 //! The module on Burn's wgpu (the fused kernels, on lavapipe in CI) and its composed twin
 //! (on the same device, or on NdArray with the feature `ndarray`), each against the crate's f64 reference within its documented bounds
 //! (`margin_softmax::reference::compare`), with gradients through a Burn backbone, and
-//! bitwise-repeatable training steps.
+//! bitwise-repeatable training steps; f16 and bf16 inputs, where Burn holds them on the
+//! device, against the reference on their stored values
+//! (`margin_softmax::reference::compare_stored`), and a typed error where it does not.
 
 use std::sync::OnceLock;
 
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use margin_softmax::reference::{self, compare, ReferenceOutput};
-use margin_softmax::{flags, Gradients, LossOutput, LossParams, Problem, Shape, IGNORE};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use margin_softmax::reference::{self, compare, compare_stored, ReferenceOutput};
+use margin_softmax::{
+    flags, ElementType, ElementTypes, Gradients, LossOutput, LossParams, Problem, Shape, IGNORE,
+};
 use margin_softmax_burn::{
     is_fused, Error, MarginGradient, MarginObjective, MarginReduction, MarginSoftmax,
     MarginSoftmaxConfig, MarginSoftmaxOutput,
@@ -91,12 +95,55 @@ fn matrix(values: &[f32], rows: usize, cols: usize, device: &Device) -> Tensor<2
     Tensor::from_data(TensorData::new(values.to_vec(), [rows, cols]), device)
 }
 
+/// `values` stored as `dtype` (rounded to nearest on the host, then uploaded).
+fn matrix_as(values: &[f32], rows: usize, cols: usize, device: &Device, dtype: DType) -> Tensor<2> {
+    Tensor::from_data(
+        TensorData::new(values.to_vec(), [rows, cols]),
+        (device, dtype),
+    )
+}
+
+/// The core's storage type of a Burn float dtype.
+fn element(dtype: DType) -> ElementType {
+    match dtype {
+        DType::F32 => ElementType::F32,
+        DType::F16 => ElementType::F16,
+        DType::BF16 => ElementType::Bf16,
+        other => panic!("no storage type for {other:?}"),
+    }
+}
+
 /// The module with the problem's class vectors.
 fn head(config: &MarginSoftmaxConfig, problem: &Problem, device: &Device) -> MarginSoftmax {
+    head_as(config, problem, device, DType::F32)
+}
+
+/// The module with the problem's class vectors stored as `dtype`.
+fn head_as(
+    config: &MarginSoftmaxConfig,
+    problem: &Problem,
+    device: &Device,
+    dtype: DType,
+) -> MarginSoftmax {
     let Shape { dim, classes, .. } = problem.shape;
     let mut head = config.init(device);
-    head.classes = Param::from_tensor(matrix(&problem.classes, classes, dim, device));
+    head.classes = Param::from_tensor(matrix_as(&problem.classes, classes, dim, device, dtype));
     head
+}
+
+/// The problem as Burn stores it: x and w of the dtypes `[x, w]` on `device`, read back
+/// (each value exact in f32), for the reference to run on.
+fn stored(problem: &Problem, [x, w]: [DType; 2], device: &Device) -> Problem {
+    let Shape {
+        batch,
+        dim,
+        classes,
+        ..
+    } = problem.shape;
+    let mut stored = problem.clone();
+    stored.features = floats(matrix_as(&problem.features, batch, dim, device, x));
+    stored.classes = floats(matrix_as(&problem.classes, classes, dim, device, w));
+    stored
 }
 
 /// Everything the crate's reference compares, read back from the module's tensors.
@@ -127,16 +174,37 @@ fn step(
     config: &MarginSoftmaxConfig,
     fixed_scale_grad: f64,
 ) -> (LossOutput, u32) {
+    step_as(path, problem, config, fixed_scale_grad, [DType::F32; 2])
+}
+
+/// [`step`] with x and w stored as the dtypes `[x, w]`; the gradients come back in those
+/// dtypes and are widened to f32 (exactly) here.
+fn step_as(
+    path: Path,
+    problem: &Problem,
+    config: &MarginSoftmaxConfig,
+    fixed_scale_grad: f64,
+    [x_dtype, w_dtype]: [DType; 2],
+) -> (LossOutput, u32) {
     let Shape { batch, dim, .. } = problem.shape;
     let device = &path.device();
-    let head = head(config, problem, device);
-    let x = matrix(&problem.features, batch, dim, device).require_grad();
+    let head = head_as(config, problem, device, w_dtype);
+    let x = matrix_as(&problem.features, batch, dim, device, x_dtype).require_grad();
     let out = path.forward(&head, x.clone(), labels(problem, device));
     let flags = first(out.flags.clone());
     let grads = out.loss.clone().backward();
+    let (grad_x, grad_w) = (
+        x.grad(&grads).expect("dL/dx"),
+        head.classes.val().grad(&grads).expect("dL/dw"),
+    );
+    assert_eq!(
+        (grad_x.dtype(), grad_w.dtype()),
+        (x_dtype, w_dtype),
+        "{path:?}: each gradient in its input's dtype"
+    );
     let gradients = Gradients {
-        features: floats(x.grad(&grads).expect("dL/dx")),
-        classes: floats(head.classes.val().grad(&grads).expect("dL/dw")),
+        features: floats(grad_x),
+        classes: floats(grad_w),
     };
     let grad_scale = head
         .learned_scale
@@ -220,7 +288,30 @@ fn check(
     expected: &ReferenceOutput,
     what: &str,
 ) {
-    let comparison = compare(problem.shape.dim, params, out, expected);
+    check_stored(
+        problem,
+        params,
+        out,
+        expected,
+        ElementTypes::default(),
+        what,
+    );
+}
+
+/// [`check`] for tensors stored as `elements` (the problem holds the stored values):
+/// `compare_stored`, which adds one rounding of each gradient's type to its bound.
+fn check_stored(
+    problem: &Problem,
+    params: &LossParams,
+    out: &LossOutput,
+    expected: &ReferenceOutput,
+    elements: ElementTypes,
+    what: &str,
+) {
+    let comparison = match elements.all_f32() {
+        true => compare(problem.shape.dim, params, out, expected),
+        false => compare_stored(problem.shape.dim, params, out, expected, elements),
+    };
     assert!(comparison.passes(), "{what}: {comparison:?}");
     let correct = (0..problem.shape.batch)
         .filter(|&i| problem.labels[i] != IGNORE && expected.pred[i] == problem.labels[i])
@@ -250,6 +341,110 @@ fn fused_and_composed_match_the_f64_reference_on_every_margin() {
             assert_eq!(flags, 0, "{what}");
             assert_eq!(out.valid_rows, 31, "{what}");
         }
+    }
+}
+
+/// f16 and bf16 features and class vectors, together and each with f32, on both paths,
+/// wherever Burn holds the dtype on the path's device (f16 on a wgpu adapter with
+/// SHADER_F16, lavapipe's included; never bf16 on Burn's wgpu backend): against the f64
+/// reference on the values as stored, each gradient in its input's dtype. The problem
+/// keeps [`problem`]'s ignored zero row but not its labelled one, whose dL/dx (g/ε) is
+/// past f16's range (it rounds to ±inf, which a gradient scaler's check finds).
+#[test]
+fn sixteen_bit_inputs_match_the_f64_reference_on_their_stored_values() {
+    let shape = Shape::new(37, 19, 103);
+    let mut problem = problem(shape, 5);
+    let fresh = Problem::random(shape, 5);
+    problem.features[shape.dim..2 * shape.dim]
+        .copy_from_slice(&fresh.features[shape.dim..2 * shape.dim]);
+    let kept = [
+        "cosface",
+        "arcface",
+        "sphereface m1 = 3",
+        "hard margin",
+        "sum, learnable scale above its floor",
+    ];
+    let configs: Vec<_> = family(shape.classes, shape.dim)
+        .into_iter()
+        .filter(|(name, _)| kept.contains(name))
+        .collect();
+    let combinations = [
+        [DType::F16, DType::F16],
+        [DType::BF16, DType::BF16],
+        [DType::F16, DType::F32],
+        [DType::F32, DType::F16],
+        [DType::BF16, DType::F32],
+        [DType::F32, DType::BF16],
+    ];
+    let mut ran = Vec::new();
+    for dtypes in combinations {
+        for path in PATHS {
+            let device = path.device();
+            if !dtypes.iter().all(|&d| device.supports_dtype(d)) {
+                // dtypes_burn_cannot_hold_give_typed_errors covers these.
+                continue;
+            }
+            let stored = stored(&problem, dtypes, &device);
+            let elements = ElementTypes::inputs(element(dtypes[0]), element(dtypes[1]));
+            for (name, config) in &configs {
+                let params = config.loss_params().unwrap();
+                let expected = reference::loss_on(&stored, &params).unwrap();
+                let (out, flags) = step_as(path, &stored, config, expected.grad_scale, dtypes);
+                let what = format!("{name}, {path:?}, x {:?}, w {:?}", dtypes[0], dtypes[1]);
+                check_stored(&stored, &params, &out, &expected, elements, &what);
+                assert_eq!(flags, 0, "{what}");
+                assert_eq!(out.valid_rows, 31, "{what}");
+            }
+            ran.push(format!("{path:?} x {:?} w {:?}", dtypes[0], dtypes[1]));
+        }
+    }
+    eprintln!("16-bit combinations run: {ran:?}");
+    if wgpu().supports_dtype(DType::F16) {
+        assert!(
+            ran.iter().any(|r| r == "Fused x F16 w F16"),
+            "f16 is held on the wgpu device, so the fused path ran on it: {ran:?}"
+        );
+    }
+}
+
+/// A 16-bit dtype Burn does not hold on the device (bf16 on Burn's wgpu backend, whose
+/// kernels are WGSL, which has no bf16; f16 on an adapter without SHADER_F16), and a
+/// float dtype the loss does not take, each refused with an error naming the tensor and
+/// the dtype.
+#[test]
+fn dtypes_burn_cannot_hold_give_typed_errors() {
+    let device = wgpu();
+    // The WGSL compiler registers no bf16 type on any adapter (cubecl-wgpu's
+    // register_types), so Burn reports bf16 unsupported on every wgpu device.
+    assert!(!device.supports_dtype(DType::BF16));
+    let config = MarginSoftmaxConfig::new(10, 4).with_learn_scale(true);
+    let head = config.init(&device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &device);
+    let values = vec![0.5f32; 40];
+    let mut refused = vec![DType::F64];
+    refused.extend(
+        [DType::F16, DType::BF16]
+            .into_iter()
+            .filter(|&d| !device.supports_dtype(d)),
+    );
+    for dtype in refused {
+        // Created from host data: an upload, no kernel of that dtype.
+        let x = matrix_as(&values[..8], 2, 4, &device, dtype);
+        let error = head.try_forward(x, y.clone()).unwrap_err();
+        assert!(
+            matches!(error, Error::Dtype { what: "features", dtype: d, .. } if d == dtype),
+            "{error}"
+        );
+        assert!(error.to_string().contains(&format!("{dtype:?}")), "{error}");
+        let mut other = head.clone();
+        other.classes = Param::from_tensor(matrix_as(&values, 10, 4, &device, dtype));
+        let x = matrix(&values[..8], 2, 4, &device);
+        let error = other.try_forward(x, y.clone()).unwrap_err();
+        assert!(
+            matches!(error, Error::Dtype { what: "class vectors", dtype: d, .. } if d == dtype),
+            "{error}"
+        );
+        eprintln!("{dtype:?}: {error}");
     }
 }
 
