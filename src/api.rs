@@ -464,12 +464,7 @@ impl Context {
 
 /// `shape` with the storage types of the slice API's type parameters.
 fn typed_shape<X: Element, W: Element, GX: Element, GW: Element>(shape: Shape) -> Shape {
-    shape.with_elements(ElementTypes {
-        features: X::TYPE,
-        classes: W::TYPE,
-        grad_features: GX::TYPE,
-        grad_classes: GW::TYPE,
-    })
+    shape.with_elements(ElementTypes::of::<X, W, GX, GW>())
 }
 
 /// `bytes` ending on a whole 4-byte word (a 16-bit tensor of odd length gains a zero

@@ -139,8 +139,9 @@ impl fmt::Display for Error {
             }
             Error::Overflow => write!(
                 f,
-                "a logit overflowed f32: the norms of features and class vectors multiply past 3e38; \
-                 scale x or w down (the loss only depends on their directions)"
+                "a logit or a gradient overflowed f32: the norms of features and class vectors \
+                 multiply past 3e38, or LossParams::loss_scale lifts a gradient past it; scale \
+                 x or w down (the loss only depends on their directions), or lower the loss scale"
             ),
             Error::GradientOutOfRange { tensor, element } => write!(
                 f,

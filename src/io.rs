@@ -155,6 +155,17 @@ impl ElementTypes {
         }
     }
 
+    /// The storage types of the slice API's type parameters: x of `X`, w of `W`, and the
+    /// gradients of `GX` and `GW`.
+    pub fn of<X: Element, W: Element, GX: Element, GW: Element>() -> ElementTypes {
+        ElementTypes {
+            features: X::TYPE,
+            classes: W::TYPE,
+            grad_features: GX::TYPE,
+            grad_classes: GW::TYPE,
+        }
+    }
+
     /// The same, with both gradients in f32 (for an f32 master copy of the weights).
     pub fn with_f32_grads(self) -> ElementTypes {
         ElementTypes {
@@ -482,8 +493,10 @@ pub struct Gradients<GX = f32, GW = f32> {
 }
 
 /// A value type the slice API takes and returns tensors in: `f32`, and with the feature
-/// `half` (on by default) `half::f16` and `half::bf16`.
-pub trait Element: bytemuck::Pod + std::fmt::Debug + PartialEq {
+/// `half` (on by default) `half::f16` and `half::bf16`; no other (the trait is sealed:
+/// the kernels' storage types are these three). Values are laid out as little-endian
+/// memory holds them, as every wgpu backend's is.
+pub trait Element: sealed::Sealed + bytemuck::Pod + std::fmt::Debug + PartialEq {
     /// How it is stored.
     const TYPE: ElementType;
 
@@ -500,6 +513,16 @@ pub trait Element: bytemuck::Pod + std::fmt::Debug + PartialEq {
         let word = Self::TYPE.round_bits(v).to_le_bytes();
         bytemuck::pod_read_unaligned(&word[..size_of::<Self>()])
     }
+}
+
+/// Keeps [`Element`] to the three storage types.
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    #[cfg(feature = "half")]
+    impl Sealed for half::f16 {}
+    #[cfg(feature = "half")]
+    impl Sealed for half::bf16 {}
 }
 
 impl Element for f32 {

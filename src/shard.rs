@@ -348,8 +348,9 @@ fn record_target_row(
 /// One shard's inputs: its class range, the batch, its rows of w and, optionally, the
 /// rows of w it samples (class-centre sampling: Partial FC's second lever).
 /// x and w may be stored as f32, `half::f16` or `half::bf16` ([`Element`]), each
-/// independently; the shard's gradients come back in f32 (dL/dx shares are partial sums,
-/// to be added across shards before any rounding; [`sharded_loss`] rounds once).
+/// independently; the shard's gradients come back in f32, times
+/// [`LossParams::loss_scale`] (dL/dx shares are partial sums, to be added across shards
+/// before any rounding; [`sharded_loss_typed`] rounds once).
 #[derive(Debug, Clone, Copy)]
 pub struct ShardInputs<'a, X: Element = f32, W: Element = f32> {
     /// The shard's classes.

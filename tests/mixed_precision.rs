@@ -42,12 +42,7 @@ fn check_typed<X: Element, W: Element, GX: Element, GW: Element>(
     params: &LossParams,
 ) -> LossOutput {
     let (x, w) = (stored::<X>(&p.features), stored::<W>(&p.classes));
-    let elements = ElementTypes {
-        features: X::TYPE,
-        classes: W::TYPE,
-        grad_features: GX::TYPE,
-        grad_classes: GW::TYPE,
-    };
+    let elements = ElementTypes::of::<X, W, GX, GW>();
     let what = format!("{algorithm:?} {elements:?} {:?}", p.shape);
     let out: LossOutput<GX, GW> =
         typed_run(algorithm, p, (&x, &w), params).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -419,8 +414,10 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
 }
 
 /// w bound in many chunks (16 KiB bindings): each chunk's 16-bit w, f32 shadow of dL/dw
-/// and 16-bit dL/dw are bound from the chunk's first class, the last chunk short and of
-/// an odd number of values.
+/// and 16-bit dL/dw are bound from the chunk's first class. D = 24: the GEMMs read the
+/// 16-bit w in place, 8 chunks of 128 classes. D = 13: 4 chunks of 256 classes (the
+/// quantum that keeps a 16-bit row's byte offsets aligned is 128 classes), the last of
+/// 233·13 values, an odd number, so its region ends in a half word.
 #[test]
 fn sixteen_bit_class_chunks_match_the_reference() {
     let ctx = margin_softmax::Context::new_blocking(margin_softmax::ContextOptions {
@@ -428,26 +425,83 @@ fn sixteen_bit_class_chunks_match_the_reference() {
         ..Default::default()
     })
     .expect("context");
-    let p = problem(9, 24, 1001, 8);
-    let (x, w) = (stored::<bf16>(&p.features), stored::<f16>(&p.classes));
     let params = LossParams::default();
     let elements = ElementTypes::inputs(ElementType::Bf16, ElementType::F16);
-    let expected =
-        reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, &params).unwrap();
-    // The unfused baseline binds all of w at once (as in f32): the fused plans chunk it.
-    for algorithm in [Algorithm::MemoryMinimal, Algorithm::Chunked] {
-        let out: LossOutput<bf16, f16> = ctx
-            .loss_typed_with(
-                algorithm,
-                p.shape,
-                &x,
-                &w,
-                &p.labels,
-                &params,
-                Pass::ForwardBackward,
-            )
-            .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
-        let check = reference::compare_stored(24, &params, &out.widened(), &expected, elements);
-        assert!(check.passes(), "{algorithm:?}: {check:?}");
+    for d in [24, 13] {
+        let p = problem(9, d, 1001, 8);
+        let (x, w) = (stored::<bf16>(&p.features), stored::<f16>(&p.classes));
+        let expected =
+            reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, &params).unwrap();
+        // The unfused baseline binds all of w at once (as in f32): the fused plans chunk it.
+        for algorithm in [Algorithm::MemoryMinimal, Algorithm::Chunked] {
+            let out: LossOutput<bf16, f16> = ctx
+                .loss_typed_with(
+                    algorithm,
+                    p.shape,
+                    &x,
+                    &w,
+                    &p.labels,
+                    &params,
+                    Pass::ForwardBackward,
+                )
+                .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+            let check = reference::compare_stored(d, &params, &out.widened(), &expected, elements);
+            assert!(check.passes(), "D = {d} {algorithm:?}: {check:?}");
+        }
     }
+}
+
+/// The kernels' f16 rounding on its edge cases, bit for bit against the host's: a loss
+/// scale that puts the largest |dL/dx| at 2⁻¹⁴ puts all of it among f16's subnormals
+/// (and some below them, to 0);
+/// scales that put the largest |dL/dx| at 65510 (which rounds down to 65504) and at
+/// 65530 (which rounds to infinity: the typed error, and ±inf in the host's rounding).
+#[test]
+fn the_kernels_round_f16_edge_cases_as_the_host_does() {
+    let p = problem(9, 20, 37, 12);
+    let (x, w) = (stored::<f16>(&p.features), stored::<f16>(&p.classes));
+    let at = |loss_scale: f32| LossParams {
+        loss_scale,
+        ..LossParams::default()
+    };
+    let f32_grads = |params: &LossParams| -> Vec<f32> {
+        let out: LossOutput<f32, f32> =
+            typed_run(Algorithm::Chunked, &p, (&x, &w), params).unwrap();
+        out.grads.unwrap().features
+    };
+    let largest = f32_grads(&at(1.0))
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    for (loss_scale, overflows) in [
+        (2.0f32.powi(-14) / largest, false),
+        (65510.0 / largest, false),
+        (65530.0 / largest, true),
+    ] {
+        let params = at(loss_scale);
+        let expected: Vec<f16> = stored(&f32_grads(&params));
+        let overflowed = expected.iter().any(|v| v.is_infinite());
+        assert_eq!(overflowed, overflows, "scale {loss_scale}");
+        let gpu: margin_softmax::Result<LossOutput<f16, f32>> =
+            typed_run(Algorithm::Chunked, &p, (&x, &w), &params);
+        match gpu {
+            Ok(out) => {
+                assert!(!overflows, "scale {loss_scale}: no error");
+                assert_eq!(out.grads.unwrap().features, expected, "scale {loss_scale}");
+            }
+            Err(Error::GradientOutOfRange { tensor, .. }) => {
+                assert!(overflows, "scale {loss_scale}");
+                assert_eq!(tensor, "grad_features");
+            }
+            Err(e) => panic!("scale {loss_scale}: {e}"),
+        }
+    }
+    let tiny: Vec<f16> = stored(&f32_grads(&at(2.0f32.powi(-14) / largest)));
+    assert!(
+        tiny.iter()
+            .filter(|v| v.to_f32() != 0.0 && v.to_f32().abs() < 6.103_515_6e-5)
+            .count()
+            > tiny.len() / 4
+            && tiny.iter().any(|v| v.to_f32() == 0.0),
+        "the small scale reaches the subnormals"
+    );
 }

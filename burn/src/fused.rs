@@ -161,16 +161,9 @@ struct Recorded {
     grads: Option<(CubeTensor, CubeTensor)>,
 }
 
-/// A contiguous tensor of `dtype` (f32, i32, or a gradient's f16 or bf16) on `like`'s
-/// device, on a new allocation of at least the bytes the core writes there: the values,
-/// rounded up to a whole 4-byte word (a 16-bit tensor of odd length ends in half a word).
+/// A contiguous f32 or i32 tensor on `like`'s device, on a new allocation.
 fn empty(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
-    let values = shape.num_elements() as u64;
-    let bytes = match element_type(dtype) {
-        Some(element) => element.region_bytes(values),
-        None => values * dtype.size() as u64,
-    };
-    let handle = like.client.empty(bytes as usize);
+    let handle = like.client.empty(shape.num_elements() * dtype.size());
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),

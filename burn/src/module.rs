@@ -125,9 +125,10 @@ pub struct MarginSoftmaxOutput {
     /// Valid rows whose margined target still wins: ψ(c_iy) ≥ max_{j≠y} c_ij.
     pub margin_satisfied_rows: Tensor<1, Int>,
     /// Bits of `margin_softmax::flags`: non-finite features (1) or class vectors (2), a
-    /// label that is neither a class nor −1 (4), a non-finite loss (8); on the fused path
-    /// with 16-bit inputs, a finite dL/dx (16) or dL/dw (32) that overflowed its type
-    /// when rounded to it.
+    /// label that is neither a class nor −1 (4), a non-finite loss (8). Bits 16 and 32
+    /// (a gradient out of its 16-bit type's range) are never set here: the module's
+    /// gradients are rounded to a 16-bit input's dtype by Burn's cast in the backward,
+    /// where a value too large becomes ±inf, which a gradient scaler's check finds.
     pub flags: Tensor<1, Int>,
 }
 

@@ -418,12 +418,7 @@ impl LossRun<'_> {
         let (args, inputs, params, ctx) = (self.args, self.inputs, &self.params, &self.ctx);
         let problem = &inputs.problem;
         let shape = problem.shape;
-        let elements = ElementTypes {
-            features: X::TYPE,
-            classes: W::TYPE,
-            grad_features: GX::TYPE,
-            grad_classes: GW::TYPE,
-        };
+        let elements = ElementTypes::of::<X, W, GX, GW>();
         let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
             ctx.loss_typed::<X, W, GX, GW>(
                 shape,

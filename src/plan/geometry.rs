@@ -827,7 +827,9 @@ pub(super) fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 /// classes), the split-K partial products (at most a quarter of G), the norms, a partial
 /// per row and the uniforms. Memory-minimal: x̂, up to 256 rows of one block of G, the
 /// norms and a partial per row, and uniforms per block and row chunk. Unfused: it holds
-/// the B×C logits.
+/// the B×C logits. Each gradient stored in 16 bits adds its f32 shadow (4·B·D, 4·C·D),
+/// which the kernels sum and project in before rounding: the workspace budget bounds G,
+/// not these.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
     let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))
