@@ -61,8 +61,7 @@ pub struct ContextOptions {
     /// Bytes of workspace a plan may use to run faster (the chunked algorithm keeps G for
     /// a chunk of rows, or one block of classes); `None` means 256 MiB. The
     /// memory-minimal plan is used where not even one block fits. The f32 shadows of
-    /// gradients stored in 16 bits (4·B·D and 4·C·D bytes) come on top: they are the
-    /// outputs' size, not G's.
+    /// gradients stored in 16 bits (4·B·D bytes, and 4·C·D or one block's) come on top.
     pub workspace_budget: Option<u64>,
     /// Binds at most this many bytes of one buffer at a time (default: the device's
     /// `max_storage_buffer_binding_size`). Larger class matrices are bound in chunks.

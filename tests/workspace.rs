@@ -130,22 +130,37 @@ fn the_chunked_plan_stays_within_its_budget() {
     assert!(bytes <= 62_536_924);
 }
 
-/// 16-bit gradients add their f32 shadows to the workspace, 4·B·D and 4·C·D bytes,
-/// and nothing else: 16-bit inputs add nothing (the GEMMs read w in place, D % 4 = 0).
+/// 16-bit gradients add their f32 shadows to the workspace and nothing else (16-bit
+/// inputs add nothing: the GEMMs read w in place, D % 4 = 0): 4·B·D for dL/dx, and
+/// 4·C·D for dL/dw in the whole-row chunked plan, or in blocks (the memory-minimal plan)
+/// the largest block's, a small part of it.
 #[test]
 fn sixteen_bit_gradients_add_their_f32_shadows() {
     use margin_softmax::{ElementType, ElementTypes};
     let ctx = context();
-    let shape = Shape::new(64, 64, 2000);
+    let (b, d, c) = (64u64, 64u64, 2000u64);
+    let shape = Shape::new(b as usize, d as usize, c as usize);
     let inputs16 = ElementTypes::inputs(ElementType::Bf16, ElementType::F16);
+    let at = |elements, algorithm| {
+        workspace_bytes(ctx, shape.with_elements(elements), algorithm).unwrap()
+    };
     for algorithm in [Algorithm::Chunked, Algorithm::MemoryMinimal] {
-        let at = |elements| workspace_bytes(ctx, shape.with_elements(elements), algorithm).unwrap();
-        let f32_bytes = at(ElementTypes::default());
-        assert_eq!(at(inputs16.with_f32_grads()), f32_bytes, "{algorithm:?}");
+        let f32_bytes = at(ElementTypes::default(), algorithm);
         assert_eq!(
-            at(inputs16),
-            f32_bytes + 4 * 64 * 64 + 4 * 2000 * 64,
+            at(inputs16.with_f32_grads(), algorithm),
+            f32_bytes,
             "{algorithm:?}"
         );
+        let class_shadow = at(inputs16, algorithm) - f32_bytes - 4 * b * d;
+        assert_eq!(
+            class_shadow % (4 * d),
+            0,
+            "{algorithm:?}: whole rows of dL/dw"
+        );
+        if algorithm == Algorithm::Chunked {
+            assert_eq!(class_shadow, 4 * c * d);
+        } else {
+            assert!(class_shadow <= 4 * c * d / 4, "{class_shadow}: one block");
+        }
     }
 }

@@ -160,7 +160,7 @@ impl Geometry {
             };
             // The f32 shadow of 16-bit gradients is the outputs' size, whatever the cut:
             // reported with the workspace, but not held to the budget, which bounds G.
-            let total = total_bytes(ctx, shape, &g, engine) - gradient_shadow_bytes(shape);
+            let total = total_bytes(ctx, shape, &g, engine) - gradient_shadow_bytes(shape, &g);
             if total <= budget {
                 return Ok(g);
             }
@@ -250,7 +250,7 @@ impl Geometry {
     /// Family uniform slots: the norms' and the backward's per chunk, the forward's per
     /// (chunk, row pass).
     pub(super) fn uniforms(&self) -> usize {
-        self.chunks.len() * (2 + self.row_passes.len())
+        self.chunks.len() * (2 + self.row_passes.len()) + usize::from(self.blocked)
     }
 
     /// Rows of the largest row pass.
@@ -575,9 +575,16 @@ pub(super) fn padded_classes_bytes(shape: Shape, g: &Geometry, algorithm: Algori
 }
 
 /// Bytes of the f32 copies of dL/dx and dL/dw the kernels sum and project in where the
-/// gradient is stored in 16 bits (4·B·D and 4·C·D), 0 where stored in f32.
-fn gradient_shadows(shape: Shape) -> (u64, u64) {
-    let (b, c, d) = (shape.batch as u64, shape.classes as u64, shape.dim as u64);
+/// gradient is stored in 16 bits, 0 where stored in f32: 4·B·D, and 4·C·D, or in blocks
+/// of classes the largest block's (each block's dL/dw is finished, projected and rounded
+/// before the next block's begins).
+fn gradient_shadows(shape: Shape, g: &Geometry) -> (u64, u64) {
+    let (b, d) = (shape.batch as u64, shape.dim as u64);
+    let classes = if g.blocked {
+        g.largest_chunk()
+    } else {
+        shape.classes as u64
+    };
     let e = shape.elements;
     let bytes = |t: ElementType, rows: u64| {
         if t == ElementType::F32 {
@@ -586,12 +593,12 @@ fn gradient_shadows(shape: Shape) -> (u64, u64) {
             product(&[4, rows, d])
         }
     };
-    (bytes(e.grad_features, b), bytes(e.grad_classes, c))
+    (bytes(e.grad_features, b), bytes(e.grad_classes, classes))
 }
 
 /// The two of [`gradient_shadows`] together.
-pub(super) fn gradient_shadow_bytes(shape: Shape) -> u64 {
-    let (gx, gw) = gradient_shadows(shape);
+pub(super) fn gradient_shadow_bytes(shape: Shape, g: &Geometry) -> u64 {
+    let (gx, gw) = gradient_shadows(shape, g);
     gx.saturating_add(gw)
 }
 
@@ -641,7 +648,7 @@ pub(super) fn workspace_layout(
     ]);
     // Gradients stored in 16 bits are summed and projected in f32 here first, then
     // rounded into the caller's buffers (`round_gradients`).
-    let (gx, gw) = gradient_shadows(shape);
+    let (gx, gw) = gradient_shadows(shape, g);
     if gx > 0 {
         layout.push((Binding::GradFeatures, gx));
     }
@@ -827,9 +834,9 @@ pub(super) fn uniform_stride(ctx: &Context, bytes: u64) -> u64 {
 /// classes), the split-K partial products (at most a quarter of G), the norms, a partial
 /// per row and the uniforms. Memory-minimal: x̂, up to 256 rows of one block of G, the
 /// norms and a partial per row, and uniforms per block and row chunk. Unfused: it holds
-/// the B×C logits. Each gradient stored in 16 bits adds its f32 shadow (4·B·D, 4·C·D),
-/// which the kernels sum and project in before rounding: the workspace budget bounds G,
-/// not these.
+/// the B×C logits. Each gradient stored in 16 bits adds its f32 shadow (4·B·D; 4·C·D, or
+/// in blocks one block's), which the kernels sum and project in before rounding: the
+/// workspace budget bounds G, not these.
 pub fn workspace_bytes(ctx: &Context, shape: Shape, algorithm: Algorithm) -> Result<u64> {
     let g = Geometry::new(ctx, shape, algorithm, ctx.workspace_budget, false)?;
     Ok(total_bytes(ctx, shape, &g, algorithm))

@@ -27,6 +27,10 @@ struct Step<'a> {
     pass: usize,
     /// The GEMM it runs (matmul steps), an index into the plan's GEMMs.
     gemm: Option<usize>,
+    /// A projection (or rounding) of x's rows alone, after every block of a plan in
+    /// blocks: it reads the backward uniform of its own slot ([`Plan::features_slot`]);
+    /// its class bindings are chunk 0's, unread.
+    features_only: bool,
 }
 
 impl Plan {
@@ -203,6 +207,16 @@ impl Plan {
                 bytemuck::bytes_of(&self.backward_params(k, loss, params)),
             );
         }
+        if self.geometry.blocked {
+            let features = BackwardParams {
+                classes: 0,
+                norm_feature_rows: self.shape.batch as u32,
+                rounded_features: self.rounded_features(),
+                rounded_classes: 0,
+                ..self.backward_params(0, loss, params)
+            };
+            put(self.features_slot(), bytemuck::bytes_of(&features));
+        }
         uniforms
     }
 
@@ -211,12 +225,23 @@ impl Plan {
         u32::from(self.algorithm.engine() == Algorithm::Chunked)
     }
 
-    /// Rows of x the stacked rows of chunk `k` start with: B in the first chunk.
+    /// Rows of x the stacked rows of chunk `k` start with: B in the first chunk. (The
+    /// backward of a plan in blocks projects x's rows on their own, after every block:
+    /// its chunks' stacked rows are the blocks' classes alone.)
     fn norm_feature_rows(&self, k: usize) -> u32 {
         if k == 0 {
             self.shape.batch as u32
         } else {
             0
+        }
+    }
+
+    /// [`Plan::norm_feature_rows`] of the backward's chunk `k`: none in blocks.
+    fn projected_feature_rows(&self, k: usize) -> u32 {
+        if self.geometry.blocked {
+            0
+        } else {
+            self.norm_feature_rows(k)
         }
     }
 
@@ -275,7 +300,7 @@ impl Plan {
             dim: self.shape.dim as u32,
             classes: self.geometry.chunks[k].classes,
             total_classes: self.total_classes,
-            norm_feature_rows: self.norm_feature_rows(k),
+            norm_feature_rows: self.projected_feature_rows(k),
             reduction: Reduction::code(params.reduction),
             raw_classes: self.raw_classes(),
             defer_norm: self.raw_classes(),
@@ -287,21 +312,36 @@ impl Plan {
     }
 
     /// Values of dL/dx and of chunk `k`'s dL/dw that `round_gradients` rounds to their
-    /// 16-bit types: B·D in the first chunk and classes·D, each 0 where stored in f32.
+    /// 16-bit types: B·D with the chunk whose projection covers x's rows, and classes·D;
+    /// each 0 where stored in f32.
     fn rounded_values(&self, k: usize) -> (u32, u32) {
-        let e = self.shape.elements;
-        let d = self.shape.dim as u32;
-        let features = if k == 0 && e.grad_features != ElementType::F32 {
-            self.shape.batch as u32 * d
+        let features = if self.projected_feature_rows(k) > 0 {
+            self.rounded_features()
         } else {
             0
         };
-        let classes = if e.grad_classes != ElementType::F32 {
-            self.geometry.chunks[k].classes * d
+        let classes = if self.shape.elements.grad_classes != ElementType::F32 {
+            self.geometry.chunks[k].classes * self.shape.dim as u32
         } else {
             0
         };
         (features, classes)
+    }
+
+    /// B·D where dL/dx is stored in 16 bits, else 0.
+    fn rounded_features(&self) -> u32 {
+        if self.shape.elements.grad_features != ElementType::F32 {
+            (self.shape.batch * self.shape.dim) as u32
+        } else {
+            0
+        }
+    }
+
+    /// The slot of the backward uniform of x's rows alone (plans in blocks), after every
+    /// other slot.
+    fn features_slot(&self) -> usize {
+        let g = &self.geometry;
+        g.chunks.len() * (2 + g.row_passes.len())
     }
 
     /// The dispatches of `phase`, in order.
@@ -347,7 +387,9 @@ impl Plan {
                 Algorithm::Unfused => steps.extend(s.unfused_backward()?),
                 _ => steps.append(&mut blocked_backward),
             }
-            steps.extend(s.projections()?);
+            if !g.blocked {
+                steps.extend(s.projections()?);
+            }
         }
         Ok(steps)
     }
@@ -397,7 +439,11 @@ impl Plan {
         match binding {
             Binding::Params => Ok(wgpu::BufferBinding {
                 buffer: &self.params,
-                offset: self.uniform_slot(step.kernel.family, step.chunk, step.pass) as u64
+                offset: if step.features_only {
+                    self.features_slot()
+                } else {
+                    self.uniform_slot(step.kernel.family, step.chunk, step.pass)
+                } as u64
                     * uniform_stride(ctx, FAMILY_UNIFORM_BYTES),
                 size: std::num::NonZeroU64::new(FAMILY_UNIFORM_BYTES),
             }),
@@ -425,6 +471,11 @@ impl Plan {
             Binding::GradClasses if e.grad_classes == ElementType::F32 => {
                 caller("grad_classes", Some(class_range(row_bytes)))
             }
+            // In blocks, the shadow holds the block in hand, from its start.
+            Binding::GradClasses if self.geometry.blocked => self.own(
+                binding,
+                Some((0, (u64::from(part.classes) * row_bytes).next_multiple_of(4))),
+            ),
             Binding::GradClasses => self.own(binding, Some(class_range(row_bytes))),
             Binding::GradFeaturesOut => caller("grad_features", None),
             Binding::GradClassesOut => caller(
@@ -546,6 +597,7 @@ impl<'a> Step<'a> {
             chunk: 0,
             pass: 0,
             gemm: None,
+            features_only: false,
         }
     }
 }
@@ -731,15 +783,20 @@ impl<'a> Steps<'a> {
         Ok(steps)
     }
 
-    /// The blocked backward, after the forward: per row pass and block, the block's dots
-    /// again (unless a shard's forward left them), its G', its gradient GEMMs.
+    /// The blocked backward, after the summary: per block, its copy where made, then
+    /// per row pass the block's dots again (unless a shard's forward left them), its G'
+    /// and its gradient GEMMs; then the block's dL/dw is whole, and is projected (and
+    /// rounded, where stored in 16 bits, out of a shadow of one block) before the next
+    /// block begins. x's rows are projected after the last block. Each sum adds the same
+    /// values in the same order as passes-then-blocks would: dL/dw's over the passes,
+    /// gx̂'s over the blocks.
     fn blocked_backward(&self) -> Result<Vec<Step<'a>>> {
         let mut steps = Vec::new();
-        for (pass, &rows) in self.plan.geometry.row_passes.iter().enumerate() {
-            for chunk in 0..self.plan.geometry.chunks.len() {
-                if self.copy_blocks {
-                    steps.extend(self.pad(chunk)?);
-                }
+        for chunk in 0..self.plan.geometry.chunks.len() {
+            if self.copy_blocks {
+                steps.extend(self.pad(chunk)?);
+            }
+            for (pass, &rows) in self.plan.geometry.row_passes.iter().enumerate() {
                 if !self.reuse_dots {
                     steps.extend(self.gemms(pass, chunk, true)?);
                 }
@@ -750,7 +807,9 @@ impl<'a> Steps<'a> {
                 });
                 steps.extend(self.gemms(pass, chunk, false)?);
             }
+            steps.extend(self.projection(chunk, false)?);
         }
+        steps.extend(self.projection(0, true)?);
         Ok(steps)
     }
 
@@ -771,33 +830,45 @@ impl<'a> Steps<'a> {
         Ok(steps)
     }
 
-    /// Every plan's backward ends in the projections of gx̂ and gŵ (or gw'), per chunk.
+    /// The backward of the whole-row plans ends in the projections of gx̂ and gŵ (or
+    /// gw'), per chunk (a plan in blocks projects each block as it is finished).
     fn projections(&self) -> Result<Vec<Step<'a>>> {
-        let pieces = dim_pieces(self.plan.shape.dim as u64);
         let mut steps = Vec::new();
         for chunk in 0..self.plan.geometry.chunks.len() {
-            let grid = self.per_row(self.rows_of(chunk) * pieces)?;
-            if pieces > 1 {
-                steps.push(Step {
-                    chunk,
-                    ..Step::once(self.kernel(Entry::ProjectionDots)?, grid)
-                });
-            }
-            steps.push(Step {
-                chunk,
-                ..Step::once(self.kernel(Entry::NormalizeBackward)?, grid)
-            });
+            steps.extend(self.projection(chunk, false)?);
         }
-        // Gradients stored in 16 bits: each chunk's rounded from the f32 projections.
-        for chunk in 0..self.plan.geometry.chunks.len() {
-            let (features, classes) = self.plan.rounded_values(chunk);
-            let words = u64::from(features.div_ceil(2)) + u64::from(classes.div_ceil(2));
-            if words > 0 {
-                steps.push(Step {
-                    chunk,
-                    ..Step::once(self.kernel(Entry::RoundGradients)?, self.per_row(words)?)
-                });
-            }
+        Ok(steps)
+    }
+
+    /// The projection of chunk `chunk`'s stacked rows (x's with the first, unless in
+    /// blocks), or with `features_only` of x's rows alone, then the rounding of those
+    /// rows' gradients where stored in 16 bits.
+    fn projection(&self, chunk: usize, features_only: bool) -> Result<Vec<Step<'a>>> {
+        let plan = self.plan;
+        let pieces = dim_pieces(plan.shape.dim as u64);
+        let (rows, rounded) = if features_only {
+            (plan.shape.batch as u64, (plan.rounded_features(), 0))
+        } else {
+            let classes = u64::from(plan.geometry.chunks[chunk].classes);
+            let features = u64::from(plan.projected_feature_rows(chunk));
+            (classes + features, plan.rounded_values(chunk))
+        };
+        let step = |entry, grid| -> Result<Step<'a>> {
+            Ok(Step {
+                chunk,
+                features_only,
+                ..Step::once(self.kernel(entry)?, grid)
+            })
+        };
+        let grid = self.per_row(rows * pieces)?;
+        let mut steps = Vec::new();
+        if pieces > 1 {
+            steps.push(step(Entry::ProjectionDots, grid)?);
+        }
+        steps.push(step(Entry::NormalizeBackward, grid)?);
+        let words = u64::from(rounded.0.div_ceil(2)) + u64::from(rounded.1.div_ceil(2));
+        if words > 0 {
+            steps.push(step(Entry::RoundGradients, self.per_row(words)?)?);
         }
         Ok(steps)
     }
