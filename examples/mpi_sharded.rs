@@ -57,6 +57,7 @@ fn step(
         classes: w,
         labels: &labels,
         sample: None,
+        row_margins: None,
     };
     let partials = ctx.shard_forward(&inputs, params).expect("shard forward");
     let sent: &[u8] = bytemuck::cast_slice(&partials);

@@ -141,7 +141,7 @@ fn logit_grads(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let j = e - i * params.classes;
     let y = label_of(i);
     let at = i * params.logit_stride + j;
-    logits[at] = select(0.0, grad_logit(logits[at], row_softmax[i], j, y, grad_coef()), y != IGNORE);
+    logits[at] = select(0.0, grad_logit(logits[at], i, row_softmax[i], j, y, grad_coef()), y != IGNORE);
 }
 
 /// The reduction's 1/N where G left it out (defer_norm), else 1.

@@ -150,10 +150,10 @@ fn add_exp(st: ptr<function, SplitPartial>, zc: f32) -> f32 {
     return e;
 }
 
-/// The state after the row's target class, with cosine c (its logit takes the margin).
-fn add_target(state: SplitPartial, c: f32) -> SplitPartial {
+/// The state after row i's target class, with cosine c (its logit takes the margin).
+fn add_target(state: SplitPartial, c: f32, i: u32) -> SplitPartial {
     var st = state;
-    _ = add_exp(&st, target_margin(c).x);
+    _ = add_exp(&st, target_margin(c, i).x);
     st.target_cos = c;
     return st;
 }
@@ -228,7 +228,7 @@ fn finish_row(i: u32, acc: SplitPartial) {
     var stats = RowStats(0.0, 0.0, best_other, acc.best_other_class, 0.0, 0.0);
     var softmax = RowSoftmax(lse, 0.0, 0.0, acc.best_other_class, y);
     if (y != IGNORE) {
-        let zc_target = target_margin(acc.target_cos).x;
+        let zc_target = target_margin(acc.target_cos, i).x;
         let z_target = params.loss.scale * zc_target;
         // t = M − z_y ≥ 0. With X = Σ_{j≠y} exp(z_j − z_y), L_i = log(1 + X),
         // p_iy = 1/(1 + X) and 1 − p_iy = X/(1 + X): all stay exact relative to
@@ -316,7 +316,7 @@ fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lane
         let j = special[k];
         let local = j - columns.x;
         if (j != NO_CLASS && j >= columns.x && local < columns.y && (local / 4u) % lanes == lane) {
-            let g = grad_logit(row_stats[i].target_cos, row, j, y, params.loss.scale);
+            let g = grad_logit(row_stats[i].target_cos, i, row, j, y, params.loss.scale);
             logits[base + local / 4u][local % 4u] = g * inv_norm_class_quads[j / 4u][j % 4u];
         }
     }
@@ -364,7 +364,7 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let target_local = y - columns.x;
     if (y != IGNORE && y >= columns.x && target_local < columns.y && (target_local / 4u) % lanes == lane) {
         let c = logits[base + target_local / 4u][target_local % 4u];
-        st = add_target(st, c * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw));
+        st = add_target(st, c * select(1.0, inv_norm_class_quads[y / 4u][y % 4u], raw), i);
     }
     lane_partials[lid.y * lanes + lane] = st;
     workgroupBarrier();
@@ -431,7 +431,7 @@ fn summarize(@builtin(local_invocation_index) lid: u32) {
             valid += 1u;
             correct += select(0u, 1u, row_stats[i].pred == y);
             margin += row_stats[i].achieved_margin;
-            let margined = target_margin(row_stats[i].target_cos).x;
+            let margined = target_margin(row_stats[i].target_cos, i).x;
             satisfied += select(0u, 1u, margined >= row_stats[i].best_other_cos);
         }
     }

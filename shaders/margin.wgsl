@@ -1,6 +1,7 @@
 // The margin function ψ and the logit gradient G, shared by the forward and backward
 // families (prepended to forward.wgsl and backward.wgsl, after common.wgsl). Reads
-// `params.loss`, `params.batch` and `params.total_classes` of the family's uniform.
+// `params.loss`, `params.batch` and `params.total_classes` of the family's uniform, and
+// the per-row margins where the call has them.
 
 /// s and the margin function: what turns a cosine into a logit. Mirrors `LossTerms` in
 /// `src/kernels.rs`; the first member of the forward and backward uniforms.
@@ -19,7 +20,18 @@ struct LossTerms {
     objective: u32,
     /// 1: the margin passes no gradient of its own (dψ/dc taken as 1); 0: exact dψ/dc.
     straight_through: u32,
+    /// 1: each row's (m2_i, m3_i) from `row_margins` replace `angular_margin` and `margin`
+    /// (multiplicative_margin is then 1); 0: one margin for every row.
+    per_row: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
+
+/// Per-row margins (m2_i, m3_i), B pairs: the additive angular margin in [0, π) and the
+/// additive cosine margin of row i's target, read where `params.loss.per_row` is 1 (else
+/// a stand-in). Caller's input, or a schedule's output.
+@group(0) @binding(29) var<storage, read> row_margins: array<vec2<f32>>;
 
 const PI: f32 = 3.14159265358979;
 /// sin θ is clamped to at least this in the exact gradient of an angular margin (see
@@ -44,25 +56,68 @@ fn chebyshev(m: u32, c: f32) -> vec2<f32> {
     return vec2<f32>(t, u);
 }
 
-/// The target's margin function and its slope: (ψ(c), dψ/dc) with
+/// (cos x, sin x) for x in [0, π), to about an ulp of 1: by the Taylor series (to x¹⁴
+/// and x¹⁵) on [0, π/2], and by symmetry past it. WGSL's cos and sin need only be within
+/// 2⁻¹¹ there, which a per-row margin would carry into every target logit.
+fn cos_sin(x: f32) -> vec2<f32> {
+    let folded = x > 0.5 * PI;
+    let t = select(x, PI - x, folded);
+    let t2 = t * t;
+    var c = 1.0 / 87178291200.0;
+    var s = 1.0 / 1307674368000.0;
+    c = fma(c, -t2, 1.0 / 479001600.0);
+    s = fma(s, -t2, 1.0 / 6227020800.0);
+    c = fma(c, -t2, 1.0 / 3628800.0);
+    s = fma(s, -t2, 1.0 / 39916800.0);
+    c = fma(c, -t2, 1.0 / 40320.0);
+    s = fma(s, -t2, 1.0 / 362880.0);
+    c = fma(c, -t2, 1.0 / 720.0);
+    s = fma(s, -t2, 1.0 / 5040.0);
+    c = fma(c, -t2, 1.0 / 24.0);
+    s = fma(s, -t2, 1.0 / 120.0);
+    c = fma(c, -t2, 0.5);
+    s = fma(s, -t2, 1.0 / 6.0);
+    c = fma(c, -t2, 1.0);
+    s = t * fma(s, -t2, 1.0);
+    return vec2<f32>(select(c, -c, folded), s);
+}
+
+/// Row i's additive margins: (m2, cos m2, sin m2, m3), its own where the call has per-row
+/// margins, else the uniform's.
+fn additive_margins(i: u32) -> vec4<f32> {
+    if (params.loss.per_row == 1u) {
+        let m = row_margins[i];
+        let cs = cos_sin(m.x);
+        return vec4<f32>(m.x, cs.x, cs.y, m.y);
+    }
+    let l = params.loss;
+    return vec4<f32>(l.angular_margin, l.cos_m2, l.sin_m2, l.margin);
+}
+
+/// The target's margin function for row i and its slope: (ψ(c), dψ/dc) with
 /// ψ(c) = cos(m1·θ + m2) − m3, θ = acos(c), made monotonic as in the spec: ArcFace's
 /// fallback c − m2·sin m2 where θ + m2 > π, SphereFace's (−1)^k·cos(m1θ) − 2k on
 /// θ ∈ [kπ/m1, (k+1)π/m1]. The slope is 1 with `straight_through`.
-fn target_margin(c: f32) -> vec2<f32> {
-    if (params.loss.multiplicative_margin == 1u && params.loss.angular_margin == 0.0) {
-        return vec2<f32>(c - params.loss.margin, 1.0);
+fn target_margin(c: f32, i: u32) -> vec2<f32> {
+    let m = additive_margins(i);
+    let angular = m.x;
+    let cos_m2 = m.y;
+    let sin_m2 = m.z;
+    let margin = m.w;
+    if (params.loss.multiplicative_margin == 1u && angular == 0.0) {
+        return vec2<f32>(c - margin, 1.0);
     }
     let cc = clamp(c, -1.0, 1.0);
     var psi: f32;
     var slope: f32;
-    if (params.loss.angular_margin > 0.0) {
+    if (angular > 0.0) {
         // cos(θ + m2) = c·cos m2 − sin θ·sin m2, with sin θ from (1 − c)(1 + c).
         let sin_t = sqrt(max(0.0, (1.0 - cc) * (1.0 + cc)));
-        if (cc > -params.loss.cos_m2) {
-            psi = cc * params.loss.cos_m2 - sin_t * params.loss.sin_m2;
-            slope = params.loss.cos_m2 + cc * params.loss.sin_m2 / max(sin_t, SIN_GUARD);
+        if (cc > -cos_m2) {
+            psi = cc * cos_m2 - sin_t * sin_m2;
+            slope = cos_m2 + cc * sin_m2 / max(sin_t, SIN_GUARD);
         } else {
-            psi = cc - params.loss.angular_margin * params.loss.sin_m2;
+            psi = cc - angular * sin_m2;
             slope = 1.0;
         }
     } else {
@@ -77,15 +132,15 @@ fn target_margin(c: f32) -> vec2<f32> {
         // rad on some drivers) cannot flip the slope's sign next to a piece's end.
         slope = f32(m) * abs(cheb.y);
     }
-    return vec2<f32>(psi - params.loss.margin, select(slope, 1.0, params.loss.straight_through == 1u));
+    return vec2<f32>(psi - margin, select(slope, 1.0, params.loss.straight_through == 1u));
 }
 
-/// G_ij = dL/dc_ij from the cosine c_ij, for a row with label y ≠ IGNORE, its softmax
+/// G_ij = dL/dc_ij from the cosine c_ij, for row i with label y ≠ IGNORE, its softmax
 /// results `row` and a global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the
 /// forward pass's cancellation-free 1 − p_iy; the hard objective's touches only the
 /// target and the best non-target class, where its hinge is active.
-fn grad_logit(c: f32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32 {
-    if (j == y) { return -coef * row.target_complement * target_margin(c).y; }
+fn grad_logit(c: f32, i: u32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32 {
+    if (j == y) { return -coef * row.target_complement * target_margin(c, i).y; }
     if (params.loss.objective == 1u) {
         return select(0.0, coef * row.target_complement, j == row.best_other_class);
     }

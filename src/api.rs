@@ -4,8 +4,8 @@
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
-    check_slices, flags, BufferRegion, DeviceInputs, DeviceOutputs, Element, ElementTypes,
-    GradOutputs, Gradients, LossOutput, RowStats, Shape, Summary,
+    flags, BufferRegion, DeviceInputs, DeviceOutputs, Element, ElementTypes, GradOutputs,
+    Gradients, HostInputs, LossOutput, RowStats, Shape, Summary,
 };
 use crate::params::LossParams;
 use crate::plan::{Algorithm, Plan};
@@ -27,6 +27,8 @@ struct SliceState {
     features: DeviceBuffer,
     classes: DeviceBuffer,
     labels: DeviceBuffer,
+    /// Per-row margins, where a call has them.
+    row_margins: DeviceBuffer,
     row_stats: DeviceBuffer,
     summary: DeviceBuffer,
     grad_features: DeviceBuffer,
@@ -119,6 +121,7 @@ impl SliceState {
             features: buffer("features", sizes.features, input),
             classes: buffer("classes", sizes.classes, input),
             labels: buffer("labels", sizes.labels, input),
+            row_margins: buffer("row_margins", 2 * sizes.labels, input),
             row_stats: buffer("row_stats", layout.grad_features - layout.row_stats, output),
             summary: buffer("summary", layout.row_stats, output),
             grad_features: buffer("grad_features", sizes.grad_features, output),
@@ -161,6 +164,7 @@ impl SliceState {
             (&self.features, sizes.features),
             (&self.classes, sizes.classes),
             (&self.labels, sizes.labels),
+            (&self.row_margins, 2 * sizes.labels),
             (&self.row_stats, layout.grad_features - layout.row_stats),
             (&self.grad_features, sizes.grad_features),
             (&self.grad_classes, sizes.grad_classes),
@@ -234,8 +238,8 @@ impl Context {
     ) -> Result<LossOutput> {
         let shape = typed_shape::<f32, f32, f32, f32>(shape);
         let algorithm = Algorithm::choose(self, shape);
-        self.run_slice(algorithm, shape, features, classes, labels, params, pass)
-            .await
+        let inputs = HostInputs::new(shape, features, classes, labels);
+        self.run_slice(algorithm, &inputs, params, pass).await
     }
 
     /// [`Context::loss`] on a [`Problem`]'s shape, features, class vectors and labels.
@@ -263,10 +267,8 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput> {
-        let shape = typed_shape::<f32, f32, f32, f32>(shape);
-        pollster::block_on(
-            self.run_slice(algorithm, shape, features, classes, labels, params, pass),
-        )
+        let inputs = HostInputs::new(shape, features, classes, labels);
+        self.loss_inputs(&inputs, params, pass, Some(algorithm))
     }
 
     /// The loss on host slices stored in 16 or 32 bits: x of `X`, w of `W`, and the
@@ -303,32 +305,37 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput<GX, GW>> {
-        let shape = typed_shape::<X, W, GX, GW>(shape);
-        pollster::block_on(
-            self.run_slice(algorithm, shape, features, classes, labels, params, pass),
-        )
+        let inputs = HostInputs::new(shape, features, classes, labels);
+        self.loss_inputs(&inputs, params, pass, Some(algorithm))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The loss on [`HostInputs`]: [`Context::loss_typed`] with, optionally, per-row
+    /// margins, on `algorithm` (`None`: the fastest that fits the workspace budget).
+    /// Blocking.
+    pub fn loss_inputs<X: Element, W: Element, GX: Element, GW: Element>(
+        &self,
+        inputs: &HostInputs<'_, X, W>,
+        params: &LossParams,
+        pass: Pass,
+        algorithm: Option<Algorithm>,
+    ) -> Result<LossOutput<GX, GW>> {
+        let shape = typed_shape::<X, W, GX, GW>(inputs.shape);
+        let algorithm = algorithm.unwrap_or_else(|| Algorithm::choose(self, shape));
+        let inputs = HostInputs { shape, ..*inputs };
+        pollster::block_on(self.run_slice(algorithm, &inputs, params, pass))
+    }
+
     async fn run_slice<X: Element, W: Element, GX: Element, GW: Element>(
         &self,
         algorithm: Algorithm,
-        shape: Shape,
-        features: &[X],
-        classes: &[W],
-        labels: &[u32],
+        inputs: &HostInputs<'_, X, W>,
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput<GX, GW>> {
         self.check_alive()?;
         params.validate()?;
-        check_slices(shape, features, classes, labels)?;
-        let state = self.take_state(shape, algorithm)?;
-        let inputs = (
-            bytemuck::cast_slice(features),
-            bytemuck::cast_slice(classes),
-            labels,
-        );
+        inputs.check()?;
+        let state = self.take_state(inputs.shape, algorithm)?;
         let result = self.run_on_state(&state, inputs, params, pass).await;
         // A state whose call failed inside wgpu may hold a pending mapping: drop it.
         if !matches!(
@@ -391,10 +398,10 @@ impl Context {
         value
     }
 
-    async fn run_on_state<GX: Element, GW: Element>(
+    async fn run_on_state<X: Element, W: Element, GX: Element, GW: Element>(
         &self,
         state: &SliceState,
-        (features, classes, labels): (&[u8], &[u8], &[u32]),
+        host: &HostInputs<'_, X, W>,
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput<GX, GW>> {
@@ -402,12 +409,15 @@ impl Context {
         let layout = ReadbackLayout::new(shape);
         let with_grads = pass == Pass::ForwardBackward;
         let submission = self.gpu_scoped(|| {
-            self.queue
-                .write_buffer(&state.features, 0, &whole_words(features));
-            self.queue
-                .write_buffer(&state.classes, 0, &whole_words(classes));
-            self.queue
-                .write_buffer(&state.labels, 0, bytemuck::cast_slice(labels));
+            let write = |buffer: &wgpu::Buffer, bytes: &[u8]| {
+                self.queue.write_buffer(buffer, 0, &whole_words(bytes))
+            };
+            write(&state.features, bytemuck::cast_slice(host.features));
+            write(&state.classes, bytemuck::cast_slice(host.classes));
+            write(&state.labels, bytemuck::cast_slice(host.labels));
+            if let Some(margins) = host.row_margins {
+                write(&state.row_margins, bytemuck::cast_slice(margins));
+            }
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
@@ -423,6 +433,9 @@ impl Context {
                 features: BufferRegion::from(&*state.features),
                 classes: BufferRegion::from(&*state.classes),
                 labels: BufferRegion::from(&*state.labels),
+                row_margins: host
+                    .row_margins
+                    .map(|_| BufferRegion::from(&*state.row_margins)),
             };
             state
                 .plan

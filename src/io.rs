@@ -321,6 +321,13 @@ pub struct DeviceInputs<'a> {
     pub classes: BufferRegion<'a>,
     /// y: B `u32`, each in 0..C or [`crate::IGNORE`].
     pub labels: BufferRegion<'a>,
+    /// Per-row margins, B pairs of `f32` (m2_i, m3_i): the additive angular margin, in
+    /// [0, π), and the additive cosine margin of row i's target, z_iy = s·(cos(θ + m2_i) −
+    /// m3_i). They replace [`LossParams::angular_margin`](crate::LossParams::angular_margin)
+    /// and [`LossParams::margin`](crate::LossParams::margin) (whose multiplicative margin
+    /// must then be 1): the mechanism under AdaFace, MagFace and ElasticFace, and any
+    /// schedule a caller brings. `None`: every row takes the parameters' margins.
+    pub row_margins: Option<BufferRegion<'a>>,
 }
 
 /// The outputs of the device API.
@@ -355,6 +362,7 @@ impl<'a> DeviceInputs<'a> {
             features: BufferRegion::from(features),
             classes: BufferRegion::from(classes),
             labels: BufferRegion::from(labels),
+            row_margins: None,
         }
     }
 }
@@ -379,13 +387,15 @@ pub(crate) struct Region<'a> {
     pub role: &'static str,
     pub region: BufferRegion<'a>,
     pub bytes: u64,
+    /// Read only (x, w, the labels, the per-row margins), else written.
+    pub input: bool,
 }
 
-/// The first three regions are inputs, the rest outputs. An output may not share a buffer
-/// with an input (WebGPU forbids one buffer as read-only and writable storage in one
-/// dispatch), and outputs may not overlap.
+/// An output may not share a buffer with an input (WebGPU forbids one buffer as
+/// read-only and writable storage in one dispatch), and outputs may not overlap.
 pub(crate) fn check_aliasing(regions: &[Region<'_>]) -> Result<()> {
-    let (inputs, outputs) = regions.split_at(3);
+    let (inputs, outputs): (Vec<&Region<'_>>, Vec<&Region<'_>>) =
+        regions.iter().partition(|r| r.input);
     for (k, out) in outputs.iter().enumerate() {
         if let Some(input) = inputs.iter().find(|i| i.region.buffer == out.region.buffer) {
             return Err(Error::BadBuffer {
@@ -537,6 +547,84 @@ impl Element for half::f16 {
 #[cfg(feature = "half")]
 impl Element for half::bf16 {
     const TYPE: ElementType = ElementType::Bf16;
+}
+
+/// The host inputs of one slice-API call ([`Context::loss_inputs`](crate::Context::loss_inputs)):
+/// x stored as `X`, w as `W` ([`Element`]), the labels, and optionally per-row margins.
+#[derive(Debug, Clone, Copy)]
+pub struct HostInputs<'a, X: Element = f32, W: Element = f32> {
+    /// B, D and C (the element types are set from `X`, `W` and the gradients' types).
+    pub shape: Shape,
+    /// x: B×D, row-major.
+    pub features: &'a [X],
+    /// w: C×D, row-major.
+    pub classes: &'a [W],
+    /// y: B labels in 0..C, or [`IGNORE`].
+    pub labels: &'a [u32],
+    /// Per-row margins (m2_i, m3_i), as [`DeviceInputs::row_margins`]: m2_i in [0, π),
+    /// |m3_i| ≤ 2, replacing the parameters' angular and cosine margins.
+    pub row_margins: Option<&'a [[f32; 2]]>,
+}
+
+impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
+    /// x, w and the labels of `shape`, with the parameters' margins for every row.
+    pub fn new(shape: Shape, features: &'a [X], classes: &'a [W], labels: &'a [u32]) -> Self {
+        HostInputs {
+            shape,
+            features,
+            classes,
+            labels,
+            row_margins: None,
+        }
+    }
+
+    /// The same inputs with per-row margins (m2_i, m3_i).
+    pub fn with_row_margins(self, row_margins: &'a [[f32; 2]]) -> Self {
+        HostInputs {
+            row_margins: Some(row_margins),
+            ..self
+        }
+    }
+
+    /// Checks the lengths, the labels and the per-row margins on the host.
+    pub(crate) fn check(&self) -> Result<()> {
+        check_slices(self.shape, self.features, self.classes, self.labels)?;
+        match self.row_margins {
+            Some(m) => check_row_margins(m, self.shape.batch),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Largest |m3_i| of a per-row margin (as [`crate::MAX_MARGIN`]).
+const MAX_ROW_MARGIN: f32 = 2.0;
+
+/// B per-row margins, each finite, m2_i in [0, π) and |m3_i| ≤ 2.
+pub(crate) fn check_row_margins(margins: &[[f32; 2]], batch: usize) -> Result<()> {
+    if margins.len() != batch {
+        return Err(Error::LengthMismatch {
+            input: "row_margins",
+            expected: batch,
+            actual: margins.len(),
+        });
+    }
+    for &[m2, m3] in margins {
+        if !(m2.is_finite() && (0.0..std::f32::consts::PI).contains(&m2)) {
+            return Err(Error::InvalidParameter {
+                name: "row_margins (m2_i)",
+                value: m2,
+                requirement: "an angular margin in [0, π) radians",
+            });
+        }
+        if !(m3.is_finite() && m3.abs() <= MAX_ROW_MARGIN) {
+            return Err(Error::InvalidParameter {
+                name: "row_margins (m3_i)",
+                value: m3,
+                requirement: "a cosine margin in [-2, 2]",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks lengths and labels on the host, before anything reaches the GPU.

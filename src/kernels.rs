@@ -36,6 +36,7 @@ pub(crate) enum Binding {
     ClassQuads = 26,
     GradFeaturesOut = 27,
     GradClassesOut = 28,
+    RowMargins = 29,
 }
 
 /// The workgroup shape of the GEMM and the softmax rows, set on the WGSL `override`
@@ -90,10 +91,13 @@ pub(crate) struct LossTerms {
     pub sin_m2: f32,
     pub objective: u32,
     pub straight_through: u32,
+    pub per_row: u32,
+    pub _pad: [u32; 3],
 }
 
 impl LossTerms {
-    pub(crate) fn of(params: &LossParams) -> LossTerms {
+    /// The terms of `params`, with `per_row` where the call brings per-row margins.
+    pub(crate) fn of(params: &LossParams, per_row: bool) -> LossTerms {
         LossTerms {
             scale: params.effective_scale(),
             margin: params.margin,
@@ -103,6 +107,8 @@ impl LossTerms {
             sin_m2: params.angular_margin.sin(),
             objective: u32::from(params.objective == Objective::HardMargin),
             straight_through: u32::from(params.target_gradient == TargetGradient::StraightThrough),
+            per_row: u32::from(per_row),
+            _pad: [0; 3],
         }
     }
 }
@@ -506,6 +512,7 @@ const LOGIT_SOFTMAX_ROWS_BINDINGS: &[Binding] = &[
     Binding::RowSoftmax,
     Binding::RowStats,
     Binding::Logits,
+    Binding::RowMargins,
 ];
 /// The bindings of `logit_grad_rows`, in binding order.
 const LOGIT_GRAD_ROWS_BINDINGS: &[Binding] = &[
@@ -515,6 +522,7 @@ const LOGIT_GRAD_ROWS_BINDINGS: &[Binding] = &[
     Binding::RowSoftmax,
     Binding::RowStats,
     Binding::Logits,
+    Binding::RowMargins,
 ];
 /// The bindings of `merge_rows`, in binding order.
 const MERGE_ROWS_BINDINGS: &[Binding] = &[
@@ -523,6 +531,7 @@ const MERGE_ROWS_BINDINGS: &[Binding] = &[
     Binding::SplitPartials,
     Binding::RowSoftmax,
     Binding::RowStats,
+    Binding::RowMargins,
 ];
 /// The bindings of `summarize`, in binding order.
 const SUMMARIZE_BINDINGS: &[Binding] = &[
@@ -532,6 +541,7 @@ const SUMMARIZE_BINDINGS: &[Binding] = &[
     Binding::RowSoftmax,
     Binding::RowStats,
     Binding::Summary,
+    Binding::RowMargins,
 ];
 /// The bindings of `logit_grads`, in binding order.
 const LOGIT_GRADS_BINDINGS: &[Binding] = &[
@@ -540,6 +550,7 @@ const LOGIT_GRADS_BINDINGS: &[Binding] = &[
     Binding::RowSoftmax,
     Binding::Summary,
     Binding::Logits,
+    Binding::RowMargins,
 ];
 /// The bindings of `projection_dots`, in binding order.
 const PROJECTION_DOTS_BINDINGS: &[Binding] = &[
@@ -1073,8 +1084,32 @@ mod tests {
         }
         // LossTerms, the first member of two of them, member by member.
         let (_, forward_members) = wgsl_uniform(FORWARD_WGSL, 0);
-        assert_eq!(forward_members[1], ("batch".to_string(), 32));
-        assert_eq!(size_of::<LossTerms>(), 32);
-        assert_eq!(offset_of!(ForwardParams, batch), 32);
+        assert_eq!(forward_members[1], ("batch".to_string(), 48));
+        assert_eq!(size_of::<LossTerms>(), 48);
+        assert_eq!(offset_of!(ForwardParams, batch), 48);
+        let module = naga::front::wgsl::parse_str(FORWARD_WGSL).expect("the WGSL parses");
+        let terms = module
+            .types
+            .iter()
+            .find_map(|(_, t)| match &t.inner {
+                naga::TypeInner::Struct { members, .. }
+                    if t.name.as_deref() == Some("LossTerms") =>
+                {
+                    Some(
+                        members
+                            .iter()
+                            .map(|m| (m.name.clone().unwrap_or_default(), m.offset)),
+                    )
+                }
+                _ => None,
+            })
+            .expect("LossTerms in forward.wgsl")
+            .filter(|(name, _)| !name.starts_with("_pad"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            terms,
+            fields!(LossTerms: scale, margin, multiplicative_margin, angular_margin, cos_m2,
+                sin_m2, objective, straight_through, per_row)
+        );
     }
 }

@@ -59,7 +59,7 @@ pub use error::{Error, Result};
 pub use half;
 pub use io::{
     flags, BufferRegion, DeviceInputs, DeviceOutputs, Element, ElementType, ElementTypes,
-    GradOutputs, Gradients, LossOutput, RowStats, Shape, Summary, IGNORE,
+    GradOutputs, Gradients, HostInputs, LossOutput, RowStats, Shape, Summary, IGNORE,
 };
 pub use kernels::{GemmCandidate, TileConfig};
 pub use params::{

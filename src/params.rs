@@ -146,6 +146,16 @@ impl LossParams {
 }
 
 impl LossParams {
+    /// The parameters of a row whose per-row margins are `[m2, m3]`: its angular and
+    /// cosine margins replaced ([`crate::DeviceInputs::row_margins`]).
+    pub fn with_row_margin(&self, [m2, m3]: [f32; 2]) -> LossParams {
+        LossParams {
+            angular_margin: m2,
+            margin: m3,
+            ..*self
+        }
+    }
+
     /// `max(scale, scale_min)`, the scale the kernels use.
     pub fn effective_scale(&self) -> f32 {
         self.scale.max(self.scale_min)

@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::io::Shape;
-use crate::io::{ElementType, ElementTypes, LossOutput, IGNORE};
+use crate::io::{ElementType, ElementTypes, HostInputs, LossOutput, IGNORE};
 use crate::params::{LossParams, Objective, Reduction, TargetGradient};
 use crate::problem::Problem;
 
@@ -91,14 +91,27 @@ pub fn loss(
     labels: &[u32],
     params: &LossParams,
 ) -> Result<ReferenceOutput> {
+    loss_inputs(&HostInputs::new(shape, features, classes, labels), params)
+}
+
+/// [`loss`] on [`HostInputs`], with their per-row margins where they have them.
+pub fn loss_inputs(inputs: &HostInputs<'_>, params: &LossParams) -> Result<ReferenceOutput> {
     params.validate()?;
-    crate::io::check_slices(shape, features, classes, labels)?;
+    inputs.check()?;
+    if inputs.row_margins.is_some() && params.multiplicative_margin != 1 {
+        return Err(crate::Error::InvalidParameter {
+            name: "multiplicative_margin",
+            value: params.multiplicative_margin as f32,
+            requirement: "1 with per-row margins: they are additive margins (m2_i, m3_i) of \
+                          the combined form cos(θ + m2_i) − m3_i",
+        });
+    }
     let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
     Ok(loss_f64(
-        shape,
-        &widen(features),
-        &widen(classes),
-        labels,
+        inputs.shape,
+        &widen(inputs.features),
+        &widen(inputs.classes),
+        (inputs.labels, inputs.row_margins),
         params,
         f64::from(params.scale),
     ))
@@ -157,13 +170,15 @@ pub fn target_margin(params: &LossParams, c: f64) -> (f64, f64) {
 }
 
 /// The loss and its gradients in f64 on f64 inputs, with the scale given in f64 (for
-/// finite differences in s); the other parameters come from `params`. Labels that are
-/// not classes count as ignored. Lengths must match `shape`.
+/// finite differences in s); the other parameters come from `params`, each row's
+/// angular and cosine margins from its per-row margins where given
+/// ([`LossParams::with_row_margin`]). Labels that are not classes count as ignored.
+/// Lengths must match `shape`.
 pub fn loss_f64(
     shape: Shape,
     x: &[f64],
     w: &[f64],
-    labels: &[u32],
+    (labels, row_margins): (&[u32], Option<&[[f32; 2]]>),
     params: &LossParams,
     scale: f64,
 ) -> ReferenceOutput {
@@ -184,6 +199,7 @@ pub fn loss_f64(
     let valid_rows = (0..b).filter(|&i| label(i).is_some()).count();
     let mut batch = Batch {
         params,
+        row_margins,
         xh: &xh,
         wh: &wh,
         inv_x: &inv_x,
@@ -293,6 +309,8 @@ fn record_prediction(
 /// its gradient terms add to.
 struct Batch<'a> {
     params: &'a LossParams,
+    /// Per-row margins, where the call has them.
+    row_margins: Option<&'a [[f32; 2]]>,
     xh: &'a [f64],
     wh: &'a [f64],
     inv_x: &'a [f64],
@@ -368,7 +386,10 @@ impl Batch<'_> {
         y: usize,
         best_other: Option<usize>,
     ) -> Target<'c> {
-        let params = self.params;
+        let params = &match self.row_margins {
+            Some(margins) => self.params.with_row_margin(margins[i]),
+            None => *self.params,
+        };
         out.correct_rows += usize::from(out.pred[i] as usize == y);
         out.target_cos[i] = cos[y];
         out.achieved_margin[i] = cos[y] - out.best_other_cos[i];

@@ -11,7 +11,10 @@ use crate::api::check_flags;
 use crate::api::whole_words;
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
-use crate::io::{check_batch, check_slices, Element, ElementTypes, Gradients, LossOutput, IGNORE};
+use crate::io::{
+    check_batch, check_row_margins, Element, ElementTypes, Gradients, HostInputs, LossOutput,
+    IGNORE,
+};
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{Binding, Timestamps};
 use crate::params::{LossParams, Objective, Reduction};
@@ -199,6 +202,17 @@ pub fn finish_rows(
     total_classes: usize,
     params: &LossParams,
 ) -> Result<GlobalRows> {
+    finish_rows_with_margins(merged, (labels, None), total_classes, params)
+}
+
+/// [`finish_rows`] with the batch's per-row margins, where the shards had them (each
+/// row's target takes its own, [`LossParams::with_row_margin`]).
+pub fn finish_rows_with_margins(
+    merged: &[RowPartial],
+    (labels, row_margins): (&[u32], Option<&[[f32; 2]]>),
+    total_classes: usize,
+    params: &LossParams,
+) -> Result<GlobalRows> {
     let s = f64::from(params.effective_scale());
     let b = merged.len();
     if labels.len() != b {
@@ -207,6 +221,9 @@ pub fn finish_rows(
             expected: b,
             actual: labels.len(),
         });
+    }
+    if let Some(margins) = row_margins {
+        check_row_margins(margins, b)?;
     }
     let mut softmax = Vec::with_capacity(b);
     let mut out = LossOutput {
@@ -241,7 +258,11 @@ pub fn finish_rows(
             label: if valid { y } else { IGNORE },
         };
         if valid {
-            let terms = target_row_terms(acc, lse, best_other, params, s);
+            let row_params = match row_margins {
+                Some(margins) => params.with_row_margin(margins[i]),
+                None => *params,
+            };
+            let terms = target_row_terms(acc, lse, best_other, &row_params, s);
             row.scale_grad = terms.scale_grad as f32;
             row.target_complement = terms.complement as f32;
             record_target_row(&mut out, i, acc, y, best_other, &terms);
@@ -367,6 +388,10 @@ pub struct ShardInputs<'a, X: Element = f32, W: Element = f32> {
     /// keep every positive. The kernels read rows through it; nothing is copied, and the
     /// gradient lands on these rows only.
     pub sample: Option<&'a [u32]>,
+    /// The batch's per-row margins (m2_i, m3_i), B pairs, as
+    /// [`DeviceInputs::row_margins`](crate::DeviceInputs::row_margins): the same on every
+    /// shard, and given to [`finish_rows_with_margins`] too.
+    pub row_margins: Option<&'a [[f32; 2]]>,
 }
 
 /// A shard as its plan sees it: its classes (the sampled rows gathered, where sampled) as
@@ -437,6 +462,10 @@ struct ShardBuffers {
     features: wgpu::Buffer,
     classes: wgpu::Buffer,
     labels: wgpu::Buffer,
+    /// The per-row margins of the last call that had them (B pairs).
+    row_margins: wgpu::Buffer,
+    /// Whether the current call has per-row margins.
+    per_row: bool,
     row_stats: wgpu::Buffer,
     summary: wgpu::Buffer,
     /// The host slices (addresses and lengths of x, w and the labels) whose dots the last
@@ -520,6 +549,13 @@ impl ShardBuffers {
             features: init("features", bytemuck::cast_slice(inputs.features)),
             classes: init("classes", bytemuck::cast_slice(&local.classes)),
             labels: init("labels", bytemuck::cast_slice(&local.labels)),
+            row_margins: init(
+                "row_margins",
+                &whole_words(bytemuck::cast_slice(
+                    inputs.row_margins.unwrap_or(&vec![[0.0; 2]; shape.batch]),
+                )),
+            ),
+            per_row: inputs.row_margins.is_some(),
             row_stats: init("row_stats", &rows),
             summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
             dots_of: None,
@@ -541,13 +577,19 @@ impl ShardBuffers {
     /// slices of the forward whose dots a backward takes) and clears the outputs, leaving
     /// the buffers as [`ShardBuffers::new`] would make them.
     fn upload<X: Element, W: Element>(
-        &self,
+        &mut self,
         ctx: &Context,
-        x: &[X],
+        inputs: &ShardInputs<'_, X, W>,
         local: &LocalShard<'_, W>,
         held: bool,
     ) {
+        let x = inputs.features;
         let write = |buffer, bytes: &[u8]| ctx.queue.write_buffer(buffer, 0, bytes);
+        // The margins are written every call: a backward takes its target's from them.
+        self.per_row = inputs.row_margins.is_some();
+        if let Some(margins) = inputs.row_margins {
+            write(&self.row_margins, bytemuck::cast_slice(margins));
+        }
         if !held {
             write(&self.features, &whole_words(bytemuck::cast_slice(x)));
             write(
@@ -569,7 +611,10 @@ impl ShardBuffers {
         params: &LossParams,
         phase: Phase,
     ) -> Result<()> {
-        let inputs = DeviceInputs::whole(&self.features, &self.classes, &self.labels);
+        let inputs = DeviceInputs {
+            row_margins: self.per_row.then(|| BufferRegion::from(&self.row_margins)),
+            ..DeviceInputs::whole(&self.features, &self.classes, &self.labels)
+        };
         let outputs = DeviceOutputs::whole(&self.row_stats, &self.summary, grads);
         self.plan.record_phase(
             ctx,
@@ -677,20 +722,32 @@ impl Context {
             classes: w,
             labels,
             sample,
+            row_margins,
         } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
+        if let Some(margins) = row_margins {
+            check_row_margins(margins, shape.batch)?;
+            if params.multiplicative_margin != 1 {
+                return Err(Error::InvalidParameter {
+                    name: "multiplicative_margin",
+                    value: params.multiplicative_margin as f32,
+                    requirement:
+                        "1 with per-row margins (additive margins of cos(θ + m2_i) − m3_i)",
+                });
+            }
+        }
         let local = LocalShard::new(inputs);
         let cached = self.with_cache(Vec::<ShardBuffers>::new, |kept| {
             let at = kept.iter().position(|b| b.serves(inputs))?;
             Some(kept.remove(at))
         });
         let buffers = self.gpu_scoped(|| match cached {
-            Some(buffers) => {
+            Some(mut buffers) => {
                 // A backward on its forward's slices finds them uploaded (the dots it
                 // reuses rest on the same assumption: the inputs are unchanged).
                 let held = backward && buffers.dots_of == Some(inputs_id(inputs));
-                buffers.upload(self, x, &local, held);
+                buffers.upload(self, inputs, &local, held);
                 Ok(buffers)
             }
             None => ShardBuffers::new(self, inputs, &local),
@@ -949,6 +1006,16 @@ pub fn sharded_loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
     labels: &[u32],
     params: &LossParams,
 ) -> Result<LossOutput<GX, GW>> {
+    sharded_loss_inputs(contexts, &HostInputs::new(shape, x, w, labels), params)
+}
+
+/// [`sharded_loss_typed`] on [`HostInputs`], with their per-row margins where they have
+/// them (the same on every shard, and in the host's merge).
+pub fn sharded_loss_inputs<X: Element, W: Element, GX: Element, GW: Element>(
+    contexts: &[&Context],
+    host: &HostInputs<'_, X, W>,
+    params: &LossParams,
+) -> Result<LossOutput<GX, GW>> {
     if contexts.is_empty() {
         return Err(Error::InvalidParameter {
             name: "contexts",
@@ -956,8 +1023,15 @@ pub fn sharded_loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
             requirement: "at least one Context: pass one per shard (the same context may repeat)",
         });
     }
-    check_slices(shape, x, w, labels)?;
+    host.check()?;
     params.validate()?;
+    let HostInputs {
+        shape,
+        features: x,
+        classes: w,
+        labels,
+        row_margins,
+    } = *host;
     let k = contexts.len().min(shape.classes).max(1);
     let shards = (0..k)
         .map(|s| ClassShard::split(shape.classes, k, s))
@@ -971,12 +1045,14 @@ pub fn sharded_loss_typed<X: Element, W: Element, GX: Element, GW: Element>(
         classes: part(shard),
         labels,
         sample: None,
+        row_margins,
     };
     // k ≤ contexts.len(): shard s runs on contexts[s].
     for (shard, ctx) in shards.iter().zip(contexts) {
         partials.push(ctx.shard_forward(&inputs(shard), params)?);
     }
-    let rows = finish_rows(&merge_shards(&partials)?, labels, shape.classes, params)?;
+    let merged = merge_shards(&partials)?;
+    let rows = finish_rows_with_margins(&merged, (labels, row_margins), shape.classes, params)?;
     rows.check()?;
     let mut features = vec![0.0f32; shape.batch * shape.dim];
     let mut classes = Vec::with_capacity(w.len());
@@ -1037,6 +1113,7 @@ mod tests {
             classes: &p.classes,
             labels: &p.labels,
             sample: None,
+            row_margins: None,
         };
         let held = |ctx: &Context| {
             ctx.with_cache(Vec::<ShardBuffers>::new, |kept| {

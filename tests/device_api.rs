@@ -97,6 +97,7 @@ fn engine_buffers_match_the_slice_api_and_guards_stay_intact() {
             features: input(0),
             classes: input(1),
             labels: input(2),
+            row_margins: None,
         },
         &DeviceOutputs {
             row_stats: output(0),
@@ -187,6 +188,7 @@ fn forward_only_leaves_gradient_buffers_alone() {
             features: (&x).into(),
             classes: (&w).into(),
             labels: (&y).into(),
+            row_margins: None,
         },
         &DeviceOutputs {
             row_stats: (&stats).into(),
@@ -237,6 +239,7 @@ fn unusable_caller_buffers_are_typed_errors() {
                 features,
                 classes: (&good).into(),
                 labels: (&good).into(),
+                row_margins: None,
             },
             &DeviceOutputs {
                 row_stats: (&good).into(),
@@ -257,6 +260,7 @@ fn unusable_caller_buffers_are_typed_errors() {
                 features: (&shared).into(),
                 classes: (&good).into(),
                 labels: (&good).into(),
+                row_margins: None,
             },
             &DeviceOutputs {
                 row_stats: BufferRegion {

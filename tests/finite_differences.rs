@@ -10,6 +10,11 @@ const H: f64 = 1e-6;
 const BOUND: f64 = 1e-6;
 
 fn fd_check(shape: Shape, seed: u64, params: LossParams) {
+    fd_check_rows(shape, seed, params, None);
+}
+
+/// [`fd_check`] with per-row margins (m2_i, m3_i), where given.
+fn fd_check_rows(shape: Shape, seed: u64, params: LossParams, row_margins: Option<&[[f32; 2]]>) {
     let scale = f64::from(params.scale);
     let p = Problem::random(shape, seed);
     let mut labels = p.labels.clone();
@@ -18,7 +23,8 @@ fn fd_check(shape: Shape, seed: u64, params: LossParams) {
     }
     let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
     let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
-    let eval = |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, &labels, &params, s);
+    let eval =
+        |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, (&labels, row_margins), &params, s);
     let base = eval(&x, &w, scale);
     let check = |name: &str, analytic: &[f64], numeric: &[f64]| {
         let scale = analytic
@@ -113,4 +119,29 @@ fn margin_family_gradients_match_finite_differences() {
             ..LossParams::default()
         },
     );
+}
+
+/// Per-row margins, each row its own (m2_i, m3_i): CosFace's (m2 = 0), ArcFace's, the
+/// combined form, and an angular margin past θ + m2 = π for some rows (the fallback).
+#[test]
+fn per_row_margin_gradients_match_finite_differences() {
+    let shape = Shape::new(6, 5, 7);
+    let margins = [
+        [0.0, 0.35],
+        [0.5, 0.0],
+        [0.3, 0.1],
+        [2.9, 0.0],
+        [0.0, -0.2],
+        [1.2, 0.4],
+    ];
+    let params = LossParams {
+        scale: 12.0,
+        ..LossParams::default()
+    };
+    fd_check_rows(shape, 9, params, Some(&margins));
+    let sum = LossParams {
+        reduction: Reduction::Sum,
+        ..params
+    };
+    fd_check_rows(shape, 10, sum, Some(&margins));
 }

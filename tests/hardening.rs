@@ -216,6 +216,7 @@ fn each_recording_keeps_its_own_parameters() {
         features: (&x).into(),
         classes: (&w).into(),
         labels: (&y).into(),
+        row_margins: None,
     };
     for algorithm in [
         Algorithm::MemoryMinimal,
@@ -294,6 +295,7 @@ fn plans_and_buffers_of_another_device_are_bad_buffers() {
             features: (&buffers.0).into(),
             classes: (&buffers.1).into(),
             labels: (&buffers.2).into(),
+            row_margins: None,
         };
         plan.record(c, &mut encoder, &inputs, &out.regions(), &params)
     };
@@ -363,6 +365,7 @@ fn shard_backward_reports_overflowing_gradients() {
         classes: &p.classes,
         labels: &p.labels,
         sample: None,
+        row_margins: None,
     };
     let partials = ctx.shard_forward(&inputs, &params).expect("forward");
     let merged = merge_shards(&[partials]).expect("one shard");

@@ -370,6 +370,7 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
                 features: BufferRegion::from(features),
                 classes: BufferRegion::from(&wb),
                 labels: BufferRegion::from(&labels),
+                row_margins: None,
             },
             &DeviceOutputs {
                 row_stats: BufferRegion::from(&rows),

@@ -135,6 +135,7 @@ fn a_shard_whose_range_overflows_is_an_error() {
             classes: &p.classes,
             labels: &[0, 1],
             sample: None,
+            row_margins: None,
         };
         for result in [
             ctx.shard_forward(&inputs, &params).map(|_| ()),
@@ -205,6 +206,7 @@ fn a_bad_sample_names_the_offending_row() {
             classes: &p.classes,
             labels: &labels,
             sample: Some(sample),
+            row_margins: None,
         };
         let message = ctx.shard_forward(&inputs, &params).unwrap_err().to_string();
         assert!(message.contains(value), "{sample:?}: {message}");

@@ -130,6 +130,7 @@ fn bad_shards_are_typed_errors() {
         classes: &p.classes[..12],
         labels: &p.labels,
         sample: None,
+        row_margins: None,
     };
     assert!(matches!(
         ctx.shard_forward(&inputs, &params),
@@ -213,6 +214,7 @@ fn class_centre_sampling_matches_the_reference_on_the_subset() {
         classes: &p.classes,
         labels: &p.labels,
         sample: Some(&sample),
+        row_margins: None,
     };
     let partials = ctx
         .shard_forward(&inputs, &params)
@@ -327,6 +329,7 @@ fn backward_from_kept_dots_matches_recomputed_dots_bit_for_bit() {
         classes: &p.classes[shard.first * d..(shard.first + shard.count) * d],
         labels: &p.labels,
         sample: None,
+        row_margins: None,
     };
     let partials = ctx.shard_forward(&inputs, &params).expect("forward");
     let rows = finish_rows(

@@ -245,6 +245,7 @@ fn record(inputs: LossInputs<CubeBackend>, params: LossParams, with_grads: bool)
         features: region(x.resource()),
         classes: region(w.resource()),
         labels: region(y.resource()),
+        row_margins: None,
     };
     let outputs = DeviceOutputs {
         row_stats: region(stats.resource()),

@@ -57,6 +57,15 @@ impl Plan {
             });
         }
         params.validate()?;
+        let per_row = inputs.row_margins.is_some();
+        if per_row && params.multiplicative_margin != 1 {
+            return Err(Error::InvalidParameter {
+                name: "multiplicative_margin",
+                value: params.multiplicative_margin as f32,
+                requirement: "1 with per-row margins: they are additive margins (m2_i, m3_i) of \
+                              the combined form cos(θ + m2_i) − m3_i",
+            });
+        }
         let regions = self.regions(inputs, outputs);
         for r in &regions {
             check_region(ctx, r)?;
@@ -82,7 +91,7 @@ impl Plan {
         // Every bind group first, in an error scope, before anything reaches the caller's
         // encoder: a buffer wgpu refuses (another device's) is a typed error naming it.
         let groups = bind_checked(ctx, &dispatches, &regions)?;
-        self.upload_params(ctx, encoder, params, outputs.grads.is_some());
+        self.upload_params(ctx, encoder, params, outputs.grads.is_some(), per_row);
         encode_bound(encoder, &dispatches, &groups, timestamps)
     }
 
@@ -103,38 +112,53 @@ impl Plan {
                 role: "features",
                 region: inputs.features,
                 bytes: e.features.region_bytes(product(&[b, d])),
+                input: true,
             },
             Region {
                 role: "classes",
                 region: inputs.classes,
                 bytes: e.classes.region_bytes(product(&[c, d])),
+                input: true,
             },
             Region {
                 role: "labels",
                 region: inputs.labels,
                 bytes: b * 4,
+                input: true,
             },
             Region {
                 role: "row_stats",
                 region: outputs.row_stats,
                 bytes: b * std::mem::size_of::<RowStats>() as u64,
+                input: false,
             },
             Region {
                 role: "summary",
                 region: outputs.summary,
                 bytes: std::mem::size_of::<Summary>() as u64,
+                input: false,
             },
         ];
+        if let Some(row_margins) = inputs.row_margins {
+            regions.push(Region {
+                role: "row_margins",
+                region: row_margins,
+                bytes: b * 8,
+                input: true,
+            });
+        }
         if let Some(grads) = &outputs.grads {
             regions.push(Region {
                 role: "grad_features",
                 region: grads.features,
                 bytes: e.grad_features.region_bytes(product(&[b, d])),
+                input: false,
             });
             regions.push(Region {
                 role: "grad_classes",
                 region: grads.classes,
                 bytes: e.grad_classes.region_bytes(product(&[c, d])),
+                input: false,
             });
         }
         regions
@@ -160,8 +184,9 @@ impl Plan {
         encoder: &mut wgpu::CommandEncoder,
         params: &LossParams,
         with_grads: bool,
+        per_row: bool,
     ) {
-        let uniforms = self.family_uniforms(ctx, params, with_grads);
+        let uniforms = self.family_uniforms(ctx, params, with_grads, per_row);
         // Through the encoder, not the queue: each recording's copy runs just before its
         // own dispatches, so recordings made before a submit keep their own parameters.
         // The upload buffer is this recording's alone: the queue fills it at the next
@@ -183,13 +208,19 @@ impl Plan {
     }
 
     /// The bytes of every family uniform, each in its slot.
-    fn family_uniforms(&self, ctx: &Context, params: &LossParams, with_grads: bool) -> Vec<u8> {
+    fn family_uniforms(
+        &self,
+        ctx: &Context,
+        params: &LossParams,
+        with_grads: bool,
+        per_row: bool,
+    ) -> Vec<u8> {
         let stride = uniform_stride(ctx, FAMILY_UNIFORM_BYTES) as usize;
         let mut uniforms = vec![0u8; stride * self.geometry.uniforms()];
         let mut put = |slot: usize, bytes: &[u8]| {
             uniforms[slot * stride..slot * stride + bytes.len()].copy_from_slice(bytes)
         };
-        let loss = LossTerms::of(params);
+        let loss = LossTerms::of(params, per_row);
         for k in 0..self.geometry.chunks.len() {
             put(
                 self.uniform_slot(Family::Norms, k, 0),
@@ -461,6 +492,11 @@ impl Plan {
                 })
             }
             Binding::Labels => caller("labels", None),
+            // Read only where the call has per-row margins (LossTerms::per_row).
+            Binding::RowMargins => match regions.iter().any(|r| r.role == "row_margins") {
+                true => caller("row_margins", None),
+                false => Ok(whole(&ctx.quad_stand_in)),
+            },
             Binding::RowStats => caller("row_stats", None),
             Binding::Summary => caller("summary", None),
             // The gradients in f32: the caller's where stored in f32, else the workspace
@@ -900,6 +936,7 @@ pub(super) fn binding_name(binding: Binding) -> &'static str {
         Binding::GradClasses => "grad_classes",
         Binding::GradFeaturesOut => "grad_features_out",
         Binding::GradClassesOut => "grad_classes_out",
+        Binding::RowMargins => "row_margins",
         Binding::InvNormClassQuads => "inv_norm_class_quads",
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
