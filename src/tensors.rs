@@ -27,6 +27,9 @@ pub struct LossInputs {
     pub weights: StoredValues,
     /// The file's `scale`, if it has one.
     pub scale: Option<f32>,
+    /// The file's `row_margins` (B×2 f32: each row's angular margin m2_i and cosine
+    /// margin m3_i, [`crate::HostInputs::row_margins`]), if it has them.
+    pub row_margins: Option<Vec<[f32; 2]>>,
 }
 
 /// A floating-point tensor's values as the file stores them: f32, or 16-bit values kept
@@ -331,6 +334,7 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
     let (stored_weights, classes) = stored_values("weights", &w)?;
     let labels = label_values(&y, c)?;
     let scale = scalar_scale(&file)?;
+    let row_margins = row_margin_values(&file, b)?;
     Ok(LossInputs {
         problem: Problem {
             shape: Shape::new(b, d, c),
@@ -341,7 +345,34 @@ pub fn parse_inputs(bytes: &[u8]) -> Result<LossInputs, InputError> {
         features: stored_features,
         weights: stored_weights,
         scale,
+        row_margins,
     })
+}
+
+/// The optional `row_margins` tensor: B×2 f32, each row's (m2_i, m3_i), in range.
+fn row_margin_values(
+    file: &SafeTensors<'_>,
+    b: usize,
+) -> Result<Option<Vec<[f32; 2]>>, InputError> {
+    if !file.names().iter().any(|n| *n == "row_margins") {
+        return Ok(None);
+    }
+    let raw = get(file, "row_margins")?;
+    expect_rank("row_margins", &raw, 2, "B×2 (m2_i, m3_i) per row")?;
+    if raw.shape != [b, 2] {
+        return Err(tensor_error(
+            "row_margins",
+            format!(
+                "expected shape [{b}, 2], one (m2_i, m3_i) per row of features, found {:?}",
+                raw.shape
+            ),
+        ));
+    }
+    let values = f32_values("row_margins", &raw)?;
+    let margins: Vec<[f32; 2]> = values.chunks_exact(2).map(|m| [m[0], m[1]]).collect();
+    crate::io::check_row_margins(&margins, b)
+        .map_err(|e| tensor_error("row_margins", e.to_string()))?;
+    Ok(Some(margins))
 }
 
 /// The labels of rows 0.. from the i64 or i32 tensor `y`: a class of `c`, or IGNORE for

@@ -580,3 +580,29 @@ fn sixteen_bit_errors_name_the_tensor() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("loss_scale"), "{stderr}");
 }
+
+/// A `row_margins` tensor (B×2 f32) gives each row its own (m2_i, m3_i): `--verify`
+/// passes against the reference with the same margins on F32 and BF16 inputs, the loss
+/// differs from the run without them, and a tensor of the wrong shape or out of range is
+/// exit 2 naming it.
+#[test]
+fn row_margins_from_the_file() {
+    let mut e = typed_entries(ElementType::F32);
+    let without = verified_run("row_margins_none", &e, &[]);
+    let margins: Vec<f32> = (0..7)
+        .flat_map(|i| [0.1 * (i % 3) as f32, 0.05 * i as f32])
+        .collect();
+    e.push(("row_margins", Dtype::F32, vec![7, 2], f32_bytes(&margins)));
+    let with = verified_run("row_margins_f32", &e, &[]);
+    let loss = |bytes: &[u8]| read_f32(&SafeTensors::deserialize(bytes).unwrap(), "loss").1;
+    assert_ne!(loss(&with), loss(&without), "the margins change the loss");
+    let mut bf16 = typed_entries(ElementType::Bf16);
+    bf16.push(e[3].clone());
+    verified_run("row_margins_bf16", &bf16, &[]);
+    let mut wrong_shape = e.clone();
+    wrong_shape[3].2 = vec![14];
+    assert_bad_input("row_margins_shape", Ok(wrong_shape), "row_margins");
+    let mut out_of_range = e.clone();
+    out_of_range[3].3 = f32_bytes(&[[4.0f32, 0.0]; 7].concat());
+    assert_bad_input("row_margins_range", Ok(out_of_range), "row_margins");
+}

@@ -12,8 +12,8 @@ use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
-    Element, ElementTypes, LossOutput, LossParams, Objective, Pass, Problem, Reduction, Shape,
-    TargetGradient,
+    Element, ElementTypes, HostInputs, LossOutput, LossParams, Objective, Pass, Problem, Reduction,
+    Shape, TargetGradient,
 };
 
 #[derive(Parser)]
@@ -419,15 +419,13 @@ impl LossRun<'_> {
         let problem = &inputs.problem;
         let shape = problem.shape;
         let elements = ElementTypes::of::<X, W, GX, GW>();
+        let margins = inputs.row_margins.as_deref();
+        let host = HostInputs {
+            row_margins: margins,
+            ..HostInputs::new(shape, x, w, &problem.labels)
+        };
         let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
-            ctx.loss_typed::<X, W, GX, GW>(
-                shape,
-                x,
-                w,
-                &problem.labels,
-                params,
-                Pass::ForwardBackward,
-            )
+            ctx.loss_inputs::<X, W, GX, GW>(&host, params, Pass::ForwardBackward, None)
         });
         let out = result.map_err(loss_failure)?;
         let (accuracy, achieved) = training_figures(&out, &problem.labels);
@@ -442,11 +440,14 @@ impl LossRun<'_> {
             W::TYPE.name(),
             shape.batch
         );
+        let margin = match margins {
+            Some(_) => "per row (the file's row_margins)".to_string(),
+            None => params.margin.to_string(),
+        };
         println!(
-            "params      s = {} (effective {}), m = {}, reduction {:?}",
+            "params      s = {} (effective {}), m = {margin}, reduction {:?}",
             params.scale,
             params.effective_scale(),
-            params.margin,
             params.reduction
         );
         println!(
@@ -466,7 +467,11 @@ impl LossRun<'_> {
         let mut verdict = Ok(());
         if args.verify {
             // The reference runs on the values as stored (widened exactly to f32).
-            let expected = reference::loss_on(problem, params).map_err(failure)?;
+            let stored = HostInputs {
+                row_margins: margins,
+                ..HostInputs::new(shape, &problem.features, &problem.classes, &problem.labels)
+            };
+            let expected = reference::loss_inputs(&stored, params).map_err(failure)?;
             let check = reference::compare_stored(
                 shape.dim,
                 params,
