@@ -354,7 +354,7 @@ fn row_margin_values(
     file: &SafeTensors<'_>,
     b: usize,
 ) -> Result<Option<Vec<[f32; 2]>>, InputError> {
-    if !file.names().iter().any(|n| *n == "row_margins") {
+    if !file.names().contains(&"row_margins") {
         return Ok(None);
     }
     let raw = get(file, "row_margins")?;
