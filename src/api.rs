@@ -288,9 +288,8 @@ impl Context {
         params: &LossParams,
         pass: Pass,
     ) -> Result<LossOutput<GX, GW>> {
-        let shape = typed_shape::<X, W, GX, GW>(shape);
-        let algorithm = Algorithm::choose(self, shape);
-        self.loss_typed_with(algorithm, shape, features, classes, labels, params, pass)
+        let inputs = HostInputs::new(shape, features, classes, labels);
+        self.loss_inputs(&inputs, params, pass, None)
     }
 
     /// [`Context::loss_typed`] with a given algorithm. Blocking.
