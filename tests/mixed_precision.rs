@@ -252,6 +252,7 @@ fn a_loss_scale_recovers_gradients_that_underflow_f16() {
             .unwrap();
         verdicts.push((loss_scale, zeros, error.1, error.2));
     }
+    eprintln!("(loss scale, dL/dx values rounded to 0, error, bound): {verdicts:?}");
     let (unscaled, scaled) = (verdicts[0], verdicts[1]);
     assert!(
         unscaled.1 > b * d / 10 && unscaled.2 > 10.0 * unscaled.3,
