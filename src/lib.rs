@@ -42,6 +42,7 @@ mod params;
 mod plan;
 mod problem;
 pub mod reference;
+pub mod schedule;
 pub mod shard;
 pub mod sphere;
 #[cfg(feature = "cli")]

@@ -606,3 +606,55 @@ fn row_margins_from_the_file() {
     out_of_range[3].3 = f32_bytes(&[[4.0f32, 0.0]; 7].concat());
     assert_bad_input("row_margins_range", Ok(out_of_range), "row_margins");
 }
+
+/// `--elastic` draws ElasticFace's per-row margins from `--seed` and `--step`: `--verify`
+/// passes for each kind (the "+" ones from a forward pass's target cosines), the same
+/// seed and step give the same loss, another step another, and `--elastic` beside a
+/// `row_margins` tensor is exit 2.
+#[test]
+fn elastic_margins_from_the_flags() {
+    let e = typed_entries(ElementType::F32);
+    let loss = |bytes: &[u8]| read_f32(&SafeTensors::deserialize(bytes).unwrap(), "loss").1;
+    for kind in ["arc", "cos", "arc-plus", "cos-plus"] {
+        let a = verified_run(
+            "elastic",
+            &e,
+            &["--elastic", kind, "--seed", "3", "--step", "4"],
+        );
+        let b = verified_run(
+            "elastic",
+            &e,
+            &["--elastic", kind, "--seed", "3", "--step", "4"],
+        );
+        let c = verified_run(
+            "elastic",
+            &e,
+            &["--elastic", kind, "--seed", "3", "--step", "5"],
+        );
+        assert_eq!(loss(&a), loss(&b), "{kind}: the same draws");
+        assert_ne!(loss(&a), loss(&c), "{kind}: another step");
+    }
+    let d = dir("elastic_and_tensor");
+    let input = d.join("in.safetensors");
+    let mut both = e.clone();
+    both.push(("row_margins", Dtype::F32, vec![7, 2], f32_bytes(&[0.1; 14])));
+    write(&input, &both);
+    let output = d.join("out.safetensors");
+    let out = run(&[
+        "loss",
+        "--quiet",
+        "--elastic",
+        "arc",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("row_margins"));
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use margin_softmax::reference::{self, Comparison};
+use margin_softmax::schedule::ElasticFace;
 use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::{
@@ -72,6 +73,31 @@ enum Command {
     },
 }
 
+/// ElasticFace's per-row margins, with the paper's defaults.
+#[derive(Clone, Copy, ValueEnum)]
+enum ElasticArg {
+    /// ElasticArcFace: angular margins from N(0.5, 0.05).
+    Arc,
+    /// ElasticCosFace: cosine margins from N(0.35, 0.05).
+    Cos,
+    /// ElasticArcFace+: N(0.5, 0.0175), the smallest to the largest target cosines.
+    ArcPlus,
+    /// ElasticCosFace+: N(0.35, 0.02), sorted likewise.
+    CosPlus,
+}
+
+impl ElasticArg {
+    fn schedule(self, seed: u64) -> ElasticFace {
+        let e = match self {
+            ElasticArg::Arc => ElasticFace::arc(),
+            ElasticArg::Cos => ElasticFace::cos(),
+            ElasticArg::ArcPlus => ElasticFace::arc_plus(),
+            ElasticArg::CosPlus => ElasticFace::cos_plus(),
+        };
+        ElasticFace { seed, ..e }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ObjectiveArg {
     /// The margin softmax.
@@ -133,6 +159,16 @@ struct LossArgs {
     /// How per-row losses are combined (`none` writes B losses; its gradients are those of the sum).
     #[arg(long, value_enum, default_value = "mean")]
     reduction: ReductionArg,
+    /// ElasticFace's per-row margins, drawn from (--seed, --step) with the paper's
+    /// defaults (they replace --margin and --angular-margin; pair them with --scale 64).
+    #[arg(long, value_enum)]
+    elastic: Option<ElasticArg>,
+    /// The generator's seed for --elastic.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The training step for --elastic: each step draws new margins.
+    #[arg(long, default_value_t = 0)]
+    step: u64,
     /// Also run the f64 reference and print the largest error per output; exit 1 past the bounds.
     #[arg(long)]
     verify: bool,
@@ -391,6 +427,35 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
 }
 
 impl LossRun<'_> {
+    /// ElasticFace's margins where --elastic asks for them (the "+" variants from the
+    /// target cosines of a forward pass on the same inputs), else none.
+    fn elastic_margins<X: Element, W: Element>(
+        &self,
+        host: &HostInputs<'_, X, W>,
+    ) -> Result<Option<Vec<[f32; 2]>>, Failure> {
+        let Some(kind) = self.args.elastic else {
+            return Ok(None);
+        };
+        if self.inputs.row_margins.is_some() {
+            return Err(bad_input(
+                "--elastic and the file's row_margins both give per-row margins: give one",
+            ));
+        }
+        let e = kind.schedule(self.args.seed);
+        if !e.plus {
+            return Ok(Some(e.margins(self.args.step, host.labels.len())));
+        }
+        let forward: LossOutput = self
+            .ctx
+            .loss_inputs(host, &self.params, Pass::Forward, None)
+            .map_err(loss_failure)?;
+        Ok(Some(e.plus_margins(
+            self.args.step,
+            host.labels,
+            &forward.target_cos,
+        )))
+    }
+
     fn with_features<X: Element>(&self, x: &[X]) -> Result<(), Failure> {
         match &self.inputs.weights {
             StoredValues::F32(w) => self.with_inputs(x, w),
@@ -419,10 +484,12 @@ impl LossRun<'_> {
         let problem = &inputs.problem;
         let shape = problem.shape;
         let elements = ElementTypes::of::<X, W, GX, GW>();
-        let margins = inputs.row_margins.as_deref();
+        let plain = HostInputs::new(shape, x, w, &problem.labels);
+        let elastic = self.elastic_margins(&plain)?;
+        let margins = elastic.as_deref().or(inputs.row_margins.as_deref());
         let host = HostInputs {
             row_margins: margins,
-            ..HostInputs::new(shape, x, w, &problem.labels)
+            ..plain
         };
         let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
             ctx.loss_inputs::<X, W, GX, GW>(&host, params, Pass::ForwardBackward, None)
@@ -440,9 +507,13 @@ impl LossRun<'_> {
             W::TYPE.name(),
             shape.batch
         );
-        let margin = match margins {
-            Some(_) => "per row (the file's row_margins)".to_string(),
-            None => params.margin.to_string(),
+        let margin = match (args.elastic, margins) {
+            (Some(_), _) => format!(
+                "per row (ElasticFace, seed {}, step {})",
+                args.seed, args.step
+            ),
+            (None, Some(_)) => "per row (the file's row_margins)".to_string(),
+            (None, None) => params.margin.to_string(),
         };
         println!(
             "params      s = {} (effective {}), m = {margin}, reduction {:?}",
