@@ -270,18 +270,6 @@ struct ShapeBuffers {
     grad_classes: wgpu::Buffer,
 }
 
-/// `values` as a tensor of `element` holds them: rounded to nearest (ties to even), the
-/// 16-bit values two to a word, the first in the low half, ending on a whole word.
-fn stored_bytes(element: ElementType, values: &[f32]) -> Vec<u8> {
-    let width = element.bytes() as usize;
-    let mut bytes: Vec<u8> = values
-        .iter()
-        .flat_map(|&v| element.round_bits(v).to_le_bytes()[..width].to_vec())
-        .collect();
-    bytes.resize(bytes.len().next_multiple_of(4), 0);
-    bytes
-}
-
 /// The bytes an operation on `shape` moves: x and w read and, `with_grads`, dL/dx and
 /// dL/dw written, each in the storage type `shape.elements` gives it.
 pub fn moved_bytes(shape: Shape, with_grads: bool) -> u64 {
@@ -322,11 +310,12 @@ impl ShapeBuffers {
         } = problem.shape;
         let region = |t: ElementType, n: usize| t.region_bytes(n as u64) as usize;
         ShapeBuffers {
+            // Buffers made from contents are padded to a whole word.
             features: init(
                 "features",
-                &stored_bytes(elements.features, &problem.features),
+                &elements.features.stored_bytes(&problem.features),
             ),
-            classes: init("classes", &stored_bytes(elements.classes, &problem.classes)),
+            classes: init("classes", &elements.classes.stored_bytes(&problem.classes)),
             labels: init("labels", bytemuck::cast_slice(&problem.labels)),
             row_stats: empty("row_stats", b * std::mem::size_of::<RowStats>()),
             summary: empty("summary", std::mem::size_of::<Summary>()),

@@ -83,6 +83,16 @@ impl ElementType {
         }
     }
 
+    /// `values` rounded to this type, as little-endian memory holds them (16-bit values
+    /// two bytes each): the bytes of a buffer or a file of this type.
+    pub fn stored_bytes(self, values: &[f32]) -> Vec<u8> {
+        let width = self.bytes() as usize;
+        values
+            .iter()
+            .flat_map(|&v| self.round_bits(v).to_le_bytes()[..width].to_vec())
+            .collect()
+    }
+
     /// `v` rounded to this type and back: the value the type stores for it.
     pub fn round(self, v: f32) -> f32 {
         self.value(self.round_bits(v))

@@ -399,15 +399,6 @@ fn sphere_renders_class_vectors_from_a_file() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`weights`"));
 }
 
-/// `values` rounded to nearest in `t`, as little-endian words of its size.
-fn typed_bytes(t: ElementType, values: &[f32]) -> Vec<u8> {
-    let width = t.bytes() as usize;
-    values
-        .iter()
-        .flat_map(|&v| t.round_bits(v).to_le_bytes()[..width].to_vec())
-        .collect()
-}
-
 /// The safetensors dtype of a storage type.
 fn dtype_of(t: ElementType) -> Dtype {
     match t {
@@ -425,7 +416,7 @@ fn typed_entries(t: ElementType) -> Vec<Entry> {
     let mut e = entries(&p);
     for (entry, values) in e.iter_mut().zip([&p.features, &p.classes]) {
         entry.1 = dtype_of(t);
-        entry.3 = typed_bytes(t, values);
+        entry.3 = t.stored_bytes(values);
     }
     e
 }
