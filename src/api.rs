@@ -292,22 +292,6 @@ impl Context {
         self.loss_inputs(&inputs, params, pass, None)
     }
 
-    /// [`Context::loss_typed`] with a given algorithm. Blocking.
-    #[allow(clippy::too_many_arguments)]
-    pub fn loss_typed_with<X: Element, W: Element, GX: Element, GW: Element>(
-        &self,
-        algorithm: Algorithm,
-        shape: Shape,
-        features: &[X],
-        classes: &[W],
-        labels: &[u32],
-        params: &LossParams,
-        pass: Pass,
-    ) -> Result<LossOutput<GX, GW>> {
-        let inputs = HostInputs::new(shape, features, classes, labels);
-        self.loss_inputs(&inputs, params, pass, Some(algorithm))
-    }
-
     /// The loss on [`HostInputs`]: [`Context::loss_typed`] with, optionally, per-row
     /// margins, on `algorithm` (`None`: the fastest that fits the workspace budget).
     /// Blocking.

@@ -5,7 +5,8 @@
 mod common;
 
 use margin_softmax::{
-    reference, Algorithm, Context, ContextOptions, LossOutput, LossParams, Pass, Problem, Shape,
+    reference, Algorithm, Context, ContextOptions, HostInputs, LossOutput, LossParams, Pass,
+    Problem, Shape,
 };
 
 fn pinned(name: &str) -> Context {
@@ -98,16 +99,9 @@ fn every_candidate_gives_the_same_bits_on_16_bit_inputs() {
             let outputs: Vec<LossOutput<f16, bf16>> = contexts
                 .iter()
                 .map(|ctx| {
-                    ctx.loss_typed_with(
-                        algorithm,
-                        shape,
-                        &x,
-                        &w,
-                        &p.labels,
-                        &params,
-                        Pass::ForwardBackward,
-                    )
-                    .expect("loss")
+                    let inputs = HostInputs::new(shape, &x, &w, &p.labels);
+                    ctx.loss_inputs(&inputs, &params, Pass::ForwardBackward, Some(algorithm))
+                        .expect("loss")
                 })
                 .collect();
             for (out, name) in outputs.iter().zip(&names) {

@@ -9,8 +9,8 @@ mod common;
 use margin_softmax::half::{bf16, f16};
 use margin_softmax::reference;
 use margin_softmax::{
-    Algorithm, Element, ElementType, ElementTypes, Error, LossOutput, LossParams, Pass, Problem,
-    Shape, IGNORE,
+    Algorithm, Element, ElementType, ElementTypes, Error, HostInputs, LossOutput, LossParams, Pass,
+    Problem, Shape, IGNORE,
 };
 
 /// `values` rounded to nearest in `T`.
@@ -62,15 +62,8 @@ fn typed_run<X: Element, W: Element, GX: Element, GW: Element>(
     (x, w): (&[X], &[W]),
     params: &LossParams,
 ) -> margin_softmax::Result<LossOutput<GX, GW>> {
-    common::context().loss_typed_with(
-        algorithm,
-        p.shape,
-        x,
-        w,
-        &p.labels,
-        params,
-        Pass::ForwardBackward,
-    )
+    let inputs = HostInputs::new(p.shape, x, w, &p.labels);
+    common::context().loss_inputs(&inputs, params, Pass::ForwardBackward, Some(algorithm))
 }
 
 const PLANS: [Algorithm; 3] = [
@@ -436,16 +429,9 @@ fn sixteen_bit_class_chunks_match_the_reference() {
             reference::loss(p.shape, &widened(&x), &widened(&w), &p.labels, &params).unwrap();
         // The unfused baseline binds all of w at once (as in f32): the fused plans chunk it.
         for algorithm in [Algorithm::MemoryMinimal, Algorithm::Chunked] {
+            let inputs = HostInputs::new(p.shape, &x, &w, &p.labels);
             let out: LossOutput<bf16, f16> = ctx
-                .loss_typed_with(
-                    algorithm,
-                    p.shape,
-                    &x,
-                    &w,
-                    &p.labels,
-                    &params,
-                    Pass::ForwardBackward,
-                )
+                .loss_inputs(&inputs, &params, Pass::ForwardBackward, Some(algorithm))
                 .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
             let check = reference::compare_stored(d, &params, &out.widened(), &expected, elements);
             assert!(check.passes(), "D = {d} {algorithm:?}: {check:?}");
