@@ -5,8 +5,7 @@
 mod common;
 
 use margin_softmax::{
-    reference, Algorithm, Context, ContextOptions, HostInputs, LossOutput, LossParams, Pass,
-    Problem, Shape,
+    reference, Algorithm, Context, ContextOptions, LossOutput, LossParams, Pass, Problem, Shape,
 };
 
 fn pinned(name: &str) -> Context {
@@ -84,6 +83,7 @@ fn an_unknown_candidate_names_the_known_ones() {
 #[test]
 fn every_candidate_gives_the_same_bits_on_16_bit_inputs() {
     use margin_softmax::half::{bf16, f16};
+    use margin_softmax::HostInputs;
     let names: Vec<&str> = common::context()
         .gemm_candidates()
         .iter()
