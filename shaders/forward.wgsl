@@ -158,25 +158,13 @@ fn add_target(state: SplitPartial, c: f32, i: u32) -> SplitPartial {
     return st;
 }
 
-/// The state after one more non-target class j with cosine c. Classes reach one state
-/// in increasing order, so ">" keeps the lowest index on ties.
-fn add_other(state: SplitPartial, c: f32, j: u32) -> SplitPartial {
-    var st = state;
-    // Not `sum_exp_other += add_exp(…)`: add_exp rescales sum_exp_other first.
-    let e = add_exp(&st, c);
-    st.sum_exp_other += e;
-    if (c > st.best_other_cos) {
-        st.best_other_cos = c;
-        st.best_other_class = j;
-    }
-    return st;
-}
-
 /// The state after four more non-target classes j0 .. j0 + 3 with cosines c, those
-/// where `take` holds: one rescale for the four, and the lowest index kept on ties.
+/// where `take` holds: one rescale for the four, and the lowest index kept on ties. The
+/// softmax sees the `filtered` cosines, the statistics the raw ones.
 fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> SplitPartial {
     var st = state;
-    let z = params.loss.scale * c;
+    let zc = filtered(c);
+    let z = params.loss.scale * zc;
     let top = max(max(select(NEG_BIG, z.x, take.x), select(NEG_BIG, z.y, take.y)),
                   max(select(NEG_BIG, z.z, take.z), select(NEG_BIG, z.w, take.w)));
     if (top > st.max_logit) {
@@ -190,7 +178,7 @@ fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> S
     let sum = (e.x + e.y) + (e.z + e.w);
     st.sum_exp += sum;
     st.sum_exp_other += sum;
-    st.sum_exp_logit += dot(e, c);
+    st.sum_exp_logit += dot(e, zc);
     for (var t = 0u; t < 4u; t++) {
         if (take[t] && c[t] > st.best_other_cos) {
             st.best_other_cos = c[t];
@@ -304,10 +292,13 @@ fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lane
     let first_quad = columns.x / 4u;
     for (var q = lane; q < (columns.y + 3u) / 4u; q += lanes) {
         let inv_w = inv_norm_class_quads[first_quad + q];
-        let p = exp(params.loss.scale * logits[base + q] * inv_w - row.lse);
+        let c = logits[base + q] * inv_w;
+        let p = exp(params.loss.scale * c - row.lse);
         let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(columns.y);
         let g = flush_subnormal(params.loss.scale * p) * inv_w;
-        logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
+        // A filtered cosine's logit is 0, a constant: no gradient.
+        let live = inside & vec4<bool>(soft) & !(c > vec4<f32>(params.loss.filter_threshold));
+        logits[base + q] = select(vec4<f32>(), g, live);
     }
     if (y == IGNORE) { return; }
     var special = array<u32, 2>(y, NO_CLASS);

@@ -23,12 +23,18 @@ struct LossTerms {
     /// 1: each row's (m2_i, m3_i) from `row_margins` replace `angular_margin` and `margin`
     /// (multiplicative_margin is then 1); 0: one margin for every row.
     per_row: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    /// 1: the target logit is s·c where c ≤ 0 (easy margin).
+    easy_margin: u32,
+    /// InsightFace's inter-class filter: a non-target cosine above it counts as 0. 2 (above
+    /// every cosine) for none.
+    filter_threshold: f32,
+    /// 1: AdaFace's form, c clamped to [−1 + ε, 1 − ε] and θ + m2 clipped to [ε, π − ε]
+    /// with zero slope where either binds; 0: ArcFace's fallback.
+    angle_clip: u32,
 }
 
-/// Per-row margins (m2_i, m3_i), B pairs: the additive angular margin in [0, π) and the
+/// Per-row margins (m2_i, m3_i), B pairs: the additive angular margin in [0, π) (in
+/// [−π, π) with `angle_clip`) and the
 /// additive cosine margin of row i's target, read where `params.loss.per_row` is 1 (else
 /// a stand-in). Caller's input, or a schedule's output.
 @group(0) @binding(29) var<storage, read> row_margins: array<vec2<f32>>;
@@ -37,6 +43,10 @@ const PI: f32 = 3.14159265358979;
 /// sin θ is clamped to at least this in the exact gradient of an angular margin (see
 /// `SIN_GUARD` in `src/params.rs`).
 const SIN_GUARD: f32 = 1e-3;
+/// ε of AdaFace's angular form (see `ANGLE_CLIP` in `src/params.rs`).
+const ANGLE_CLIP: f32 = 1e-3;
+/// cos ε, rounded to f32 (WGSL's cos need only be within 2⁻¹¹).
+const COS_ANGLE_CLIP: f32 = 0.9999995;
 
 /// (T_m(c), U_{m−1}(c)) = (cos mθ, sin mθ / sin θ) for c = cos θ, m ≥ 1, by the
 /// Chebyshev recurrences: exact polynomials, no acos and no division.
@@ -56,10 +66,11 @@ fn chebyshev(m: u32, c: f32) -> vec2<f32> {
     return vec2<f32>(t, u);
 }
 
-/// (cos x, sin x) for x in [0, π), to about an ulp of 1: by the Taylor series (to x¹⁴
+/// (cos x, sin x) for x in [−π, π], to about an ulp of 1: by the Taylor series (to x¹⁴
 /// and x¹⁵) on [0, π/2], and by symmetry past it. WGSL's cos and sin need only be within
 /// 2⁻¹¹ there, which a per-row margin would carry into every target logit.
-fn cos_sin(x: f32) -> vec2<f32> {
+fn cos_sin(signed_x: f32) -> vec2<f32> {
+    let x = abs(signed_x);
     let folded = x > 0.5 * PI;
     let t = select(x, PI - x, folded);
     let t2 = t * t;
@@ -79,7 +90,7 @@ fn cos_sin(x: f32) -> vec2<f32> {
     s = fma(s, -t2, 1.0 / 6.0);
     c = fma(c, -t2, 1.0);
     s = t * fma(s, -t2, 1.0);
-    return vec2<f32>(select(c, -c, folded), s);
+    return vec2<f32>(select(c, -c, folded), select(s, -s, signed_x < 0.0));
 }
 
 /// Row i's additive margins: (m2, cos m2, sin m2, m3), its own where the call has per-row
@@ -97,13 +108,21 @@ fn additive_margins(i: u32) -> vec4<f32> {
 /// The target's margin function for row i and its slope: (ψ(c), dψ/dc) with
 /// ψ(c) = cos(m1·θ + m2) − m3, θ = acos(c), made monotonic as in the spec: ArcFace's
 /// fallback c − m2·sin m2 where θ + m2 > π, SphereFace's (−1)^k·cos(m1θ) − 2k on
-/// θ ∈ [kπ/m1, (k+1)π/m1]. The slope is 1 with `straight_through`.
+/// θ ∈ [kπ/m1, (k+1)π/m1]; or AdaFace's clipped form (`angle_clip`). With `easy_margin`,
+/// (c, 1) where c ≤ 0. The slope is 1 with `straight_through`.
 fn target_margin(c: f32, i: u32) -> vec2<f32> {
     let m = additive_margins(i);
     let angular = m.x;
     let cos_m2 = m.y;
     let sin_m2 = m.z;
     let margin = m.w;
+    if (params.loss.easy_margin == 1u && c <= 0.0) {
+        return vec2<f32>(c, 1.0);
+    }
+    if (params.loss.angle_clip == 1u) {
+        let r = clipped_angle_margin(c, angular, cos_m2, sin_m2);
+        return vec2<f32>(r.x - margin, select(r.y, 1.0, params.loss.straight_through == 1u));
+    }
     if (params.loss.multiplicative_margin == 1u && angular == 0.0) {
         return vec2<f32>(c - margin, 1.0);
     }
@@ -135,6 +154,26 @@ fn target_margin(c: f32, i: u32) -> vec2<f32> {
     return vec2<f32>(psi - margin, select(slope, 1.0, params.loss.straight_through == 1u));
 }
 
+/// AdaFace's (cos θ', dcos θ'/dc), θ' = clip(acos(c') + m2, ε, π − ε) with
+/// c' = clamp(c, −1 + ε, 1 − ε): cos(θ + m2) = c'·cos m2 − sin θ·sin m2 inside, cos ε or
+/// −cos ε where the angle is clipped, and slope 0 where the clip or the clamp binds (as
+/// their gradients are). acos only picks the branch: ψ is continuous across it.
+fn clipped_angle_margin(c: f32, angular: f32, cos_m2: f32, sin_m2: f32) -> vec2<f32> {
+    let cc = clamp(c, -1.0 + ANGLE_CLIP, 1.0 - ANGLE_CLIP);
+    let angle = acos(cc) + angular;
+    if (angle < ANGLE_CLIP) { return vec2<f32>(COS_ANGLE_CLIP, 0.0); }
+    if (angle > PI - ANGLE_CLIP) { return vec2<f32>(-COS_ANGLE_CLIP, 0.0); }
+    let sin_t = sqrt((1.0 - cc) * (1.0 + cc));
+    let slope = select(cos_m2 + cc * sin_m2 / sin_t, 0.0, cc != c);
+    return vec2<f32>(cc * cos_m2 - sin_t * sin_m2, slope);
+}
+
+/// The non-target cosines c as the softmax sees them: 0 above the inter-class filter's
+/// threshold (always below it without a filter).
+fn filtered(c: vec4<f32>) -> vec4<f32> {
+    return select(c, vec4<f32>(), c > vec4<f32>(params.loss.filter_threshold));
+}
+
 /// G_ij = dL/dc_ij from the cosine c_ij, for row i with label y ≠ IGNORE, its softmax
 /// results `row` and a global class j. The target's is −coef·(1 − p_iy)·dψ/dc, from the
 /// forward pass's cancellation-free 1 − p_iy; the hard objective's touches only the
@@ -144,6 +183,7 @@ fn grad_logit(c: f32, i: u32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32
     if (params.loss.objective == 1u) {
         return select(0.0, coef * row.target_complement, j == row.best_other_class);
     }
+    if (c > params.loss.filter_threshold) { return 0.0; }
     return flush_subnormal(vec4<f32>(coef * exp(params.loss.scale * c - row.lse))).x;
 }
 

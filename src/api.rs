@@ -317,7 +317,7 @@ impl Context {
     ) -> Result<LossOutput<GX, GW>> {
         self.check_alive()?;
         params.validate()?;
-        inputs.check()?;
+        inputs.check(params)?;
         let state = self.take_state(inputs.shape, algorithm)?;
         let result = self.run_on_state(&state, inputs, params, pass).await;
         // A state whose call failed inside wgpu may hold a pending mapping: drop it.

@@ -2,6 +2,7 @@
 //! per-row statistics and the per-call summary.
 
 use crate::error::{Error, Result};
+use crate::params::LossParams;
 
 /// How the values of a tensor are stored in memory. Whatever the storage, every product,
 /// sum, exponential and statistic the kernels compute is f32.
@@ -596,11 +597,11 @@ impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
         }
     }
 
-    /// Checks the lengths, the labels and the per-row margins on the host.
-    pub(crate) fn check(&self) -> Result<()> {
+    /// Checks the lengths, the labels and the per-row margins (for `params`) on the host.
+    pub(crate) fn check(&self, params: &LossParams) -> Result<()> {
         check_slices(self.shape, self.features, self.classes, self.labels)?;
         match self.row_margins {
-            Some(m) => check_row_margins(m, self.shape.batch),
+            Some(m) => check_row_margins(m, self.shape.batch, params),
             None => Ok(()),
         }
     }
@@ -609,8 +610,14 @@ impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
 /// Largest |m3_i| of a per-row margin (as [`crate::MAX_MARGIN`]).
 const MAX_ROW_MARGIN: f32 = 2.0;
 
-/// B per-row margins, each finite, m2_i in [0, π) and |m3_i| ≤ 2.
-pub(crate) fn check_row_margins(margins: &[[f32; 2]], batch: usize) -> Result<()> {
+/// B per-row margins, each finite, m2_i in `params`' [`LossParams::row_angle_range`] and
+/// |m3_i| ≤ 2.
+pub(crate) fn check_row_margins(
+    margins: &[[f32; 2]],
+    batch: usize,
+    params: &LossParams,
+) -> Result<()> {
+    let angles = params.row_angle_range();
     if margins.len() != batch {
         return Err(Error::LengthMismatch {
             input: "row_margins",
@@ -619,11 +626,12 @@ pub(crate) fn check_row_margins(margins: &[[f32; 2]], batch: usize) -> Result<()
         });
     }
     for &[m2, m3] in margins {
-        if !(m2.is_finite() && (0.0..std::f32::consts::PI).contains(&m2)) {
+        if !(m2.is_finite() && (angles.0..angles.1).contains(&m2)) {
             return Err(Error::InvalidParameter {
                 name: "row_margins (m2_i)",
                 value: m2,
-                requirement: "an angular margin in [0, π) radians",
+                requirement:
+                    "an angular margin in [0, π) radians, or [-π, π) with LossParams::angle_clip",
             });
         }
         if !(m3.is_finite() && m3.abs() <= MAX_ROW_MARGIN) {

@@ -79,6 +79,9 @@ impl TileConfig {
 }
 
 /// s and the margin function, the first member of the forward and backward uniforms.
+/// `LossTerms::filter_threshold` without an inter-class filter: above every cosine.
+const NO_FILTER: f32 = 2.0;
+
 /// Mirrors `struct LossTerms` in `shaders/margin.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -92,7 +95,9 @@ pub(crate) struct LossTerms {
     pub objective: u32,
     pub straight_through: u32,
     pub per_row: u32,
-    pub _pad: [u32; 3],
+    pub easy_margin: u32,
+    pub filter_threshold: f32,
+    pub angle_clip: u32,
 }
 
 impl LossTerms {
@@ -108,7 +113,10 @@ impl LossTerms {
             objective: u32::from(params.objective == Objective::HardMargin),
             straight_through: u32::from(params.target_gradient == TargetGradient::StraightThrough),
             per_row: u32::from(per_row),
-            _pad: [0; 3],
+            easy_margin: u32::from(params.easy_margin),
+            // Above every cosine where there is no filter.
+            filter_threshold: params.interclass_filter.unwrap_or(NO_FILTER),
+            angle_clip: u32::from(params.angle_clip),
         }
     }
 }

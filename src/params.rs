@@ -12,6 +12,9 @@ pub const MAX_MULTIPLICATIVE_MARGIN: u32 = 16;
 /// the derivative s·sin(θ + m2)/sin θ is singular at θ = 0 and π, and 1e-3 (θ ≈ 0.06°)
 /// caps it at about 1000·s·sin m2 while leaving every θ that training meets untouched.
 pub const SIN_GUARD: f32 = 1e-3;
+/// ε of AdaFace's angular form ([`LossParams::angle_clip`]): the cosine is clamped to
+/// [−1 + ε, 1 − ε] and the angle θ + m2 clipped to [ε, π − ε], as its `head.py` does.
+pub const ANGLE_CLIP: f32 = 1e-3;
 
 /// What the loss optimises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,6 +95,19 @@ pub struct LossParams {
     /// small gradients stay above f16's subnormals. L and dL/ds are not scaled. 1 for
     /// none; a power of two changes no bit but the exponent.
     pub loss_scale: f32,
+    /// Easy margin (ArcFace's and MagFace's option): the target logit is `s·c` where
+    /// `c ≤ 0`, in place of ψ and its fallback (dψ/dc = 1 there).
+    pub easy_margin: bool,
+    /// InsightFace's inter-class filter (`interclass_filtering_threshold`, 0.4 in its
+    /// configs): a non-target cosine above `t` counts as 0 in the softmax (its logit is 0
+    /// and it receives no gradient). The statistics (prediction, best non-target cosine)
+    /// still see the raw cosines. `None` for no filter; only with the softmax objective.
+    pub interclass_filter: Option<f32>,
+    /// AdaFace's angular form, in place of ArcFace's fallback: c clamped to
+    /// [−1 + ε, 1 − ε], θ + m2 clipped to [ε, π − ε] (ε = [`ANGLE_CLIP`]), and dψ/dc = 0
+    /// where either binds. Per-row angular margins may then be negative, in [−π, π).
+    /// Only with m1 = 1.
+    pub angle_clip: bool,
 }
 
 impl Default for LossParams {
@@ -114,6 +130,9 @@ impl LossParams {
             target_gradient: TargetGradient::Exact,
             reduction: Reduction::Mean,
             loss_scale: 1.0,
+            easy_margin: false,
+            interclass_filter: None,
+            angle_clip: false,
         }
     }
 
@@ -154,6 +173,13 @@ impl LossParams {
             margin: m3,
             ..*self
         }
+    }
+
+    /// The range of a per-row angular margin m2_i: [0, π), or (−π, π) with
+    /// [`LossParams::angle_clip`] (AdaFace's negative margins for high-norm rows).
+    pub fn row_angle_range(&self) -> (f32, f32) {
+        let pi = std::f32::consts::PI;
+        (if self.angle_clip { -pi } else { 0.0 }, pi)
     }
 
     /// `max(scale, scale_min)`, the scale the kernels use.
@@ -231,6 +257,31 @@ impl LossParams {
                 name: "loss_scale",
                 value: self.loss_scale,
                 requirement: "finite and > 0 (1 for none; mixed precision starts near 2^16 and halves it on overflow)",
+            });
+        }
+        if let Some(t) = self.interclass_filter {
+            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
+                return Err(Error::InvalidParameter {
+                    name: "interclass_filter",
+                    value: t,
+                    requirement:
+                        "a cosine in [-1, 1] (InsightFace uses 0.4), or None for no filter",
+                });
+            }
+            if self.objective == Objective::HardMargin {
+                return Err(Error::InvalidParameter {
+                    name: "interclass_filter",
+                    value: t,
+                    requirement:
+                        "None with Objective::HardMargin (the filter is an option of the softmax)",
+                });
+            }
+        }
+        if self.angle_clip && m1 > 1 {
+            return Err(Error::InvalidParameter {
+                name: "multiplicative_margin",
+                value: m1 as f32,
+                requirement: "1 with angle_clip (AdaFace's form clips θ + m2, an additive angle)",
             });
         }
         if self.effective_scale() <= 0.0 {

@@ -97,7 +97,7 @@ pub fn loss(
 /// [`loss`] on [`HostInputs`], with their per-row margins where they have them.
 pub fn loss_inputs(inputs: &HostInputs<'_>, params: &LossParams) -> Result<ReferenceOutput> {
     params.validate()?;
-    inputs.check()?;
+    inputs.check(params)?;
     if inputs.row_margins.is_some() && params.multiplicative_margin != 1 {
         return Err(crate::Error::InvalidParameter {
             name: "multiplicative_margin",
@@ -140,6 +140,16 @@ pub fn target_margin(params: &LossParams, c: f64) -> (f64, f64) {
     let m3 = f64::from(params.margin);
     let m2 = f64::from(params.angular_margin);
     let m1 = params.multiplicative_margin;
+    if params.easy_margin && c <= 0.0 {
+        return (c, 1.0);
+    }
+    if params.angle_clip {
+        let (psi, slope) = clipped_angle_margin(c, m2);
+        return match params.target_gradient {
+            TargetGradient::Exact => (psi - m3, slope),
+            TargetGradient::StraightThrough => (psi - m3, 1.0),
+        };
+    }
     if m1 == 1 && m2 == 0.0 {
         return (c - m3, 1.0);
     }
@@ -167,6 +177,27 @@ pub fn target_margin(params: &LossParams, c: f64) -> (f64, f64) {
         TargetGradient::StraightThrough => 1.0,
     };
     (psi - m3, slope)
+}
+
+/// AdaFace's (cos θ', dcos θ'/dc) with θ' = clip(acos(c') + m2, ε, π − ε),
+/// c' = clamp(c, −1 + ε, 1 − ε), ε = [`crate::ANGLE_CLIP`]; the slope is 0 where the
+/// clip or the clamp binds.
+fn clipped_angle_margin(c: f64, m2: f64) -> (f64, f64) {
+    let eps = f64::from(crate::ANGLE_CLIP);
+    let cc = c.clamp(-1.0 + eps, 1.0 - eps);
+    let angle = cc.acos() + m2;
+    if angle < eps {
+        return (eps.cos(), 0.0);
+    }
+    if angle > std::f64::consts::PI - eps {
+        return (-eps.cos(), 0.0);
+    }
+    let slope = if cc == c {
+        angle.sin() / cc.acos().sin()
+    } else {
+        0.0
+    };
+    (angle.cos(), slope)
 }
 
 /// The loss and its gradients in f64 on f64 inputs, with the scale given in f64 (for
@@ -343,16 +374,26 @@ struct Target<'c> {
     slope: f64,
     slope_spread: f64,
     psi_spread: f64,
+    /// The inter-class filter's threshold, if any.
+    filter: Option<f32>,
 }
 
 impl Target<'_> {
-    /// zc_ij = z_ij / s: ψ(c_iy) for the target, c_ij otherwise.
+    /// zc_ij = z_ij / s: ψ(c_iy) for the target, c_ij otherwise (0 where the
+    /// inter-class filter drops it).
     fn zc(&self, j: usize) -> f64 {
         if j == self.y {
             self.psi
+        } else if self.filtered(j) {
+            0.0
         } else {
             self.cos[j]
         }
+    }
+
+    /// True where the inter-class filter drops non-target j: its logit is the constant 0.
+    fn filtered(&self, j: usize) -> bool {
+        j != self.y && self.filter.is_some_and(|t| self.cos[j] > f64::from(t))
     }
 }
 
@@ -397,7 +438,7 @@ impl Batch<'_> {
         out.max_target_slope = out.max_target_slope.max(slope.abs());
         // The change of ψ and dψ/dc that a cosine rounding error of γ causes, where ψ is
         // steep: an angular margin with sin θ < 0.05 (elsewhere it is within the bounds).
-        let steep = params.angular_margin > 0.0 && 1.0 - cos[y] * cos[y] < 0.0025;
+        let steep = params.angular_margin != 0.0 && 1.0 - cos[y] * cos[y] < 0.0025;
         let (slope_spread, psi_spread) = if steep {
             let (lo, hi) = (
                 target_margin(params, cos[y] - self.gamma),
@@ -417,6 +458,7 @@ impl Batch<'_> {
             slope,
             slope_spread,
             psi_spread,
+            filter: params.interclass_filter,
         }
     }
 
@@ -528,6 +570,8 @@ impl Batch<'_> {
             let g = coef
                 * if j == target.y {
                     -softmax.complement * slope
+                } else if target.filtered(j) {
+                    0.0
                 } else {
                     p
                 };

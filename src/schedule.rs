@@ -6,9 +6,12 @@
 //! the cosine margin; the "+" variants give the smallest margins to the rows whose target
 //! cosine is largest. The draws come from a counter-based generator keyed by (seed,
 //! step, row): the same seed and step give the same margins on every machine, whatever
-//! ran before, and the reference takes the same margins as the kernels.
+//! ran before, and the reference takes the same margins as the kernels. AdaFace
+//! (mk-minchul/AdaFace, `head.py`): margins from each row's feature norm against running
+//! statistics of the batch's norms, an explicit state the caller holds.
 
-use crate::io::IGNORE;
+use crate::error::{Error, Result};
+use crate::io::{Element, IGNORE};
 use crate::params::LossParams;
 use crate::problem::SplitMix64;
 
@@ -135,5 +138,138 @@ impl ElasticFace {
             margins[row] = self.pair(m);
         }
         margins
+    }
+}
+
+/// AdaFace's running statistics of the batch's clipped feature norms: the value the
+/// caller holds between steps, saves with the model and restores
+/// ([`AdaFaceState::to_bytes`], [`AdaFaceState::from_bytes`]). `head.py` keeps them as
+/// f32 buffers; so does this.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaFaceState {
+    /// μ, the running mean of the clipped norms.
+    pub mean: f32,
+    /// σ, the running (unbiased) standard deviation of the clipped norms.
+    pub std: f32,
+}
+
+impl Default for AdaFaceState {
+    /// `head.py`'s start: μ = 20, σ = 100.
+    fn default() -> Self {
+        AdaFaceState {
+            mean: 20.0,
+            std: 100.0,
+        }
+    }
+}
+
+impl AdaFaceState {
+    /// μ then σ, little-endian f32.
+    pub fn to_bytes(&self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self.mean.to_le_bytes());
+        out[4..].copy_from_slice(&self.std.to_le_bytes());
+        out
+    }
+
+    /// The state [`AdaFaceState::to_bytes`] wrote.
+    pub fn from_bytes(bytes: [u8; 8]) -> AdaFaceState {
+        let f = |k: usize| f32::from_le_bytes([bytes[k], bytes[k + 1], bytes[k + 2], bytes[k + 3]]);
+        AdaFaceState {
+            mean: f(0),
+            std: f(4),
+        }
+    }
+}
+
+/// AdaFace (mk-minchul/AdaFace `head.py`): each row's margin adapts to its feature norm,
+/// a proxy of image quality. With â_i = clip(‖x_i‖, 0.001, 100) (detached),
+/// ẑ_i = clip(h·(â_i − μ)/(σ + ε), −1, 1) from the running statistics, updated with this
+/// batch first; row i's target is `s·(cos(clip(θ − m·ẑ_i, ε', π − ε')) − (m + m·ẑ_i))`,
+/// per-row margins (m2_i, m3_i) = (−m·ẑ_i, m + m·ẑ_i) in the clipped angular form
+/// ([`LossParams::angle_clip`], [`AdaFace::params`]). No gradient reaches the norm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaFace {
+    /// m, the margin (0.4).
+    pub margin: f32,
+    /// h, how far the norm moves the margin (0.333: the value its training scripts pass;
+    /// its config file's default is 0, which makes the margin CosFace's m for every row).
+    pub h: f32,
+    /// α, the momentum of the running statistics (`t_alpha`, 0.01).
+    pub momentum: f32,
+    /// ε added to σ (1e-3).
+    pub eps: f32,
+}
+
+impl Default for AdaFace {
+    /// The paper's and scripts' defaults: m = 0.4, h = 0.333, α = 0.01, ε = 1e-3.
+    fn default() -> Self {
+        AdaFace {
+            margin: 0.4,
+            h: 0.333,
+            momentum: 0.01,
+            eps: 1e-3,
+        }
+    }
+}
+
+impl AdaFace {
+    /// The loss parameters it pairs with: s = 64, the clipped angular form, and no margin
+    /// of the parameters' own (the per-row margins replace them).
+    pub fn params(&self) -> LossParams {
+        LossParams {
+            scale: 64.0,
+            margin: 0.0,
+            angular_margin: 0.0,
+            angle_clip: true,
+            ..LossParams::default()
+        }
+    }
+
+    /// The per-row margins of a batch whose rows of `features` (`dim` values each, stored
+    /// as any [`Element`]) have the norms ‖x_i‖; `state` is updated with the batch first,
+    /// as `head.py` does. The statistics run over every row, labelled or not, in row
+    /// order in f64, so they are bitwise repeatable. A batch of one row has no standard
+    /// deviation: σ is then left as it was (`head.py` would store NaN).
+    pub fn margins<X: Element>(
+        &self,
+        state: &mut AdaFaceState,
+        features: &[X],
+        dim: usize,
+    ) -> Result<Vec<[f32; 2]>> {
+        if dim == 0 || !features.len().is_multiple_of(dim) {
+            return Err(Error::LengthMismatch {
+                input: "features (whole rows of dim values)",
+                expected: features.len().next_multiple_of(dim.max(1)),
+                actual: features.len(),
+            });
+        }
+        let norms: Vec<f64> = features
+            .chunks_exact(dim)
+            .map(|row| {
+                let sum: f64 = row.iter().map(|v| f64::from(v.widen()).powi(2)).sum();
+                sum.sqrt().clamp(0.001, 100.0)
+            })
+            .collect();
+        let n = norms.len() as f64;
+        let alpha = f64::from(self.momentum);
+        if !norms.is_empty() {
+            let mean = norms.iter().sum::<f64>() / n;
+            let mean_term = alpha * mean + (1.0 - alpha) * f64::from(state.mean);
+            if norms.len() > 1 {
+                let var = norms.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                state.std = (alpha * var.sqrt() + (1.0 - alpha) * f64::from(state.std)) as f32;
+            }
+            state.mean = mean_term as f32;
+        }
+        let (mu, sigma) = (f64::from(state.mean), f64::from(state.std));
+        let (m, h) = (f64::from(self.margin), f64::from(self.h));
+        Ok(norms
+            .iter()
+            .map(|a| {
+                let z = (h * (a - mu) / (sigma + f64::from(self.eps))).clamp(-1.0, 1.0);
+                [(-m * z) as f32, (m + m * z) as f32]
+            })
+            .collect())
     }
 }

@@ -223,7 +223,7 @@ pub fn finish_rows_with_margins(
         });
     }
     if let Some(margins) = row_margins {
-        check_row_margins(margins, b)?;
+        check_row_margins(margins, b, params)?;
     }
     let mut softmax = Vec::with_capacity(b);
     let mut out = LossOutput {
@@ -727,7 +727,7 @@ impl Context {
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
         if let Some(margins) = row_margins {
-            check_row_margins(margins, shape.batch)?;
+            check_row_margins(margins, shape.batch, params)?;
             if params.multiplicative_margin != 1 {
                 return Err(Error::InvalidParameter {
                     name: "multiplicative_margin",
@@ -1023,8 +1023,8 @@ pub fn sharded_loss_inputs<X: Element, W: Element, GX: Element, GW: Element>(
             requirement: "at least one Context: pass one per shard (the same context may repeat)",
         });
     }
-    host.check()?;
     params.validate()?;
+    host.check(params)?;
     let HostInputs {
         shape,
         features: x,

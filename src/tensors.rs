@@ -370,7 +370,8 @@ fn row_margin_values(
     }
     let values = f32_values("row_margins", &raw)?;
     let margins: Vec<[f32; 2]> = values.chunks_exact(2).map(|m| [m[0], m[1]]).collect();
-    crate::io::check_row_margins(&margins, b)
+    // The file's margins take the fallback form (m2_i ≥ 0); AdaFace's come from `--adaface`.
+    crate::io::check_row_margins(&margins, b, &crate::LossParams::default())
         .map_err(|e| tensor_error("row_margins", e.to_string()))?;
     Ok(Some(margins))
 }

@@ -649,3 +649,49 @@ fn elastic_margins_from_the_flags() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("row_margins"));
 }
+
+/// `--adaface` takes AdaFace's margins from the features' norms and `--adaface-state`:
+/// the first run starts from μ = 20, σ = 100 and writes the state the library computes;
+/// the next run reads it and moves on; `--verify` passes on both. `--easy-margin` and
+/// `--interclass-filter` change the loss and pass `--verify`.
+#[test]
+fn adaface_state_and_margin_options_from_the_flags() {
+    use margin_softmax::schedule::{AdaFace, AdaFaceState};
+    let e = typed_entries(ElementType::F32);
+    let p = {
+        let mut p = Problem::random(Shape::new(7, 13, 29), 11);
+        p.labels[2] = IGNORE;
+        p
+    };
+    let state_dir = dir("adaface_state");
+    let state_file = state_dir.join("adaface.state");
+    let state_arg = state_file.to_str().unwrap();
+    let loss = |bytes: &[u8]| read_f32(&SafeTensors::deserialize(bytes).unwrap(), "loss").1;
+    let flags = ["--adaface", "--adaface-state", state_arg, "--scale", "64"];
+    let first = verified_run("adaface_1", &e, &flags);
+    let mut state = AdaFaceState::default();
+    AdaFace::default()
+        .margins(&mut state, &p.features, 13)
+        .expect("margins");
+    let saved = std::fs::read(&state_file).expect("state written");
+    assert_eq!(
+        saved,
+        state.to_bytes(),
+        "the library's state after one batch"
+    );
+    let second = verified_run("adaface_2", &e, &flags);
+    AdaFace::default()
+        .margins(&mut state, &p.features, 13)
+        .expect("margins");
+    // Two steps' state: the second run read the first's. (Its loss barely moves: near
+    // θ = π/2, AdaFace's angular and cosine margins cancel to first order.)
+    assert_eq!(std::fs::read(&state_file).unwrap(), state.to_bytes());
+    assert!(loss(&first)[0].is_finite() && loss(&second)[0].is_finite());
+    let arc = ["--margin", "0", "--angular-margin", "0.5"];
+    let plain = verified_run("options_plain", &e, &arc);
+    for extra in [&["--easy-margin"][..], &["--interclass-filter", "0.2"]] {
+        let args: Vec<&str> = arc.iter().chain(extra).copied().collect();
+        let with = verified_run("options", &e, &args);
+        assert_ne!(loss(&with), loss(&plain), "{extra:?} changes the loss");
+    }
+}

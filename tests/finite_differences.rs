@@ -145,3 +145,128 @@ fn per_row_margin_gradients_match_finite_differences() {
     };
     fd_check_rows(shape, 10, sum, Some(&margins));
 }
+
+/// Easy margin (ψ = c where c ≤ 0) on ArcFace and on the combined form, and the
+/// inter-class filter (non-target cosines above t count as 0): random cosines of D = 6
+/// fall on both sides of 0 and of t, never within the step of either jump.
+#[test]
+fn easy_margin_and_filter_gradients_match_finite_differences() {
+    let shape = Shape::new(6, 6, 9);
+    for (seed, params) in [
+        LossParams {
+            scale: 16.0,
+            easy_margin: true,
+            ..LossParams::arcface()
+        },
+        LossParams {
+            scale: 12.0,
+            angular_margin: 0.3,
+            margin: 0.1,
+            easy_margin: true,
+            ..LossParams::default()
+        },
+        LossParams {
+            scale: 16.0,
+            interclass_filter: Some(0.2),
+            ..LossParams::default()
+        },
+        LossParams {
+            scale: 16.0,
+            interclass_filter: Some(0.0),
+            easy_margin: true,
+            reduction: Reduction::Sum,
+            ..LossParams::arcface()
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 20 + seed as u64;
+        fd_check(shape, seed, params);
+        let plain = LossParams {
+            easy_margin: false,
+            interclass_filter: None,
+            ..params
+        };
+        assert_ne!(
+            loss_of(shape, seed, params, None),
+            loss_of(shape, seed, plain, None),
+            "{params:?} takes effect"
+        );
+    }
+}
+
+/// The reference's loss on [`fd_check`]'s problem.
+fn loss_of(shape: Shape, seed: u64, params: LossParams, row_margins: Option<&[[f32; 2]]>) -> f64 {
+    let p = Problem::random(shape, seed);
+    let mut labels = p.labels.clone();
+    if shape.batch > 2 {
+        labels[1] = IGNORE;
+    }
+    let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
+    let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
+    loss_f64(
+        shape,
+        &x,
+        &w,
+        (&labels, row_margins),
+        &params,
+        f64::from(params.scale),
+    )
+    .loss
+}
+
+/// AdaFace's clipped form with its per-row margins (m2_i, m3_i) = (−m·ẑ, m + m·ẑ): ẑ from
+/// −1 to 1, some rows with θ + m2 clipped at ε (zero slope), negative m2 elsewhere.
+#[test]
+fn clipped_angle_gradients_match_finite_differences() {
+    let shape = Shape::new(6, 5, 7);
+    let m = 0.4f32;
+    let margins: Vec<[f32; 2]> = [-1.0f32, -0.4, 0.0, 0.3, 1.0, 0.8]
+        .iter()
+        .map(|z| [-m * z, m + m * z])
+        .collect();
+    let params = LossParams {
+        scale: 12.0,
+        margin: 0.0,
+        angle_clip: true,
+        ..LossParams::default()
+    };
+    fd_check_rows(shape, 30, params, Some(&margins));
+    // Angles clipped: m2 = −1.6 takes θ + m2 below ε wherever θ < 1.6 (c > −0.03), and
+    // m2 = 3 past π − ε wherever θ > 0.14; there ψ is constant and its slope 0.
+    let clipped = [
+        [-1.6, 0.0],
+        [3.0, 0.1],
+        [-1.6, 0.2],
+        [3.0, 0.0],
+        [0.2, 0.0],
+        [-0.2, 0.1],
+    ];
+    fd_check_rows(shape, 31, params, Some(&clipped));
+    let unclipped = LossParams {
+        angle_clip: false,
+        ..params
+    };
+    let fallback = [
+        [1.6, 0.0],
+        [3.0, 0.1],
+        [1.6, 0.2],
+        [3.0, 0.0],
+        [0.2, 0.0],
+        [0.2, 0.1],
+    ];
+    let with_clip = [
+        [1.6, 0.0],
+        [3.0, 0.1],
+        [1.6, 0.2],
+        [3.0, 0.0],
+        [0.2, 0.0],
+        [0.2, 0.1],
+    ];
+    assert_ne!(
+        loss_of(shape, 31, params, Some(&with_clip)),
+        loss_of(shape, 31, unclipped, Some(&fallback)),
+        "the clip differs from ArcFace's fallback"
+    );
+}

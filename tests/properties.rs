@@ -40,6 +40,9 @@ proptest! {
         family in 0u8..6,
         hard in any::<bool>(),
         straight_through in any::<bool>(),
+        easy_margin in any::<bool>(),
+        interclass_filter in prop_oneof![Just(None), (-0.5f32..0.9).prop_map(Some), Just(Some(1.5))],
+        angle_clip in any::<bool>(),
     ) {
         let shape = Shape::new(b, d, c);
         let mut rng = SplitMix64::new(seed);
@@ -74,6 +77,9 @@ proptest! {
             objective: if hard { Objective::HardMargin } else { Objective::Softmax },
             target_gradient: if straight_through { TargetGradient::StraightThrough } else { TargetGradient::Exact },
             loss_scale: 1.0,
+            easy_margin,
+            interclass_filter,
+            angle_clip,
         };
         let gpu = context().loss(shape, &x, &w, &labels, &params, Pass::ForwardBackward);
         match reference::loss(shape, &x, &w, &labels, &params) {

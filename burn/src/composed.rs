@@ -37,8 +37,9 @@ fn unit_rows(v: Tensor<2>) -> Tensor<2> {
 
 /// (ψ(c), ψ'(c)) elementwise, outside the graph: ψ(c) = cos(m1·θ + m2) − m3 with the
 /// kernels' monotonic fallbacks; the slope with sin θ at least [`SIN_GUARD`] for an
-/// angular margin, or 1 when straight-through.
+/// angular margin, or 1 when straight-through; (c, 1) where c ≤ 0 with the easy margin.
 fn target_margin(c: Tensor<2>, params: &LossParams) -> (Tensor<2>, Tensor<2>) {
+    let c_raw = c.clone();
     let (m1, m2) = (params.multiplicative_margin, params.angular_margin);
     let ones = c.ones_like();
     let (psi, slope) = if m1 == 1 && m2 == 0.0 {
@@ -81,9 +82,18 @@ fn target_margin(c: Tensor<2>, params: &LossParams) -> (Tensor<2>, Tensor<2>) {
     };
     let slope = match params.target_gradient {
         TargetGradient::Exact => slope,
-        TargetGradient::StraightThrough => ones,
+        TargetGradient::StraightThrough => ones.clone(),
     };
-    (psi - params.margin, slope)
+    let psi = psi - params.margin;
+    if !params.easy_margin {
+        return (psi, slope);
+    }
+    // Easy margin: (c, 1) where c ≤ 0.
+    let easy = c_raw.clone().lower_equal_elem(0.0);
+    (
+        psi.mask_where(easy.clone(), c_raw),
+        slope.mask_where(easy, ones),
+    )
 }
 
 /// The loss of features x (B×D), class vectors w (C×D), labels y (B; a row whose label
@@ -121,8 +131,19 @@ pub(crate) fn loss(
     // s_eff = max(s, s_min), with dL/ds passed only where s ≥ s_min.
     let passes = scale.clone().greater_equal_elem(params.scale_min).float();
     let scale = (scale * passes.clone() + (passes.neg() + 1.0) * params.scale_min).reshape([1, 1]);
+    // The inter-class filter: non-target cosines above t count as 0 (no gradient).
+    let softmax_cos = match params.interclass_filter {
+        Some(t) => {
+            let drop = cos
+                .clone()
+                .greater_elem(t)
+                .bool_and(is_target.clone().bool_not());
+            cos.clone().mask_fill(drop, 0.0)
+        }
+        None => cos.clone(),
+    };
     let logits =
-        (cos.clone() + target.clone() * (psi.clone() - target_cos.clone())) * scale.clone();
+        (softmax_cos + target.clone() * (psi.clone() - target_cos.clone())) * scale.clone();
     let log_probs = log_softmax(logits, 1);
     let target_log_prob = (log_probs * target).sum_dim(1);
     let best_other = cos.clone().mask_fill(is_target, -1.0).max_dim(1);

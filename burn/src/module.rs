@@ -67,6 +67,13 @@ pub struct MarginSoftmaxConfig {
     /// How per-row losses are combined.
     #[config(default = "MarginReduction::Mean")]
     pub reduction: MarginReduction,
+    /// Easy margin: the target logit is s·c where c ≤ 0 (ArcFace's option).
+    #[config(default = false)]
+    pub easy_margin: bool,
+    /// InsightFace's inter-class filter: non-target cosines above it count as 0 (0.4 in
+    /// its configs); `None` for none.
+    #[config(default = "None")]
+    pub interclass_filter: Option<f32>,
     /// Whether s is a parameter that the optimizer updates.
     #[config(default = false)]
     pub learn_scale: bool,
@@ -155,6 +162,10 @@ impl MarginSoftmaxConfig {
             },
             // Burn scales the gradients by the loss's incoming gradient instead.
             loss_scale: 1.0,
+            easy_margin: self.easy_margin,
+            interclass_filter: self.interclass_filter,
+            // AdaFace's form goes with per-row margins, which the module does not take.
+            angle_clip: false,
         };
         params.validate()?;
         if self.num_classes == 0 || self.dim == 0 {

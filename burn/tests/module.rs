@@ -252,6 +252,17 @@ fn family(num_classes: usize, dim: usize) -> Vec<(&'static str, MarginSoftmaxCon
             base().with_margin(0.0).with_multiplicative_margin(4),
         ),
         (
+            "arcface, easy margin",
+            base()
+                .with_margin(0.0)
+                .with_angular_margin(0.5)
+                .with_easy_margin(true),
+        ),
+        (
+            "cosface, inter-class filter 0.2",
+            base().with_interclass_filter(Some(0.2)),
+        ),
+        (
             "hard margin",
             base().with_objective(MarginObjective::HardMargin),
         ),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use margin_softmax::reference::{self, Comparison};
-use margin_softmax::schedule::ElasticFace;
+use margin_softmax::schedule::{AdaFace, AdaFaceState, ElasticFace};
 use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::{
@@ -169,6 +169,21 @@ struct LossArgs {
     /// The training step for --elastic: each step draws new margins.
     #[arg(long, default_value_t = 0)]
     step: u64,
+    /// AdaFace's per-row margins from the features' norms, with its defaults (m = 0.4,
+    /// h = 0.333) and clipped angular form (they replace --margin and --angular-margin;
+    /// pair them with --scale 64). The running statistics come from --adaface-state.
+    #[arg(long, conflicts_with = "elastic")]
+    adaface: bool,
+    /// AdaFace's running statistics: read from this file where it exists (else μ = 20,
+    /// σ = 100), updated with this batch, and written back (8 bytes: μ, σ as f32 LE).
+    #[arg(long, value_name = "STATE", requires = "adaface")]
+    adaface_state: Option<PathBuf>,
+    /// Easy margin: the target logit is s·c where c ≤ 0 (MagFace's default; ArcFace's option).
+    #[arg(long)]
+    easy_margin: bool,
+    /// InsightFace's inter-class filter: non-target cosines above T count as 0 (0.4 in its configs).
+    #[arg(long, value_name = "T")]
+    interclass_filter: Option<f32>,
     /// Also run the f64 reference and print the largest error per output; exit 1 past the bounds.
     #[arg(long)]
     verify: bool,
@@ -378,6 +393,9 @@ fn loss_params(args: &LossArgs, inputs: &LossInputs) -> LossParams {
             ReductionArg::None => Reduction::None,
         },
         loss_scale: args.loss_scale,
+        easy_margin: args.easy_margin,
+        interclass_filter: args.interclass_filter,
+        angle_clip: args.adaface,
     }
 }
 
@@ -426,6 +444,9 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
     }
 }
 
+/// AdaFace's per-row margins for this batch, and its state updated with the batch.
+type AdaFaceStep = (Vec<[f32; 2]>, AdaFaceState);
+
 impl LossRun<'_> {
     /// ElasticFace's margins where --elastic asks for them (the "+" variants from the
     /// target cosines of a forward pass on the same inputs), else none.
@@ -454,6 +475,43 @@ impl LossRun<'_> {
             host.labels,
             &forward.target_cos,
         )))
+    }
+
+    /// AdaFace's margins where --adaface asks for them, from the features' norms and the
+    /// state in --adaface-state, with the updated state, else none.
+    fn adaface_margins<X: Element>(&self, x: &[X]) -> Result<Option<AdaFaceStep>, Failure> {
+        if !self.args.adaface {
+            return Ok(None);
+        }
+        if self.inputs.row_margins.is_some() {
+            return Err(bad_input(
+                "--adaface and the file's row_margins both give per-row margins: give one",
+            ));
+        }
+        let path = self.args.adaface_state.as_deref();
+        let mut state = match path.filter(|p| p.exists()) {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).map_err(|e| failure(format!("{}: {e}", p.display())))?;
+                let bytes: [u8; 8] = bytes.try_into().map_err(|_| {
+                    bad_input(format!(
+                        "{}: an AdaFace state is 8 bytes (μ and σ as f32 little-endian)",
+                        p.display()
+                    ))
+                })?;
+                AdaFaceState::from_bytes(bytes)
+            }
+            None => AdaFaceState::default(),
+        };
+        let before = state;
+        let margins = AdaFace::default()
+            .margins(&mut state, x, self.inputs.problem.shape.dim)
+            .map_err(bad_input)?;
+        println!(
+            "adaface     μ {} → {}, σ {} → {}",
+            before.mean, state.mean, before.std, state.std
+        );
+        Ok(Some((margins, state)))
     }
 
     fn with_features<X: Element>(&self, x: &[X]) -> Result<(), Failure> {
@@ -485,8 +543,12 @@ impl LossRun<'_> {
         let shape = problem.shape;
         let elements = ElementTypes::of::<X, W, GX, GW>();
         let plain = HostInputs::new(shape, x, w, &problem.labels);
-        let elastic = self.elastic_margins(&plain)?;
-        let margins = elastic.as_deref().or(inputs.row_margins.as_deref());
+        let adaface = self.adaface_margins(x)?;
+        let schedule = match &adaface {
+            Some((m, _)) => Some(m.clone()),
+            None => self.elastic_margins(&plain)?,
+        };
+        let margins = schedule.as_deref().or(inputs.row_margins.as_deref());
         let host = HostInputs {
             row_margins: margins,
             ..plain
@@ -495,6 +557,11 @@ impl LossRun<'_> {
             ctx.loss_inputs::<X, W, GX, GW>(&host, params, Pass::ForwardBackward, None)
         });
         let out = result.map_err(loss_failure)?;
+        // The state advances only with a step that ran.
+        if let (Some((_, state)), Some(p)) = (&adaface, &args.adaface_state) {
+            std::fs::write(p, state.to_bytes())
+                .map_err(|e| failure(format!("{}: {e}", p.display())))?;
+        }
         let (accuracy, achieved) = training_figures(&out, &problem.labels);
         println!("adapter     {}", ctx.describe());
         println!(
@@ -508,6 +575,7 @@ impl LossRun<'_> {
             shape.batch
         );
         let margin = match (args.elastic, margins) {
+            (None, Some(_)) if args.adaface => "per row (AdaFace)".to_string(),
             (Some(_), _) => format!(
                 "per row (ElasticFace, seed {}, step {})",
                 args.seed, args.step

@@ -1,0 +1,321 @@
+//! The combined margin's options and AdaFace: easy margin, InsightFace's inter-class
+//! filter and AdaFace's clipped angular form with its norm-adaptive per-row margins.
+//! Every plan and 3 class shards against the f64 reference on off-grid shapes; the
+//! options take effect; AdaFace's state updates as `head.py`'s and round-trips through
+//! its bytes; the typed errors.
+
+mod common;
+
+use margin_softmax::reference;
+use margin_softmax::schedule::{AdaFace, AdaFaceState};
+use margin_softmax::shard::sharded_loss_inputs;
+use margin_softmax::{
+    Algorithm, Error, HostInputs, LossOutput, LossParams, Objective, Pass, Problem, Shape,
+    TargetGradient, IGNORE,
+};
+
+const PLANS: [Algorithm; 3] = [
+    Algorithm::MemoryMinimal,
+    Algorithm::Chunked,
+    Algorithm::Unfused,
+];
+
+/// A seeded problem with one row ignored and the features of row 0 scaled by `spread`
+/// and row 2 by 1/`spread` (AdaFace's norms then differ).
+fn problem(b: usize, d: usize, c: usize, seed: u64, spread: f32) -> Problem {
+    let mut p = Problem::random(Shape::new(b, d, c), seed);
+    p.labels[1] = IGNORE;
+    for (row, k) in [(0, spread), (2, 1.0 / spread)] {
+        for v in &mut p.features[row * d..(row + 1) * d] {
+            *v *= k;
+        }
+    }
+    p
+}
+
+/// `inputs` on every plan and on 3 class shards, each against the reference, and the
+/// shards' bits repeated; returns the chunked plan's output.
+fn check_everywhere(inputs: &HostInputs<'_>, params: &LossParams) -> LossOutput {
+    let ctx = common::context();
+    let expected = reference::loss_inputs(inputs, params).expect("reference");
+    let what = |how: &str| format!("{how} {:?} {params:?}", inputs.shape);
+    let compare = |out: &LossOutput, how: &str| {
+        let check = reference::compare(inputs.shape.dim, params, out, &expected);
+        assert!(check.passes(), "{}: {check:?}", what(how));
+        assert_eq!(
+            out.valid_rows as usize,
+            expected.valid_rows,
+            "{}",
+            what(how)
+        );
+        assert_eq!(
+            out.margin_satisfied_rows as usize,
+            expected.margin_satisfied_rows,
+            "{}",
+            what(how)
+        );
+    };
+    let mut chunked = None;
+    for algorithm in PLANS {
+        let out: LossOutput = ctx
+            .loss_inputs(inputs, params, Pass::ForwardBackward, Some(algorithm))
+            .unwrap_or_else(|e| panic!("{}: {e}", what(&format!("{algorithm:?}"))));
+        compare(&out, &format!("{algorithm:?}"));
+        if algorithm == Algorithm::Chunked {
+            chunked = Some(out);
+        }
+    }
+    let shards =
+        || -> LossOutput { sharded_loss_inputs(&[ctx; 3], inputs, params).expect("shards") };
+    let sharded = shards();
+    compare(&sharded, "3 shards");
+    assert_eq!(
+        sharded,
+        shards(),
+        "{}: shards repeat bit for bit",
+        what("3 shards")
+    );
+    chunked.expect("the chunked plan ran")
+}
+
+const SHAPES: [(usize, usize, usize); 3] = [(7, 13, 29), (9, 20, 37), (33, 6, 5)];
+
+#[test]
+fn easy_margin_and_filter_match_the_reference_on_every_plan_and_shards() {
+    let options = [
+        LossParams {
+            easy_margin: true,
+            ..LossParams::arcface()
+        },
+        LossParams {
+            easy_margin: true,
+            target_gradient: TargetGradient::StraightThrough,
+            ..LossParams::arcface()
+        },
+        LossParams {
+            interclass_filter: Some(0.2),
+            ..LossParams::cosface()
+        },
+        LossParams {
+            interclass_filter: Some(0.1),
+            easy_margin: true,
+            ..LossParams::arcface()
+        },
+    ];
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let p = problem(b, d, c, 80 + k as u64, 1.0);
+        let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
+        for params in options {
+            let out = check_everywhere(&inputs, &params);
+            // The option changes the loss: the shape has target cosines ≤ 0 and
+            // non-target cosines above the thresholds.
+            let plain = LossParams {
+                easy_margin: false,
+                interclass_filter: None,
+                ..params
+            };
+            let without = reference::loss_inputs(&inputs, &plain).expect("reference");
+            assert!(
+                (f64::from(out.loss) - without.loss).abs() > 1e-3 * without.loss.abs(),
+                "{params:?} at {:?} changes the loss",
+                p.shape
+            );
+        }
+    }
+}
+
+#[test]
+fn adaface_matches_the_reference_on_every_plan_and_shards() {
+    let ada = AdaFace::default();
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let p = problem(b, d, c, 90 + k as u64, 4.0);
+        // A state near the batch's norms, so that ẑ spans (−1, 1) and clips at both ends.
+        let mut state = AdaFaceState {
+            mean: 1.0,
+            std: 0.5,
+        };
+        let margins = ada.margins(&mut state, &p.features, d).expect("margins");
+        assert!(margins.iter().any(|m| m[0] < 0.0) && margins.iter().any(|m| m[0] > 0.0));
+        let inputs =
+            HostInputs::new(p.shape, &p.features, &p.classes, &p.labels).with_row_margins(&margins);
+        for params in [
+            ada.params(),
+            LossParams {
+                scale: 16.0,
+                ..ada.params()
+            },
+        ] {
+            check_everywhere(&inputs, &params);
+        }
+    }
+}
+
+/// The clipped form where it binds: θ + m2 clipped at ε (m2 = −1.6) and at π − ε
+/// (m2 = 3), and the cosine clamped at ±(1 − ε) (rows whose feature is ± their class
+/// vector, c = ±1), each with zero slope.
+#[test]
+fn clipped_form_matches_the_reference_where_it_binds() {
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let mut p = problem(b, d, c, 110 + k as u64, 1.0);
+        // Rows 0 and 3 at ±(their class vector + 2% of another row): |c| near 0.9998,
+        // inside the clamp's band, where the clamped slope still moves the gradients
+        // (at |c| = 1 exactly the projections remove them).
+        for (row, sign) in [(0usize, 2.0f32), (3, -1.0)] {
+            let y = p.labels[row] as usize;
+            let unit = |v: &[f32]| {
+                let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+                v.iter().map(|a| a / n).collect::<Vec<f32>>()
+            };
+            let class = unit(&p.classes[y * d..(y + 1) * d]);
+            let other = unit(&p.features[4 * d..5 * d]);
+            for e in 0..d {
+                p.features[row * d + e] = sign * (class[e] + 0.02 * other[e]);
+            }
+        }
+        // Rows 0 and 3 (c = ±1) take margins that leave their angle inside: only the
+        // clamp binds there.
+        let margins: Vec<[f32; 2]> = (0..b)
+            .map(|i| match i {
+                0 => [0.2, 0.0],
+                3 => [-0.3, 0.1],
+                _ if i % 3 == 0 => [-1.6, 0.0],
+                _ if i % 3 == 1 => [3.0, 0.1],
+                _ => [-0.3, 0.2],
+            })
+            .collect();
+        let inputs =
+            HostInputs::new(p.shape, &p.features, &p.classes, &p.labels).with_row_margins(&margins);
+        // A small scale, so that 1 − p_iy (which the slope multiplies) is not 0.
+        let params = LossParams {
+            scale: 4.0,
+            ..AdaFace::default().params()
+        };
+        let out = check_everywhere(&inputs, &params);
+        for row in [0, 3] {
+            let c = out.target_cos[row].abs();
+            assert!(
+                c > 0.999 && c < 0.99999,
+                "row {row}: |c| = {c}, inside the clamp's band"
+            );
+        }
+    }
+}
+
+/// head.py's update, written out for three rows: clip, mean, unbiased std, momentum, then
+/// ẑ from the updated statistics.
+#[test]
+fn adaface_state_updates_before_use_as_head_py() {
+    let ada = AdaFace::default();
+    // Rows of norm 3, 4 (3-4-0 and 0-0-4 rows of D = 3) and 1e-6 (clipped to 0.001).
+    let x = [3.0f32, 0.0, 0.0, 0.0, 0.0, 4.0, 1e-6, 0.0, 0.0];
+    let mut state = AdaFaceState::default();
+    let margins = ada.margins(&mut state, &x, 3).expect("margins");
+    let norms = [3.0f64, 4.0, 0.001];
+    let mean = norms.iter().sum::<f64>() / 3.0;
+    let std = (norms.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    let mu = (0.01 * mean + 0.99 * 20.0) as f32;
+    let sigma = (0.01 * std + 0.99 * 100.0) as f32;
+    assert_eq!(
+        state,
+        AdaFaceState {
+            mean: mu,
+            std: sigma
+        }
+    );
+    for (i, a) in norms.iter().enumerate() {
+        let z = (0.333 * (a - f64::from(mu)) / (f64::from(sigma) + 1e-3)).clamp(-1.0, 1.0);
+        let expected = [(-0.4 * z) as f32, (0.4 + 0.4 * z) as f32];
+        for (got, want) in margins[i].iter().zip(expected) {
+            assert!(
+                (got - want).abs() <= 1e-6,
+                "row {i}: {:?} against {expected:?}",
+                margins[i]
+            );
+        }
+    }
+    // One row has no standard deviation: σ stays, μ moves.
+    let mut one = AdaFaceState::default();
+    ada.margins(&mut one, &[3.0f32, 4.0], 2).expect("one row");
+    assert_eq!(one.std, 100.0);
+    assert_eq!(one.mean, (0.01 * 5.0 + 0.99 * 20.0) as f32);
+    assert!(matches!(
+        ada.margins(&mut one, &[1.0f32; 5], 2),
+        Err(Error::LengthMismatch { .. })
+    ));
+}
+
+/// Saving the state after a step and restoring it gives the next steps the same margins,
+/// bit for bit, as running on.
+#[test]
+fn adaface_state_round_trips_through_save_and_restore() {
+    let ada = AdaFace::default();
+    let batches: Vec<Problem> = (0..4).map(|k| problem(9, 20, 37, 100 + k, 3.0)).collect();
+    let mut state = AdaFaceState::default();
+    let mut saved = None;
+    let mut run_on = Vec::new();
+    for (step, p) in batches.iter().enumerate() {
+        run_on.push(ada.margins(&mut state, &p.features, 20).expect("margins"));
+        if step == 1 {
+            saved = Some(state.to_bytes());
+        }
+    }
+    let mut restored = AdaFaceState::from_bytes(saved.expect("saved"));
+    for (step, p) in batches.iter().enumerate().skip(2) {
+        let m = ada
+            .margins(&mut restored, &p.features, 20)
+            .expect("margins");
+        assert_eq!(m, run_on[step], "step {step}");
+    }
+    assert_eq!(restored, state);
+    assert_eq!(AdaFaceState::from_bytes(state.to_bytes()), state);
+}
+
+#[test]
+fn bad_options_are_typed_errors() {
+    let ctx = common::context();
+    let p = problem(4, 5, 6, 1, 1.0);
+    let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
+    let name_of = |params: LossParams, margins: Option<&[[f32; 2]]>| {
+        let inputs = match margins {
+            Some(m) => inputs.with_row_margins(m),
+            None => inputs,
+        };
+        match ctx.loss_inputs::<f32, f32, f32, f32>(&inputs, &params, Pass::Forward, None) {
+            Err(Error::InvalidParameter { name, .. }) => name,
+            other => panic!("{params:?}: expected InvalidParameter, got {other:?}"),
+        }
+    };
+    for t in [1.5, -2.0, f32::NAN] {
+        let params = LossParams {
+            interclass_filter: Some(t),
+            ..LossParams::default()
+        };
+        assert_eq!(name_of(params, None), "interclass_filter");
+    }
+    let hard = LossParams {
+        interclass_filter: Some(0.4),
+        objective: Objective::HardMargin,
+        ..LossParams::default()
+    };
+    assert_eq!(name_of(hard, None), "interclass_filter");
+    let sphere = LossParams {
+        angle_clip: true,
+        ..LossParams::sphereface(2)
+    };
+    assert_eq!(name_of(sphere, None), "multiplicative_margin");
+    // A negative angular margin needs the clipped form.
+    let negative = [[-0.2, 0.4]; 4];
+    assert_eq!(
+        name_of(LossParams::default(), Some(&negative)),
+        "row_margins (m2_i)"
+    );
+    let clip = AdaFace::default().params();
+    assert!(ctx
+        .loss_inputs::<f32, f32, f32, f32>(
+            &inputs.with_row_margins(&negative),
+            &clip,
+            Pass::Forward,
+            None
+        )
+        .is_ok());
+}
