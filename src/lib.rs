@@ -64,7 +64,7 @@ pub use io::{
 };
 pub use kernels::{GemmCandidate, TileConfig};
 pub use params::{
-    cosface_scale_floor, LearnableScale, LossParams, Objective, Reduction, TargetGradient,
+    cosface_scale_floor, LearnableScale, LossParams, MagFace, Objective, Reduction, TargetGradient,
     ANGLE_CLIP, MAX_MARGIN, MAX_MULTIPLICATIVE_MARGIN, MAX_SCALE, SIN_GUARD,
 };
 pub use plan::{workspace_bytes, Algorithm, Plan};

@@ -182,6 +182,21 @@ impl LossParams {
         (if self.angle_clip { -pi } else { 0.0 }, pi)
     }
 
+    /// ∂ψ/∂m2 of the target's margin function at cosine c with angular margin m2 (m1 = 1,
+    /// ArcFace's form): −sin(θ + m2) inside, −(sin m2 + m2·cos m2) on its fallback, 0
+    /// where the easy margin takes c.
+    pub fn margin_slope_m2(&self, m2: f64, c: f64) -> f64 {
+        if self.easy_margin && c <= 0.0 {
+            return 0.0;
+        }
+        let cc = c.clamp(-1.0, 1.0);
+        if cc > -m2.cos() {
+            -(cc.acos() + m2).sin()
+        } else {
+            -(m2.sin() + m2 * m2.cos())
+        }
+    }
+
     /// `max(scale, scale_min)`, the scale the kernels use.
     pub fn effective_scale(&self) -> f32 {
         self.scale.max(self.scale_min)
@@ -349,4 +364,177 @@ pub fn cosface_scale_floor(classes: usize, target_probability: f64) -> f64 {
         return f64::NAN;
     }
     ((c - 1.0) / c * ((c - 1.0) * p / (1.0 - p)).ln()).max(0.0)
+}
+
+/// MagFace's parameters (IrvingMeng/MagFace `models/magface.py`): the feature norm
+/// a = ‖x‖, clamped to â ∈ [l_a, u_a], sets the row's angular margin
+/// m(â) = l_m + (u_m − l_m)·(â − l_a)/(u_a − l_a), and the loss adds the regulariser
+/// λ_g·(â/u_a² + 1/â) per row, so that dL/dx has a radial part through â (zero outside
+/// the clamp). [`crate::schedule`] runs it: margins from the norms, then the regulariser
+/// and the radial part on the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MagFace {
+    /// l_a, the norm below which the margin stays l_m (10).
+    pub lower_norm: f32,
+    /// u_a, the norm above which the margin stays u_m (110).
+    pub upper_norm: f32,
+    /// l_m, the smallest margin (0.45).
+    pub lower_margin: f32,
+    /// u_m, the largest margin (0.8).
+    pub upper_margin: f32,
+    /// λ_g, the regulariser's weight (20, the code's default; its run scripts pass 35).
+    pub regularizer: f32,
+}
+
+impl Default for MagFace {
+    /// The official defaults: l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 20.
+    fn default() -> Self {
+        MagFace {
+            lower_norm: 10.0,
+            upper_norm: 110.0,
+            lower_margin: 0.45,
+            upper_margin: 0.8,
+            regularizer: 20.0,
+        }
+    }
+}
+
+impl MagFace {
+    /// The loss parameters it pairs with: s = 64 and the easy margin (MagFace's
+    /// default), no margin of the parameters' own (the per-row margins replace them).
+    pub fn params(&self) -> LossParams {
+        LossParams {
+            scale: 64.0,
+            margin: 0.0,
+            angular_margin: 0.0,
+            easy_margin: true,
+            ..LossParams::default()
+        }
+    }
+
+    /// Checks the parameters; the error says which one and what it must be.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name, value, requirement| {
+            Err(Error::InvalidParameter {
+                name,
+                value,
+                requirement,
+            })
+        };
+        let (la, ua) = (self.lower_norm, self.upper_norm);
+        if !(la.is_finite() && la > 0.0) {
+            return bad("lower_norm", la, "finite and > 0 (MagFace uses 10)");
+        }
+        if !(ua.is_finite() && ua > la) {
+            return bad(
+                "upper_norm",
+                ua,
+                "finite and > lower_norm (MagFace uses 110)",
+            );
+        }
+        for (name, m) in [
+            ("lower_margin", self.lower_margin),
+            ("upper_margin", self.upper_margin),
+        ] {
+            if !(m.is_finite() && (0.0..std::f32::consts::PI).contains(&m)) {
+                return bad(
+                    name,
+                    m,
+                    "an angular margin in [0, π) (MagFace uses 0.45 and 0.8)",
+                );
+            }
+        }
+        if !(self.regularizer.is_finite() && self.regularizer >= 0.0) {
+            return bad(
+                "regularizer",
+                self.regularizer,
+                "finite and >= 0 (MagFace uses 20)",
+            );
+        }
+        Ok(())
+    }
+
+    /// MagFace takes its per-row margins from the norms (no others, `row_margins`), m1 = 1
+    /// without the clipped form, and the softmax objective.
+    pub(crate) fn check_params(&self, row_margins: bool, params: &LossParams) -> Result<()> {
+        let bad = |name, value, requirement| {
+            Err(Error::InvalidParameter {
+                name,
+                value,
+                requirement,
+            })
+        };
+        if row_margins {
+            return bad(
+                "row_margins",
+                0.0,
+                "none with MagFace: its margins come from the norms",
+            );
+        }
+        if params.multiplicative_margin != 1 || params.angle_clip {
+            return bad(
+                "multiplicative_margin",
+                params.multiplicative_margin as f32,
+                "1 and no angle_clip with MagFace: its margin is ArcFace's angular margin",
+            );
+        }
+        if params.objective != Objective::Softmax {
+            return bad("objective", 1.0, "Objective::Softmax with MagFace");
+        }
+        Ok(())
+    }
+
+    /// (â, inside): the norm a clamped to [l_a, u_a], and whether it was inside (where
+    /// â moves with a).
+    pub fn clamped_norm(&self, a: f64) -> (f64, bool) {
+        let (la, ua) = (f64::from(self.lower_norm), f64::from(self.upper_norm));
+        (a.clamp(la, ua), (la..=ua).contains(&a))
+    }
+
+    /// m(â) = l_m + (u_m − l_m)·(â − l_a)/(u_a − l_a).
+    pub fn margin(&self, clamped_norm: f64) -> f64 {
+        f64::from(self.lower_margin)
+            + self.margin_slope() * (clamped_norm - f64::from(self.lower_norm))
+    }
+
+    /// dm/dâ = (u_m − l_m)/(u_a − l_a).
+    pub fn margin_slope(&self) -> f64 {
+        f64::from(self.upper_margin - self.lower_margin)
+            / (f64::from(self.upper_norm) - f64::from(self.lower_norm))
+    }
+
+    /// Row i's (λ_g·g(â_i), dL_i/da_i) under the softmax objective with `params` (scale
+    /// `scale`): its regulariser, and the derivative of its loss L_i (margin softmax plus
+    /// regulariser) through the norm a_i = ‖x_i‖, from its target cosine c and target
+    /// probability p: −(1 − p)·s·∂ψ/∂m2·dm/dâ + λ_g·g'(â) inside the clamp, 0 outside.
+    /// dL/dx_i gains weight·dL_i/da_i·x̂_i (the radial part).
+    pub fn row_terms(
+        &self,
+        params: &LossParams,
+        scale: f64,
+        norm: f64,
+        c: f64,
+        p: f64,
+    ) -> (f64, f64) {
+        let (a, inside) = self.clamped_norm(norm);
+        let (reg, reg_slope) = self.regularizer_and_slope(a);
+        if !inside {
+            return (reg, 0.0);
+        }
+        let dpsi = params.margin_slope_m2(self.margin(a), c);
+        (
+            reg,
+            -(1.0 - p) * scale * dpsi * self.margin_slope() + reg_slope,
+        )
+    }
+
+    /// The regulariser g(â)·λ_g = λ_g·(â/u_a² + 1/â) and its slope λ_g·(1/u_a² − 1/â²).
+    pub fn regularizer_and_slope(&self, clamped_norm: f64) -> (f64, f64) {
+        let (lambda, ua) = (f64::from(self.regularizer), f64::from(self.upper_norm));
+        let a = clamped_norm;
+        (
+            lambda * (a / (ua * ua) + 1.0 / a),
+            lambda * (1.0 / (ua * ua) - 1.0 / (a * a)),
+        )
+    }
 }

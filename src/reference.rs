@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::io::Shape;
 use crate::io::{ElementType, ElementTypes, HostInputs, LossOutput, IGNORE};
-use crate::params::{LossParams, Objective, Reduction, TargetGradient};
+use crate::params::{LossParams, MagFace, Objective, Reduction, TargetGradient};
 use crate::problem::Problem;
 
 /// ε of the normalisation, as `torch.nn.functional.normalize`.
@@ -137,8 +137,16 @@ fn chebyshev(m: u32, c: f64) -> (f64, f64) {
 /// (see [`LossParams`]): ψ(c) = cos(m1·θ + m2) − m3 with the monotonic fallbacks, the slope
 /// with sin θ clamped to [`crate::SIN_GUARD`] for an angular margin, or 1 when straight-through.
 pub fn target_margin(params: &LossParams, c: f64) -> (f64, f64) {
-    let m3 = f64::from(params.margin);
-    let m2 = f64::from(params.angular_margin);
+    target_margin_at(params, additive_margins(params), c)
+}
+
+/// The parameters' (m2, m3) in f64.
+fn additive_margins(params: &LossParams) -> [f64; 2] {
+    [f64::from(params.angular_margin), f64::from(params.margin)]
+}
+
+/// [`target_margin`] with the additive margins (m2, m3) given in f64 (a row's own).
+fn target_margin_at(params: &LossParams, [m2, m3]: [f64; 2], c: f64) -> (f64, f64) {
     let m1 = params.multiplicative_margin;
     if params.easy_margin && c <= 0.0 {
         return (c, 1.0);
@@ -210,6 +218,79 @@ pub fn loss_f64(
     x: &[f64],
     w: &[f64],
     (labels, row_margins): (&[u32], Option<&[[f32; 2]]>),
+    params: &LossParams,
+    scale: f64,
+) -> ReferenceOutput {
+    let wide: Option<Vec<[f64; 2]>> = row_margins.map(|m| {
+        m.iter()
+            .map(|&[a, b]| [f64::from(a), f64::from(b)])
+            .collect()
+    });
+    loss_f64_at(shape, x, w, (labels, wide.as_deref()), params, scale)
+}
+
+/// MagFace ([`MagFace`]) on [`HostInputs`] (without per-row margins: MagFace's come
+/// from the norms), under the softmax objective.
+pub fn magface_loss(
+    inputs: &HostInputs<'_>,
+    magface: &MagFace,
+    params: &LossParams,
+) -> Result<ReferenceOutput> {
+    params.validate()?;
+    magface.validate()?;
+    inputs.check(params)?;
+    magface.check_params(inputs.row_margins.is_some(), params)?;
+    let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    Ok(magface_loss_f64(
+        inputs.shape,
+        (&widen(inputs.features), &widen(inputs.classes)),
+        inputs.labels,
+        magface,
+        params,
+        f64::from(params.scale),
+    ))
+}
+
+/// MagFace's loss and gradients in f64: each row's angular margin m(â_i) from its norm
+/// (moving with x), the regulariser λ_g·g(â_i) added to L_i, and dL/dx_i's radial part
+/// weight·dL_i/da_i·x̂_i ([`MagFace::row_terms`]).
+pub fn magface_loss_f64(
+    shape: Shape,
+    (x, w): (&[f64], &[f64]),
+    labels: &[u32],
+    magface: &MagFace,
+    params: &LossParams,
+    scale: f64,
+) -> ReferenceOutput {
+    let (b, d) = (shape.batch, shape.dim);
+    let norms: Vec<f64> = inv_norms(x, b, d).iter().map(|inv| 1.0 / inv).collect();
+    let margins: Vec<[f64; 2]> = norms
+        .iter()
+        .map(|&a| [magface.margin(magface.clamped_norm(a).0), 0.0])
+        .collect();
+    let mut out = loss_f64_at(shape, x, w, (labels, Some(&margins)), params, scale);
+    let weight = reduction_weight(params.reduction, out.valid_rows);
+    let s = scale.max(f64::from(params.scale_min));
+    let mut regularizer = 0.0;
+    for i in (0..b).filter(|&i| labels[i] != IGNORE && (labels[i] as usize) < shape.classes) {
+        let (reg, da) =
+            magface.row_terms(params, s, norms[i], out.target_cos[i], out.target_prob[i]);
+        out.row_loss[i] += reg;
+        regularizer += reg;
+        for k in 0..d {
+            out.grad_features[i * d + k] += weight * da * x[i * d + k] / norms[i];
+        }
+    }
+    out.loss += weight * regularizer;
+    out
+}
+
+/// [`loss_f64`] with the per-row margins in f64 (MagFace's, which move with x).
+fn loss_f64_at(
+    shape: Shape,
+    x: &[f64],
+    w: &[f64],
+    (labels, row_margins): (&[u32], Option<&[[f64; 2]]>),
     params: &LossParams,
     scale: f64,
 ) -> ReferenceOutput {
@@ -341,7 +422,7 @@ fn record_prediction(
 struct Batch<'a> {
     params: &'a LossParams,
     /// Per-row margins, where the call has them.
-    row_margins: Option<&'a [[f32; 2]]>,
+    row_margins: Option<&'a [[f64; 2]]>,
     xh: &'a [f64],
     wh: &'a [f64],
     inv_x: &'a [f64],
@@ -427,22 +508,23 @@ impl Batch<'_> {
         y: usize,
         best_other: Option<usize>,
     ) -> Target<'c> {
-        let params = &match self.row_margins {
-            Some(margins) => self.params.with_row_margin(margins[i]),
-            None => *self.params,
-        };
+        let params = self.params;
+        let margins = self
+            .row_margins
+            .map_or_else(|| additive_margins(params), |m| m[i]);
+        let target_margin = |c: f64| target_margin_at(params, margins, c);
         out.correct_rows += usize::from(out.pred[i] as usize == y);
         out.target_cos[i] = cos[y];
         out.achieved_margin[i] = cos[y] - out.best_other_cos[i];
-        let (psi, slope) = target_margin(params, cos[y]);
+        let (psi, slope) = target_margin(cos[y]);
         out.max_target_slope = out.max_target_slope.max(slope.abs());
         // The change of ψ and dψ/dc that a cosine rounding error of γ causes, where ψ is
         // steep: an angular margin with sin θ < 0.05 (elsewhere it is within the bounds).
-        let steep = params.angular_margin != 0.0 && 1.0 - cos[y] * cos[y] < 0.0025;
+        let steep = margins[0] != 0.0 && 1.0 - cos[y] * cos[y] < 0.0025;
         let (slope_spread, psi_spread) = if steep {
             let (lo, hi) = (
-                target_margin(params, cos[y] - self.gamma),
-                target_margin(params, cos[y] + self.gamma),
+                target_margin(cos[y] - self.gamma),
+                target_margin(cos[y] + self.gamma),
             );
             ((hi.1 - lo.1).abs(), (hi.0 - lo.0).abs() / 2.0)
         } else {

@@ -10,9 +10,12 @@
 //! (mk-minchul/AdaFace, `head.py`): margins from each row's feature norm against running
 //! statistics of the batch's norms, an explicit state the caller holds.
 
+use crate::api::Pass;
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::io::{Element, IGNORE};
-use crate::params::LossParams;
+use crate::io::{Element, ElementType, HostInputs, LossOutput, IGNORE};
+use crate::params::{LossParams, MagFace, Reduction};
+use crate::plan::Algorithm;
 use crate::problem::SplitMix64;
 
 /// Which margin of the combined form an ElasticFace draw sets.
@@ -237,19 +240,9 @@ impl AdaFace {
         features: &[X],
         dim: usize,
     ) -> Result<Vec<[f32; 2]>> {
-        if dim == 0 || !features.len().is_multiple_of(dim) {
-            return Err(Error::LengthMismatch {
-                input: "features (whole rows of dim values)",
-                expected: features.len().next_multiple_of(dim.max(1)),
-                actual: features.len(),
-            });
-        }
-        let norms: Vec<f64> = features
-            .chunks_exact(dim)
-            .map(|row| {
-                let sum: f64 = row.iter().map(|v| f64::from(v.widen()).powi(2)).sum();
-                sum.sqrt().clamp(0.001, 100.0)
-            })
+        let norms: Vec<f64> = row_norms(features, dim)?
+            .iter()
+            .map(|a| a.clamp(0.001, 100.0))
             .collect();
         let n = norms.len() as f64;
         let alpha = f64::from(self.momentum);
@@ -271,5 +264,112 @@ impl AdaFace {
                 [(-m * z) as f32, (m + m * z) as f32]
             })
             .collect())
+    }
+}
+
+/// The norms ‖x_i‖ (f64, in row order) of the rows of `features`, `dim` values each.
+fn row_norms<X: Element>(features: &[X], dim: usize) -> Result<Vec<f64>> {
+    if dim == 0 || !features.len().is_multiple_of(dim) {
+        return Err(Error::LengthMismatch {
+            input: "features (whole rows of dim values)",
+            expected: features.len().next_multiple_of(dim.max(1)),
+            actual: features.len(),
+        });
+    }
+    Ok(features
+        .chunks_exact(dim)
+        .map(|row| {
+            row.iter()
+                .map(|v| f64::from(v.widen()).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect())
+}
+
+/// MagFace's host steps around the kernels: [`MagFace::margins`] before (each row's
+/// angular margin from its norm), [`MagFace::finish`] after (the regulariser and dL/dx's
+/// radial part, from the per-row outputs). Between them any plan or class shards run
+/// the loss with those per-row margins; [`MagFace::loss`] does all three on one context.
+impl MagFace {
+    /// Each row's margins (m(â_i), 0), â_i the norm of row i of `features` (`dim` values
+    /// each) clamped to [l_a, u_a], computed in f64.
+    pub fn margins<X: Element>(&self, features: &[X], dim: usize) -> Result<Vec<[f32; 2]>> {
+        self.validate()?;
+        Ok(row_norms(features, dim)?
+            .iter()
+            .map(|&a| [self.margin(self.clamped_norm(a).0) as f32, 0.0])
+            .collect())
+    }
+
+    /// Adds MagFace's regulariser to `out`'s per-row and reduced loss, and dL/dx's radial
+    /// part weight·dL_i/da_i·x̂_i (times the loss scale) to its dL/dx, from the target
+    /// cosines and probabilities of the loss `out` holds: the loss of `inputs` with
+    /// [`MagFace::margins`] under `params` (softmax objective), on any plan or shards.
+    /// Computed in f64 in row order and rounded once per value, so dL/dx must be f32
+    /// (a 16-bit one would be rounded twice): `Error::InvalidParameter` otherwise.
+    pub fn finish<X: Element, W: Element, GX: Element, GW: Element>(
+        &self,
+        inputs: &HostInputs<'_, X, W>,
+        params: &LossParams,
+        out: &mut LossOutput<GX, GW>,
+    ) -> Result<()> {
+        self.validate()?;
+        self.check_params(false, params)?;
+        if GX::TYPE != ElementType::F32 {
+            return Err(Error::InvalidParameter {
+                name: "grad_features (element type; value: its bits)",
+                value: 16.0,
+                requirement: "f32 with MagFace, whose radial part is added on the host",
+            });
+        }
+        let shape = inputs.shape;
+        let d = shape.dim;
+        let norms = row_norms(inputs.features, d)?;
+        let valid = out.valid_rows as usize;
+        let weight = match params.reduction {
+            Reduction::Mean if valid == 0 => 0.0,
+            Reduction::Mean => 1.0 / valid as f64,
+            Reduction::Sum | Reduction::None => 1.0,
+        };
+        let s = f64::from(params.effective_scale());
+        let loss_scale = f64::from(params.loss_scale);
+        let mut regularizer = 0.0;
+        for i in (0..shape.batch).filter(|&i| (inputs.labels[i] as usize) < shape.classes) {
+            let (c, p) = (f64::from(out.target_cos[i]), f64::from(out.target_prob[i]));
+            let (reg, da) = self.row_terms(params, s, norms[i], c, p);
+            out.row_loss[i] = (f64::from(out.row_loss[i]) + reg) as f32;
+            regularizer += reg;
+            if let Some(g) = out.grads.as_mut() {
+                let factor = weight * da * loss_scale / norms[i];
+                for (gx, x) in g.features[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(&inputs.features[i * d..(i + 1) * d])
+                {
+                    *gx =
+                        GX::narrow((f64::from(gx.widen()) + factor * f64::from(x.widen())) as f32);
+                }
+            }
+        }
+        out.loss = (f64::from(out.loss) + weight * regularizer) as f32;
+        Ok(())
+    }
+
+    /// MagFace on one context: [`MagFace::margins`], the loss with them on `algorithm`
+    /// (or the context's choice), then [`MagFace::finish`].
+    pub fn loss(
+        &self,
+        ctx: &Context,
+        inputs: &HostInputs<'_>,
+        params: &LossParams,
+        pass: Pass,
+        algorithm: Option<Algorithm>,
+    ) -> Result<LossOutput> {
+        self.check_params(inputs.row_margins.is_some(), params)?;
+        let margins = self.margins(inputs.features, inputs.shape.dim)?;
+        let with = inputs.with_row_margins(&margins);
+        let mut out = ctx.loss_inputs(&with, params, pass, algorithm)?;
+        self.finish(inputs, params, &mut out)?;
+        Ok(out)
     }
 }

@@ -652,7 +652,8 @@ fn elastic_margins_from_the_flags() {
 
 /// `--adaface` takes AdaFace's margins from the features' norms and `--adaface-state`:
 /// the first run starts from μ = 20, σ = 100 and writes the state the library computes;
-/// the next run reads it and moves on; `--verify` passes on both. `--easy-margin` and
+/// the next run reads it and moves on; `--verify` passes on both. `--magface` passes
+/// `--verify` with F32 gradients whatever the inputs. `--easy-margin` and
 /// `--interclass-filter` change the loss and pass `--verify`.
 #[test]
 fn adaface_state_and_margin_options_from_the_flags() {
@@ -687,6 +688,16 @@ fn adaface_state_and_margin_options_from_the_flags() {
     // θ = π/2, AdaFace's angular and cosine margins cancel to first order.)
     assert_eq!(std::fs::read(&state_file).unwrap(), state.to_bytes());
     assert!(loss(&first)[0].is_finite() && loss(&second)[0].is_finite());
+    // MagFace: the margins from the norms, the regulariser and the radial part, F32
+    // gradients from BF16 inputs too.
+    let magface = verified_run("magface", &e, &["--magface", "--scale", "64"]);
+    let bf16 = verified_run(
+        "magface_bf16",
+        &typed_entries(ElementType::Bf16),
+        &["--magface"],
+    );
+    assert_eq!(dtype_and_shape(&bf16, "grad_features").0, Dtype::F32);
+    assert!(loss(&magface)[0] > 0.0);
     let arc = ["--margin", "0", "--angular-margin", "0.5"];
     let plain = verified_run("options_plain", &e, &arc);
     for extra in [&["--easy-margin"][..], &["--interclass-filter", "0.2"]] {

@@ -1,8 +1,8 @@
 //! The f64 reference's gradients against central finite differences of its own loss:
 //! this is what shows that the reference, and so every comparison with it, is right.
 
-use margin_softmax::reference::loss_f64;
-use margin_softmax::{LossParams, Objective, Problem, Reduction, Shape, IGNORE};
+use margin_softmax::reference::{loss_f64, magface_loss_f64, ReferenceOutput};
+use margin_softmax::{LossParams, MagFace, Objective, Problem, Reduction, Shape, IGNORE};
 
 /// Central differences with step h·max(1, |v|): truncation O(h²) ≈ 1e-12 and rounding
 /// O(ε_f64/h) ≈ 1e-10, so 1e-6 relative to the largest gradient is a wide, honest margin.
@@ -15,17 +15,39 @@ fn fd_check(shape: Shape, seed: u64, params: LossParams) {
 
 /// [`fd_check`] with per-row margins (m2_i, m3_i), where given.
 fn fd_check_rows(shape: Shape, seed: u64, params: LossParams, row_margins: Option<&[[f32; 2]]>) {
-    let scale = f64::from(params.scale);
+    let (x, w, labels) = fd_problem(shape, seed, 1.0);
+    let eval =
+        |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, (&labels, row_margins), &params, s);
+    fd_compare(
+        &format!("{shape:?} {params:?}"),
+        (&x, &w),
+        f64::from(params.scale),
+        &eval,
+    );
+}
+
+/// A seeded problem in f64 (row 1 ignored where B > 2), row i's features scaled by
+/// `spread`^i.
+fn fd_problem(shape: Shape, seed: u64, spread: f64) -> (Vec<f64>, Vec<f64>, Vec<u32>) {
     let p = Problem::random(shape, seed);
     let mut labels = p.labels.clone();
     if shape.batch > 2 {
         labels[1] = IGNORE;
     }
-    let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
+    let d = shape.dim.max(1);
+    let x: Vec<f64> = (0..p.features.len())
+        .map(|e| f64::from(p.features[e]) * spread.powi((e / d) as i32))
+        .collect();
     let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
-    let eval =
-        |x: &[f64], w: &[f64], s: f64| loss_f64(shape, x, w, (&labels, row_margins), &params, s);
-    let base = eval(&x, &w, scale);
+    (x, w, labels)
+}
+
+/// A reference loss at (x, w, s).
+type LossAt<'a> = dyn Fn(&[f64], &[f64], f64) -> ReferenceOutput + 'a;
+
+/// The gradients `eval` reports at (x, w, scale) against central differences of its loss.
+fn fd_compare(what: &str, (x, w): (&[f64], &[f64]), scale: f64, eval: &LossAt<'_>) {
+    let base = eval(x, w, scale);
     let check = |name: &str, analytic: &[f64], numeric: &[f64]| {
         let scale = analytic
             .iter()
@@ -37,7 +59,7 @@ fn fd_check_rows(shape: Shape, seed: u64, params: LossParams, row_margins: Optio
             .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()));
         assert!(
             err / scale < BOUND,
-            "{name} {shape:?} {params:?}: rel err {:.3e}",
+            "{name} {what}: rel err {:.3e}",
             err / scale
         );
     };
@@ -53,11 +75,11 @@ fn fd_check_rows(shape: Shape, seed: u64, params: LossParams, row_margins: Optio
             })
             .collect()
     };
-    let gx = numeric(&x, &|x| eval(x, &w, scale).loss);
+    let gx = numeric(x, &|x| eval(x, w, scale).loss);
     check("dL/dx", &base.grad_features, &gx);
-    let gw = numeric(&w, &|w| eval(&x, w, scale).loss);
+    let gw = numeric(w, &|w| eval(x, w, scale).loss);
     check("dL/dw", &base.grad_classes, &gw);
-    let gs = numeric(&[scale], &|s| eval(&x, &w, s[0]).loss);
+    let gs = numeric(&[scale], &|s| eval(x, w, s[0]).loss);
     check("dL/ds", &[base.grad_scale], &gs);
 }
 
@@ -198,13 +220,7 @@ fn easy_margin_and_filter_gradients_match_finite_differences() {
 
 /// The reference's loss on [`fd_check`]'s problem.
 fn loss_of(shape: Shape, seed: u64, params: LossParams, row_margins: Option<&[[f32; 2]]>) -> f64 {
-    let p = Problem::random(shape, seed);
-    let mut labels = p.labels.clone();
-    if shape.batch > 2 {
-        labels[1] = IGNORE;
-    }
-    let x: Vec<f64> = p.features.iter().map(|&v| f64::from(v)).collect();
-    let w: Vec<f64> = p.classes.iter().map(|&v| f64::from(v)).collect();
+    let (x, w, labels) = fd_problem(shape, seed, 1.0);
     loss_f64(
         shape,
         &x,
@@ -269,4 +285,41 @@ fn clipped_angle_gradients_match_finite_differences() {
         loss_of(shape, 31, unclipped, Some(&fallback)),
         "the clip differs from ArcFace's fallback"
     );
+}
+
+/// MagFace: norms from about 2 to 200 (rows below l_a, inside and above u_a), each row's
+/// margin m(â) moving with x, the regulariser, and dL/dx's radial part (zero outside the
+/// clamp), with and without the easy margin, mean and sum.
+#[test]
+fn magface_gradients_match_finite_differences() {
+    let shape = Shape::new(7, 5, 6);
+    let magface = MagFace {
+        lower_norm: 4.0,
+        upper_norm: 60.0,
+        ..MagFace::default()
+    };
+    // Row i's features times 1.9^i: norms from about 2 to 100.
+    let (x, w, labels) = fd_problem(shape, 40, 1.9);
+    for params in [
+        LossParams {
+            scale: 16.0,
+            ..magface.params()
+        },
+        LossParams {
+            scale: 8.0,
+            easy_margin: false,
+            reduction: Reduction::Sum,
+            ..magface.params()
+        },
+    ] {
+        let eval = |x: &[f64], w: &[f64], s: f64| {
+            magface_loss_f64(shape, (x, w), &labels, &magface, &params, s)
+        };
+        fd_compare(
+            &format!("MagFace {params:?}"),
+            (&x, &w),
+            f64::from(params.scale),
+            &eval,
+        );
+    }
 }

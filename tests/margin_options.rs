@@ -10,8 +10,8 @@ use margin_softmax::reference;
 use margin_softmax::schedule::{AdaFace, AdaFaceState};
 use margin_softmax::shard::sharded_loss_inputs;
 use margin_softmax::{
-    Algorithm, Error, HostInputs, LossOutput, LossParams, Objective, Pass, Problem, Shape,
-    TargetGradient, IGNORE,
+    Algorithm, Error, HostInputs, LossOutput, LossParams, MagFace, Objective, Pass, Problem,
+    Reduction, Shape, TargetGradient, IGNORE,
 };
 
 const PLANS: [Algorithm; 3] = [
@@ -201,6 +201,66 @@ fn clipped_form_matches_the_reference_where_it_binds() {
     }
 }
 
+/// MagFace on every plan and on 3 class shards: the margins from the norms (rows below
+/// l_a, inside and above u_a), the kernels with them, then the regulariser and the
+/// radial part on the host, against the f64 reference; bits repeat.
+#[test]
+fn magface_matches_the_reference_on_every_plan_and_shards() {
+    let ctx = common::context();
+    let magface = MagFace::default();
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let mut p = problem(b, d, c, 120 + k as u64, 1.0);
+        // Row norms from about 3 to 150: row i scaled to 3 + 147·i/(B − 1).
+        for i in 0..b {
+            let row = &mut p.features[i * d..(i + 1) * d];
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let target = 3.0 + 147.0 * i as f32 / (b - 1) as f32;
+            row.iter_mut().for_each(|v| *v *= target / norm);
+        }
+        let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
+        for params in [
+            magface.params(),
+            LossParams {
+                scale: 16.0,
+                easy_margin: false,
+                reduction: Reduction::Sum,
+                ..magface.params()
+            },
+        ] {
+            let expected = reference::magface_loss(&inputs, &magface, &params).expect("reference");
+            let what = |how: &str| format!("{how} {:?} {params:?}", p.shape);
+            let compare = |out: &LossOutput, how: &str| {
+                let check = reference::compare(d, &params, out, &expected);
+                assert!(check.passes(), "{}: {check:?}", what(how));
+            };
+            for algorithm in PLANS {
+                let run = || {
+                    magface
+                        .loss(
+                            ctx,
+                            &inputs,
+                            &params,
+                            Pass::ForwardBackward,
+                            Some(algorithm),
+                        )
+                        .expect("MagFace")
+                };
+                let out = run();
+                compare(&out, &format!("{algorithm:?}"));
+                assert_eq!(out, run(), "{}", what("repeat"));
+            }
+            let margins = magface.margins(&p.features, d).expect("margins");
+            let mut sharded: LossOutput =
+                sharded_loss_inputs(&[ctx; 3], &inputs.with_row_margins(&margins), &params)
+                    .expect("shards");
+            magface
+                .finish(&inputs, &params, &mut sharded)
+                .expect("finish");
+            compare(&sharded, "3 shards");
+        }
+    }
+}
+
 /// head.py's update, written out for three rows: clip, mean, unbiased std, momentum, then
 /// ẑ from the updated statistics.
 #[test]
@@ -309,6 +369,36 @@ fn bad_options_are_typed_errors() {
         name_of(LossParams::default(), Some(&negative)),
         "row_margins (m2_i)"
     );
+    let magface = MagFace::default();
+    for (params, name) in [
+        (
+            LossParams {
+                objective: Objective::HardMargin,
+                ..magface.params()
+            },
+            "objective",
+        ),
+        (
+            LossParams {
+                angle_clip: true,
+                ..magface.params()
+            },
+            "multiplicative_margin",
+        ),
+    ] {
+        match magface.loss(ctx, &inputs, &params, Pass::Forward, None) {
+            Err(Error::InvalidParameter { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{params:?}: {other:?}"),
+        }
+    }
+    let inverted = MagFace {
+        upper_norm: 5.0,
+        ..magface
+    };
+    match inverted.loss(ctx, &inputs, &magface.params(), Pass::Forward, None) {
+        Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, "upper_norm"),
+        other => panic!("u_a < l_a: {other:?}"),
+    }
     let clip = AdaFace::default().params();
     assert!(ctx
         .loss_inputs::<f32, f32, f32, f32>(

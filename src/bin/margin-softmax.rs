@@ -11,6 +11,7 @@ use margin_softmax::reference::{self, Comparison};
 use margin_softmax::schedule::{AdaFace, AdaFaceState, ElasticFace};
 use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
+use margin_softmax::MagFace;
 use margin_softmax::{
     enumerate_adapters, parse_backends, workspace_bytes, Algorithm, Context, ContextOptions,
     Element, ElementTypes, HostInputs, LossOutput, LossParams, Objective, Pass, Problem, Reduction,
@@ -178,6 +179,12 @@ struct LossArgs {
     /// σ = 100), updated with this batch, and written back (8 bytes: μ, σ as f32 LE).
     #[arg(long, value_name = "STATE", requires = "adaface")]
     adaface_state: Option<PathBuf>,
+    /// MagFace's per-row angular margins from the features' norms, with its defaults
+    /// (l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 20) and easy margin; its
+    /// regulariser and dL/dx's radial part are added to the outputs (pair with --scale 64;
+    /// gradients F32).
+    #[arg(long, conflicts_with_all = ["elastic", "adaface"])]
+    magface: bool,
     /// Easy margin: the target logit is s·c where c ≤ 0 (MagFace's default; ArcFace's option).
     #[arg(long)]
     easy_margin: bool,
@@ -393,7 +400,7 @@ fn loss_params(args: &LossArgs, inputs: &LossInputs) -> LossParams {
             ReductionArg::None => Reduction::None,
         },
         loss_scale: args.loss_scale,
-        easy_margin: args.easy_margin,
+        easy_margin: args.easy_margin || args.magface,
         interclass_filter: args.interclass_filter,
         angle_clip: args.adaface,
     }
@@ -514,6 +521,22 @@ impl LossRun<'_> {
         Ok(Some((margins, state)))
     }
 
+    /// MagFace's margins where --magface asks for them, else none.
+    fn magface_margins<X: Element>(&self, x: &[X]) -> Result<Option<Vec<[f32; 2]>>, Failure> {
+        if !self.args.magface {
+            return Ok(None);
+        }
+        if self.inputs.row_margins.is_some() {
+            return Err(bad_input(
+                "--magface and the file's row_margins both give per-row margins: give one",
+            ));
+        }
+        MagFace::default()
+            .margins(x, self.inputs.problem.shape.dim)
+            .map(Some)
+            .map_err(bad_input)
+    }
+
     fn with_features<X: Element>(&self, x: &[X]) -> Result<(), Failure> {
         match &self.inputs.weights {
             StoredValues::F32(w) => self.with_inputs(x, w),
@@ -522,9 +545,9 @@ impl LossRun<'_> {
         }
     }
 
-    /// Gradients in the inputs' types, or f32 with --f32-grads.
+    /// Gradients in the inputs' types, or f32 with --f32-grads (and with --magface).
     fn with_inputs<X: Element, W: Element>(&self, x: &[X], w: &[W]) -> Result<(), Failure> {
-        if self.args.f32_grads {
+        if self.args.f32_grads || self.args.magface {
             self.typed::<X, W, f32, f32>(x, w)
         } else {
             self.typed::<X, W, X, W>(x, w)
@@ -544,9 +567,10 @@ impl LossRun<'_> {
         let elements = ElementTypes::of::<X, W, GX, GW>();
         let plain = HostInputs::new(shape, x, w, &problem.labels);
         let adaface = self.adaface_margins(x)?;
-        let schedule = match &adaface {
-            Some((m, _)) => Some(m.clone()),
-            None => self.elastic_margins(&plain)?,
+        let schedule = match (&adaface, self.magface_margins(x)?) {
+            (Some((m, _)), _) => Some(m.clone()),
+            (None, Some(m)) => Some(m),
+            (None, None) => self.elastic_margins(&plain)?,
         };
         let margins = schedule.as_deref().or(inputs.row_margins.as_deref());
         let host = HostInputs {
@@ -556,7 +580,12 @@ impl LossRun<'_> {
         let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
             ctx.loss_inputs::<X, W, GX, GW>(&host, params, Pass::ForwardBackward, None)
         });
-        let out = result.map_err(loss_failure)?;
+        let mut out = result.map_err(loss_failure)?;
+        if args.magface {
+            MagFace::default()
+                .finish(&plain, params, &mut out)
+                .map_err(bad_input)?;
+        }
         // The state advances only with a step that ran.
         if let (Some((_, state)), Some(p)) = (&adaface, &args.adaface_state) {
             std::fs::write(p, state.to_bytes())
@@ -576,6 +605,7 @@ impl LossRun<'_> {
         );
         let margin = match (args.elastic, margins) {
             (None, Some(_)) if args.adaface => "per row (AdaFace)".to_string(),
+            (None, Some(_)) if args.magface => "per row (MagFace, from the norms)".to_string(),
             (Some(_), _) => format!(
                 "per row (ElasticFace, seed {}, step {})",
                 args.seed, args.step
@@ -610,7 +640,16 @@ impl LossRun<'_> {
                 row_margins: margins,
                 ..HostInputs::new(shape, &problem.features, &problem.classes, &problem.labels)
             };
-            let expected = reference::loss_inputs(&stored, params).map_err(failure)?;
+            let expected = if args.magface {
+                let plain = HostInputs {
+                    row_margins: None,
+                    ..stored
+                };
+                reference::magface_loss(&plain, &MagFace::default(), params)
+            } else {
+                reference::loss_inputs(&stored, params)
+            }
+            .map_err(failure)?;
             let check = reference::compare_stored(
                 shape.dim,
                 params,
