@@ -58,6 +58,7 @@ fn step(
         labels: &labels,
         sample: None,
         row_margins: None,
+        hard_thresholds: None,
     };
     let partials = ctx.shard_forward(&inputs, params).expect("shard forward");
     let sent: &[u8] = bytemuck::cast_slice(&partials);

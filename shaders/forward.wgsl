@@ -160,10 +160,10 @@ fn add_target(state: SplitPartial, c: f32, i: u32) -> SplitPartial {
 
 /// The state after four more non-target classes j0 .. j0 + 3 with cosines c, those
 /// where `take` holds: one rescale for the four, and the lowest index kept on ties. The
-/// softmax sees the `filtered` cosines, the statistics the raw ones.
-fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>) -> SplitPartial {
+/// softmax sees row i's `other_terms`, the statistics the raw cosines.
+fn add_others(state: SplitPartial, c: vec4<f32>, j0: u32, take: vec4<bool>, i: u32) -> SplitPartial {
     var st = state;
-    let zc = filtered(c);
+    let zc = other_terms(c, i).zc;
     let z = params.loss.scale * zc;
     let top = max(max(select(NEG_BIG, z.x, take.x), select(NEG_BIG, z.y, take.y)),
                   max(select(NEG_BIG, z.z, take.z), select(NEG_BIG, z.w, take.w)));
@@ -292,13 +292,11 @@ fn write_grad_row(i: u32, y: u32, base: u32, columns: vec2<u32>, lane: u32, lane
     let first_quad = columns.x / 4u;
     for (var q = lane; q < (columns.y + 3u) / 4u; q += lanes) {
         let inv_w = inv_norm_class_quads[first_quad + q];
-        let c = logits[base + q] * inv_w;
-        let p = exp(params.loss.scale * c - row.lse);
+        let terms = other_terms(logits[base + q] * inv_w, i);
+        let p = exp(params.loss.scale * terms.zc - row.lse);
         let inside = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(columns.y);
-        let g = flush_subnormal(params.loss.scale * p) * inv_w;
-        // A filtered cosine's logit is 0, a constant: no gradient.
-        let live = inside & vec4<bool>(soft) & !(c > vec4<f32>(params.loss.filter_threshold));
-        logits[base + q] = select(vec4<f32>(), g, live);
+        let g = flush_subnormal(params.loss.scale * p) * terms.slope * inv_w;
+        logits[base + q] = select(vec4<f32>(), g, inside & vec4<bool>(soft));
     }
     if (y == IGNORE) { return; }
     var special = array<u32, 2>(y, NO_CLASS);
@@ -345,7 +343,7 @@ fn logit_softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         let c = logits[base + q] * select(vec4<f32>(1.0), inv_norm_class_quads[first_quad + q], raw);
         let local = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u);
         let take = local < vec4<u32>(columns.y) & local + columns.x != vec4<u32>(y);
-        run = add_others(run, c, columns.x + 4u * q, take);
+        run = add_others(run, c, columns.x + 4u * q, take, i);
         if (((q / lanes + 1u) & (run_quads - 1u)) == 0u) {
             st = merge_partials(st, run);
             run = empty_partial();

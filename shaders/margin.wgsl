@@ -31,6 +31,13 @@ struct LossTerms {
     /// 1: AdaFace's form, c clamped to [−1 + ε, 1 − ε] and θ + m2 clipped to [ε, π − ε]
     /// with zero slope where either binds; 0: ArcFace's fallback.
     angle_clip: u32,
+    /// 1: CurricularFace, a non-target cosine c above the row's `hard_thresholds` φ_i
+    /// counts as c·(t + c), slope t + 2c.
+    curricular: u32,
+    /// CurricularFace's t for this step.
+    curricular_t: f32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 /// Per-row margins (m2_i, m3_i), B pairs: the additive angular margin in [0, π) (in
@@ -38,6 +45,11 @@ struct LossTerms {
 /// additive cosine margin of row i's target, read where `params.loss.per_row` is 1 (else
 /// a stand-in). Caller's input, or a schedule's output.
 @group(0) @binding(29) var<storage, read> row_margins: array<vec2<f32>>;
+
+/// CurricularFace's φ_i, B values: row i's margined target cosine (ArcFace's ψ), above
+/// which a non-target cosine is hard. Read where `params.loss.curricular` is 1 (else a
+/// stand-in). Caller's input, from `schedule::CurricularFace`.
+@group(0) @binding(30) var<storage, read> hard_thresholds: array<f32>;
 
 const PI: f32 = 3.14159265358979;
 /// sin θ is clamped to at least this in the exact gradient of an angular margin (see
@@ -168,10 +180,27 @@ fn clipped_angle_margin(c: f32, angular: f32, cos_m2: f32, sin_m2: f32) -> vec2<
     return vec2<f32>(cc * cos_m2 - sin_t * sin_m2, slope);
 }
 
-/// The non-target cosines c as the softmax sees them: 0 above the inter-class filter's
-/// threshold (always below it without a filter).
-fn filtered(c: vec4<f32>) -> vec4<f32> {
-    return select(c, vec4<f32>(), c > vec4<f32>(params.loss.filter_threshold));
+/// Four non-target cosines of a row as its softmax sees them: zc = z/s, and dzc/dc.
+struct OtherTerms {
+    zc: vec4<f32>,
+    slope: vec4<f32>,
+}
+
+/// Row i's non-target cosines c as the softmax sees them: CurricularFace's c·(t + c)
+/// (slope t + 2c) above the row's φ_i, and 0 (slope 0) above the inter-class filter's
+/// threshold (always below it without a filter); else c (slope 1).
+fn other_terms(c: vec4<f32>, i: u32) -> OtherTerms {
+    var terms = OtherTerms(c, vec4<f32>(1.0));
+    if (params.loss.curricular == 1u) {
+        let t = params.loss.curricular_t;
+        let hard = c > vec4<f32>(hard_thresholds[i]);
+        terms.zc = select(c, c * (vec4<f32>(t) + c), hard);
+        terms.slope = select(vec4<f32>(1.0), vec4<f32>(t) + 2.0 * c, hard);
+    }
+    let dropped = c > vec4<f32>(params.loss.filter_threshold);
+    terms.zc = select(terms.zc, vec4<f32>(), dropped);
+    terms.slope = select(terms.slope, vec4<f32>(), dropped);
+    return terms;
 }
 
 /// G_ij = dL/dc_ij from the cosine c_ij, for row i with label y ≠ IGNORE, its softmax
@@ -183,8 +212,9 @@ fn grad_logit(c: f32, i: u32, row: RowSoftmax, j: u32, y: u32, coef: f32) -> f32
     if (params.loss.objective == 1u) {
         return select(0.0, coef * row.target_complement, j == row.best_other_class);
     }
-    if (c > params.loss.filter_threshold) { return 0.0; }
-    return flush_subnormal(vec4<f32>(coef * exp(params.loss.scale * c - row.lse))).x;
+    let terms = other_terms(vec4<f32>(c), i);
+    let p = flush_subnormal(vec4<f32>(coef * exp(params.loss.scale * terms.zc.x - row.lse))).x;
+    return p * terms.slope.x;
 }
 
 /// The (global) label of row i, or IGNORE if i is past B or the label is not a class.

@@ -29,6 +29,8 @@ struct SliceState {
     labels: DeviceBuffer,
     /// Per-row margins, where a call has them.
     row_margins: DeviceBuffer,
+    /// CurricularFace's per-row thresholds, where a call has them.
+    hard_thresholds: DeviceBuffer,
     row_stats: DeviceBuffer,
     summary: DeviceBuffer,
     grad_features: DeviceBuffer,
@@ -122,6 +124,7 @@ impl SliceState {
             classes: buffer("classes", sizes.classes, input),
             labels: buffer("labels", sizes.labels, input),
             row_margins: buffer("row_margins", 2 * sizes.labels, input),
+            hard_thresholds: buffer("hard_thresholds", sizes.labels, input),
             row_stats: buffer("row_stats", layout.grad_features - layout.row_stats, output),
             summary: buffer("summary", layout.row_stats, output),
             grad_features: buffer("grad_features", sizes.grad_features, output),
@@ -165,6 +168,7 @@ impl SliceState {
             (&self.classes, sizes.classes),
             (&self.labels, sizes.labels),
             (&self.row_margins, 2 * sizes.labels),
+            (&self.hard_thresholds, sizes.labels),
             (&self.row_stats, layout.grad_features - layout.row_stats),
             (&self.grad_features, sizes.grad_features),
             (&self.grad_classes, sizes.grad_classes),
@@ -401,6 +405,9 @@ impl Context {
             if let Some(margins) = host.row_margins {
                 write(&state.row_margins, bytemuck::cast_slice(margins));
             }
+            if let Some(thresholds) = host.hard_thresholds {
+                write(&state.hard_thresholds, bytemuck::cast_slice(thresholds));
+            }
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
@@ -419,6 +426,9 @@ impl Context {
                 row_margins: host
                     .row_margins
                     .map(|_| BufferRegion::from(&*state.row_margins)),
+                hard_thresholds: host
+                    .hard_thresholds
+                    .map(|_| BufferRegion::from(&*state.hard_thresholds)),
             };
             state
                 .plan

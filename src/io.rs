@@ -339,6 +339,10 @@ pub struct DeviceInputs<'a> {
     /// must then be 1): the mechanism under AdaFace, MagFace and ElasticFace, and any
     /// schedule a caller brings. `None`: every row takes the parameters' margins.
     pub row_margins: Option<BufferRegion<'a>>,
+    /// CurricularFace's per-row thresholds φ_i, B `f32` (row i's margined target cosine,
+    /// [`crate::schedule::CurricularFace`]): given exactly when
+    /// [`LossParams::curricular`](crate::LossParams::curricular) is.
+    pub hard_thresholds: Option<BufferRegion<'a>>,
 }
 
 /// The outputs of the device API.
@@ -374,6 +378,7 @@ impl<'a> DeviceInputs<'a> {
             classes: BufferRegion::from(classes),
             labels: BufferRegion::from(labels),
             row_margins: None,
+            hard_thresholds: None,
         }
     }
 }
@@ -575,6 +580,8 @@ pub struct HostInputs<'a, X: Element = f32, W: Element = f32> {
     /// Per-row margins (m2_i, m3_i), as [`DeviceInputs::row_margins`]: m2_i in [0, π),
     /// |m3_i| ≤ 2, replacing the parameters' angular and cosine margins.
     pub row_margins: Option<&'a [[f32; 2]]>,
+    /// CurricularFace's per-row thresholds φ_i, as [`DeviceInputs::hard_thresholds`].
+    pub hard_thresholds: Option<&'a [f32]>,
 }
 
 impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
@@ -586,6 +593,15 @@ impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
             classes,
             labels,
             row_margins: None,
+            hard_thresholds: None,
+        }
+    }
+
+    /// The same inputs with CurricularFace's per-row thresholds φ_i.
+    pub fn with_hard_thresholds(self, hard_thresholds: &'a [f32]) -> Self {
+        HostInputs {
+            hard_thresholds: Some(hard_thresholds),
+            ..self
         }
     }
 
@@ -600,10 +616,41 @@ impl<'a, X: Element, W: Element> HostInputs<'a, X, W> {
     /// Checks the lengths, the labels and the per-row margins (for `params`) on the host.
     pub(crate) fn check(&self, params: &LossParams) -> Result<()> {
         check_slices(self.shape, self.features, self.classes, self.labels)?;
+        check_hard_thresholds(self.hard_thresholds, self.shape.batch, params)?;
         match self.row_margins {
             Some(m) => check_row_margins(m, self.shape.batch, params),
             None => Ok(()),
         }
+    }
+}
+
+/// CurricularFace's thresholds: B finite values, given exactly when `params.curricular` is.
+pub(crate) fn check_hard_thresholds(
+    thresholds: Option<&[f32]>,
+    batch: usize,
+    params: &LossParams,
+) -> Result<()> {
+    match (thresholds, params.curricular) {
+        (None, None) => Ok(()),
+        (Some(t), Some(_)) if t.len() != batch => Err(Error::LengthMismatch {
+            input: "hard_thresholds",
+            expected: batch,
+            actual: t.len(),
+        }),
+        (Some(t), Some(_)) => match t.iter().find(|v| !v.is_finite()) {
+            Some(&v) => Err(Error::InvalidParameter {
+                name: "hard_thresholds (φ_i)",
+                value: v,
+                requirement: "finite: each row's margined target cosine",
+            }),
+            None => Ok(()),
+        },
+        (t, _) => Err(Error::InvalidParameter {
+            name: "curricular",
+            value: f32::from(u8::from(t.is_some())),
+            requirement:
+                "given together with hard_thresholds (schedule::CurricularFace makes both)",
+        }),
     }
 }
 

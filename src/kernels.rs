@@ -37,6 +37,7 @@ pub(crate) enum Binding {
     GradFeaturesOut = 27,
     GradClassesOut = 28,
     RowMargins = 29,
+    HardThresholds = 30,
 }
 
 /// The workgroup shape of the GEMM and the softmax rows, set on the WGSL `override`
@@ -98,6 +99,9 @@ pub(crate) struct LossTerms {
     pub easy_margin: u32,
     pub filter_threshold: f32,
     pub angle_clip: u32,
+    pub curricular: u32,
+    pub curricular_t: f32,
+    pub _pad: [u32; 2],
 }
 
 impl LossTerms {
@@ -117,6 +121,9 @@ impl LossTerms {
             // Above every cosine where there is no filter.
             filter_threshold: params.interclass_filter.unwrap_or(NO_FILTER),
             angle_clip: u32::from(params.angle_clip),
+            curricular: u32::from(params.curricular.is_some()),
+            curricular_t: params.curricular.unwrap_or(0.0),
+            _pad: [0; 2],
         }
     }
 }
@@ -521,6 +528,7 @@ const LOGIT_SOFTMAX_ROWS_BINDINGS: &[Binding] = &[
     Binding::RowStats,
     Binding::Logits,
     Binding::RowMargins,
+    Binding::HardThresholds,
 ];
 /// The bindings of `logit_grad_rows`, in binding order.
 const LOGIT_GRAD_ROWS_BINDINGS: &[Binding] = &[
@@ -531,6 +539,7 @@ const LOGIT_GRAD_ROWS_BINDINGS: &[Binding] = &[
     Binding::RowStats,
     Binding::Logits,
     Binding::RowMargins,
+    Binding::HardThresholds,
 ];
 /// The bindings of `merge_rows`, in binding order.
 const MERGE_ROWS_BINDINGS: &[Binding] = &[
@@ -559,6 +568,7 @@ const LOGIT_GRADS_BINDINGS: &[Binding] = &[
     Binding::Summary,
     Binding::Logits,
     Binding::RowMargins,
+    Binding::HardThresholds,
 ];
 /// The bindings of `projection_dots`, in binding order.
 const PROJECTION_DOTS_BINDINGS: &[Binding] = &[
@@ -1092,9 +1102,9 @@ mod tests {
         }
         // LossTerms, the first member of two of them, member by member.
         let (_, forward_members) = wgsl_uniform(FORWARD_WGSL, 0);
-        assert_eq!(forward_members[1], ("batch".to_string(), 48));
-        assert_eq!(size_of::<LossTerms>(), 48);
-        assert_eq!(offset_of!(ForwardParams, batch), 48);
+        assert_eq!(forward_members[1], ("batch".to_string(), 64));
+        assert_eq!(size_of::<LossTerms>(), 64);
+        assert_eq!(offset_of!(ForwardParams, batch), 64);
         let module = naga::front::wgsl::parse_str(FORWARD_WGSL).expect("the WGSL parses");
         let terms = module
             .types
@@ -1117,7 +1127,8 @@ mod tests {
         assert_eq!(
             terms,
             fields!(LossTerms: scale, margin, multiplicative_margin, angular_margin, cos_m2,
-                sin_m2, objective, straight_through, per_row)
+                sin_m2, objective, straight_through, per_row, easy_margin, filter_threshold,
+                angle_clip, curricular, curricular_t)
         );
     }
 }

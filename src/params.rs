@@ -108,6 +108,11 @@ pub struct LossParams {
     /// where either binds. Per-row angular margins may then be negative, in [−π, π).
     /// Only with m1 = 1.
     pub angle_clip: bool,
+    /// CurricularFace's t for this step (`schedule::CurricularFace` keeps it): a
+    /// non-target cosine c above its row's threshold φ_i (the margined target cosine,
+    /// given per row as `hard_thresholds`) counts as c·(t + c) in the softmax. `None` for
+    /// none; only with the softmax objective.
+    pub curricular: Option<f32>,
 }
 
 impl Default for LossParams {
@@ -133,6 +138,7 @@ impl LossParams {
             easy_margin: false,
             interclass_filter: None,
             angle_clip: false,
+            curricular: None,
         }
     }
 
@@ -289,6 +295,23 @@ impl LossParams {
                     value: t,
                     requirement:
                         "None with Objective::HardMargin (the filter is an option of the softmax)",
+                });
+            }
+        }
+        if let Some(t) = self.curricular {
+            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
+                return Err(Error::InvalidParameter {
+                    name: "curricular",
+                    value: t,
+                    requirement: "t, a running mean of cosines, in [-1, 1] (it starts at 0)",
+                });
+            }
+            if self.objective == Objective::HardMargin {
+                return Err(Error::InvalidParameter {
+                    name: "curricular",
+                    value: t,
+                    requirement:
+                        "None with Objective::HardMargin (CurricularFace reweights the softmax)",
                 });
             }
         }

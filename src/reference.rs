@@ -457,19 +457,40 @@ struct Target<'c> {
     psi_spread: f64,
     /// The inter-class filter's threshold, if any.
     filter: Option<f32>,
+    /// CurricularFace's t, if on.
+    curricular: Option<f64>,
 }
 
 impl Target<'_> {
-    /// zc_ij = z_ij / s: ψ(c_iy) for the target, c_ij otherwise (0 where the
-    /// inter-class filter drops it).
+    /// zc_ij = z_ij / s: ψ(c_iy) for the target; for the others 0 where the inter-class
+    /// filter drops c_ij, c_ij·(t + c_ij) where CurricularFace finds it hard (above ψ),
+    /// else c_ij.
     fn zc(&self, j: usize) -> f64 {
         if j == self.y {
             self.psi
         } else if self.filtered(j) {
             0.0
+        } else if self.hard(j) {
+            self.cos[j] * (self.curricular.unwrap_or(0.0) + self.cos[j])
         } else {
             self.cos[j]
         }
+    }
+
+    /// dzc_ij/dc_ij of a non-target: 0 where filtered, t + 2c_ij where hard, else 1.
+    fn other_slope(&self, j: usize) -> f64 {
+        if self.filtered(j) {
+            0.0
+        } else if self.hard(j) {
+            self.curricular.unwrap_or(0.0) + 2.0 * self.cos[j]
+        } else {
+            1.0
+        }
+    }
+
+    /// True where CurricularFace counts non-target j as hard: c_ij > ψ(c_iy).
+    fn hard(&self, j: usize) -> bool {
+        j != self.y && self.curricular.is_some() && self.cos[j] > self.psi
     }
 
     /// True where the inter-class filter drops non-target j: its logit is the constant 0.
@@ -541,6 +562,7 @@ impl Batch<'_> {
             slope_spread,
             psi_spread,
             filter: params.interclass_filter,
+            curricular: params.curricular.map(f64::from),
         }
     }
 
@@ -652,10 +674,8 @@ impl Batch<'_> {
             let g = coef
                 * if j == target.y {
                     -softmax.complement * slope
-                } else if target.filtered(j) {
-                    0.0
                 } else {
-                    p
+                    p * target.other_slope(j)
                 };
             self.add_term(i, j, g);
         }

@@ -373,3 +373,125 @@ impl MagFace {
         Ok(out)
     }
 }
+
+/// CurricularFace's running value t, the state the caller holds between steps, saves
+/// and restores ([`CurricularState::to_bytes`], [`CurricularState::from_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CurricularState {
+    /// t, the running mean of the target cosines (starts at 0).
+    pub t: f32,
+}
+
+impl CurricularState {
+    /// t, little-endian f32.
+    pub fn to_bytes(&self) -> [u8; 4] {
+        self.t.to_le_bytes()
+    }
+
+    /// The state [`CurricularState::to_bytes`] wrote.
+    pub fn from_bytes(bytes: [u8; 4]) -> CurricularState {
+        CurricularState {
+            t: f32::from_le_bytes(bytes),
+        }
+    }
+}
+
+/// CurricularFace (HuangYG123/CurricularFace `head/metrics.py`): ArcFace's target
+/// φ = cos(θ_y + m) (with its fallback c_y − m·sin m past θ_y + m = π), and the hard
+/// non-targets, c_j > φ, reweighted to c_j·(t + c_j) (slope t + 2c_j), t a detached
+/// running mean of the target cosines, updated with the batch before use:
+/// t ← α·mean_i c_iy + (1 − α)·t. The official code's α = 0.01 (its paper writes the
+/// momentum as 0.99 the other way round; Tencent's TFace uses 0.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CurricularFace {
+    /// m, the angular margin (0.5).
+    pub margin: f32,
+    /// α, the weight of the batch's mean in t's update (0.01).
+    pub momentum: f32,
+}
+
+impl Default for CurricularFace {
+    /// The official code's defaults: m = 0.5, α = 0.01 (with s = 64).
+    fn default() -> Self {
+        CurricularFace {
+            margin: 0.5,
+            momentum: 0.01,
+        }
+    }
+}
+
+/// What one CurricularFace step gives the loss: its parameters (with t) and each row's
+/// threshold φ_i ([`HostInputs::with_hard_thresholds`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurricularStep {
+    /// s = 64, ArcFace's margin m and this step's t.
+    pub params: LossParams,
+    /// φ_i, the margined target cosine of row i (2, above every cosine, for an ignored row).
+    pub hard_thresholds: Vec<f32>,
+}
+
+impl CurricularFace {
+    /// One step's parameters and thresholds for `inputs`: their target cosines c_iy in
+    /// f64 (in row order, so bitwise repeatable, and the global batch's under class
+    /// shards), `state.t` updated with their mean over labelled rows (left as it was
+    /// without one), and φ_i = ψ(c_iy). Per-row margins in `inputs` are refused.
+    pub fn step<X: Element, W: Element>(
+        &self,
+        state: &mut CurricularState,
+        inputs: &HostInputs<'_, X, W>,
+    ) -> Result<CurricularStep> {
+        let mut params = LossParams {
+            scale: 64.0,
+            margin: 0.0,
+            angular_margin: self.margin,
+            curricular: Some(state.t),
+            ..LossParams::default()
+        };
+        params.validate()?;
+        if inputs.row_margins.is_some() {
+            return Err(Error::InvalidParameter {
+                name: "row_margins",
+                value: 0.0,
+                requirement: "none with CurricularFace: its margin is one angular margin m",
+            });
+        }
+        crate::io::check_slices(inputs.shape, inputs.features, inputs.classes, inputs.labels)?;
+        let d = inputs.shape.dim;
+        let x = row_norms(inputs.features, d)?;
+        let w = row_norms(inputs.classes, d)?;
+        let floor = |n: f64| n.max(crate::reference::EPS);
+        let cosines: Vec<Option<f64>> = (0..inputs.shape.batch)
+            .map(|i| {
+                let y = inputs.labels[i] as usize;
+                (y < inputs.shape.classes).then(|| {
+                    let dot: f64 = (0..d)
+                        .map(|k| {
+                            f64::from(inputs.features[i * d + k].widen())
+                                * f64::from(inputs.classes[y * d + k].widen())
+                        })
+                        .sum();
+                    dot / (floor(x[i]) * floor(w[y]))
+                })
+            })
+            .collect();
+        let labelled: Vec<f64> = cosines.iter().flatten().copied().collect();
+        if !labelled.is_empty() {
+            let mean = labelled.iter().sum::<f64>() / labelled.len() as f64;
+            let alpha = f64::from(self.momentum);
+            state.t = (alpha * mean + (1.0 - alpha) * f64::from(state.t)) as f32;
+        }
+        params.curricular = Some(state.t);
+        let hard_thresholds = cosines
+            .iter()
+            .map(|c| {
+                c.map_or(2.0, |c| {
+                    crate::reference::target_margin(&params, c).0 as f32
+                })
+            })
+            .collect();
+        Ok(CurricularStep {
+            params,
+            hard_thresholds,
+        })
+    }
+}

@@ -12,8 +12,8 @@ use crate::api::whole_words;
 use crate::context::{Context, DeviceBuffer};
 use crate::error::{Error, Result};
 use crate::io::{
-    check_batch, check_row_margins, Element, ElementTypes, Gradients, HostInputs, LossOutput,
-    IGNORE,
+    check_batch, check_hard_thresholds, check_row_margins, Element, ElementTypes, Gradients,
+    HostInputs, LossOutput, IGNORE,
 };
 use crate::io::{BufferRegion, DeviceInputs, DeviceOutputs, GradOutputs, RowStats, Shape, Summary};
 use crate::kernels::{Binding, Timestamps};
@@ -392,6 +392,10 @@ pub struct ShardInputs<'a, X: Element = f32, W: Element = f32> {
     /// [`DeviceInputs::row_margins`](crate::DeviceInputs::row_margins): the same on every
     /// shard, and given to [`finish_rows_with_margins`] too.
     pub row_margins: Option<&'a [[f32; 2]]>,
+    /// CurricularFace's per-row thresholds φ_i, B values, as
+    /// [`DeviceInputs::hard_thresholds`](crate::DeviceInputs::hard_thresholds): the same
+    /// on every shard.
+    pub hard_thresholds: Option<&'a [f32]>,
 }
 
 /// A shard as its plan sees it: its classes (the sampled rows gathered, where sampled) as
@@ -466,6 +470,10 @@ struct ShardBuffers {
     row_margins: wgpu::Buffer,
     /// Whether the current call has per-row margins.
     per_row: bool,
+    /// CurricularFace's thresholds of the last call that had them (B values).
+    hard_thresholds: wgpu::Buffer,
+    /// Whether the current call has them.
+    curricular: bool,
     row_stats: wgpu::Buffer,
     summary: wgpu::Buffer,
     /// The host slices (addresses and lengths of x, w and the labels) whose dots the last
@@ -556,6 +564,15 @@ impl ShardBuffers {
                 )),
             ),
             per_row: inputs.row_margins.is_some(),
+            hard_thresholds: init(
+                "hard_thresholds",
+                bytemuck::cast_slice(
+                    inputs
+                        .hard_thresholds
+                        .unwrap_or(&vec![0.0; shape.batch.max(1)]),
+                ),
+            ),
+            curricular: inputs.hard_thresholds.is_some(),
             row_stats: init("row_stats", &rows),
             summary: init("summary", &[0u8; std::mem::size_of::<Summary>()]),
             dots_of: None,
@@ -590,6 +607,10 @@ impl ShardBuffers {
         if let Some(margins) = inputs.row_margins {
             write(&self.row_margins, bytemuck::cast_slice(margins));
         }
+        self.curricular = inputs.hard_thresholds.is_some();
+        if let Some(thresholds) = inputs.hard_thresholds {
+            write(&self.hard_thresholds, bytemuck::cast_slice(thresholds));
+        }
         if !held {
             write(&self.features, &whole_words(bytemuck::cast_slice(x)));
             write(
@@ -613,6 +634,9 @@ impl ShardBuffers {
     ) -> Result<()> {
         let inputs = DeviceInputs {
             row_margins: self.per_row.then(|| BufferRegion::from(&self.row_margins)),
+            hard_thresholds: self
+                .curricular
+                .then(|| BufferRegion::from(&self.hard_thresholds)),
             ..DeviceInputs::whole(&self.features, &self.classes, &self.labels)
         };
         let outputs = DeviceOutputs::whole(&self.row_stats, &self.summary, grads);
@@ -723,9 +747,11 @@ impl Context {
             labels,
             sample,
             row_margins,
+            hard_thresholds,
         } = *inputs;
         let shape = Shape::new(labels.len(), dim, shard.count);
         check_shard(shard, sample, shape, x, w, labels)?;
+        check_hard_thresholds(hard_thresholds, shape.batch, params)?;
         if let Some(margins) = row_margins {
             check_row_margins(margins, shape.batch, params)?;
             if params.multiplicative_margin != 1 {
@@ -1031,6 +1057,7 @@ pub fn sharded_loss_inputs<X: Element, W: Element, GX: Element, GW: Element>(
         classes: w,
         labels,
         row_margins,
+        hard_thresholds,
     } = *host;
     let k = contexts.len().min(shape.classes).max(1);
     let shards = (0..k)
@@ -1046,6 +1073,7 @@ pub fn sharded_loss_inputs<X: Element, W: Element, GX: Element, GW: Element>(
         labels,
         sample: None,
         row_margins,
+        hard_thresholds,
     };
     // k ≤ contexts.len(): shard s runs on contexts[s].
     for (shard, ctx) in shards.iter().zip(contexts) {
@@ -1114,6 +1142,7 @@ mod tests {
             labels: &p.labels,
             sample: None,
             row_margins: None,
+            hard_thresholds: None,
         };
         let held = |ctx: &Context| {
             ctx.with_cache(Vec::<ShardBuffers>::new, |kept| {

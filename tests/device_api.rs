@@ -98,6 +98,7 @@ fn engine_buffers_match_the_slice_api_and_guards_stay_intact() {
             classes: input(1),
             labels: input(2),
             row_margins: None,
+            hard_thresholds: None,
         },
         &DeviceOutputs {
             row_stats: output(0),
@@ -189,6 +190,7 @@ fn forward_only_leaves_gradient_buffers_alone() {
             classes: (&w).into(),
             labels: (&y).into(),
             row_margins: None,
+            hard_thresholds: None,
         },
         &DeviceOutputs {
             row_stats: (&stats).into(),
@@ -240,6 +242,7 @@ fn unusable_caller_buffers_are_typed_errors() {
                 classes: (&good).into(),
                 labels: (&good).into(),
                 row_margins: None,
+                hard_thresholds: None,
             },
             &DeviceOutputs {
                 row_stats: (&good).into(),
@@ -261,6 +264,7 @@ fn unusable_caller_buffers_are_typed_errors() {
                 classes: (&good).into(),
                 labels: (&good).into(),
                 row_margins: None,
+                hard_thresholds: None,
             },
             &DeviceOutputs {
                 row_stats: BufferRegion {

@@ -323,3 +323,27 @@ fn magface_gradients_match_finite_differences() {
         );
     }
 }
+
+/// CurricularFace: hard non-targets (c_j above the row's ArcFace target ψ) counted as
+/// c_j·(t + c_j), with t of either sign; random cosines of D = 6 put several above ψ.
+#[test]
+fn curricular_gradients_match_finite_differences() {
+    let shape = Shape::new(6, 6, 9);
+    for (seed, t) in [(50u64, 0.3f32), (51, -0.2), (52, 0.0)] {
+        let params = LossParams {
+            scale: 16.0,
+            curricular: Some(t),
+            ..LossParams::arcface()
+        };
+        fd_check(shape, seed, params);
+        let plain = LossParams {
+            curricular: None,
+            ..params
+        };
+        assert_ne!(
+            loss_of(shape, seed, params, None),
+            loss_of(shape, seed, plain, None),
+            "t = {t} takes effect"
+        );
+    }
+}

@@ -217,6 +217,7 @@ fn each_recording_keeps_its_own_parameters() {
         classes: (&w).into(),
         labels: (&y).into(),
         row_margins: None,
+        hard_thresholds: None,
     };
     for algorithm in [
         Algorithm::MemoryMinimal,
@@ -296,6 +297,7 @@ fn plans_and_buffers_of_another_device_are_bad_buffers() {
             classes: (&buffers.1).into(),
             labels: (&buffers.2).into(),
             row_margins: None,
+            hard_thresholds: None,
         };
         plan.record(c, &mut encoder, &inputs, &out.regions(), &params)
     };
@@ -366,6 +368,7 @@ fn shard_backward_reports_overflowing_gradients() {
         labels: &p.labels,
         sample: None,
         row_margins: None,
+        hard_thresholds: None,
     };
     let partials = ctx.shard_forward(&inputs, &params).expect("forward");
     let merged = merge_shards(&[partials]).expect("one shard");

@@ -7,7 +7,9 @@
 mod common;
 
 use margin_softmax::reference;
-use margin_softmax::schedule::{AdaFace, AdaFaceState};
+use margin_softmax::schedule::{
+    AdaFace, AdaFaceState, CurricularFace, CurricularState, CurricularStep,
+};
 use margin_softmax::shard::sharded_loss_inputs;
 use margin_softmax::{
     Algorithm, Error, HostInputs, LossOutput, LossParams, MagFace, Objective, Pass, Problem,
@@ -261,6 +263,85 @@ fn magface_matches_the_reference_on_every_plan_and_shards() {
     }
 }
 
+/// CurricularFace on every plan and on 3 class shards: t from three steps of state (so
+/// nonzero), each row's threshold φ_i from the host, against the reference (which takes
+/// φ_i from its own cosines); the hard negatives change the loss.
+#[test]
+fn curricular_matches_the_reference_on_every_plan_and_shards() {
+    let curricular = CurricularFace::default();
+    for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
+        let p = problem(b, d, c, 130 + k as u64, 1.0);
+        let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
+        let mut state = CurricularState { t: 0.3 };
+        let step = curricular.step(&mut state, &inputs).expect("step");
+        let with = inputs.with_hard_thresholds(&step.hard_thresholds);
+        for params in [
+            step.params,
+            LossParams {
+                scale: 16.0,
+                interclass_filter: Some(0.5),
+                ..step.params
+            },
+        ] {
+            let out = check_everywhere(&with, &params);
+            let plain = LossParams {
+                curricular: None,
+                ..params
+            };
+            let without = reference::loss_inputs(&inputs, &plain).expect("reference");
+            assert!(
+                (f64::from(out.loss) - without.loss).abs() > 1e-4 * without.loss.abs(),
+                "CurricularFace at {:?} changes the loss",
+                p.shape
+            );
+        }
+    }
+}
+
+/// t ← 0.01·mean(c_iy) + 0.99·t over labelled rows, before use; saved and restored, the
+/// next steps give the same bits; thresholds are ArcFace's ψ of each target cosine.
+#[test]
+fn curricular_state_updates_before_use_and_round_trips() {
+    let curricular = CurricularFace::default();
+    let p = problem(9, 20, 37, 140, 1.0);
+    let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
+    let expected = reference::loss_inputs(&inputs, &LossParams::arcface()).expect("reference");
+    let labelled: Vec<usize> = (0..9).filter(|&i| p.labels[i] != IGNORE).collect();
+    let mean = labelled
+        .iter()
+        .map(|&i| expected.target_cos[i])
+        .sum::<f64>()
+        / labelled.len() as f64;
+    let mut state = CurricularState::default();
+    let step = curricular.step(&mut state, &inputs).expect("step");
+    assert!(
+        (f64::from(state.t) - 0.01 * mean).abs() < 1e-7,
+        "t = {}",
+        state.t
+    );
+    assert_eq!(step.params.curricular, Some(state.t));
+    for &i in &labelled {
+        let psi = reference::target_margin(&step.params, expected.target_cos[i]).0;
+        assert!((f64::from(step.hard_thresholds[i]) - psi).abs() < 1e-6);
+    }
+    assert_eq!(
+        step.hard_thresholds[1], 2.0,
+        "the ignored row has no hard negatives"
+    );
+    let saved = state.to_bytes();
+    let run_on: Vec<CurricularStep> = (0..3)
+        .map(|_| curricular.step(&mut state, &inputs).expect("step"))
+        .collect();
+    let mut restored = CurricularState::from_bytes(saved);
+    for expected in &run_on {
+        assert_eq!(
+            &curricular.step(&mut restored, &inputs).expect("step"),
+            expected
+        );
+    }
+    assert_eq!(restored, state);
+}
+
 /// head.py's update, written out for three rows: clip, mean, unbiased std, momentum, then
 /// ẑ from the updated statistics.
 #[test]
@@ -399,6 +480,47 @@ fn bad_options_are_typed_errors() {
         Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, "upper_norm"),
         other => panic!("u_a < l_a: {other:?}"),
     }
+    // CurricularFace's t and thresholds come together, B of them.
+    let curricular = LossParams {
+        curricular: Some(0.1),
+        ..LossParams::arcface()
+    };
+    assert_eq!(name_of(curricular, None), "curricular");
+    let thresholds = [0.5f32; 4];
+    let call = |params: &LossParams, t: &[f32]| {
+        ctx.loss_inputs::<f32, f32, f32, f32>(
+            &inputs.with_hard_thresholds(t),
+            params,
+            Pass::Forward,
+            None,
+        )
+    };
+    assert!(call(&curricular, &thresholds).is_ok());
+    assert!(matches!(
+        call(&LossParams::arcface(), &thresholds),
+        Err(Error::InvalidParameter {
+            name: "curricular",
+            ..
+        })
+    ));
+    assert!(matches!(
+        call(&curricular, &thresholds[..3]),
+        Err(Error::LengthMismatch {
+            input: "hard_thresholds",
+            ..
+        })
+    ));
+    let hard = LossParams {
+        objective: Objective::HardMargin,
+        ..curricular
+    };
+    assert!(matches!(
+        call(&hard, &thresholds),
+        Err(Error::InvalidParameter {
+            name: "curricular",
+            ..
+        })
+    ));
     let clip = AdaFace::default().params();
     assert!(ctx
         .loss_inputs::<f32, f32, f32, f32>(

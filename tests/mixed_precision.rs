@@ -365,6 +365,7 @@ fn device_regions_of_odd_16_bit_length_round_up_to_a_word() {
                 classes: BufferRegion::from(&wb),
                 labels: BufferRegion::from(&labels),
                 row_margins: None,
+                hard_thresholds: None,
             },
             &DeviceOutputs {
                 row_stats: BufferRegion::from(&rows),

@@ -80,6 +80,7 @@ proptest! {
             easy_margin,
             interclass_filter,
             angle_clip,
+            curricular: None,
         };
         let gpu = context().loss(shape, &x, &w, &labels, &params, Pass::ForwardBackward);
         match reference::loss(shape, &x, &w, &labels, &params) {

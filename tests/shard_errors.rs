@@ -136,6 +136,7 @@ fn a_shard_whose_range_overflows_is_an_error() {
             labels: &[0, 1],
             sample: None,
             row_margins: None,
+            hard_thresholds: None,
         };
         for result in [
             ctx.shard_forward(&inputs, &params).map(|_| ()),
@@ -207,6 +208,7 @@ fn a_bad_sample_names_the_offending_row() {
             labels: &labels,
             sample: Some(sample),
             row_margins: None,
+            hard_thresholds: None,
         };
         let message = ctx.shard_forward(&inputs, &params).unwrap_err().to_string();
         assert!(message.contains(value), "{sample:?}: {message}");

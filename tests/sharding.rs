@@ -131,6 +131,7 @@ fn bad_shards_are_typed_errors() {
         labels: &p.labels,
         sample: None,
         row_margins: None,
+        hard_thresholds: None,
     };
     assert!(matches!(
         ctx.shard_forward(&inputs, &params),
@@ -215,6 +216,7 @@ fn class_centre_sampling_matches_the_reference_on_the_subset() {
         labels: &p.labels,
         sample: Some(&sample),
         row_margins: None,
+        hard_thresholds: None,
     };
     let partials = ctx
         .shard_forward(&inputs, &params)
@@ -330,6 +332,7 @@ fn backward_from_kept_dots_matches_recomputed_dots_bit_for_bit() {
         labels: &p.labels,
         sample: None,
         row_margins: None,
+        hard_thresholds: None,
     };
     let partials = ctx.shard_forward(&inputs, &params).expect("forward");
     let rows = finish_rows(

@@ -246,6 +246,7 @@ fn record(inputs: LossInputs<CubeBackend>, params: LossParams, with_grads: bool)
         classes: region(w.resource()),
         labels: region(y.resource()),
         row_margins: None,
+        hard_thresholds: None,
     };
     let outputs = DeviceOutputs {
         row_stats: region(stats.resource()),

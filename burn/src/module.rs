@@ -166,6 +166,8 @@ impl MarginSoftmaxConfig {
             interclass_filter: self.interclass_filter,
             // AdaFace's form goes with per-row margins, which the module does not take.
             angle_clip: false,
+            // CurricularFace takes per-row thresholds, which the module does not take.
+            curricular: None,
         };
         params.validate()?;
         if self.num_classes == 0 || self.dim == 0 {

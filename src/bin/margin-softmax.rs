@@ -403,6 +403,7 @@ fn loss_params(args: &LossArgs, inputs: &LossInputs) -> LossParams {
         easy_margin: args.easy_margin || args.magface,
         interclass_filter: args.interclass_filter,
         angle_clip: args.adaface,
+        curricular: None,
     }
 }
 

@@ -58,6 +58,14 @@ impl Plan {
         }
         params.validate()?;
         let per_row = inputs.row_margins.is_some();
+        if inputs.hard_thresholds.is_some() != params.curricular.is_some() {
+            return Err(Error::InvalidParameter {
+                name: "curricular",
+                value: f32::from(u8::from(inputs.hard_thresholds.is_some())),
+                requirement:
+                    "given together with hard_thresholds (schedule::CurricularFace makes both)",
+            });
+        }
         if per_row && params.multiplicative_margin != 1 {
             return Err(Error::InvalidParameter {
                 name: "multiplicative_margin",
@@ -144,6 +152,14 @@ impl Plan {
                 role: "row_margins",
                 region: row_margins,
                 bytes: b * 8,
+                input: true,
+            });
+        }
+        if let Some(thresholds) = inputs.hard_thresholds {
+            regions.push(Region {
+                role: "hard_thresholds",
+                region: thresholds,
+                bytes: b * 4,
                 input: true,
             });
         }
@@ -495,6 +511,11 @@ impl Plan {
             // Read only where the call has per-row margins (LossTerms::per_row).
             Binding::RowMargins => match regions.iter().any(|r| r.role == "row_margins") {
                 true => caller("row_margins", None),
+                false => Ok(whole(&ctx.quad_stand_in)),
+            },
+            // Read only with CurricularFace (LossTerms::curricular).
+            Binding::HardThresholds => match regions.iter().any(|r| r.role == "hard_thresholds") {
+                true => caller("hard_thresholds", None),
                 false => Ok(whole(&ctx.quad_stand_in)),
             },
             Binding::RowStats => caller("row_stats", None),
@@ -937,6 +958,7 @@ pub(super) fn binding_name(binding: Binding) -> &'static str {
         Binding::GradFeaturesOut => "grad_features_out",
         Binding::GradClassesOut => "grad_classes_out",
         Binding::RowMargins => "row_margins",
+        Binding::HardThresholds => "hard_thresholds",
         Binding::InvNormClassQuads => "inv_norm_class_quads",
         Binding::FeatureQuads => "feature_quads",
         Binding::ClassQuads => "class_quads",
