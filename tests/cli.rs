@@ -653,11 +653,12 @@ fn elastic_margins_from_the_flags() {
 /// `--adaface` takes AdaFace's margins from the features' norms and `--adaface-state`:
 /// the first run starts from μ = 20, σ = 100 and writes the state the library computes;
 /// the next run reads it and moves on; `--verify` passes on both. `--magface` passes
-/// `--verify` with F32 gradients whatever the inputs. `--easy-margin` and
+/// `--verify` with F32 gradients whatever the inputs; `--curricular` keeps t in
+/// `--curricular-state` as the library does. `--easy-margin` and
 /// `--interclass-filter` change the loss and pass `--verify`.
 #[test]
 fn adaface_state_and_margin_options_from_the_flags() {
-    use margin_softmax::schedule::{AdaFace, AdaFaceState};
+    use margin_softmax::schedule::{AdaFace, AdaFaceState, CurricularFace, CurricularState};
     let e = typed_entries(ElementType::F32);
     let p = {
         let mut p = Problem::random(Shape::new(7, 13, 29), 11);
@@ -698,6 +699,23 @@ fn adaface_state_and_margin_options_from_the_flags() {
     );
     assert_eq!(dtype_and_shape(&bf16, "grad_features").0, Dtype::F32);
     assert!(loss(&magface)[0] > 0.0);
+    // CurricularFace: t from 0, then from the state the first run wrote (the library's).
+    let t_file = state_dir.join("curricular.state");
+    let t_arg = t_file.to_str().unwrap();
+    let flags = ["--curricular", "--curricular-state", t_arg, "--scale", "64"];
+    verified_run("curricular_1", &e, &flags);
+    let mut t = CurricularState::default();
+    let labels = p.labels.clone();
+    let inputs = margin_softmax::HostInputs::new(p.shape, &p.features, &p.classes, &labels);
+    CurricularFace::default()
+        .step(&mut t, &inputs)
+        .expect("step");
+    assert_eq!(std::fs::read(&t_file).unwrap(), t.to_bytes());
+    verified_run("curricular_2", &e, &flags);
+    CurricularFace::default()
+        .step(&mut t, &inputs)
+        .expect("step");
+    assert_eq!(std::fs::read(&t_file).unwrap(), t.to_bytes());
     let arc = ["--margin", "0", "--angular-margin", "0.5"];
     let plain = verified_run("options_plain", &e, &arc);
     for extra in [&["--easy-margin"][..], &["--interclass-filter", "0.2"]] {

@@ -1,14 +1,16 @@
 //! `margin-softmax`: run the loss on safetensors files, check an adapter against the f64
 //! reference, list adapters, benchmark. A client of the library's public API only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use margin_softmax::reference::{self, Comparison};
-use margin_softmax::schedule::{AdaFace, AdaFaceState, ElasticFace};
+use margin_softmax::schedule::{
+    AdaFace, AdaFaceState, CurricularFace, CurricularState, CurricularStep, ElasticFace,
+};
 use margin_softmax::sphere;
 use margin_softmax::tensors::{self, InputError, LossInputs, StoredValues};
 use margin_softmax::MagFace;
@@ -185,6 +187,15 @@ struct LossArgs {
     /// gradients F32).
     #[arg(long, conflicts_with_all = ["elastic", "adaface"])]
     magface: bool,
+    /// CurricularFace: ArcFace's m = 0.5 (replacing --margin and --angular-margin; pair
+    /// with --scale 64) and hard non-targets c_j > φ_i counted as c_j·(t + c_j), t from
+    /// --curricular-state.
+    #[arg(long, conflicts_with_all = ["elastic", "adaface", "magface"])]
+    curricular: bool,
+    /// CurricularFace's t: read from this file where it exists (else 0), updated with
+    /// this batch's target cosines, and written back (4 bytes: t as f32 LE).
+    #[arg(long, value_name = "STATE", requires = "curricular")]
+    curricular_state: Option<PathBuf>,
     /// Easy margin: the target logit is s·c where c ≤ 0 (MagFace's default; ArcFace's option).
     #[arg(long)]
     easy_margin: bool,
@@ -452,6 +463,27 @@ fn run_loss(args: &LossArgs) -> Result<(), Failure> {
     }
 }
 
+/// The bytes of a state file where `path` names one that exists; `what` says what it
+/// must hold.
+fn read_state<const N: usize>(path: Option<&Path>, what: &str) -> Result<Option<[u8; N]>, Failure> {
+    let Some(p) = path.filter(|p| p.exists()) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(p).map_err(|e| failure(format!("{}: {e}", p.display())))?;
+    let bytes: [u8; N] = bytes
+        .try_into()
+        .map_err(|_| bad_input(format!("{}: {what}", p.display())))?;
+    Ok(Some(bytes))
+}
+
+/// Writes a state file where `path` names one.
+fn write_state(path: Option<&Path>, bytes: &[u8]) -> Result<(), Failure> {
+    match path {
+        Some(p) => std::fs::write(p, bytes).map_err(|e| failure(format!("{}: {e}", p.display()))),
+        None => Ok(()),
+    }
+}
+
 /// AdaFace's per-row margins for this batch, and its state updated with the batch.
 type AdaFaceStep = (Vec<[f32; 2]>, AdaFaceState);
 
@@ -497,20 +529,8 @@ impl LossRun<'_> {
             ));
         }
         let path = self.args.adaface_state.as_deref();
-        let mut state = match path.filter(|p| p.exists()) {
-            Some(p) => {
-                let bytes =
-                    std::fs::read(p).map_err(|e| failure(format!("{}: {e}", p.display())))?;
-                let bytes: [u8; 8] = bytes.try_into().map_err(|_| {
-                    bad_input(format!(
-                        "{}: an AdaFace state is 8 bytes (μ and σ as f32 little-endian)",
-                        p.display()
-                    ))
-                })?;
-                AdaFaceState::from_bytes(bytes)
-            }
-            None => AdaFaceState::default(),
-        };
+        let mut state = read_state(path, "an AdaFace state is 8 bytes (μ and σ as f32 LE)")?
+            .map_or_else(AdaFaceState::default, AdaFaceState::from_bytes);
         let before = state;
         let margins = AdaFace::default()
             .margins(&mut state, x, self.inputs.problem.shape.dim)
@@ -520,6 +540,31 @@ impl LossRun<'_> {
             before.mean, state.mean, before.std, state.std
         );
         Ok(Some((margins, state)))
+    }
+
+    /// CurricularFace's step where --curricular asks for it (t from --curricular-state),
+    /// with the updated state, else none.
+    fn curricular_step<X: Element, W: Element>(
+        &self,
+        host: &HostInputs<'_, X, W>,
+    ) -> Result<Option<(CurricularStep, CurricularState)>, Failure> {
+        if !self.args.curricular {
+            return Ok(None);
+        }
+        if self.inputs.row_margins.is_some() {
+            return Err(bad_input(
+                "--curricular takes one angular margin: the file's row_margins cannot go with it",
+            ));
+        }
+        let path = self.args.curricular_state.as_deref();
+        let mut state = read_state(path, "a CurricularFace state is 4 bytes (t as f32 LE)")?
+            .map_or_else(CurricularState::default, CurricularState::from_bytes);
+        let before = state.t;
+        let step = CurricularFace::default()
+            .step(&mut state, host)
+            .map_err(bad_input)?;
+        println!("curricular  t {before} → {}", state.t);
+        Ok(Some((step, state)))
     }
 
     /// MagFace's margins where --magface asks for them, else none.
@@ -574,8 +619,22 @@ impl LossRun<'_> {
             (None, None) => self.elastic_margins(&plain)?,
         };
         let margins = schedule.as_deref().or(inputs.row_margins.as_deref());
+        let curricular = self.curricular_step(&plain)?;
+        let thresholds = curricular
+            .as_ref()
+            .map(|(step, _)| step.hard_thresholds.as_slice());
+        let params = &match &curricular {
+            Some((step, _)) => LossParams {
+                curricular: step.params.curricular,
+                angular_margin: step.params.angular_margin,
+                margin: 0.0,
+                ..*params
+            },
+            None => *params,
+        };
         let host = HostInputs {
             row_margins: margins,
+            hard_thresholds: thresholds,
             ..plain
         };
         let (result, elapsed) = with_progress(args.adapter.quiet, "running the loss", || {
@@ -587,10 +646,12 @@ impl LossRun<'_> {
                 .finish(&plain, params, &mut out)
                 .map_err(bad_input)?;
         }
-        // The state advances only with a step that ran.
-        if let (Some((_, state)), Some(p)) = (&adaface, &args.adaface_state) {
-            std::fs::write(p, state.to_bytes())
-                .map_err(|e| failure(format!("{}: {e}", p.display())))?;
+        // The states advance only with a step that ran.
+        if let Some((_, state)) = &adaface {
+            write_state(args.adaface_state.as_deref(), &state.to_bytes())?;
+        }
+        if let Some((_, state)) = &curricular {
+            write_state(args.curricular_state.as_deref(), &state.to_bytes())?;
         }
         let (accuracy, achieved) = training_figures(&out, &problem.labels);
         println!("adapter     {}", ctx.describe());
@@ -607,6 +668,10 @@ impl LossRun<'_> {
         let margin = match (args.elastic, margins) {
             (None, Some(_)) if args.adaface => "per row (AdaFace)".to_string(),
             (None, Some(_)) if args.magface => "per row (MagFace, from the norms)".to_string(),
+            (None, None) if args.curricular => format!(
+                "ArcFace's {} with CurricularFace's hard negatives",
+                params.angular_margin
+            ),
             (Some(_), _) => format!(
                 "per row (ElasticFace, seed {}, step {})",
                 args.seed, args.step
@@ -639,6 +704,7 @@ impl LossRun<'_> {
             // The reference runs on the values as stored (widened exactly to f32).
             let stored = HostInputs {
                 row_margins: margins,
+                hard_thresholds: thresholds,
                 ..HostInputs::new(shape, &problem.features, &problem.classes, &problem.labels)
             };
             let expected = if args.magface {
