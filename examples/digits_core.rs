@@ -5,10 +5,14 @@
 //! and once with m = 0.35 from the same seed, prints both runs per epoch and side by side,
 //! and draws each trained model's sphere map with the test features as dots.
 //!
-//! `cargo run --release --example digits_core -- [--epochs N] [--out DIR]`
+//! `cargo run --release --example digits_core -- [--epochs N] [--out DIR]`; with
+//! `--family` it trains the same model with CosFace, ArcFace, AdaFace, CurricularFace and
+//! MagFace instead and prints their table.
 
+use margin_softmax::schedule::{AdaFace, AdaFaceState, CurricularFace, CurricularState};
 use margin_softmax::{
-    cosface_scale_floor, sphere, Context, LearnableScale, LossParams, Pass, Shape, SplitMix64,
+    cosface_scale_floor, sphere, Context, HostInputs, LearnableScale, LossOutput, LossParams,
+    MagFace, Pass, Shape, SplitMix64,
 };
 
 #[path = "shared/digits_data.rs"]
@@ -149,8 +153,116 @@ pub struct Run {
     pub params: LossParams,
 }
 
+/// A member of the margin family, as the training loop runs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Member {
+    /// AM-Softmax / CosFace with cosine margin m.
+    CosFace(f32),
+    /// ArcFace with angular margin m.
+    ArcFace(f32),
+    /// AdaFace with its defaults and a running state.
+    AdaFace,
+    /// CurricularFace with its defaults and a running t.
+    CurricularFace,
+    /// MagFace with its defaults.
+    MagFace,
+}
+
+impl Member {
+    /// The name in the comparison table.
+    pub fn name(&self) -> String {
+        match self {
+            Member::CosFace(m) => format!("CosFace m = {m}"),
+            Member::ArcFace(m) => format!("ArcFace m = {m}"),
+            Member::AdaFace => "AdaFace".into(),
+            Member::CurricularFace => "CurricularFace".into(),
+            Member::MagFace => "MagFace".into(),
+        }
+    }
+
+    /// The parameters without the scale, which is learned.
+    fn base(&self) -> LossParams {
+        match self {
+            Member::CosFace(m) => LossParams {
+                margin: *m,
+                ..LossParams::default()
+            },
+            Member::ArcFace(m) => LossParams {
+                margin: 0.0,
+                angular_margin: *m,
+                ..LossParams::default()
+            },
+            Member::AdaFace => AdaFace::default().params(),
+            Member::CurricularFace => LossParams {
+                margin: 0.0,
+                angular_margin: CurricularFace::default().margin,
+                ..LossParams::default()
+            },
+            Member::MagFace => MagFace::default().params(),
+        }
+    }
+}
+
+/// The running state of the members that keep one.
+#[derive(Default)]
+struct MemberState {
+    adaface: AdaFaceState,
+    curricular: CurricularState,
+}
+
+impl MemberState {
+    /// One training step's loss on `inputs` for `member` with learned `params`.
+    fn loss(
+        &mut self,
+        ctx: &Context,
+        member: Member,
+        inputs: &HostInputs<'_>,
+        params: LossParams,
+    ) -> LossOutput {
+        let pass = Pass::ForwardBackward;
+        let run = |inputs: &HostInputs<'_>, params: &LossParams| {
+            ctx.loss_inputs(inputs, params, pass, None)
+                .expect("loss on the GPU")
+        };
+        match member {
+            Member::CosFace(_) | Member::ArcFace(_) => run(inputs, &params),
+            Member::AdaFace => {
+                let dim = inputs.shape.dim;
+                let margins = AdaFace::default()
+                    .margins(&mut self.adaface, inputs.features, dim)
+                    .expect("AdaFace margins");
+                run(&inputs.with_row_margins(&margins), &params)
+            }
+            Member::CurricularFace => {
+                let step = CurricularFace::default()
+                    .step(&mut self.curricular, inputs)
+                    .expect("CurricularFace step");
+                let params = LossParams {
+                    curricular: step.params.curricular,
+                    ..params
+                };
+                run(&inputs.with_hard_thresholds(&step.hard_thresholds), &params)
+            }
+            Member::MagFace => MagFace::default()
+                .loss(ctx, inputs, &params, pass, None)
+                .expect("MagFace"),
+        }
+    }
+}
+
 /// Trains for `epochs` full-batch epochs with margin `margin` on a fixed 80/20 split.
 pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u64) -> Run {
+    train_member(ctx, digits, Member::CosFace(margin), epochs, seed)
+}
+
+/// Trains `member` for `epochs` full-batch epochs on a fixed 80/20 split.
+pub fn train_member(
+    ctx: &Context,
+    digits: &Digits,
+    member: Member,
+    epochs: usize,
+    seed: u64,
+) -> Run {
     let mut rng = SplitMix64::new(seed);
     let ((train_x, train_y), (test_x, test_y)) = train_test_split(digits, &mut rng);
     let mut mlp = Mlp::new(&mut rng);
@@ -163,25 +275,15 @@ pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u
         .map(Adam::new)
         .collect();
     let mut history = Vec::new();
-    let base = LossParams {
-        margin,
-        ..LossParams::default()
-    };
+    let base = member.base();
+    let mut state = MemberState::default();
     let mut test_features = Vec::new();
     for _ in 0..epochs {
         let params = scale.apply(base);
         let (features, hidden) = mlp.forward(&train_x);
         let shape = Shape::new(train_x.len(), DIM, CLASSES);
-        let out = ctx
-            .loss(
-                shape,
-                &features,
-                &classes,
-                &train_y,
-                &params,
-                Pass::ForwardBackward,
-            )
-            .expect("loss on the GPU");
+        let inputs = HostInputs::new(shape, &features, &classes, &train_y);
+        let out = state.loss(ctx, member, &inputs, params);
         let grads = out.grads.as_ref().expect("gradients");
         let g = mlp.backward(&train_x, &hidden, &grads.features);
         let lr = 0.01;
@@ -193,13 +295,14 @@ pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u
         scale.sgd_step(out.grad_scale, 0.5);
 
         let (test, _) = mlp.forward(&test_x);
+        // The prediction (the nearest class vector) needs no member's per-row inputs.
         let test_out = ctx
             .loss(
                 Shape::new(test_x.len(), DIM, CLASSES),
                 &test,
                 &classes,
                 &test_y,
-                &params,
+                &scale.apply(LossParams::default()),
                 Pass::Forward,
             )
             .expect("test loss");
@@ -241,6 +344,10 @@ fn main() {
         ctx.describe(),
         digits.labels.len()
     );
+    if args.iter().any(|a| a == "--family") {
+        compare_family(&ctx, &digits, epochs);
+        return;
+    }
     let mut runs = Vec::new();
     for margin in [0.0, 0.35] {
         let start = std::time::Instant::now();
@@ -292,4 +399,43 @@ fn main() {
         h.inter_class_degrees
     });
     row("learned scale s", &|h| h.scale);
+}
+
+/// Trains the same model with each member from the same seed and prints the table of
+/// final test accuracy, mean intra-class angle and smallest inter-class angle.
+fn compare_family(ctx: &Context, digits: &Digits, epochs: usize) {
+    let members = [
+        Member::CosFace(0.35),
+        Member::ArcFace(0.5),
+        Member::AdaFace,
+        Member::CurricularFace,
+        Member::MagFace,
+    ];
+    println!("\n| member | test accuracy | mean intra-class angle (°) | smallest inter-class angle (°) | learned s | final loss | mean test feature norm |");
+    println!("|---|---|---|---|---|---|---|");
+    for member in members {
+        let start = std::time::Instant::now();
+        let run = train_member(ctx, digits, member, epochs, 7);
+        let h = *run.history.last().expect("an epoch");
+        let norms: Vec<f32> = run
+            .test_features
+            .chunks_exact(DIM)
+            .map(|v| v.iter().map(|a| a * a).sum::<f32>().sqrt())
+            .collect();
+        println!(
+            "| {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
+            member.name(),
+            h.test_accuracy,
+            h.intra_class_degrees,
+            h.inter_class_degrees,
+            h.scale,
+            h.loss,
+            norms.iter().sum::<f32>() / norms.len().max(1) as f32
+        );
+        eprintln!(
+            "({} in {:.1} s)",
+            member.name(),
+            start.elapsed().as_secs_f64()
+        );
+    }
 }

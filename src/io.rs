@@ -367,19 +367,33 @@ pub struct GradOutputs<'a> {
 }
 
 impl<'a> DeviceInputs<'a> {
+    /// x, w and the labels, with the parameters' margins for every row and no
+    /// CurricularFace thresholds (set the other fields after, where a call has them).
+    pub fn new(
+        features: BufferRegion<'a>,
+        classes: BufferRegion<'a>,
+        labels: BufferRegion<'a>,
+    ) -> Self {
+        DeviceInputs {
+            features,
+            classes,
+            labels,
+            row_margins: None,
+            hard_thresholds: None,
+        }
+    }
+
     /// x, w and the labels, each a whole buffer.
     pub(crate) fn whole(
         features: &'a wgpu::Buffer,
         classes: &'a wgpu::Buffer,
         labels: &'a wgpu::Buffer,
     ) -> Self {
-        DeviceInputs {
-            features: BufferRegion::from(features),
-            classes: BufferRegion::from(classes),
-            labels: BufferRegion::from(labels),
-            row_margins: None,
-            hard_thresholds: None,
-        }
+        DeviceInputs::new(
+            BufferRegion::from(features),
+            BufferRegion::from(classes),
+            BufferRegion::from(labels),
+        )
     }
 }
 
