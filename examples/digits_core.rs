@@ -157,48 +157,48 @@ pub struct Run {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Member {
     /// AM-Softmax / CosFace with cosine margin m.
-    CosFace(f32),
+    Cos(f32),
     /// ArcFace with angular margin m.
-    ArcFace(f32),
+    Arc(f32),
     /// AdaFace with its defaults and a running state.
-    AdaFace,
+    Ada,
     /// CurricularFace with its defaults and a running t.
-    CurricularFace,
+    Curricular,
     /// MagFace with its defaults.
-    MagFace,
+    Mag,
 }
 
 impl Member {
     /// The name in the comparison table.
     pub fn name(&self) -> String {
         match self {
-            Member::CosFace(m) => format!("CosFace m = {m}"),
-            Member::ArcFace(m) => format!("ArcFace m = {m}"),
-            Member::AdaFace => "AdaFace".into(),
-            Member::CurricularFace => "CurricularFace".into(),
-            Member::MagFace => "MagFace".into(),
+            Member::Cos(m) => format!("CosFace m = {m}"),
+            Member::Arc(m) => format!("ArcFace m = {m}"),
+            Member::Ada => "AdaFace".into(),
+            Member::Curricular => "CurricularFace".into(),
+            Member::Mag => "MagFace".into(),
         }
     }
 
     /// The parameters without the scale, which is learned.
     fn base(&self) -> LossParams {
         match self {
-            Member::CosFace(m) => LossParams {
+            Member::Cos(m) => LossParams {
                 margin: *m,
                 ..LossParams::default()
             },
-            Member::ArcFace(m) => LossParams {
+            Member::Arc(m) => LossParams {
                 margin: 0.0,
                 angular_margin: *m,
                 ..LossParams::default()
             },
-            Member::AdaFace => AdaFace::default().params(),
-            Member::CurricularFace => LossParams {
+            Member::Ada => AdaFace::default().params(),
+            Member::Curricular => LossParams {
                 margin: 0.0,
                 angular_margin: CurricularFace::default().margin,
                 ..LossParams::default()
             },
-            Member::MagFace => MagFace::default().params(),
+            Member::Mag => MagFace::default().params(),
         }
     }
 }
@@ -225,15 +225,15 @@ impl MemberState {
                 .expect("loss on the GPU")
         };
         match member {
-            Member::CosFace(_) | Member::ArcFace(_) => run(inputs, &params),
-            Member::AdaFace => {
+            Member::Cos(_) | Member::Arc(_) => run(inputs, &params),
+            Member::Ada => {
                 let dim = inputs.shape.dim;
                 let margins = AdaFace::default()
                     .margins(&mut self.adaface, inputs.features, dim)
                     .expect("AdaFace margins");
                 run(&inputs.with_row_margins(&margins), &params)
             }
-            Member::CurricularFace => {
+            Member::Curricular => {
                 let step = CurricularFace::default()
                     .step(&mut self.curricular, inputs)
                     .expect("CurricularFace step");
@@ -243,7 +243,7 @@ impl MemberState {
                 };
                 run(&inputs.with_hard_thresholds(&step.hard_thresholds), &params)
             }
-            Member::MagFace => MagFace::default()
+            Member::Mag => MagFace::default()
                 .loss(ctx, inputs, &params, pass, None)
                 .expect("MagFace"),
         }
@@ -252,7 +252,7 @@ impl MemberState {
 
 /// Trains for `epochs` full-batch epochs with margin `margin` on a fixed 80/20 split.
 pub fn train(ctx: &Context, digits: &Digits, margin: f32, epochs: usize, seed: u64) -> Run {
-    train_member(ctx, digits, Member::CosFace(margin), epochs, seed)
+    train_member(ctx, digits, Member::Cos(margin), epochs, seed)
 }
 
 /// Trains `member` for `epochs` full-batch epochs on a fixed 80/20 split.
@@ -405,11 +405,11 @@ fn main() {
 /// final test accuracy, mean intra-class angle and smallest inter-class angle.
 fn compare_family(ctx: &Context, digits: &Digits, epochs: usize) {
     let members = [
-        Member::CosFace(0.35),
-        Member::ArcFace(0.5),
-        Member::AdaFace,
-        Member::CurricularFace,
-        Member::MagFace,
+        Member::Cos(0.35),
+        Member::Arc(0.5),
+        Member::Ada,
+        Member::Curricular,
+        Member::Mag,
     ];
     println!("\n| member | test accuracy | mean intra-class angle (°) | smallest inter-class angle (°) | learned s | final loss | mean test feature norm |");
     println!("|---|---|---|---|---|---|---|");
