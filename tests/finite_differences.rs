@@ -203,19 +203,23 @@ fn easy_margin_and_filter_gradients_match_finite_differences() {
     .into_iter()
     .enumerate()
     {
-        let seed = 20 + seed as u64;
-        fd_check(shape, seed, params);
         let plain = LossParams {
             easy_margin: false,
             interclass_filter: None,
             ..params
         };
-        assert_ne!(
-            loss_of(shape, seed, params, None),
-            loss_of(shape, seed, plain, None),
-            "{params:?} takes effect"
-        );
+        fd_check_option(shape, 20 + seed as u64, params, plain);
     }
+}
+
+/// [`fd_check`] of `params`, whose option must change the loss against `plain`.
+fn fd_check_option(shape: Shape, seed: u64, params: LossParams, plain: LossParams) {
+    fd_check(shape, seed, params);
+    assert_ne!(
+        loss_of(shape, seed, params, None),
+        loss_of(shape, seed, plain, None),
+        "{params:?} takes effect"
+    );
 }
 
 /// The reference's loss on [`fd_check`]'s problem.
@@ -264,15 +268,9 @@ fn clipped_angle_gradients_match_finite_differences() {
         angle_clip: false,
         ..params
     };
-    let fallback = [
-        [1.6, 0.0],
-        [3.0, 0.1],
-        [1.6, 0.2],
-        [3.0, 0.0],
-        [0.2, 0.0],
-        [0.2, 0.1],
-    ];
-    let with_clip = [
+    // The same non-negative margins in both forms: m2 = 3 clips at π − ε in one and
+    // takes ArcFace's fallback in the other.
+    let margins = [
         [1.6, 0.0],
         [3.0, 0.1],
         [1.6, 0.2],
@@ -281,8 +279,8 @@ fn clipped_angle_gradients_match_finite_differences() {
         [0.2, 0.1],
     ];
     assert_ne!(
-        loss_of(shape, 31, params, Some(&with_clip)),
-        loss_of(shape, 31, unclipped, Some(&fallback)),
+        loss_of(shape, 31, params, Some(&margins)),
+        loss_of(shape, 31, unclipped, Some(&margins)),
         "the clip differs from ArcFace's fallback"
     );
 }
@@ -335,15 +333,10 @@ fn curricular_gradients_match_finite_differences() {
             curricular: Some(t),
             ..LossParams::arcface()
         };
-        fd_check(shape, seed, params);
         let plain = LossParams {
             curricular: None,
             ..params
         };
-        assert_ne!(
-            loss_of(shape, seed, params, None),
-            loss_of(shape, seed, plain, None),
-            "t = {t} takes effect"
-        );
+        fd_check_option(shape, seed, params, plain);
     }
 }

@@ -497,11 +497,7 @@ impl LossRun<'_> {
         let Some(kind) = self.args.elastic else {
             return Ok(None);
         };
-        if self.inputs.row_margins.is_some() {
-            return Err(bad_input(
-                "--elastic and the file's row_margins both give per-row margins: give one",
-            ));
-        }
+        self.schedule_flag(true, "--elastic")?;
         let e = kind.schedule(self.args.seed);
         if !e.plus {
             return Ok(Some(e.margins(self.args.step, host.labels.len())));
@@ -517,16 +513,22 @@ impl LossRun<'_> {
         )))
     }
 
+    /// Whether the schedule `flag` (set: `on`) runs: not beside the file's row_margins,
+    /// which would give the rows other margins.
+    fn schedule_flag(&self, on: bool, flag: &str) -> Result<bool, Failure> {
+        if on && self.inputs.row_margins.is_some() {
+            return Err(bad_input(format!(
+                "{flag} and the file's row_margins both set the rows' margins: give one"
+            )));
+        }
+        Ok(on)
+    }
+
     /// AdaFace's margins where --adaface asks for them, from the features' norms and the
     /// state in --adaface-state, with the updated state, else none.
     fn adaface_margins<X: Element>(&self, x: &[X]) -> Result<Option<AdaFaceStep>, Failure> {
-        if !self.args.adaface {
+        if !self.schedule_flag(self.args.adaface, "--adaface")? {
             return Ok(None);
-        }
-        if self.inputs.row_margins.is_some() {
-            return Err(bad_input(
-                "--adaface and the file's row_margins both give per-row margins: give one",
-            ));
         }
         let path = self.args.adaface_state.as_deref();
         let mut state = read_state(path, "an AdaFace state is 8 bytes (μ and σ as f32 LE)")?
@@ -548,13 +550,8 @@ impl LossRun<'_> {
         &self,
         host: &HostInputs<'_, X, W>,
     ) -> Result<Option<(CurricularStep, CurricularState)>, Failure> {
-        if !self.args.curricular {
+        if !self.schedule_flag(self.args.curricular, "--curricular")? {
             return Ok(None);
-        }
-        if self.inputs.row_margins.is_some() {
-            return Err(bad_input(
-                "--curricular takes one angular margin: the file's row_margins cannot go with it",
-            ));
         }
         let path = self.args.curricular_state.as_deref();
         let mut state = read_state(path, "a CurricularFace state is 4 bytes (t as f32 LE)")?
@@ -569,13 +566,8 @@ impl LossRun<'_> {
 
     /// MagFace's margins where --magface asks for them, else none.
     fn magface_margins<X: Element>(&self, x: &[X]) -> Result<Option<Vec<[f32; 2]>>, Failure> {
-        if !self.args.magface {
+        if !self.schedule_flag(self.args.magface, "--magface")? {
             return Ok(None);
-        }
-        if self.inputs.row_margins.is_some() {
-            return Err(bad_input(
-                "--magface and the file's row_margins both give per-row margins: give one",
-            ));
         }
         MagFace::default()
             .margins(x, self.inputs.problem.shape.dim)
