@@ -237,10 +237,7 @@ impl MemberState {
                 let step = CurricularFace::default()
                     .step(&mut self.curricular, inputs)
                     .expect("CurricularFace step");
-                let params = LossParams {
-                    curricular: step.params.curricular,
-                    ..params
-                };
+                let params = step.apply(params);
                 run(&inputs.with_hard_thresholds(&step.hard_thresholds), &params)
             }
             Member::Mag => MagFace::default()

@@ -46,7 +46,7 @@ struct LossTerms {
 /// a stand-in). Caller's input, or a schedule's output.
 @group(0) @binding(29) var<storage, read> row_margins: array<vec2<f32>>;
 
-/// CurricularFace's φ_i, B values: row i's margined target cosine (ArcFace's ψ), above
+/// CurricularFace's φ_i, B values: row i's cos(θ_iy + m) (without ArcFace's fallback), above
 /// which a non-target cosine is hard. Read where `params.loss.curricular` is 1 (else a
 /// stand-in). Caller's input, from `schedule::CurricularFace`.
 @group(0) @binding(30) var<storage, read> hard_thresholds: array<f32>;

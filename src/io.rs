@@ -333,13 +333,13 @@ pub struct DeviceInputs<'a> {
     /// y: B `u32`, each in 0..C or [`crate::IGNORE`].
     pub labels: BufferRegion<'a>,
     /// Per-row margins, B pairs of `f32` (m2_i, m3_i): the additive angular margin, in
-    /// [0, π), and the additive cosine margin of row i's target, z_iy = s·(cos(θ + m2_i) −
+    /// [0, π) ([−π, π) with [`LossParams::angle_clip`](crate::LossParams::angle_clip)), and the additive cosine margin of row i's target, z_iy = s·(cos(θ + m2_i) −
     /// m3_i). They replace [`LossParams::angular_margin`](crate::LossParams::angular_margin)
     /// and [`LossParams::margin`](crate::LossParams::margin) (whose multiplicative margin
     /// must then be 1): the mechanism under AdaFace, MagFace and ElasticFace, and any
     /// schedule a caller brings. `None`: every row takes the parameters' margins.
     pub row_margins: Option<BufferRegion<'a>>,
-    /// CurricularFace's per-row thresholds φ_i, B `f32` (row i's margined target cosine,
+    /// CurricularFace's per-row thresholds φ_i, B `f32` (row i's cos(θ_iy + m),
     /// [`crate::schedule::CurricularFace`]): given exactly when
     /// [`LossParams::curricular`](crate::LossParams::curricular) is.
     pub hard_thresholds: Option<BufferRegion<'a>>,
@@ -591,7 +591,8 @@ pub struct HostInputs<'a, X: Element = f32, W: Element = f32> {
     pub classes: &'a [W],
     /// y: B labels in 0..C, or [`IGNORE`].
     pub labels: &'a [u32],
-    /// Per-row margins (m2_i, m3_i), as [`DeviceInputs::row_margins`]: m2_i in [0, π),
+    /// Per-row margins (m2_i, m3_i), as [`DeviceInputs::row_margins`]: m2_i in [0, π) (or
+    /// [−π, π) with `angle_clip`),
     /// |m3_i| ≤ 2, replacing the parameters' angular and cosine margins.
     pub row_margins: Option<&'a [[f32; 2]]>,
     /// CurricularFace's per-row thresholds φ_i, as [`DeviceInputs::hard_thresholds`].
@@ -655,7 +656,7 @@ pub(crate) fn check_hard_thresholds(
             Some(&v) => Err(Error::InvalidParameter {
                 name: "hard_thresholds (φ_i)",
                 value: v,
-                requirement: "finite: each row's margined target cosine",
+                requirement: "finite: each row's cos(θ_iy + m)",
             }),
             None => Ok(()),
         },

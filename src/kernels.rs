@@ -79,10 +79,10 @@ impl TileConfig {
     }
 }
 
-/// s and the margin function, the first member of the forward and backward uniforms.
 /// `LossTerms::filter_threshold` without an inter-class filter: above every cosine.
 const NO_FILTER: f32 = 2.0;
 
+/// s and the margin function, the first member of the forward and backward uniforms.
 /// Mirrors `struct LossTerms` in `shaders/margin.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

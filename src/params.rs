@@ -96,7 +96,8 @@ pub struct LossParams {
     /// none; a power of two changes no bit but the exponent.
     pub loss_scale: f32,
     /// Easy margin (ArcFace's and MagFace's option): the target logit is `s·c` where
-    /// `c ≤ 0`, in place of ψ and its fallback (dψ/dc = 1 there).
+    /// `c ≤ 0`, in place of ψ and its fallback (dψ/dc = 1 there); with m1 = 1 and without
+    /// `angle_clip` only.
     pub easy_margin: bool,
     /// InsightFace's inter-class filter (`interclass_filtering_threshold`, 0.4 in its
     /// configs): a non-target cosine above `t` counts as 0 in the softmax (its logit is 0
@@ -181,11 +182,20 @@ impl LossParams {
         }
     }
 
-    /// The range of a per-row angular margin m2_i: [0, π), or (−π, π) with
+    /// The range of a per-row angular margin m2_i: [0, π), or [−π, π) with
     /// [`LossParams::angle_clip`] (AdaFace's negative margins for high-norm rows).
     pub fn row_angle_range(&self) -> (f32, f32) {
         let pi = std::f32::consts::PI;
         (if self.angle_clip { -pi } else { 0.0 }, pi)
+    }
+
+    /// CurricularFace's threshold φ for a row whose target cosine is c: the raw
+    /// cos(θ + m2) = c·cos m2 − sin θ·sin m2 with the parameters' angular margin, without
+    /// ArcFace's fallback (the official code masks with it before the fallback applies).
+    pub fn curricular_threshold(&self, c: f64) -> f64 {
+        let cc = c.clamp(-1.0, 1.0);
+        let m2 = f64::from(self.angular_margin);
+        cc * m2.cos() - ((1.0 - cc) * (1.0 + cc)).max(0.0).sqrt() * m2.sin()
     }
 
     /// ∂ψ/∂m2 of the target's margin function at cosine c with angular margin m2 (m1 = 1,
@@ -315,6 +325,13 @@ impl LossParams {
                 });
             }
         }
+        if self.easy_margin && (m1 > 1 || self.angle_clip) {
+            return Err(Error::InvalidParameter {
+                name: "easy_margin",
+                value: 1.0,
+                requirement: "false with a multiplicative margin or angle_clip (it replaces ArcFace's fallback, cos(θ + m2) − m3 with m1 = 1)",
+            });
+        }
         if self.angle_clip && m1 > 1 {
             return Err(Error::InvalidParameter {
                 name: "multiplicative_margin",
@@ -437,19 +454,12 @@ impl MagFace {
 
     /// Checks the parameters; the error says which one and what it must be.
     pub fn validate(&self) -> Result<()> {
-        let bad = |name, value, requirement| {
-            Err(Error::InvalidParameter {
-                name,
-                value,
-                requirement,
-            })
-        };
         let (la, ua) = (self.lower_norm, self.upper_norm);
         if !(la.is_finite() && la > 0.0) {
-            return bad("lower_norm", la, "finite and > 0 (MagFace uses 10)");
+            return invalid("lower_norm", la, "finite and > 0 (MagFace uses 10)");
         }
         if !(ua.is_finite() && ua > la) {
-            return bad(
+            return invalid(
                 "upper_norm",
                 ua,
                 "finite and > lower_norm (MagFace uses 110)",
@@ -460,7 +470,7 @@ impl MagFace {
             ("upper_margin", self.upper_margin),
         ] {
             if !(m.is_finite() && (0.0..std::f32::consts::PI).contains(&m)) {
-                return bad(
+                return invalid(
                     name,
                     m,
                     "an angular margin in [0, π) (MagFace uses 0.45 and 0.8)",
@@ -468,7 +478,7 @@ impl MagFace {
             }
         }
         if !(self.regularizer.is_finite() && self.regularizer >= 0.0) {
-            return bad(
+            return invalid(
                 "regularizer",
                 self.regularizer,
                 "finite and >= 0 (MagFace uses 20)",
@@ -480,29 +490,29 @@ impl MagFace {
     /// MagFace takes its per-row margins from the norms (no others, `row_margins`), m1 = 1
     /// without the clipped form, and the softmax objective.
     pub(crate) fn check_params(&self, row_margins: bool, params: &LossParams) -> Result<()> {
-        let bad = |name, value, requirement| {
-            Err(Error::InvalidParameter {
-                name,
-                value,
-                requirement,
-            })
-        };
         if row_margins {
-            return bad(
+            return invalid(
                 "row_margins",
                 0.0,
                 "none with MagFace: its margins come from the norms",
             );
         }
-        if params.multiplicative_margin != 1 || params.angle_clip {
-            return bad(
+        if params.multiplicative_margin != 1 {
+            return invalid(
                 "multiplicative_margin",
                 params.multiplicative_margin as f32,
-                "1 and no angle_clip with MagFace: its margin is ArcFace's angular margin",
+                "1 with MagFace: its margin is ArcFace's angular margin",
+            );
+        }
+        if params.angle_clip {
+            return invalid(
+                "angle_clip",
+                1.0,
+                "false with MagFace: its margin takes ArcFace's form",
             );
         }
         if params.objective != Objective::Softmax {
-            return bad("objective", 1.0, "Objective::Softmax with MagFace");
+            return invalid("objective", 1.0, "Objective::Softmax with MagFace");
         }
         Ok(())
     }
@@ -560,4 +570,14 @@ impl MagFace {
             lambda * (1.0 / (ua * ua) - 1.0 / (a * a)),
         )
     }
+}
+
+/// `Err(InvalidParameter)` for parameter `name` with `value`, which must meet
+/// `requirement`.
+fn invalid(name: &'static str, value: f32, requirement: &'static str) -> Result<()> {
+    Err(Error::InvalidParameter {
+        name,
+        value,
+        requirement,
+    })
 }

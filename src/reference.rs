@@ -107,14 +107,35 @@ pub fn loss_inputs(inputs: &HostInputs<'_>, params: &LossParams) -> Result<Refer
         });
     }
     let widen = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-    Ok(loss_f64(
+    let margins = inputs.row_margins.map(widen_margins);
+    let rows = RowInputs {
+        labels: inputs.labels,
+        margins: margins.as_deref(),
+        hard_thresholds: inputs.hard_thresholds,
+    };
+    Ok(loss_f64_rows(
         inputs.shape,
-        &widen(inputs.features),
-        &widen(inputs.classes),
-        (inputs.labels, inputs.row_margins),
+        (&widen(inputs.features), &widen(inputs.classes)),
+        rows,
         params,
         f64::from(params.scale),
     ))
+}
+
+/// Per-row margins in f64.
+fn widen_margins(m: &[[f32; 2]]) -> Vec<[f64; 2]> {
+    m.iter()
+        .map(|&[a, b]| [f64::from(a), f64::from(b)])
+        .collect()
+}
+
+/// What the reference takes per row: the labels, the margins (f64, so that MagFace's
+/// move with x) and CurricularFace's thresholds, where given.
+#[derive(Clone, Copy)]
+struct RowInputs<'a> {
+    labels: &'a [u32],
+    margins: Option<&'a [[f64; 2]]>,
+    hard_thresholds: Option<&'a [f32]>,
 }
 
 /// [`loss`] on a [`Problem`].
@@ -221,12 +242,13 @@ pub fn loss_f64(
     params: &LossParams,
     scale: f64,
 ) -> ReferenceOutput {
-    let wide: Option<Vec<[f64; 2]>> = row_margins.map(|m| {
-        m.iter()
-            .map(|&[a, b]| [f64::from(a), f64::from(b)])
-            .collect()
-    });
-    loss_f64_at(shape, x, w, (labels, wide.as_deref()), params, scale)
+    let wide = row_margins.map(widen_margins);
+    let rows = RowInputs {
+        labels,
+        margins: wide.as_deref(),
+        hard_thresholds: None,
+    };
+    loss_f64_rows(shape, (x, w), rows, params, scale)
 }
 
 /// MagFace ([`MagFace`]) on [`HostInputs`] (without per-row margins: MagFace's come
@@ -268,7 +290,12 @@ pub fn magface_loss_f64(
         .iter()
         .map(|&a| [magface.margin(magface.clamped_norm(a).0), 0.0])
         .collect();
-    let mut out = loss_f64_at(shape, x, w, (labels, Some(&margins)), params, scale);
+    let rows = RowInputs {
+        labels,
+        margins: Some(&margins),
+        hard_thresholds: None,
+    };
+    let mut out = loss_f64_rows(shape, (x, w), rows, params, scale);
     let weight = reduction_weight(params.reduction, out.valid_rows);
     let s = scale.max(f64::from(params.scale_min));
     let mut regularizer = 0.0;
@@ -285,15 +312,20 @@ pub fn magface_loss_f64(
     out
 }
 
-/// [`loss_f64`] with the per-row margins in f64 (MagFace's, which move with x).
-fn loss_f64_at(
+/// [`loss_f64`] on [`RowInputs`]. With CurricularFace and no thresholds given, each row's
+/// is [`LossParams::curricular_threshold`] of its own target cosine.
+fn loss_f64_rows(
     shape: Shape,
-    x: &[f64],
-    w: &[f64],
-    (labels, row_margins): (&[u32], Option<&[[f64; 2]]>),
+    (x, w): (&[f64], &[f64]),
+    rows: RowInputs<'_>,
     params: &LossParams,
     scale: f64,
 ) -> ReferenceOutput {
+    let RowInputs {
+        labels,
+        margins: row_margins,
+        hard_thresholds,
+    } = rows;
     let Shape {
         batch: b,
         dim: d,
@@ -312,6 +344,7 @@ fn loss_f64_at(
     let mut batch = Batch {
         params,
         row_margins,
+        hard_thresholds,
         xh: &xh,
         wh: &wh,
         inv_x: &inv_x,
@@ -423,6 +456,8 @@ struct Batch<'a> {
     params: &'a LossParams,
     /// Per-row margins, where the call has them.
     row_margins: Option<&'a [[f64; 2]]>,
+    /// CurricularFace's thresholds φ_i, where given.
+    hard_thresholds: Option<&'a [f32]>,
     xh: &'a [f64],
     wh: &'a [f64],
     inv_x: &'a [f64],
@@ -459,6 +494,8 @@ struct Target<'c> {
     filter: Option<f32>,
     /// CurricularFace's t, if on.
     curricular: Option<f64>,
+    /// CurricularFace's φ_i, if on.
+    hard_threshold: Option<f64>,
 }
 
 impl Target<'_> {
@@ -488,9 +525,10 @@ impl Target<'_> {
         }
     }
 
-    /// True where CurricularFace counts non-target j as hard: c_ij > ψ(c_iy).
+    /// True where CurricularFace counts non-target j as hard: c_ij above the row's
+    /// threshold φ_i.
     fn hard(&self, j: usize) -> bool {
-        j != self.y && self.curricular.is_some() && self.cos[j] > self.psi
+        j != self.y && self.hard_threshold.is_some_and(|phi| self.cos[j] > phi)
     }
 
     /// True where the inter-class filter drops non-target j: its logit is the constant 0.
@@ -563,6 +601,10 @@ impl Batch<'_> {
             psi_spread,
             filter: params.interclass_filter,
             curricular: params.curricular.map(f64::from),
+            hard_threshold: params.curricular.map(|_| match self.hard_thresholds {
+                Some(t) => f64::from(t[i]),
+                None => params.curricular_threshold(cos[y]),
+            }),
         }
     }
 

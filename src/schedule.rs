@@ -200,7 +200,8 @@ pub struct AdaFace {
     pub h: f32,
     /// α, the momentum of the running statistics (`t_alpha`, 0.01).
     pub momentum: f32,
-    /// ε added to σ (1e-3).
+    /// ε added to σ (1e-3; the angle's clip takes [`crate::ANGLE_CLIP`], the same 1e-3
+    /// in `head.py`).
     pub eps: f32,
 }
 
@@ -217,6 +218,45 @@ impl Default for AdaFace {
 }
 
 impl AdaFace {
+    /// Checks m, h, α and ε; the error says which and what it must be.
+    pub fn validate(&self) -> Result<()> {
+        let check = |name, value: f32, ok: bool, requirement| {
+            if value.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidParameter {
+                    name,
+                    value,
+                    requirement,
+                })
+            }
+        };
+        check(
+            "AdaFace::margin",
+            self.margin,
+            (0.0..=1.0).contains(&self.margin),
+            "in [0, 1] (its cosine margin m + m·ẑ reaches 2m; AdaFace uses 0.4)",
+        )?;
+        check(
+            "AdaFace::h",
+            self.h,
+            self.h >= 0.0,
+            ">= 0 (AdaFace uses 0.333)",
+        )?;
+        check(
+            "AdaFace::momentum",
+            self.momentum,
+            (0.0..=1.0).contains(&self.momentum),
+            "in [0, 1] (AdaFace uses 0.01)",
+        )?;
+        check(
+            "AdaFace::eps",
+            self.eps,
+            self.eps > 0.0,
+            "> 0 (AdaFace uses 1e-3)",
+        )
+    }
+
     /// The loss parameters it pairs with: s = 64, the clipped angular form, and no margin
     /// of the parameters' own (the per-row margins replace them).
     pub fn params(&self) -> LossParams {
@@ -240,6 +280,7 @@ impl AdaFace {
         features: &[X],
         dim: usize,
     ) -> Result<Vec<[f32; 2]>> {
+        self.validate()?;
         let norms: Vec<f64> = row_norms(features, dim)?
             .iter()
             .map(|a| a.clamp(0.001, 100.0))
@@ -269,10 +310,17 @@ impl AdaFace {
 
 /// The norms ‖x_i‖ (f64, in row order) of the rows of `features`, `dim` values each.
 fn row_norms<X: Element>(features: &[X], dim: usize) -> Result<Vec<f64>> {
-    if dim == 0 || !features.len().is_multiple_of(dim) {
+    if dim == 0 {
+        return Err(Error::InvalidParameter {
+            name: "dim",
+            value: 0.0,
+            requirement: "at least 1",
+        });
+    }
+    if !features.len().is_multiple_of(dim) {
         return Err(Error::LengthMismatch {
             input: "features (whole rows of dim values)",
-            expected: features.len().next_multiple_of(dim.max(1)),
+            expected: features.len().next_multiple_of(dim),
             actual: features.len(),
         });
     }
@@ -340,7 +388,8 @@ impl MagFace {
             let (reg, da) = self.row_terms(params, s, norms[i], c, p);
             out.row_loss[i] = (f64::from(out.row_loss[i]) + reg) as f32;
             regularizer += reg;
-            if let Some(g) = out.grads.as_mut() {
+            // da is 0 outside the clamp, a zero row's included (its x̂ is 0).
+            if let (Some(g), true) = (out.grads.as_mut(), da != 0.0) {
                 let factor = weight * da * loss_scale / norms[i];
                 for (gx, x) in g.features[i * d..(i + 1) * d]
                     .iter_mut()
@@ -426,28 +475,39 @@ impl Default for CurricularFace {
 pub struct CurricularStep {
     /// s = 64, ArcFace's margin m and this step's t.
     pub params: LossParams,
-    /// φ_i, the margined target cosine of row i (2, above every cosine, for an ignored row).
+    /// φ_i = cos(θ_iy + m) of row i (2, above every cosine, for an ignored row).
     pub hard_thresholds: Vec<f32>,
 }
 
 impl CurricularFace {
+    /// Checks m and α; the error says which and what it must be.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.margin.is_finite() && (0.0..std::f32::consts::PI).contains(&self.margin)) {
+            return Err(Error::InvalidParameter {
+                name: "CurricularFace::margin",
+                value: self.margin,
+                requirement: "an angular margin in [0, π) (the official code uses 0.5)",
+            });
+        }
+        if !(self.momentum.is_finite() && (0.0..=1.0).contains(&self.momentum)) {
+            return Err(Error::InvalidParameter {
+                name: "CurricularFace::momentum",
+                value: self.momentum,
+                requirement: "in [0, 1] (the official code uses 0.01)",
+            });
+        }
+        Ok(())
+    }
+
     /// One step's parameters and thresholds for `inputs`: their target cosines c_iy in
-    /// f64 (in row order, so bitwise repeatable, and the global batch's under class
-    /// shards), `state.t` updated with their mean over labelled rows (left as it was
-    /// without one), and φ_i = ψ(c_iy). Per-row margins in `inputs` are refused.
+    /// f64 (in row order, so bitwise repeatable, and the global batch's under
+    /// [`crate::shard::sharded_loss_inputs`]), then [`CurricularFace::step_from_target_cosines`].
+    /// Per-row margins in `inputs` are refused.
     pub fn step<X: Element, W: Element>(
         &self,
         state: &mut CurricularState,
         inputs: &HostInputs<'_, X, W>,
     ) -> Result<CurricularStep> {
-        let mut params = LossParams {
-            scale: 64.0,
-            margin: 0.0,
-            angular_margin: self.margin,
-            curricular: Some(state.t),
-            ..LossParams::default()
-        };
-        params.validate()?;
         if inputs.row_margins.is_some() {
             return Err(Error::InvalidParameter {
                 name: "row_margins",
@@ -474,24 +534,57 @@ impl CurricularFace {
                 })
             })
             .collect();
-        let labelled: Vec<f64> = cosines.iter().flatten().copied().collect();
+        self.step_from_target_cosines(state, &cosines)
+    }
+
+    /// One step from each row's target cosine c_iy (`None` for an ignored row), for a
+    /// caller that holds only a shard of the classes and gathers them (TFace all-reduces
+    /// them): `state.t` updated with their mean, in row order (left as it was without a
+    /// labelled row), then φ_i = cos(θ_iy + m) ([`LossParams::curricular_threshold`]),
+    /// and 2 (above every cosine) for an ignored row. The state is left as it was where
+    /// the result is an error.
+    pub fn step_from_target_cosines(
+        &self,
+        state: &mut CurricularState,
+        target_cos: &[Option<f64>],
+    ) -> Result<CurricularStep> {
+        self.validate()?;
+        let labelled: Vec<f64> = target_cos.iter().flatten().copied().collect();
+        let mut t = state.t;
         if !labelled.is_empty() {
             let mean = labelled.iter().sum::<f64>() / labelled.len() as f64;
             let alpha = f64::from(self.momentum);
-            state.t = (alpha * mean + (1.0 - alpha) * f64::from(state.t)) as f32;
+            t = (alpha * mean + (1.0 - alpha) * f64::from(state.t)) as f32;
         }
-        params.curricular = Some(state.t);
-        let hard_thresholds = cosines
+        let params = LossParams {
+            scale: 64.0,
+            margin: 0.0,
+            angular_margin: self.margin,
+            curricular: Some(t),
+            ..LossParams::default()
+        };
+        params.validate()?;
+        state.t = t;
+        let hard_thresholds = target_cos
             .iter()
-            .map(|c| {
-                c.map_or(2.0, |c| {
-                    crate::reference::target_margin(&params, c).0 as f32
-                })
-            })
+            .map(|c| c.map_or(2.0, |c| params.curricular_threshold(c) as f32))
             .collect();
         Ok(CurricularStep {
             params,
             hard_thresholds,
         })
+    }
+}
+
+impl CurricularStep {
+    /// `params` (a caller's own scale, reduction, …) with this step's margin and t: the
+    /// angular margin m, no cosine margin, and `curricular`.
+    pub fn apply(&self, params: LossParams) -> LossParams {
+        LossParams {
+            margin: 0.0,
+            angular_margin: self.params.angular_margin,
+            curricular: self.params.curricular,
+            ..params
+        }
     }
 }

@@ -600,8 +600,8 @@ fn row_margins_from_the_file() {
 
 /// `--elastic` draws ElasticFace's per-row margins from `--seed` and `--step`: `--verify`
 /// passes for each kind (the "+" ones from a forward pass's target cosines), the same
-/// seed and step give the same loss, another step another, and `--elastic` beside a
-/// `row_margins` tensor is exit 2.
+/// seed and step give the same loss, another step another, and `--elastic`, `--adaface`,
+/// `--magface` or `--curricular` beside a `row_margins` tensor is exit 2.
 #[test]
 fn elastic_margins_from_the_flags() {
     let e = typed_entries(ElementType::F32);
@@ -625,29 +625,28 @@ fn elastic_margins_from_the_flags() {
         assert_eq!(loss(&a), loss(&b), "{kind}: the same draws");
         assert_ne!(loss(&a), loss(&c), "{kind}: another step");
     }
-    let d = dir("elastic_and_tensor");
+    // Every schedule flag beside the file's row_margins is exit 2 naming them.
+    let d = dir("schedule_and_tensor");
     let input = d.join("in.safetensors");
     let mut both = e.clone();
     both.push(("row_margins", Dtype::F32, vec![7, 2], f32_bytes(&[0.1; 14])));
     write(&input, &both);
     let output = d.join("out.safetensors");
-    let out = run(&[
-        "loss",
-        "--quiet",
-        "--elastic",
-        "arc",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("row_margins"));
+    for flags in [
+        &["--elastic", "arc"][..],
+        &["--adaface"],
+        &["--magface"],
+        &["--curricular"],
+    ] {
+        let mut args = vec!["loss", "--quiet"];
+        args.extend(flags);
+        args.extend(["--input", input.to_str().unwrap()]);
+        args.extend(["--output", output.to_str().unwrap()]);
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains("row_margins"), "{flags:?}: {stderr}");
+    }
 }
 
 /// `--adaface` takes AdaFace's margins from the features' norms and `--adaface-state`:

@@ -1,8 +1,10 @@
-//! The combined margin's options and AdaFace: easy margin, InsightFace's inter-class
-//! filter and AdaFace's clipped angular form with its norm-adaptive per-row margins.
-//! Every plan and 3 class shards against the f64 reference on off-grid shapes; the
-//! options take effect; AdaFace's state updates as `head.py`'s and round-trips through
-//! its bytes; the typed errors.
+//! The combined margin's options and the family's second part: easy margin, InsightFace's
+//! inter-class filter, AdaFace (its clipped angular form and norm-adaptive per-row
+//! margins), MagFace (margins from the norms, its regulariser and radial part) and
+//! CurricularFace (hard negatives above per-row thresholds). Every plan and 3 class
+//! shards against the f64 reference on off-grid shapes; the options take effect; the
+//! states update as the reference code's and round-trip through their bytes; the typed
+//! errors.
 
 mod common;
 
@@ -131,13 +133,15 @@ fn adaface_matches_the_reference_on_every_plan_and_shards() {
     let ada = AdaFace::default();
     for (k, &(b, d, c)) in SHAPES.iter().enumerate() {
         let p = problem(b, d, c, 90 + k as u64, 4.0);
-        // A state near the batch's norms, so that ẑ spans (−1, 1) and clips at both ends.
+        // A state near the batch's norms, so that ẑ takes both signs, and |ẑ| = 1 (the
+        // clip) on the rows scaled by 4 and by 1/4.
         let mut state = AdaFaceState {
-            mean: 1.0,
-            std: 0.5,
+            mean: 2.0,
+            std: 0.3,
         };
         let margins = ada.margins(&mut state, &p.features, d).expect("margins");
         assert!(margins.iter().any(|m| m[0] < 0.0) && margins.iter().any(|m| m[0] > 0.0));
+        assert!(margins.iter().any(|m| m[0] == -0.4) && margins.iter().any(|m| m[0] == 0.4));
         let inputs =
             HostInputs::new(p.shape, &p.features, &p.classes, &p.labels).with_row_margins(&margins);
         for params in [
@@ -219,6 +223,8 @@ fn magface_matches_the_reference_on_every_plan_and_shards() {
             let target = 3.0 + 147.0 * i as f32 / (b - 1) as f32;
             row.iter_mut().for_each(|v| *v *= target / norm);
         }
+        // A zero row: outside the clamp, its radial part 0 and its gradient finite.
+        p.features[3 * d..4 * d].fill(0.0);
         let inputs = HostInputs::new(p.shape, &p.features, &p.classes, &p.labels);
         for params in [
             magface.params(),
@@ -249,6 +255,12 @@ fn magface_matches_the_reference_on_every_plan_and_shards() {
                 };
                 let out = run();
                 compare(&out, &format!("{algorithm:?}"));
+                let grads = out.grads.as_ref().expect("gradients");
+                assert!(
+                    grads.features.iter().all(|v| v.is_finite()),
+                    "{}",
+                    what("finite")
+                );
                 assert_eq!(out, run(), "{}", what("repeat"));
             }
             let margins = magface.margins(&p.features, d).expect("margins");
@@ -275,6 +287,11 @@ fn curricular_matches_the_reference_on_every_plan_and_shards() {
         let mut state = CurricularState { t: 0.3 };
         let step = curricular.step(&mut state, &inputs).expect("step");
         let with = inputs.with_hard_thresholds(&step.hard_thresholds);
+        // Thresholds that are not the rows' own: every non-target hard (−2), none (2).
+        for t in [-2.0f32, 2.0] {
+            let thresholds = vec![t; b];
+            check_everywhere(&inputs.with_hard_thresholds(&thresholds), &step.params);
+        }
         for params in [
             step.params,
             LossParams {
@@ -321,13 +338,22 @@ fn curricular_state_updates_before_use_and_round_trips() {
     );
     assert_eq!(step.params.curricular, Some(state.t));
     for &i in &labelled {
-        let psi = reference::target_margin(&step.params, expected.target_cos[i]).0;
+        // cos(θ + m) without ArcFace's fallback.
+        let theta = expected.target_cos[i].acos();
+        let psi = (theta + 0.5).cos();
         assert!((f64::from(step.hard_thresholds[i]) - psi).abs() < 1e-6);
     }
     assert_eq!(
         step.hard_thresholds[1], 2.0,
         "the ignored row has no hard negatives"
     );
+    // Past θ + m = π the threshold stays the raw cos(θ + m), not ArcFace's fallback.
+    let far = curricular
+        .step_from_target_cosines(&mut CurricularState::default(), &[Some(-0.95), None])
+        .expect("step");
+    let raw = ((-0.95f64).acos() + 0.5).cos();
+    assert!((f64::from(far.hard_thresholds[0]) - raw).abs() < 1e-6);
+    assert_eq!(far.hard_thresholds[1], 2.0);
     let saved = state.to_bytes();
     let run_on: Vec<CurricularStep> = (0..3)
         .map(|_| curricular.step(&mut state, &inputs).expect("step"))
@@ -347,13 +373,16 @@ fn curricular_state_updates_before_use_and_round_trips() {
 #[test]
 fn adaface_state_updates_before_use_as_head_py() {
     let ada = AdaFace::default();
-    // Rows of norm 3, 4 (3-4-0 and 0-0-4 rows of D = 3) and 1e-6 (clipped to 0.001).
-    let x = [3.0f32, 0.0, 0.0, 0.0, 0.0, 4.0, 1e-6, 0.0, 0.0];
+    // Rows of D = 3 with norms 3 (3, 0, 0), 4 (0, 0, 4), 1e-6 (clipped to 0.001) and 500
+    // (clipped to 100).
+    let x = [
+        3.0f32, 0.0, 0.0, 0.0, 0.0, 4.0, 1e-6, 0.0, 0.0, 0.0, 500.0, 0.0,
+    ];
     let mut state = AdaFaceState::default();
     let margins = ada.margins(&mut state, &x, 3).expect("margins");
-    let norms = [3.0f64, 4.0, 0.001];
-    let mean = norms.iter().sum::<f64>() / 3.0;
-    let std = (norms.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 2.0).sqrt();
+    let norms = [3.0f64, 4.0, 0.001, 100.0];
+    let mean = norms.iter().sum::<f64>() / 4.0;
+    let std = (norms.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / 3.0).sqrt();
     let mu = (0.01 * mean + 0.99 * 20.0) as f32;
     let sigma = (0.01 * std + 0.99 * 100.0) as f32;
     assert_eq!(
@@ -374,6 +403,19 @@ fn adaface_state_updates_before_use_as_head_py() {
             );
         }
     }
+    // From μ = 1, σ = 1 the norm of 500 (taken as 100) gives ẑ past 1: clipped to 1.
+    let mut near = AdaFaceState {
+        mean: 1.0,
+        std: 1.0,
+    };
+    let clipped = ada.margins(&mut near, &x, 3).expect("margins");
+    assert_eq!(clipped[3], [-0.4, 0.8], "ẑ clipped to 1");
+    let counted = 0.01 * mean + 0.99;
+    assert!(
+        (f64::from(near.mean) - counted).abs() < 1e-6,
+        "the norm of 500 counts as 100: μ = {}",
+        near.mean
+    );
     // One row has no standard deviation: σ stays, μ moves.
     let mut one = AdaFaceState::default();
     ada.margins(&mut one, &[3.0f32, 4.0], 2).expect("one row");
@@ -464,7 +506,7 @@ fn bad_options_are_typed_errors() {
                 angle_clip: true,
                 ..magface.params()
             },
-            "multiplicative_margin",
+            "angle_clip",
         ),
     ] {
         match magface.loss(ctx, &inputs, &params, Pass::Forward, None) {

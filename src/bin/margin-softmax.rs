@@ -616,12 +616,7 @@ impl LossRun<'_> {
             .as_ref()
             .map(|(step, _)| step.hard_thresholds.as_slice());
         let params = &match &curricular {
-            Some((step, _)) => LossParams {
-                curricular: step.params.curricular,
-                angular_margin: step.params.angular_margin,
-                margin: 0.0,
-                ..*params
-            },
+            Some((step, _)) => step.apply(*params),
             None => *params,
         };
         let host = HostInputs {
