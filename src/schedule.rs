@@ -281,7 +281,7 @@ impl AdaFace {
         dim: usize,
     ) -> Result<Vec<[f32; 2]>> {
         self.validate()?;
-        let norms: Vec<f64> = row_norms(features, dim)?
+        let norms: Vec<f64> = feature_norms(features, dim)?
             .iter()
             .map(|a| a.clamp(0.001, 100.0))
             .collect();
@@ -344,7 +344,7 @@ impl MagFace {
     /// each) clamped to [l_a, u_a], computed in f64.
     pub fn margins<X: Element>(&self, features: &[X], dim: usize) -> Result<Vec<[f32; 2]>> {
         self.validate()?;
-        Ok(row_norms(features, dim)?
+        Ok(feature_norms(features, dim)?
             .iter()
             .map(|&a| [self.margin(self.clamped_norm(a).0) as f32, 0.0])
             .collect())
@@ -373,7 +373,7 @@ impl MagFace {
         }
         let shape = inputs.shape;
         let d = shape.dim;
-        let norms = row_norms(inputs.features, d)?;
+        let norms = feature_norms(inputs.features, d)?;
         let valid = out.valid_rows as usize;
         let weight = match params.reduction {
             Reduction::Mean if valid == 0 => 0.0,
@@ -517,8 +517,8 @@ impl CurricularFace {
         }
         crate::io::check_slices(inputs.shape, inputs.features, inputs.classes, inputs.labels)?;
         let d = inputs.shape.dim;
-        let x = row_norms(inputs.features, d)?;
-        let w = row_norms(inputs.classes, d)?;
+        let x = feature_norms(inputs.features, d)?;
+        let w = feature_norms(inputs.classes, d)?;
         let floor = |n: f64| n.max(crate::reference::EPS);
         let cosines: Vec<Option<f64>> = (0..inputs.shape.batch)
             .map(|i| {
