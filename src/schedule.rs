@@ -308,8 +308,10 @@ impl AdaFace {
     }
 }
 
-/// The norms ‖x_i‖ (f64, in row order) of the rows of `features`, `dim` values each.
-fn row_norms<X: Element>(features: &[X], dim: usize) -> Result<Vec<f64>> {
+/// The raw norms ‖x_i‖ (f64, in row order, from the values as stored) of the rows of
+/// `features`, `dim` values each: what AdaFace's and MagFace's margins are made from, for
+/// any other norm-based schedule a caller brings.
+pub fn feature_norms<X: Element>(features: &[X], dim: usize) -> Result<Vec<f64>> {
     if dim == 0 {
         return Err(Error::InvalidParameter {
             name: "dim",
