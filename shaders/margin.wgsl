@@ -25,20 +25,23 @@ struct LossTerms {
     per_row: u32,
     /// 1: the target logit is s·c where c ≤ 0 (easy margin).
     easy_margin: u32,
-    /// InsightFace's inter-class filter: a non-target cosine above it counts as 0. 2 (above
-    /// every cosine) for none.
+    /// InsightFace's inter-class filter: a non-target cosine above it counts as 0 (read
+    /// where OTHER_TERMS has the filter).
     filter_threshold: f32,
     /// 1: AdaFace's form, c clamped to [−1 + ε, 1 − ε] and θ + m2 clipped to [ε, π − ε]
     /// with zero slope where either binds; 0: ArcFace's fallback.
     angle_clip: u32,
-    /// 1: CurricularFace, a non-target cosine c above the row's `hard_thresholds` φ_i
-    /// counts as c·(t + c), slope t + 2c.
-    curricular: u32,
-    /// CurricularFace's t for this step.
+    /// CurricularFace's t for this step (read where OTHER_TERMS has CurricularFace).
     curricular_t: f32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
+
+/// Which options reweight the non-target cosines, set per pipeline so that the loop over
+/// classes of a call without them compiles to the plain one: bit 0 the inter-class
+/// filter (`filter_threshold`), bit 1 CurricularFace (`curricular_t`, `hard_thresholds`).
+override OTHER_TERMS: u32 = 0u;
 
 /// Per-row margins (m2_i, m3_i), B pairs: the additive angular margin in [0, π) (in
 /// [−π, π) with `angle_clip`) and the
@@ -47,7 +50,7 @@ struct LossTerms {
 @group(0) @binding(29) var<storage, read> row_margins: array<vec2<f32>>;
 
 /// CurricularFace's φ_i, B values: row i's cos(θ_iy + m) (without ArcFace's fallback), above
-/// which a non-target cosine is hard. Read where `params.loss.curricular` is 1 (else a
+/// which a non-target cosine is hard. Read where OTHER_TERMS has CurricularFace (else a
 /// stand-in). Caller's input, from `schedule::CurricularFace`.
 @group(0) @binding(30) var<storage, read> hard_thresholds: array<f32>;
 
@@ -191,15 +194,17 @@ struct OtherTerms {
 /// threshold (always below it without a filter); else c (slope 1).
 fn other_terms(c: vec4<f32>, i: u32) -> OtherTerms {
     var terms = OtherTerms(c, vec4<f32>(1.0));
-    if (params.loss.curricular == 1u) {
+    if ((OTHER_TERMS & 2u) != 0u) {
         let t = params.loss.curricular_t;
         let hard = c > vec4<f32>(hard_thresholds[i]);
         terms.zc = select(c, c * (vec4<f32>(t) + c), hard);
         terms.slope = select(vec4<f32>(1.0), vec4<f32>(t) + 2.0 * c, hard);
     }
-    let dropped = c > vec4<f32>(params.loss.filter_threshold);
-    terms.zc = select(terms.zc, vec4<f32>(), dropped);
-    terms.slope = select(terms.slope, vec4<f32>(), dropped);
+    if ((OTHER_TERMS & 1u) != 0u) {
+        let dropped = c > vec4<f32>(params.loss.filter_threshold);
+        terms.zc = select(terms.zc, vec4<f32>(), dropped);
+        terms.slope = select(terms.slope, vec4<f32>(), dropped);
+    }
     return terms;
 }
 

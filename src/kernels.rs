@@ -79,8 +79,28 @@ impl TileConfig {
     }
 }
 
-/// `LossTerms::filter_threshold` without an inter-class filter: above every cosine.
+/// `LossTerms::filter_threshold` without an inter-class filter (never read: the pipelines
+/// of such calls leave the filter out, [`OtherTerms`]).
 const NO_FILTER: f32 = 2.0;
+
+/// Which options reweight the non-target cosines: the WGSL `override OTHER_TERMS` of the
+/// forward and backward pipelines (bit 0 the inter-class filter, bit 1 CurricularFace),
+/// so that a call without them runs the plain loop over classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OtherTerms(pub u32);
+
+impl OtherTerms {
+    /// Variants: every combination of the two bits.
+    pub(crate) const COUNT: usize = 4;
+
+    /// The options `params` turns on.
+    pub(crate) fn of(params: &LossParams) -> OtherTerms {
+        OtherTerms(
+            u32::from(params.interclass_filter.is_some())
+                | (u32::from(params.curricular.is_some()) << 1),
+        )
+    }
+}
 
 /// s and the margin function, the first member of the forward and backward uniforms.
 /// Mirrors `struct LossTerms` in `shaders/margin.wgsl`.
@@ -99,9 +119,8 @@ pub(crate) struct LossTerms {
     pub easy_margin: u32,
     pub filter_threshold: f32,
     pub angle_clip: u32,
-    pub curricular: u32,
     pub curricular_t: f32,
-    pub _pad: [u32; 2],
+    pub _pad: [u32; 3],
 }
 
 impl LossTerms {
@@ -121,9 +140,8 @@ impl LossTerms {
             // Above every cosine where there is no filter.
             filter_threshold: params.interclass_filter.unwrap_or(NO_FILTER),
             angle_clip: u32::from(params.angle_clip),
-            curricular: u32::from(params.curricular.is_some()),
             curricular_t: params.curricular.unwrap_or(0.0),
-            _pad: [0; 2],
+            _pad: [0; 3],
         }
     }
 }
@@ -686,7 +704,7 @@ impl Kernels {
         };
         let candidates = gemm_candidates(tiles, &device.limits());
         Kernels {
-            entries: (0..Entry::COUNT * ELEMENT_KEYS)
+            entries: (0..Entry::COUNT * ELEMENT_KEYS * OtherTerms::COUNT)
                 .map(|_| Default::default())
                 .collect(),
             matmul: GemmLayout::ALL
@@ -699,17 +717,30 @@ impl Kernels {
         }
     }
 
-    /// The pipeline of `entry` for tensors stored as `elements`, compiled on first use.
-    pub(crate) fn kernel(&self, entry: Entry, elements: ElementTypes) -> crate::Result<&Kernel> {
+    /// The pipeline of `entry` for tensors stored as `elements` and the non-target
+    /// options `other`, compiled on first use.
+    pub(crate) fn kernel(
+        &self,
+        entry: Entry,
+        elements: ElementTypes,
+        other: OtherTerms,
+    ) -> crate::Result<&Kernel> {
         let (name, family, bindings) = entry.spec();
-        // Only the norms and the backward read or write x, w and their gradients.
+        // Only the norms and the backward read or write x, w and their gradients; only
+        // the forward and the backward have the margin (and so the options).
         let typed = matches!(family, Family::Norms | Family::Backward);
+        let margined = matches!(family, Family::Forward | Family::Backward);
         let key = if typed { elements.key() } else { 0 };
-        self.compiled(&self.entries[entry as usize * ELEMENT_KEYS + key], || {
+        let variant = if margined { other.0 as usize } else { 0 };
+        let slot = (entry as usize * ELEMENT_KEYS + key) * OtherTerms::COUNT + variant;
+        self.compiled(&self.entries[slot], || {
             let mut constants = vec![
                 ("ROWS_WG", f64::from(self.tiles.rows_per_workgroup)),
                 ("CLASSES_WG", f64::from(self.tiles.classes_per_workgroup)),
             ];
+            if margined {
+                constants.push(("OTHER_TERMS", f64::from(other.0)));
+            }
             // rows.wgsl's piece length and the storage types, in the modules that use them.
             if typed {
                 constants.push(("DIM_PIECE", f64::from(DIM_PIECE)));
@@ -1128,7 +1159,7 @@ mod tests {
             terms,
             fields!(LossTerms: scale, margin, multiplicative_margin, angular_margin, cos_m2,
                 sin_m2, objective, straight_through, per_row, easy_margin, filter_threshold,
-                angle_clip, curricular, curricular_t)
+                angle_clip, curricular_t)
         );
     }
 }

@@ -12,8 +12,8 @@ use crate::io::{
 };
 use crate::kernels::{
     bind_groups, encode_bound, fold_grid, padded, BackwardParams, Binding, Dispatch, Entry, Family,
-    ForwardParams, GemmLayout, Kernel, LossTerms, NormsParams, Timestamps, FAMILY_UNIFORM_BYTES,
-    ROW_KERNEL_WORKGROUP,
+    ForwardParams, GemmLayout, Kernel, LossTerms, NormsParams, OtherTerms, Timestamps,
+    FAMILY_UNIFORM_BYTES, ROW_KERNEL_WORKGROUP,
 };
 use crate::params::{LossParams, Reduction};
 /// One dispatch of a recording.
@@ -79,7 +79,7 @@ impl Plan {
             check_region(ctx, r)?;
         }
         check_aliasing(&regions)?;
-        let steps = self.steps(ctx, outputs.grads.is_some(), phase)?;
+        let steps = self.steps(ctx, outputs.grads.is_some(), phase, OtherTerms::of(params))?;
         let dispatches = steps
             .iter()
             .map(|step| {
@@ -391,15 +391,17 @@ impl Plan {
         g.chunks.len() * (2 + g.row_passes.len())
     }
 
-    /// The dispatches of `phase`, in order.
+    /// The dispatches of `phase`, in order, with the pipelines of the non-target options
+    /// `other`.
     fn steps<'a>(
         &'a self,
         ctx: &'a Context,
         backward: bool,
         phase: Phase,
+        other: OtherTerms,
     ) -> Result<Vec<Step<'a>>> {
         let g = &self.geometry;
-        let s = Steps::new(self, ctx, phase);
+        let s = Steps::new(self, ctx, phase, other);
         let mut steps = s.norms()?;
         // x̂ (and w's copy), then per row chunk the dots and their
         // softmax rows. The chunked plan's backward turns each chunk's dots into G' in
@@ -672,10 +674,12 @@ struct Steps<'a> {
     /// In blocks, each block's copy of w (and x̂ with the first) is made just before the
     /// block's GEMMs, in the forward and again in the backward.
     copy_blocks: bool,
+    /// The non-target options the forward and backward pipelines are compiled for.
+    other: OtherTerms,
 }
 
 impl<'a> Steps<'a> {
-    fn new(plan: &'a Plan, ctx: &'a Context, phase: Phase) -> Steps<'a> {
+    fn new(plan: &'a Plan, ctx: &'a Context, phase: Phase, other: OtherTerms) -> Steps<'a> {
         let g = &plan.geometry;
         let mut by_block = vec![vec![(Vec::new(), Vec::new()); g.chunks.len()]; g.row_passes.len()];
         for (index, spec) in plan.gemms.iter().enumerate() {
@@ -692,11 +696,14 @@ impl<'a> Steps<'a> {
             by_block,
             reuse_dots: phase == (Phase::ShardBackward { reuse_dots: true }),
             copy_blocks: g.blocked && copies_classes(plan.shape, plan.algorithm),
+            other,
         }
     }
 
     fn kernel(&self, entry: Entry) -> Result<&'a Kernel> {
-        self.ctx.kernels.kernel(entry, self.plan.shape.elements)
+        self.ctx
+            .kernels
+            .kernel(entry, self.plan.shape.elements, self.other)
     }
 
     fn max_workgroups(&self) -> u32 {
