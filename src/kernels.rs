@@ -79,10 +79,6 @@ impl TileConfig {
     }
 }
 
-/// `LossTerms::filter_threshold` without an inter-class filter (never read: the pipelines
-/// of such calls leave the filter out, [`OtherTerms`]).
-const NO_FILTER: f32 = 2.0;
-
 /// Which options reweight the non-target cosines: the WGSL `override OTHER_TERMS` of the
 /// forward and backward pipelines (bit 0 the inter-class filter, bit 1 CurricularFace),
 /// so that a call without them runs the plain loop over classes.
@@ -137,8 +133,8 @@ impl LossTerms {
             straight_through: u32::from(params.target_gradient == TargetGradient::StraightThrough),
             per_row: u32::from(per_row),
             easy_margin: u32::from(params.easy_margin),
-            // Above every cosine where there is no filter.
-            filter_threshold: params.interclass_filter.unwrap_or(NO_FILTER),
+            // Read only by the pipelines with the filter ([`OtherTerms`]).
+            filter_threshold: params.interclass_filter.unwrap_or(0.0),
             angle_clip: u32::from(params.angle_clip),
             curricular_t: params.curricular.unwrap_or(0.0),
             _pad: [0; 3],

@@ -290,39 +290,30 @@ impl LossParams {
                 requirement: "finite and > 0 (1 for none; mixed precision starts near 2^16 and halves it on overflow)",
             });
         }
-        if let Some(t) = self.interclass_filter {
+        // The two options that reweight non-target cosines: a cosine each, and both
+        // options of the softmax.
+        for (name, value, range) in [
+            (
+                "interclass_filter",
+                self.interclass_filter,
+                "a cosine in [-1, 1] (InsightFace uses 0.4), or None for no filter",
+            ),
+            (
+                "curricular",
+                self.curricular,
+                "t, a running mean of cosines, in [-1, 1] (it starts at 0)",
+            ),
+        ] {
+            let Some(t) = value else { continue };
             if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
-                return Err(Error::InvalidParameter {
-                    name: "interclass_filter",
-                    value: t,
-                    requirement:
-                        "a cosine in [-1, 1] (InsightFace uses 0.4), or None for no filter",
-                });
+                return invalid(name, t, range);
             }
             if self.objective == Objective::HardMargin {
-                return Err(Error::InvalidParameter {
-                    name: "interclass_filter",
-                    value: t,
-                    requirement:
-                        "None with Objective::HardMargin (the filter is an option of the softmax)",
-                });
-            }
-        }
-        if let Some(t) = self.curricular {
-            if !(t.is_finite() && (-1.0..=1.0).contains(&t)) {
-                return Err(Error::InvalidParameter {
-                    name: "curricular",
-                    value: t,
-                    requirement: "t, a running mean of cosines, in [-1, 1] (it starts at 0)",
-                });
-            }
-            if self.objective == Objective::HardMargin {
-                return Err(Error::InvalidParameter {
-                    name: "curricular",
-                    value: t,
-                    requirement:
-                        "None with Objective::HardMargin (CurricularFace reweights the softmax)",
-                });
+                return invalid(
+                    name,
+                    t,
+                    "None with Objective::HardMargin (it reweights the softmax's non-target logits)",
+                );
             }
         }
         if self.easy_margin && (m1 > 1 || self.angle_clip) {

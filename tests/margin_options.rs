@@ -82,6 +82,22 @@ fn check_everywhere(inputs: &HostInputs<'_>, params: &LossParams) -> LossOutput 
     chunked.expect("the chunked plan ran")
 }
 
+/// The option in `out`'s parameters changes the loss: it differs from the reference's
+/// without it (`plain`) by more than `relative` of that loss.
+fn assert_changes_loss(
+    out: &LossOutput,
+    inputs: &HostInputs<'_>,
+    plain: &LossParams,
+    relative: f64,
+) {
+    let without = reference::loss_inputs(inputs, plain).expect("reference");
+    assert!(
+        (f64::from(out.loss) - without.loss).abs() > relative * without.loss.abs(),
+        "{plain:?} plus the option at {:?}: the loss did not change",
+        inputs.shape
+    );
+}
+
 const SHAPES: [(usize, usize, usize); 3] = [(7, 13, 29), (9, 20, 37), (33, 6, 5)];
 
 #[test]
@@ -118,12 +134,7 @@ fn easy_margin_and_filter_match_the_reference_on_every_plan_and_shards() {
                 interclass_filter: None,
                 ..params
             };
-            let without = reference::loss_inputs(&inputs, &plain).expect("reference");
-            assert!(
-                (f64::from(out.loss) - without.loss).abs() > 1e-3 * without.loss.abs(),
-                "{params:?} at {:?} changes the loss",
-                p.shape
-            );
+            assert_changes_loss(&out, &inputs, &plain, 1e-3);
         }
     }
 }
@@ -305,12 +316,7 @@ fn curricular_matches_the_reference_on_every_plan_and_shards() {
                 curricular: None,
                 ..params
             };
-            let without = reference::loss_inputs(&inputs, &plain).expect("reference");
-            assert!(
-                (f64::from(out.loss) - without.loss).abs() > 1e-4 * without.loss.abs(),
-                "CurricularFace at {:?} changes the loss",
-                p.shape
-            );
+            assert_changes_loss(&out, &inputs, &plain, 1e-4);
         }
     }
 }
